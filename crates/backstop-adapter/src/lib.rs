@@ -1,0 +1,23 @@
+//! Backstop's one schema.
+//!
+//! Every backend's requests, responses, stream chunks, usage and errors are
+//! expressed in these types, so a client cannot tell which backend answered
+//! except by the model name and headers. The crate also holds the SSE codec and
+//! the [`Backend`] trait. It has no async runtime and no HTTP dependency.
+
+pub mod backend;
+pub mod chat;
+pub mod error;
+pub mod legacy;
+pub mod request;
+pub mod sse;
+
+pub use backend::{Backend, BoxFuture, ChunkStream, Reply};
+pub use chat::{
+    ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content, Delta, Message, Model,
+    ModelList, Role, Usage,
+};
+pub use error::{ApiError, BackendError, ErrorBody, FailureKind, Headers, InvalidRequest};
+pub use legacy::{TextChoice, TextCompletion};
+pub use request::{Legacy, Request};
+pub use sse::{SseDecoder, SseEvent};

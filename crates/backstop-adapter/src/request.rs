@@ -1,0 +1,156 @@
+//! A client's request in the one schema, parsed from either endpoint.
+//!
+//! A legacy `POST /v1/completions` body becomes a [`ChatRequest`] whose single
+//! user message is the prompt, plus a [`Legacy`] record of what only that API has
+//! (`prompt` as sent, `echo`, `suffix`, `logprobs`, `best_of`). A backend that
+//! speaks the legacy API upstream rebuilds the exact legacy body from both
+//! ([`Request::upstream_body`]); the others see a chat.
+
+use serde_json::{Map, Value};
+
+use crate::chat::{ChatRequest, Extra, Message, Role};
+use crate::error::InvalidRequest;
+
+/// Fields that exist only in the legacy API.
+const LEGACY_ONLY: [&str; 4] = ["echo", "suffix", "logprobs", "best_of"];
+
+/// What the legacy API adds to a chat request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Legacy {
+    /// The prompt exactly as sent: a string, strings, or token arrays.
+    pub prompt: Value,
+    /// Legacy-only fields (`echo`, `suffix`, `logprobs`, `best_of`).
+    pub fields: Extra,
+}
+
+/// A request in the one schema, whichever endpoint it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The request as a chat.
+    pub chat: ChatRequest,
+    /// Set when the client used `POST /v1/completions`.
+    pub legacy: Option<Legacy>,
+}
+
+impl Request {
+    /// Parses and validates a `POST /v1/chat/completions` body.
+    pub fn parse_chat(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let chat: ChatRequest = serde_path_to_error::deserialize(&mut de).map_err(from_path)?;
+        de.end()
+            .map_err(|e| invalid(format!("invalid JSON: {e}"), None))?;
+        validate(&chat)?;
+        Ok(Request { chat, legacy: None })
+    }
+
+    /// Parses and validates a `POST /v1/completions` body.
+    pub fn parse_legacy(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let mut map: Map<String, Value> = match serde_json::from_slice(body) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(invalid("request body must be a JSON object".into(), None)),
+            Err(e) => return Err(invalid(format!("invalid JSON: {e}"), None)),
+        };
+        let prompt = map
+            .remove("prompt")
+            .ok_or_else(|| invalid("missing field `prompt`".into(), Some("prompt".into())))?;
+        let text = prompt_text(&prompt)?;
+        let mut fields = Extra::new();
+        for key in LEGACY_ONLY {
+            if let Some(v) = map.remove(key) {
+                fields.insert(key.to_string(), v);
+            }
+        }
+        let messages = serde_json::to_value(vec![Message::text(Role::User, text)])
+            .map_err(|e| invalid(e.to_string(), None))?;
+        map.insert("messages".into(), messages);
+        let chat: ChatRequest =
+            serde_path_to_error::deserialize(Value::Object(map)).map_err(from_path)?;
+        validate(&chat)?;
+        Ok(Request {
+            chat,
+            legacy: Some(Legacy { prompt, fields }),
+        })
+    }
+
+    /// The body to send to an OpenAI-compatible upstream: the legacy body for a
+    /// legacy request, the chat body otherwise.
+    pub fn upstream_body(&self) -> Result<Value, serde_json::Error> {
+        let mut value = serde_json::to_value(&self.chat)?;
+        if let (Some(legacy), Value::Object(map)) = (&self.legacy, &mut value) {
+            map.remove("messages");
+            map.insert("prompt".into(), legacy.prompt.clone());
+            for (k, v) in &legacy.fields {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(value)
+    }
+}
+
+fn invalid(message: String, param: Option<String>) -> InvalidRequest {
+    InvalidRequest { message, param }
+}
+
+fn from_path<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> InvalidRequest {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    // serde reports a missing field at its parent's path; name the field itself.
+    let missing = inner
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(|field| match path.as_str() {
+            "." | "" => field.to_string(),
+            parent => format!("{parent}.{field}"),
+        });
+    let param = missing.or_else(|| (path != "." && !path.is_empty()).then_some(path));
+    let message = match &param {
+        Some(p) => format!("invalid value for `{p}`: {inner}"),
+        None => format!("invalid request body: {inner}"),
+    };
+    invalid(message, param)
+}
+
+fn validate(chat: &ChatRequest) -> Result<(), InvalidRequest> {
+    if chat.model.is_empty() {
+        return Err(invalid(
+            "`model` must not be empty".into(),
+            Some("model".into()),
+        ));
+    }
+    if chat.messages.is_empty() {
+        return Err(invalid(
+            "`messages` must hold at least one message".into(),
+            Some("messages".into()),
+        ));
+    }
+    if chat.n == Some(0) {
+        return Err(invalid("`n` must be at least 1".into(), Some("n".into())));
+    }
+    Ok(())
+}
+
+/// The chat view of a legacy prompt: the text of a string or of strings; token
+/// arrays (which only a legacy upstream understands) give an empty text.
+fn prompt_text(prompt: &Value) -> Result<String, InvalidRequest> {
+    let bad = || {
+        invalid(
+            "`prompt` must be a string, an array of strings, or token arrays".into(),
+            Some("prompt".into()),
+        )
+    };
+    match prompt {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(items) if items.iter().all(Value::is_string) => Ok(items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")),
+        Value::Array(items) if items.iter().all(|v| v.is_u64() || v.is_array()) => {
+            Ok(String::new())
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+use serde_json::{json, Value};
+
+use super::*;
+
+fn err(body: &str) -> InvalidRequest {
+    Request::parse_chat(body.as_bytes()).unwrap_err()
+}
+
+#[test]
+fn bad_bodies_name_the_parameter() {
+    let e = err("{not json");
+    assert!(e.message.contains("invalid"), "{e:?}");
+
+    let e = err(r#"{"model":"m"}"#);
+    assert_eq!(e.param.as_deref(), Some("messages"));
+
+    let e = err(r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+    assert!(e.message.contains("wizard"));
+
+    let e = err(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#);
+    assert_eq!(e.param.as_deref(), Some("max_tokens"));
+
+    let e = err(r#"{"model":"m","messages":[]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages"));
+
+    let e = err(r#"{"model":"m","messages":[{"content":"x"}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+
+    let e = err(r#"[1,2]"#);
+    assert_eq!(e.param, None);
+
+    let e = err(r#"{"model":"m","messages":[{"role":"user","content":"x"}]} trailing"#);
+    assert!(e.message.contains("JSON"), "{e:?}");
+}
+
+#[test]
+fn legacy_request_maps_to_chat_and_back_unchanged() {
+    let body = json!({
+        "model": "gpt-3.5-turbo-instruct",
+        "prompt": "Say this is a test",
+        "max_tokens": 7,
+        "temperature": 0,
+        "echo": true,
+        "suffix": "!",
+        "logprobs": 2,
+        "best_of": 3,
+        "stop": "\n",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "user": "u"
+    });
+    let req = Request::parse_legacy(body.to_string().as_bytes()).unwrap();
+    assert_eq!(req.chat.messages.len(), 1);
+    assert_eq!(req.chat.messages[0].role, Role::User);
+    assert_eq!(
+        req.chat.messages[0].content.as_ref().unwrap().to_text(),
+        "Say this is a test"
+    );
+    assert!(req.chat.is_stream());
+    assert_eq!(req.chat.max_tokens, Some(7));
+    // Legacy-only fields do not leak into the chat view.
+    assert!(!req.chat.extra.contains_key("echo"));
+    let mut expected = body;
+    expected["temperature"] = json!(0.0);
+    assert_eq!(req.upstream_body().unwrap(), expected);
+}
+
+#[test]
+fn legacy_prompts_of_every_shape() {
+    for prompt in [
+        json!("x"),
+        json!(["a", "b"]),
+        json!([1, 2, 3]),
+        json!([[1], [2]]),
+    ] {
+        let body = json!({"model": "m", "prompt": prompt});
+        let req = Request::parse_legacy(body.to_string().as_bytes()).unwrap();
+        assert_eq!(req.upstream_body().unwrap()["prompt"], prompt);
+    }
+    let e = Request::parse_legacy(br#"{"model":"m","prompt":{"a":1}}"#).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("prompt"));
+    let e = Request::parse_legacy(br#"{"model":"m"}"#).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("prompt"));
+    let e = Request::parse_legacy(br#"{"model":"m","prompt":"x","max_tokens":-1}"#).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("max_tokens"));
+}
+
+#[test]
+fn chat_request_body_is_the_chat_body() {
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": 1});
+    let req = Request::parse_chat(body.to_string().as_bytes()).unwrap();
+    let sent: Value = req.upstream_body().unwrap();
+    assert_eq!(sent, body);
+}
