@@ -291,6 +291,68 @@ pub struct ChatCompletion {
     pub extra: Extra,
 }
 
+impl ChatCompletion {
+    /// The same answer as a stream: per choice a chunk with the role and the
+    /// whole message, then one with its finish reason; then a usage chunk when
+    /// asked. Lets a backend that answered in one piece serve a streaming client.
+    pub fn into_chunks(self, include_usage: bool) -> Vec<ChatChunk> {
+        let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| ChatChunk {
+            id: self.id.clone(),
+            object: object_chat_chunk(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: self.system_fingerprint.clone(),
+            extra: Extra::new(),
+        };
+        let mut chunks = Vec::with_capacity(self.choices.len() * 2 + 1);
+        for choice in &self.choices {
+            let m = &choice.message;
+            let tool_calls = m.tool_calls.as_ref().map(|calls| {
+                calls
+                    .iter()
+                    .zip(0u32..)
+                    .map(|(call, index)| ToolCallDelta {
+                        index,
+                        id: Some(call.id.clone()),
+                        kind: Some(call.kind.clone()),
+                        function: Some(FunctionCallDelta {
+                            name: Some(call.function.name.clone()),
+                            arguments: Some(call.function.arguments.clone()),
+                            extra: Extra::new(),
+                        }),
+                        extra: Extra::new(),
+                    })
+                    .collect()
+            });
+            let delta = Delta {
+                role: Some(m.role),
+                content: m.content.as_ref().map(Content::to_text),
+                tool_calls,
+                refusal: m.refusal.clone(),
+                extra: Extra::new(),
+            };
+            let finish = |delta, finish_reason| ChunkChoice {
+                index: choice.index,
+                delta,
+                finish_reason,
+                logprobs: None,
+                extra: Extra::new(),
+            };
+            chunks.push(chunk(vec![finish(delta, None)], None));
+            chunks.push(chunk(
+                vec![finish(Delta::default(), choice.finish_reason.clone())],
+                None,
+            ));
+        }
+        if include_usage {
+            chunks.push(chunk(Vec::new(), self.usage.clone()));
+        }
+        chunks
+    }
+}
+
 /// One choice of a completion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Choice {

@@ -96,7 +96,8 @@ impl FailureKind {
         )
     }
 
-    /// The HTTP status Backstop answers with when the backend gave none.
+    /// The HTTP status Backstop answers with when the backend sent no OpenAI
+    /// error body of its own (a 5xx HTML page becomes a clean 502).
     pub fn default_status(self) -> u16 {
         match self {
             FailureKind::FirstByteTimeout | FailureKind::StreamStalled => 504,
@@ -104,8 +105,8 @@ impl FailureKind {
             FailureKind::Auth => 401,
             FailureKind::ClientError => 400,
             FailureKind::Cancelled => 499,
-            FailureKind::ServerError => 500,
-            FailureKind::Connect
+            FailureKind::ServerError
+            | FailureKind::Connect
             | FailureKind::StreamBroken
             | FailureKind::BadResponse
             | FailureKind::StreamError => 502,

@@ -1,1 +1,307 @@
-//! placeholder
+//! An OpenAI-compatible HTTP upstream as a [`Backend`].
+//!
+//! One pooled keep-alive client per target (rustls, TLS 1.2 at least, optional
+//! HTTP/2 and extra CA bundle), bounded by three deadlines: connect, time to the
+//! response headers, and idle time between body reads. Every response is checked
+//! before it is trusted: only `application/json` and `text/event-stream` are
+//! parsed, defensively, and anything else becomes a classified [`BackendError`],
+//! never a partial body handed on.
+
+mod response;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use backstop_adapter::{
+    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Reply,
+    Request,
+};
+use serde_json::Value;
+use tokio::time::{timeout, Instant};
+
+use reqwest::header as http_header;
+
+use crate::response::{passthrough_headers, ChunkReader};
+
+/// How to reach and bound one OpenAI-compatible upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The target's name, shown in `x-backstop-backend` and metrics.
+    pub name: String,
+    /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Bearer token; none sends no `Authorization` header.
+    pub api_key: Option<String>,
+    /// Model name to send instead of the one the client asked for.
+    pub model: Option<String>,
+    /// Idle keep-alive connections kept per host.
+    pub pool_max_idle: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Offer HTTP/2 (ALPN for https, prior knowledge for plain http).
+    pub http2: bool,
+    /// Extra PEM CA certificates trusted besides the built-in roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// Deadline for the TCP and TLS handshake.
+    pub connect_timeout: Duration,
+    /// Deadline from sending the request to its response headers.
+    pub first_byte_timeout: Duration,
+    /// Longest silence allowed between two reads of a body or stream.
+    pub idle_timeout: Duration,
+    /// Largest non-streamed response body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl UpstreamConfig {
+    /// Defaults for an upstream at `base_url`.
+    pub fn new(name: impl Into<String>, base_url: impl Into<String>) -> Self {
+        UpstreamConfig {
+            name: name.into(),
+            base_url: base_url.into(),
+            api_key: None,
+            model: None,
+            pool_max_idle: 64,
+            pool_idle_timeout: Duration::from_secs(90),
+            http2: false,
+            ca_bundle: None,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Why an upstream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The CA bundle could not be read.
+    #[error("cannot read CA bundle {path}: {source}")]
+    CaBundle {
+        /// The file named in the config.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built (bad certificate, TLS setup).
+    #[error("cannot build HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// An OpenAI-compatible upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    config: UpstreamConfig,
+    client: reqwest::Client,
+    chat_url: String,
+    completions_url: String,
+    models_url: String,
+}
+
+impl Upstream {
+    /// Builds the upstream's pooled client.
+    pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
+        let mut builder = reqwest::Client::builder()
+            .min_tls_version(reqwest::tls::Version::TLS_1_2)
+            .connect_timeout(config.connect_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .tcp_nodelay(true)
+            .user_agent(concat!("backstop/", env!("CARGO_PKG_VERSION")));
+        builder = match (config.http2, config.base_url.starts_with("http://")) {
+            (false, _) => builder.http1_only(),
+            (true, true) => builder.http2_prior_knowledge(),
+            (true, false) => builder,
+        };
+        if let Some(path) = &config.ca_bundle {
+            let pem = std::fs::read(path).map_err(|source| UpstreamError::CaBundle {
+                path: path.clone(),
+                source,
+            })?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let base = config.base_url.trim_end_matches('/');
+        Ok(Upstream {
+            chat_url: format!("{base}/chat/completions"),
+            completions_url: format!("{base}/completions"),
+            models_url: format!("{base}/models"),
+            client: builder.build()?,
+            config,
+        })
+    }
+
+    /// The upstream's settings.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// Sends the request and waits, within the first-byte deadline, for the
+    /// response headers. A non-2xx answer becomes the matching error.
+    async fn send(&self, req: &Request, stream: bool) -> Result<reqwest::Response, BackendError> {
+        let mut body = req.upstream_body().map_err(|e| {
+            BackendError::new(
+                FailureKind::ClientError,
+                format!("cannot encode request: {e}"),
+            )
+        })?;
+        if let Value::Object(map) = &mut body {
+            map.insert("stream".into(), Value::Bool(stream));
+            if !stream {
+                map.remove("stream_options");
+            }
+            if let Some(model) = &self.config.model {
+                map.insert("model".into(), Value::String(model.clone()));
+            }
+        }
+        let bytes = serde_json::to_vec(&body).map_err(|e| {
+            BackendError::new(
+                FailureKind::ClientError,
+                format!("cannot encode request: {e}"),
+            )
+        })?;
+        let url = if req.legacy.is_some() {
+            &self.completions_url
+        } else {
+            &self.chat_url
+        };
+        let mut request = self
+            .client
+            .post(url)
+            .header(http_header::CONTENT_TYPE, "application/json")
+            .header(
+                http_header::ACCEPT,
+                if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .body(bytes);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = self.await_headers(request.send()).await?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(response::error_from_status(response, self.config.idle_timeout).await)
+        }
+    }
+
+    async fn await_headers(
+        &self,
+        send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<reqwest::Response, BackendError> {
+        match timeout(self.config.first_byte_timeout, send).await {
+            Err(_) => Err(BackendError::new(
+                FailureKind::FirstByteTimeout,
+                format!(
+                    "no response headers within {} ms",
+                    self.config.first_byte_timeout.as_millis()
+                ),
+            )),
+            Ok(Err(e)) => Err(response::transport_error(e)),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+}
+
+impl Backend for Upstream {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn complete<'a>(
+        &'a self,
+        req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let response = self.send(req, false).await?;
+            let headers = passthrough_headers(response.headers());
+            let completion = response::read_completion(
+                response,
+                req.legacy.is_some(),
+                self.config.idle_timeout,
+                self.config.max_body_bytes,
+            )
+            .await
+            .map_err(|e| with_headers(e, &headers))?;
+            Ok(Reply {
+                body: completion,
+                headers,
+                waited: started.elapsed(),
+            })
+        })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let response = self.send(req, true).await?;
+            let headers = passthrough_headers(response.headers());
+            let legacy = req.legacy.is_some();
+            let body: ChunkStream = match response::content_type(&response) {
+                response::Kind::EventStream => {
+                    ChunkReader::new(response, legacy, self.config.idle_timeout).into_stream()
+                }
+                // Some servers ignore `stream`: replay their whole answer as chunks.
+                response::Kind::Json => {
+                    let completion = response::read_completion(
+                        response,
+                        legacy,
+                        self.config.idle_timeout,
+                        self.config.max_body_bytes,
+                    )
+                    .await
+                    .map_err(|e| with_headers(e, &headers))?;
+                    let chunks = completion.into_chunks(req.chat.include_usage());
+                    Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)))
+                }
+                response::Kind::Other(ct) => {
+                    return Err(with_headers(response::unexpected_type(&ct), &headers))
+                }
+            };
+            Ok(Reply {
+                body,
+                headers,
+                waited: started.elapsed(),
+            })
+        })
+    }
+
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        Box::pin(async move {
+            let mut request = self.client.get(&self.models_url);
+            if let Some(key) = &self.config.api_key {
+                request = request.bearer_auth(key);
+            }
+            let response = self.await_headers(request.send()).await?;
+            if !response.status().is_success() {
+                return Err(response::error_from_status(response, self.config.idle_timeout).await);
+            }
+            let list: backstop_adapter::ModelList = response::read_json(
+                response,
+                self.config.idle_timeout,
+                self.config.max_body_bytes,
+            )
+            .await?;
+            Ok(list.data)
+        })
+    }
+}
+
+fn with_headers(mut e: BackendError, headers: &backstop_adapter::Headers) -> BackendError {
+    if e.headers.is_empty() {
+        e.headers = headers.clone();
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests;

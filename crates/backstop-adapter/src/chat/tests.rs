@@ -100,3 +100,33 @@ fn content_parts_give_their_text() {
     .unwrap();
     assert_eq!(c.to_text(), "ab");
 }
+
+#[test]
+fn a_completion_becomes_an_equivalent_stream() {
+    let completion: ChatCompletion = serde_json::from_value(json!({
+        "id": "x", "object": "chat.completion", "created": 5, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "hi",
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    }))
+    .unwrap();
+    let chunks = completion.into_chunks(true);
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(chunks[0].choices[0].delta.role, Some(Role::Assistant));
+    assert_eq!(chunks[0].choices[0].delta.content.as_deref(), Some("hi"));
+    let call = &chunks[0].choices[0].delta.tool_calls.as_ref().unwrap()[0];
+    assert_eq!(
+        call.function.as_ref().unwrap().arguments.as_deref(),
+        Some("{}")
+    );
+    assert_eq!(
+        chunks[1].choices[0].finish_reason.as_deref(),
+        Some("tool_calls")
+    );
+    assert!(chunks[2].choices.is_empty());
+    assert_eq!(chunks[2].usage.as_ref().unwrap().total_tokens, 3);
+    assert!(chunks
+        .iter()
+        .all(|c| c.id == "x" && c.object == "chat.completion.chunk"));
+}

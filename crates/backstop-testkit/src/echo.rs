@@ -1,0 +1,109 @@
+//! The mock's default answers: valid OpenAI responses derived from the request.
+
+use serde_json::{json, Value};
+
+const CREATED: u64 = 1_700_000_000;
+
+/// The text the echo answers with: it quotes the last message (or prompt).
+pub fn echo_text(body: &Value) -> String {
+    let last = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("content"))
+        .or_else(|| body.get("prompt"))
+        .map(|c| match c {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default();
+    format!("You said: {last}")
+}
+
+fn words(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+fn usage(body: &Value, answer: &str) -> Value {
+    let prompt = words(&body.to_string());
+    let completion = words(answer);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion})
+}
+
+fn model(body: &Value) -> Value {
+    body.get("model").cloned().unwrap_or(json!("mock-model"))
+}
+
+/// A whole completion for the request.
+pub(crate) fn completion(body: &Value, legacy: bool) -> Value {
+    let answer = echo_text(body);
+    let usage = usage(body, &answer);
+    if legacy {
+        json!({"id": "cmpl-mock", "object": "text_completion", "created": CREATED,
+               "model": model(body),
+               "choices": [{"text": answer, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+               "usage": usage})
+    } else {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": CREATED,
+               "model": model(body),
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": answer,
+                            "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+               "usage": usage, "system_fingerprint": "fp_mock"})
+    }
+}
+
+/// The data of each event of a streamed answer, `[DONE]` last.
+pub(crate) fn stream(body: &Value, legacy: bool) -> Vec<String> {
+    let answer = echo_text(body);
+    let include_usage = body.pointer("/stream_options/include_usage") == Some(&json!(true));
+    let model = model(body);
+    let mut pieces: Vec<String> = answer.split_inclusive(' ').map(str::to_string).collect();
+    if pieces.is_empty() {
+        pieces.push(String::new());
+    }
+    let chunk = |choice: Value, usage: Option<Value>| {
+        let mut c = if legacy {
+            json!({"id": "cmpl-mock", "object": "text_completion", "created": CREATED,
+                   "model": model, "choices": [choice]})
+        } else {
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": CREATED,
+                   "model": model, "system_fingerprint": "fp_mock", "choices": [choice]})
+        };
+        if let Some(u) = usage {
+            c["choices"] = json!([]);
+            c["usage"] = u;
+        }
+        c.to_string()
+    };
+    let piece = |text: &str, first: bool, finish: Option<&str>| {
+        if legacy {
+            json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish})
+        } else if first {
+            json!({"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": null,
+                   "finish_reason": finish})
+        } else if finish.is_some() {
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null})
+        }
+    };
+    let mut out: Vec<String> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| chunk(piece(p, i == 0, None), None))
+        .collect();
+    out.push(chunk(piece("", false, Some("stop")), None));
+    if include_usage {
+        out.push(chunk(json!(null), Some(usage(body, &answer))));
+    }
+    out.push("[DONE]".into());
+    out
+}
+
+/// The `GET /v1/models` answer.
+pub(crate) fn model_list() -> Value {
+    json!({"object": "list", "data": [
+        {"id": "mock-model", "object": "model", "created": CREATED, "owned_by": "mock"}
+    ]})
+}

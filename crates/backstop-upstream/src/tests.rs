@@ -1,0 +1,290 @@
+use std::time::Duration;
+
+use backstop_adapter::{Backend, BackendError, ChatChunk, FailureKind, Request};
+use backstop_testkit::{echo_text, MockReply, MockUpstream, SseStep};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+
+use super::*;
+
+fn chat(stream: bool) -> Request {
+    let body = json!({"model": "gpt-4o-mini", "stream": stream,
+                      "messages": [{"role": "user", "content": "hello there"}]});
+    Request::parse_chat(body.to_string().as_bytes()).unwrap()
+}
+
+fn upstream(mock: &MockUpstream) -> Upstream {
+    let mut cfg = UpstreamConfig::new("mock", mock.url());
+    cfg.api_key = Some("sk-test".into());
+    cfg.first_byte_timeout = Duration::from_millis(300);
+    cfg.idle_timeout = Duration::from_millis(300);
+    Upstream::new(cfg).unwrap()
+}
+
+async fn collect(up: &Upstream, req: &Request) -> (Vec<ChatChunk>, Option<BackendError>) {
+    let reply = up.stream(req).await.unwrap();
+    let mut chunks = Vec::new();
+    let mut body = reply.body;
+    while let Some(item) = body.next().await {
+        match item {
+            Ok(c) => chunks.push(c),
+            Err(e) => return (chunks, Some(e)),
+        }
+    }
+    (chunks, None)
+}
+
+fn text_of(chunks: &[ChatChunk]) -> String {
+    chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .filter_map(|c| c.delta.content.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn completes_and_passes_rate_limit_headers_and_auth() {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Json {
+        status: 200,
+        body: json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": "hi"}}]}),
+        headers: vec![
+            ("x-ratelimit-remaining-requests".into(), "99".into()),
+            ("x-request-id".into(), "req_1".into()),
+            ("server".into(), "hidden".into()),
+        ],
+    }]);
+    let up = upstream(&mock);
+    let reply = up.complete(&chat(false)).await.unwrap();
+    assert_eq!(
+        reply.body.choices[0]
+            .message
+            .content
+            .as_ref()
+            .unwrap()
+            .to_text(),
+        "hi"
+    );
+    assert!(reply
+        .headers
+        .contains(&("x-ratelimit-remaining-requests".into(), "99".into())));
+    assert!(reply.headers.iter().all(|(k, _)| k != "server"));
+    let seen = &mock.requests()[0];
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.headers["authorization"], "Bearer sk-test");
+    assert_eq!(seen.body["stream"], json!(false));
+}
+
+#[tokio::test]
+async fn upstream_error_bodies_and_statuses_pass_through() {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Json {
+        status: 429,
+        body: json!({"error": {"message": "Rate limit reached", "type": "requests",
+                               "param": null, "code": "rate_limit_exceeded"}}),
+        headers: vec![("retry-after".into(), "2".into())],
+    }]);
+    let err = upstream(&mock).complete(&chat(false)).await.unwrap_err();
+    assert_eq!(err.kind, FailureKind::RateLimited);
+    assert_eq!(err.http_status(), 429);
+    assert_eq!(err.to_body()["error"]["code"], "rate_limit_exceeded");
+    assert!(err.headers.contains(&("retry-after".into(), "2".into())));
+}
+
+#[tokio::test]
+async fn non_json_answers_become_clean_502s() {
+    let mock = MockUpstream::start().await.unwrap();
+    let html = |status| MockReply::Raw {
+        status,
+        content_type: Some("text/html".into()),
+        body: Bytes::from_static(b"<html><body>502 Bad Gateway</body></html>"),
+    };
+    mock.push([
+        html(503),
+        html(200),
+        MockReply::Raw {
+            status: 200,
+            content_type: Some("application/json".into()),
+            body: Bytes::from_static(b"{\"id\": \"x\", \"choi"),
+        },
+        MockReply::Json {
+            status: 200,
+            body: json!({"error": {"message": "overloaded", "type": "server_error"}}),
+            headers: vec![],
+        },
+    ]);
+    let up = upstream(&mock);
+    let e = up.complete(&chat(false)).await.unwrap_err();
+    assert_eq!((e.kind, e.http_status()), (FailureKind::ServerError, 502));
+    assert!(e.message.contains("text/html"), "{e:?}");
+    assert!(!e.to_body().to_string().contains("<html>"));
+    let e = up.complete(&chat(false)).await.unwrap_err();
+    assert_eq!((e.kind, e.http_status()), (FailureKind::BadResponse, 502));
+    let e = up.complete(&chat(false)).await.unwrap_err();
+    assert_eq!((e.kind, e.http_status()), (FailureKind::BadResponse, 502));
+    let e = up.complete(&chat(false)).await.unwrap_err();
+    assert_eq!((e.kind, e.http_status()), (FailureKind::StreamError, 502));
+    assert_eq!(e.to_body()["error"]["message"], "overloaded");
+}
+
+#[tokio::test]
+async fn deadlines_classify_hangs_and_refusals() {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Hang]);
+    let e = upstream(&mock).complete(&chat(false)).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::FirstByteTimeout);
+
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let up = Upstream::new(UpstreamConfig::new("gone", format!("http://{closed}/v1"))).unwrap();
+    let e = up.complete(&chat(false)).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::Connect);
+    assert!(e.kind.retryable() && e.kind.trips_breaker());
+}
+
+#[tokio::test]
+async fn streams_decode_into_chunks() {
+    let mock = MockUpstream::start().await.unwrap();
+    let up = upstream(&mock);
+    let req = chat(true);
+    let (chunks, err) = collect(&up, &req).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        text_of(&chunks),
+        echo_text(&json!({"messages": [{"content": "hello there"}]}))
+    );
+    assert_eq!(
+        chunks.last().unwrap().choices[0].finish_reason.as_deref(),
+        Some("stop")
+    );
+    assert_eq!(mock.requests()[0].headers["accept"], "text/event-stream");
+}
+
+fn data(text: &str) -> SseStep {
+    SseStep::Data(
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+        .to_string(),
+    )
+}
+
+fn finish() -> SseStep {
+    SseStep::Data(
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        .to_string(),
+    )
+}
+
+async fn stream_outcome(steps: Vec<SseStep>) -> (String, Option<FailureKind>) {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Sse {
+        status: 200,
+        headers: vec![],
+        steps,
+    }]);
+    let (chunks, err) = collect(&upstream(&mock), &chat(true)).await;
+    (text_of(&chunks), err.map(|e| e.kind))
+}
+
+#[tokio::test]
+async fn broken_streams_end_in_classified_errors() {
+    let cut = stream_outcome(vec![data("Hel"), data("lo"), SseStep::Cut]).await;
+    assert_eq!(cut, ("Hello".into(), Some(FailureKind::StreamBroken)));
+
+    let ended = stream_outcome(vec![data("Hel")]).await;
+    assert_eq!(ended, ("Hel".into(), Some(FailureKind::StreamBroken)));
+
+    let stalled = stream_outcome(vec![
+        data("a"),
+        SseStep::Sleep(Duration::from_secs(5)),
+        data("b"),
+    ])
+    .await;
+    assert_eq!(stalled, ("a".into(), Some(FailureKind::StreamStalled)));
+
+    let malformed = stream_outcome(vec![data("a"), SseStep::Data("{\"id\": tru".into())]).await;
+    assert_eq!(malformed, ("a".into(), Some(FailureKind::BadResponse)));
+
+    let error_event = stream_outcome(vec![
+        data("a"),
+        SseStep::Data(
+            json!({"error": {"message": "server overloaded", "type": "server_error"}}).to_string(),
+        ),
+        data("never"),
+    ])
+    .await;
+    assert_eq!(error_event, ("a".into(), Some(FailureKind::StreamError)));
+}
+
+#[tokio::test]
+async fn a_finished_stream_without_done_ends_cleanly_and_done_stops_reading() {
+    let no_done = stream_outcome(vec![data("ok"), finish()]).await;
+    assert_eq!(no_done, ("ok".into(), None));
+    // After [DONE] nothing more is read, even if the server keeps the body open.
+    let done = stream_outcome(vec![
+        data("ok"),
+        finish(),
+        SseStep::Data("[DONE]".into()),
+        SseStep::Sleep(Duration::from_secs(5)),
+    ])
+    .await;
+    assert_eq!(done, ("ok".into(), None));
+}
+
+#[tokio::test]
+async fn legacy_requests_use_the_legacy_endpoint_and_map_back() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut cfg = UpstreamConfig::new("mock", mock.url());
+    cfg.model = Some("renamed".into());
+    let up = Upstream::new(cfg).unwrap();
+    let req = Request::parse_legacy(br#"{"model":"m","prompt":"Say hi","echo":true}"#).unwrap();
+    let reply = up.complete(&req).await.unwrap();
+    assert_eq!(
+        reply.body.choices[0]
+            .message
+            .content
+            .as_ref()
+            .unwrap()
+            .to_text(),
+        "You said: Say hi"
+    );
+    let seen = &mock.requests()[0];
+    assert_eq!(seen.path, "/v1/completions");
+    assert_eq!(seen.body["prompt"], "Say hi");
+    assert_eq!(seen.body["echo"], true);
+    assert_eq!(seen.body["model"], "renamed");
+    assert!(seen.body.get("messages").is_none());
+
+    let req = Request::parse_legacy(br#"{"model":"m","prompt":"Say hi","stream":true}"#).unwrap();
+    let (chunks, err) = collect(&up, &req).await;
+    assert!(err.is_none());
+    assert_eq!(text_of(&chunks), "You said: Say hi");
+}
+
+#[tokio::test]
+async fn a_json_answer_to_a_stream_request_is_replayed_as_chunks() {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Json {
+        status: 200,
+        body: json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": "whole"}}]}),
+        headers: vec![],
+    }]);
+    let (chunks, err) = collect(&upstream(&mock), &chat(true)).await;
+    assert!(err.is_none());
+    assert_eq!(text_of(&chunks), "whole");
+}
+
+#[tokio::test]
+async fn models_are_listed() {
+    let mock = MockUpstream::start().await.unwrap();
+    let models = upstream(&mock).models().await.unwrap();
+    assert_eq!(models[0].id, "mock-model");
+}
