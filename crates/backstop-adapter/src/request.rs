@@ -91,7 +91,10 @@ fn invalid(message: String, param: Option<String>) -> InvalidRequest {
     InvalidRequest { message, param }
 }
 
-fn from_path<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> InvalidRequest {
+fn from_path(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidRequest {
+    if e.inner().is_syntax() || e.inner().is_eof() {
+        return invalid(format!("invalid JSON: {}", e.inner()), None);
+    }
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     // serde reports a missing field at its parent's path; name the field itself.

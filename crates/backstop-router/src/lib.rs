@@ -1,1 +1,256 @@
-//! placeholder
+//! Routes a request to a chain of backends and walks it.
+//!
+//! A [`RouteTable`] maps the requested model (exact name, prefix, or anything)
+//! to an ordered chain of targets. Before the first byte reaches the client,
+//! a retryable failure moves on to the next target; a failure that is the
+//! client's fault stops the walk. Every failed attempt is kept, in order, so the
+//! final error tells the whole story.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_adapter::{
+    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, Model, Reply, Request,
+};
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+/// Which requested models a route takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelMatch {
+    /// Exactly this name.
+    Exact(String),
+    /// Any name starting with this.
+    Prefix(String),
+    /// Any model.
+    Any,
+}
+
+impl ModelMatch {
+    fn matches(&self, model: &str) -> bool {
+        match self {
+            ModelMatch::Exact(name) => model == name,
+            ModelMatch::Prefix(prefix) => model.starts_with(prefix.as_str()),
+            ModelMatch::Any => true,
+        }
+    }
+}
+
+/// A model pattern and the targets that serve it, tried in order.
+#[derive(Clone)]
+pub struct Route {
+    /// Which requests the route takes.
+    pub models: ModelMatch,
+    /// The chain of targets, first preferred.
+    pub targets: Vec<Arc<dyn Backend>>,
+}
+
+/// Routes in priority order: exact names first, then the longest prefix, then
+/// the catch-all, whatever order they were configured in.
+#[derive(Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// A table of these routes.
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        routes.sort_by_key(|r| match &r.models {
+            ModelMatch::Exact(_) => (0, 0),
+            ModelMatch::Prefix(p) => (1, usize::MAX - p.len()),
+            ModelMatch::Any => (2, 0),
+        });
+        RouteTable { routes }
+    }
+
+    /// The route for a requested model.
+    pub fn resolve(&self, model: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.models.matches(model))
+    }
+
+    /// Every distinct target, in first-seen order.
+    pub fn targets(&self) -> Vec<Arc<dyn Backend>> {
+        let mut seen: Vec<Arc<dyn Backend>> = Vec::new();
+        for target in self.routes.iter().flat_map(|r| r.targets.iter()) {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, target)) {
+                seen.push(target.clone());
+            }
+        }
+        seen
+    }
+}
+
+/// A backend's reply with who served it and what it took.
+#[derive(Debug)]
+pub struct Served<T> {
+    /// The reply.
+    pub reply: Reply<T>,
+    /// Name of the target that served.
+    pub backend: String,
+    /// The failed attempts before it, in order.
+    pub failed: Vec<(String, BackendError)>,
+    /// Time spent waiting on backends: every failed attempt, plus the serving
+    /// backend's own wait (for a stream, until its first chunk).
+    pub backend_time: Duration,
+}
+
+impl<T> Served<T> {
+    /// Attempts made, the successful one included.
+    pub fn attempts(&self) -> u32 {
+        self.failed.len() as u32 + 1
+    }
+}
+
+/// Why no target served a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// No route takes the requested model.
+    #[error("no route serves model `{0}`")]
+    NoRoute(String),
+    /// Every attempt failed; the failures in order, last one decisive.
+    #[error("all {} attempts failed", .0.len())]
+    Failed(Vec<(String, BackendError)>),
+}
+
+impl RouteError {
+    /// The last failure, which decides the client's status.
+    pub fn last(&self) -> Option<&BackendError> {
+        match self {
+            RouteError::Failed(attempts) => attempts.last().map(|(_, e)| e),
+            RouteError::NoRoute(_) => None,
+        }
+    }
+
+    /// How many attempts were made.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            RouteError::Failed(attempts) => attempts.len() as u32,
+            RouteError::NoRoute(_) => 0,
+        }
+    }
+
+    /// The name of the last target tried.
+    pub fn last_target(&self) -> Option<&str> {
+        match self {
+            RouteError::Failed(attempts) => attempts.last().map(|(name, _)| name.as_str()),
+            RouteError::NoRoute(_) => None,
+        }
+    }
+}
+
+/// Walks route chains.
+#[derive(Clone, Default)]
+pub struct Router {
+    table: RouteTable,
+}
+
+impl Router {
+    /// A router over this table.
+    pub fn new(table: RouteTable) -> Self {
+        Router { table }
+    }
+
+    /// The route table.
+    pub fn table(&self) -> &RouteTable {
+        &self.table
+    }
+
+    /// Answers with one complete response.
+    pub async fn complete(&self, req: &Request) -> Result<Served<ChatCompletion>, RouteError> {
+        self.walk(req, |backend, req| {
+            Box::pin(async move {
+                let reply = backend.complete(req).await?;
+                let waited = reply.waited;
+                Ok((reply, waited))
+            })
+        })
+        .await
+    }
+
+    /// Answers with a stream. A target has committed only once its first chunk
+    /// arrived: until then any failure moves on to the next target, so the
+    /// client never sees a stream that breaks before it starts.
+    pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
+        self.walk(req, |backend, req| {
+            Box::pin(async move {
+                let started = Instant::now();
+                let mut reply = backend.stream(req).await?;
+                let first = match reply.body.next().await {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        return Err(BackendError::new(
+                            backstop_adapter::FailureKind::StreamBroken,
+                            "stream ended before its first chunk",
+                        ))
+                    }
+                };
+                let waited = started.elapsed();
+                let rest =
+                    std::mem::replace(&mut reply.body, Box::pin(futures_util::stream::empty()));
+                reply.body =
+                    Box::pin(futures_util::stream::once(async move { Ok(first) }).chain(rest));
+                Ok((reply, waited))
+            })
+        })
+        .await
+    }
+
+    /// Tries each target of the request's route in turn. `call` answers with
+    /// the reply and the time it waited on the backend.
+    async fn walk<'a, T, F>(&'a self, req: &'a Request, call: F) -> Result<Served<T>, RouteError>
+    where
+        F: Fn(
+            &'a dyn Backend,
+            &'a Request,
+        ) -> BoxFuture<'a, Result<(Reply<T>, Duration), BackendError>>,
+    {
+        let route = self
+            .table
+            .resolve(&req.chat.model)
+            .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
+        let mut failed = Vec::new();
+        let mut backend_time = Duration::ZERO;
+        for target in &route.targets {
+            let started = Instant::now();
+            match call(target.as_ref(), req).await {
+                Ok((reply, waited)) => {
+                    return Ok(Served {
+                        reply,
+                        backend: target.name().to_string(),
+                        failed,
+                        backend_time: backend_time + waited,
+                    })
+                }
+                Err(e) => {
+                    backend_time += started.elapsed();
+                    let retryable = e.kind.retryable();
+                    failed.push((target.name().to_string(), e));
+                    if !retryable {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(RouteError::Failed(failed))
+    }
+
+    /// The models every target reports, without duplicates; a target that
+    /// cannot list its models is skipped.
+    pub async fn models(&self) -> Vec<Model> {
+        let mut models: Vec<Model> = Vec::new();
+        for target in self.table.targets() {
+            if let Ok(list) = target.models().await {
+                for m in list {
+                    if !models.iter().any(|known| known.id == m.id) {
+                        models.push(m);
+                    }
+                }
+            }
+        }
+        models
+    }
+}
+
+#[cfg(test)]
+mod tests;

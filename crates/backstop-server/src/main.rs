@@ -1,1 +1,115 @@
-fn main() {}
+//! The `backstop` binary: parse the command line, load the config, serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use backstop_server::{run, App, Config};
+use clap::{Parser, Subcommand};
+
+/// An OpenAI-compatible failover router for LLM completions.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file (see config/backstop.toml). Without one, OPENAI_API_KEY
+    /// and OPENAI_BASE_URL define the upstream.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long, env = "BACKSTOP_LISTEN")]
+    listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and name the first bad field.
+    CheckConfig {
+        /// The file to check.
+        path: PathBuf,
+    },
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { path }) = &cli.command {
+        return match Config::load(path, env) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} targets, {} routes)",
+                    path.display(),
+                    config.targets.len(),
+                    config.routes.len()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                std::process::exit(1);
+            }
+        };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKSTOP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let mut config = match &cli.config {
+        Some(path) => {
+            Config::load(path, env).with_context(|| format!("config {}", path.display()))?
+        }
+        None => Config::from_env(env)?,
+    };
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    for t in &config.targets {
+        let key = if t.api_key.is_some() {
+            "with an API key"
+        } else {
+            "without an API key"
+        };
+        tracing::info!(target = %t.name, base_url = %t.base_url, "upstream target, {key}");
+    }
+    let app = App::new(config)?;
+    let running = run(app, shutdown_signal()).await?;
+    tracing::info!("backstop listening on http://{}", running.addr);
+    running.wait().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

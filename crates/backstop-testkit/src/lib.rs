@@ -108,6 +108,8 @@ pub struct Recorded {
     pub method: Method,
     /// Path, e.g. `/v1/chat/completions`.
     pub path: String,
+    /// HTTP version the request came over.
+    pub version: http::Version,
     /// Request headers.
     pub headers: HeaderMap,
     /// Parsed JSON body (`Null` when empty or not JSON).
@@ -220,6 +222,7 @@ async fn handle(
     lock(&state.requests).push(Recorded {
         method: parts.method.clone(),
         path: path.clone(),
+        version: parts.version,
         headers: parts.headers.clone(),
         body: body.clone(),
         at: tokio::time::Instant::now(),

@@ -1,0 +1,149 @@
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use backstop_adapter::{BoxFuture, FailureKind, Headers};
+use serde_json::json;
+
+use super::*;
+
+/// A backend that fails with `fail` (when set) and counts its calls.
+struct Fake {
+    name: &'static str,
+    fail: Option<FailureKind>,
+    calls: AtomicU32,
+}
+
+fn fake(name: &'static str, fail: Option<FailureKind>) -> Arc<Fake> {
+    Arc::new(Fake {
+        name,
+        fail,
+        calls: AtomicU32::new(0),
+    })
+}
+
+impl Backend for Fake {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn complete<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let result = match self.fail {
+            Some(kind) => Err(BackendError::new(kind, "scripted")),
+            None => Ok(Reply {
+                body: serde_json::from_value(json!({
+                    "id": "x", "created": 0, "model": self.name,
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "ok"}}]}))
+                .unwrap(),
+                headers: Headers::new(),
+                waited: Duration::ZERO,
+            }),
+        };
+        Box::pin(async move { result })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+        Box::pin(async { Err(BackendError::new(FailureKind::Connect, "no streams here")) })
+    }
+
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        let model = Model {
+            id: self.name.to_string(),
+            object: "model".into(),
+            created: 0,
+            owned_by: "test".into(),
+        };
+        Box::pin(async move { Ok(vec![model]) })
+    }
+}
+
+fn req(model: &str) -> Request {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    Request::parse_chat(body.to_string().as_bytes()).unwrap()
+}
+
+fn route(models: ModelMatch, targets: &[Arc<Fake>]) -> Route {
+    Route {
+        models,
+        targets: targets
+            .iter()
+            .map(|t| t.clone() as Arc<dyn Backend>)
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn exact_beats_longest_prefix_beats_catch_all() {
+    let (a, b, c, d) = (
+        fake("a", None),
+        fake("b", None),
+        fake("c", None),
+        fake("d", None),
+    );
+    let router = Router::new(RouteTable::new(vec![
+        route(ModelMatch::Any, &[a]),
+        route(ModelMatch::Prefix("gpt-".into()), &[b]),
+        route(ModelMatch::Prefix("gpt-4o".into()), &[c]),
+        route(ModelMatch::Exact("gpt-4o-mini".into()), &[d]),
+    ]));
+    for (model, served) in [
+        ("gpt-4o-mini", "d"),
+        ("gpt-4o", "c"),
+        ("gpt-3.5", "b"),
+        ("x", "a"),
+    ] {
+        assert_eq!(router.complete(&req(model)).await.unwrap().backend, served);
+    }
+    assert_eq!(router.models().await.len(), 4);
+}
+
+#[tokio::test]
+async fn retryable_failures_move_down_the_chain() {
+    let (a, b, c) = (
+        fake("a", Some(FailureKind::ServerError)),
+        fake("b", Some(FailureKind::FirstByteTimeout)),
+        fake("c", None),
+    );
+    let router = Router::new(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[a, b, c.clone()],
+    )]));
+    let served = router.complete(&req("m")).await.unwrap();
+    assert_eq!((served.backend.as_str(), served.attempts()), ("c", 3));
+    assert_eq!(c.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn client_errors_stop_the_walk_and_failures_are_kept_in_order() {
+    let (a, b, c) = (
+        fake("a", Some(FailureKind::Connect)),
+        fake("b", Some(FailureKind::ClientError)),
+        fake("c", None),
+    );
+    let router = Router::new(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[a, b, c.clone()],
+    )]));
+    let err = router.complete(&req("m")).await.unwrap_err();
+    assert_eq!(err.attempts(), 2);
+    assert_eq!(err.last_target(), Some("b"));
+    assert_eq!(err.last().unwrap().kind, FailureKind::ClientError);
+    assert_eq!(c.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_unrouted_model_is_named() {
+    let router = Router::new(RouteTable::new(vec![route(
+        ModelMatch::Exact("only".into()),
+        &[fake("a", None)],
+    )]));
+    let err = router.complete(&req("other")).await.unwrap_err();
+    assert!(matches!(err, RouteError::NoRoute(m) if m == "other"));
+}

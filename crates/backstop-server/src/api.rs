@@ -1,0 +1,385 @@
+//! The HTTP endpoints.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_adapter::{ChatChunk, ChunkStream, Headers, ModelList, Request, TextCompletion};
+use backstop_router::RouteError;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Method, Response};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tokio::time::Instant;
+
+use crate::metrics::{status_class, Metrics};
+use crate::respond::{self, Body, Served};
+use crate::App;
+
+/// Which completion API a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Legacy,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Legacy => "completions",
+        }
+    }
+}
+
+/// Routes one HTTP request to its endpoint.
+pub async fn handle(
+    req: hyper::Request<Incoming>,
+    app: Arc<App>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let resp = match (req.method(), path) {
+        (&Method::POST, "/v1/chat/completions") => completion(req, app, Endpoint::Chat).await,
+        (&Method::POST, "/v1/completions") => completion(req, app, Endpoint::Legacy).await,
+        (&Method::GET, "/v1/models") => models(&app).await,
+        (&Method::GET, "/healthz") => plain_json(br#"{"status":"ok"}"#),
+        (&Method::GET, "/readyz") => ready(&app),
+        (&Method::GET, "/metrics") => respond::response(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            respond::full(app.metrics.render()),
+            Served::NONE,
+            &Headers::new(),
+        ),
+        (
+            _,
+            "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/models"
+            | "/healthz"
+            | "/readyz"
+            | "/metrics",
+        ) => respond::error(
+            405,
+            "invalid_request_error",
+            format!("{} is not allowed on {path}", req.method()),
+            Some("method_not_allowed"),
+        ),
+        _ => respond::error(
+            404,
+            "invalid_request_error",
+            format!("Unknown request URL: {} {path}", req.method()),
+            Some("unknown_url"),
+        ),
+    };
+    Ok(resp)
+}
+
+fn plain_json(body: &'static [u8]) -> Response<Body> {
+    respond::json(200, body.to_vec(), Served::NONE, &Headers::new())
+}
+
+fn ready(app: &App) -> Response<Body> {
+    let targets = app.router.table().targets();
+    if targets.is_empty() {
+        respond::error(
+            503,
+            "server_error",
+            "no target is configured",
+            Some("not_ready"),
+        )
+    } else {
+        plain_json(br#"{"status":"ready"}"#)
+    }
+}
+
+async fn models(app: &App) -> Response<Body> {
+    let list = ModelList {
+        object: "list".into(),
+        data: app.router.models().await,
+    };
+    respond::json(
+        200,
+        serde_json::to_vec(&list).unwrap_or_default(),
+        Served::NONE,
+        &Headers::new(),
+    )
+}
+
+/// Counts the request in flight until dropped, and its duration then.
+struct InFlight {
+    metrics: Metrics,
+    started: Instant,
+    endpoint: Endpoint,
+    stream: bool,
+}
+
+impl InFlight {
+    fn new(metrics: &Metrics, endpoint: Endpoint) -> Self {
+        metrics.in_flight.inc();
+        InFlight {
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            endpoint,
+            stream: false,
+        }
+    }
+
+    fn record(&self, target: &str, status: u16) {
+        self.metrics
+            .requests
+            .with_label_values(&[self.endpoint.label(), target, status_class(status)])
+            .inc();
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics
+            .duration
+            .with_label_values(&[
+                self.endpoint.label(),
+                if self.stream { "true" } else { "false" },
+            ])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+async fn completion(
+    req: hyper::Request<Incoming>,
+    app: Arc<App>,
+    endpoint: Endpoint,
+) -> Response<Body> {
+    let mut flight = InFlight::new(&app.metrics, endpoint);
+    let bytes = match Limited::new(req.into_body(), app.config.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            flight.record(respond::NO_BACKEND, 413);
+            return respond::error(
+                413,
+                "invalid_request_error",
+                format!(
+                    "request body is larger than {} bytes",
+                    app.config.max_body_bytes
+                ),
+                Some("request_too_large"),
+            );
+        }
+        Err(e) => {
+            flight.record(respond::NO_BACKEND, 400);
+            return respond::error(
+                400,
+                "invalid_request_error",
+                format!("cannot read request body: {e}"),
+                None,
+            );
+        }
+    };
+    let parsed = match endpoint {
+        Endpoint::Chat => Request::parse_chat(&bytes),
+        Endpoint::Legacy => Request::parse_legacy(&bytes),
+    };
+    let request = match parsed {
+        Ok(r) => r,
+        Err(e) => {
+            flight.record(respond::NO_BACKEND, 400);
+            return respond::invalid_request(&e);
+        }
+    };
+    if request.chat.is_stream() {
+        flight.stream = true;
+        stream(&app, &request, flight).await
+    } else {
+        complete(&app, &request, flight).await
+    }
+}
+
+fn count_failures(metrics: &Metrics, failed: &[(String, backstop_adapter::BackendError)]) {
+    for (target, e) in failed {
+        let status = e.status.map(|s| s.to_string());
+        let label = status.as_deref().unwrap_or(e.kind.as_str());
+        metrics
+            .upstream_responses
+            .with_label_values(&[target, label])
+            .inc();
+    }
+}
+
+fn failed(app: &App, e: &RouteError, flight: &InFlight) -> Response<Body> {
+    if let RouteError::Failed(failed) = e {
+        count_failures(&app.metrics, failed);
+    }
+    let (status, resp) = respond::route_error(e);
+    flight.record(e.last_target().unwrap_or(respond::NO_BACKEND), status);
+    resp
+}
+
+async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Body> {
+    let served = match app.router.complete(request).await {
+        Ok(s) => s,
+        Err(e) => return failed(app, &e, &flight),
+    };
+    count_failures(&app.metrics, &served.failed);
+    app.metrics
+        .upstream_responses
+        .with_label_values(&[&served.backend, "200"])
+        .inc();
+    let attempts = served.attempts();
+    let completion = served.reply.body;
+    if let Some(usage) = &completion.usage {
+        app.metrics.count_usage(&served.backend, usage);
+    }
+    let body = if request.legacy.is_some() {
+        serde_json::to_vec(&TextCompletion::from(completion))
+    } else {
+        serde_json::to_vec(&completion)
+    };
+    let resp = match body {
+        Ok(body) => respond::json(
+            200,
+            body,
+            Served {
+                backend: &served.backend,
+                attempts,
+            },
+            &served.reply.headers,
+        ),
+        Err(e) => respond::error(
+            500,
+            "server_error",
+            format!("cannot encode response: {e}"),
+            None,
+        ),
+    };
+    flight.record(&served.backend, resp.status().as_u16());
+    app.metrics.overhead.observe(
+        flight
+            .started
+            .elapsed()
+            .saturating_sub(served.backend_time)
+            .as_secs_f64(),
+    );
+    resp
+}
+
+async fn stream(app: &Arc<App>, request: &Request, flight: InFlight) -> Response<Body> {
+    let served = match app.router.stream(request).await {
+        Ok(s) => s,
+        Err(e) => return failed(app, &e, &flight),
+    };
+    count_failures(&app.metrics, &served.failed);
+    app.metrics
+        .upstream_responses
+        .with_label_values(&[&served.backend, "200"])
+        .inc();
+    flight.record(&served.backend, 200);
+    let attempts = served.attempts();
+    let events = ClientStream {
+        chunks: served.reply.body,
+        legacy: request.legacy.is_some(),
+        metrics: app.metrics.clone(),
+        target: served.backend.clone(),
+        backend_time: served.backend_time,
+        first_sent: false,
+        done: false,
+        flight,
+    };
+    let body = StreamBody::new(events.into_frames());
+    let mut resp = respond::response(
+        200,
+        "text/event-stream",
+        BodyExt::boxed_unsync(body),
+        Served {
+            backend: &served.backend,
+            attempts,
+        },
+        &served.reply.headers,
+    );
+    // Streams must not be cached or buffered by proxies on the way.
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    headers.insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+    resp
+}
+
+/// The client's side of a stream: chunks encoded as SSE, `[DONE]` at the end,
+/// or an error event if the backend fails after the stream started.
+struct ClientStream {
+    chunks: ChunkStream,
+    legacy: bool,
+    metrics: Metrics,
+    target: String,
+    backend_time: Duration,
+    first_sent: bool,
+    done: bool,
+    flight: InFlight,
+}
+
+impl ClientStream {
+    fn into_frames(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
+        futures_util::stream::unfold(self, |mut s| async move {
+            let bytes = s.next_event().await?;
+            Some((Ok(Frame::data(bytes)), s))
+        })
+    }
+
+    async fn next_event(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        match self.chunks.next().await {
+            Some(Ok(chunk)) => {
+                if !self.first_sent {
+                    self.first_sent = true;
+                    let elapsed = self.flight.started.elapsed();
+                    self.metrics
+                        .ttft
+                        .with_label_values(&[&self.target])
+                        .observe(elapsed.as_secs_f64());
+                    self.metrics
+                        .overhead
+                        .observe(elapsed.saturating_sub(self.backend_time).as_secs_f64());
+                }
+                if let Some(usage) = &chunk.usage {
+                    self.metrics.count_usage(&self.target, usage);
+                }
+                Some(self.encode(chunk))
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                tracing::warn!(target = %self.target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
+                let label = e.status.map(|s| s.to_string());
+                self.metrics
+                    .upstream_responses
+                    .with_label_values(&[&self.target, label.as_deref().unwrap_or(e.kind.as_str())])
+                    .inc();
+                Some(respond::stream_error_event(&e))
+            }
+            None => {
+                self.done = true;
+                Some(Bytes::from_static(b"data: [DONE]\n\n"))
+            }
+        }
+    }
+
+    fn encode(&self, chunk: ChatChunk) -> Bytes {
+        let json = if self.legacy {
+            serde_json::to_string(&TextCompletion::from(chunk))
+        } else {
+            serde_json::to_string(&chunk)
+        };
+        let mut out = Vec::new();
+        backstop_adapter::sse::encode_data(&json.unwrap_or_default(), &mut out);
+        Bytes::from(out)
+    }
+}

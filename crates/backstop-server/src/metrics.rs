@@ -1,0 +1,128 @@
+//! Prometheus metrics. Labels are low-cardinality: endpoint, target name,
+//! status class or code, token kind; never prompts, keys or error text.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric Backstop exports, registered in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by endpoint, serving target and status class.
+    pub requests: IntCounterVec,
+    /// Whole request duration, to the end of the stream for streams.
+    pub duration: HistogramVec,
+    /// Time from the request's arrival to its first streamed token.
+    pub ttft: HistogramVec,
+    /// Time Backstop itself added: total minus time waiting on backends.
+    pub overhead: Histogram,
+    /// Responses from backends by target and status code (or failure kind).
+    pub upstream_responses: IntCounterVec,
+    /// Tokens by target and kind (`prompt`, `completion`), from backend usage.
+    pub tokens: IntCounterVec,
+    /// Requests being served now.
+    pub in_flight: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1,
+];
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "backstop_requests_total",
+                "Client requests served, by endpoint, serving target and status class.",
+            ),
+            &["endpoint", "target", "status_class"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "backstop_request_duration_seconds",
+                "Client request duration, to the end of the stream for streams.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["endpoint", "stream"],
+        )?;
+        let ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "backstop_time_to_first_token_seconds",
+                "Time from a streaming request's arrival to its first chunk sent.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["target"],
+        )?;
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new("backstop_overhead_seconds", "Latency Backstop added: total (or time to first token) minus time waiting on backends.")
+                .buckets(OVERHEAD_BUCKETS.to_vec()),
+        )?;
+        let upstream_responses = IntCounterVec::new(
+            Opts::new("backstop_upstream_responses_total", "Backend responses by target and HTTP status code, or failure kind when there was none."),
+            &["target", "status"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "backstop_tokens_total",
+                "Tokens reported by the serving backend, by target and kind (prompt, completion).",
+            ),
+            &["target", "kind"],
+        )?;
+        let in_flight = IntGauge::new(
+            "backstop_in_flight_requests",
+            "Client requests being served now.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(overhead.clone()))?;
+        registry.register(Box::new(upstream_responses.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            ttft,
+            overhead,
+            upstream_responses,
+            tokens,
+            in_flight,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Counts a backend's usage report.
+    pub fn count_usage(&self, target: &str, usage: &backstop_adapter::Usage) {
+        self.tokens
+            .with_label_values(&[target, "prompt"])
+            .inc_by(usage.prompt_tokens);
+        self.tokens
+            .with_label_values(&[target, "completion"])
+            .inc_by(usage.completion_tokens);
+    }
+}
+
+/// `2xx`, `4xx`, `5xx`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

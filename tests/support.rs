@@ -1,0 +1,139 @@
+//! Test harness: the real Backstop server, in process, in front of mock
+//! upstreams, everything on `127.0.0.1:0`.
+
+// A harness that cannot start its servers has nothing to test: panicking is its report.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use backstop_server::{run, App, Config, Running};
+use backstop_testkit::MockUpstream;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// A Backstop server with its mock upstreams.
+pub struct Harness {
+    /// The mock upstreams, in target order (`up0`, `up1`, ...).
+    pub mocks: Vec<MockUpstream>,
+    /// Where Backstop listens.
+    pub addr: SocketAddr,
+    /// A plain HTTP client.
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    running: Option<Running>,
+}
+
+impl Harness {
+    /// Backstop with one target in front of one mock.
+    pub async fn start() -> Self {
+        Self::with_targets(1, "").await
+    }
+
+    /// Backstop with `n` targets (`up0`..) in front of `n` mocks; `extra` is
+    /// appended to each target's TOML table.
+    pub async fn with_targets(n: usize, extra: &str) -> Self {
+        let mut mocks = Vec::new();
+        let mut toml =
+            String::from("[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n");
+        for i in 0..n {
+            let mock = MockUpstream::start().await.expect("mock starts");
+            toml.push_str(&format!(
+                "[[targets]]\nname = \"up{i}\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n{extra}\n",
+                mock.url()
+            ));
+            mocks.push(mock);
+        }
+        Self::with_config(mocks, &toml).await
+    }
+
+    /// Backstop running this TOML config in front of these mocks.
+    pub async fn with_config(mocks: Vec<MockUpstream>, toml: &str) -> Self {
+        let config = Config::parse(toml, |name| (name == "TEST_KEY").then(|| "sk-test".into()))
+            .expect("config is valid");
+        let app = App::new(config).expect("app builds");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = run(app, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("server starts");
+        Harness {
+            mocks,
+            addr: running.addr,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            running: Some(running),
+        }
+    }
+
+    /// The first mock.
+    pub fn mock(&self) -> &MockUpstream {
+        &self.mocks[0]
+    }
+
+    /// Backstop's URL for a path, e.g. `/v1/chat/completions`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a JSON body to Backstop.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("backstop answers")
+    }
+
+    /// GETs a path from Backstop.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("backstop answers")
+    }
+
+    /// Sends the shutdown signal and waits for the server to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(running) = self.running.take() {
+            running.wait().await;
+        }
+    }
+
+    /// Sends the shutdown signal without waiting.
+    pub fn signal_shutdown(&mut self) -> Option<Running> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.running.take()
+    }
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The text of a chat stream's payloads (or a legacy stream's).
+pub fn streamed_text(payloads: &[String]) -> String {
+    payloads
+        .iter()
+        .filter(|p| p.as_str() != "[DONE]")
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .flat_map(|v| v["choices"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| {
+            c.pointer("/delta/content")
+                .or_else(|| c.get("text"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect()
+}
