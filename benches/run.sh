@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Backstop's added latency: the same mock upstream called directly and through
+# Backstop, side by side in one run, with oha as the load generator.
+#
+#   benches/run.sh [SECONDS_PER_STEP]      (default 10)
+#
+# Needs oha (`cargo install oha --locked`). Prints markdown tables for
+# benches/README.md. Everything runs on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+mock_addr=127.0.0.1:18081
+bs_addr=127.0.0.1:18080
+direct=http://$mock_addr/v1
+routed=http://$bs_addr/v1
+
+command -v oha >/dev/null || { echo "oha is needed: cargo install oha --locked" >&2; exit 1; }
+cargo build --release --locked -q -p backstop-server -p backstop-benches
+
+target/release/bench-mock $mock_addr >/dev/null &
+mock_pid=$!
+OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn \
+  target/release/backstop --listen $bs_addr &
+bs_pid=$!
+trap 'kill $mock_pid $bs_pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  curl -sf http://$bs_addr/healthz >/dev/null && curl -sf $direct/models >/dev/null && break
+  sleep 0.1
+done
+
+rss() { awk '/VmRSS/ {print $2}' /proc/$bs_pid/status; }
+echo "Backstop idle RSS after start: $(rss) KiB"
+
+chat='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Tell me about failover routers in one short paragraph."}]}'
+stream='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Tell me about failover routers in one short paragraph."}]}'
+
+# oha -> "p50 p99 rps success" in milliseconds.
+load() { # url body rate|max
+  local url=$1 body=$2 rate=$3 q=()
+  [ "$rate" = max ] || q=(-q "$rate" --latency-correction)
+  oha --no-tui --output-format json -z "${secs}s" -c 32 "${q[@]}" -m POST \
+    -H 'content-type: application/json' -d "$body" "$url/chat/completions" |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["summary"]
+print(f"{p[\"p50\"]*1e3:.3f} {p[\"p99\"]*1e3:.3f} {s[\"requestsPerSec\"]:.0f} {s[\"successRate\"]*100:.1f}")'
+}
+
+echo
+echo "| kind | rate (req/s) | direct p50 (ms) | direct p99 (ms) | backstop p50 (ms) | backstop p99 (ms) | added p50 (ms) | added p99 (ms) | achieved direct / backstop (req/s) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for kind in chat stream; do
+  body=$chat; [ $kind = stream ] && body=$stream
+  for rate in 500 1000 2000 max; do
+    read -r d50 d99 drps dok <<<"$(load $direct "$body" $rate)"
+    read -r b50 b99 brps bok <<<"$(load $routed "$body" $rate)"
+    added50=$(python3 -c "print(f'{$b50-$d50:.3f}')")
+    added99=$(python3 -c "print(f'{$b99-$d99:.3f}')")
+    echo "| $kind | $rate | $d50 | $d99 | $b50 | $b99 | $added50 | $added99 | $drps / $brps (ok $dok% / $bok%) |"
+  done
+done
+
+echo
+echo "Backstop RSS after the load: $(rss) KiB"
+echo
+target/release/bench-ttft $direct $routed 2000
