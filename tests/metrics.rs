@@ -1,5 +1,8 @@
 //! `/metrics` moves with traffic and passes `promtool check metrics`.
 
+// Helpers of a test crate panic to report failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 

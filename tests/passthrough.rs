@@ -1,5 +1,8 @@
 //! A client gets what the upstream would have given it, through Backstop.
 
+// Helpers of a test crate panic to report failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use backstop_testkit::{MockReply, SseStep};
 use backstop_tests::{sse_data, streamed_text, Harness};
 use serde_json::{json, Value};

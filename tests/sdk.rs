@@ -1,5 +1,8 @@
 //! The official OpenAI Python SDK, unchanged, talks to Backstop.
 
+// Helpers of a test crate panic to report failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use backstop_tests::Harness;

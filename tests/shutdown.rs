@@ -1,5 +1,8 @@
 //! SIGTERM-style shutdown lets in-flight streams finish, within a bound.
 
+// Helpers of a test crate panic to report failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use backstop_testkit::MockReply;

@@ -5,7 +5,9 @@
 //! (bases end in /v1; N requests to each, default 2000). Prints p50/p99/mean
 //! of the time from sending the request to the first SSE event's bytes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{bail, Context};
 
