@@ -288,3 +288,20 @@ async fn models_are_listed() {
     let models = upstream(&mock).models().await.unwrap();
     assert_eq!(models[0].id, "mock-model");
 }
+
+#[test]
+fn a_missing_or_bad_ca_bundle_is_a_named_startup_error() {
+    let mut cfg = UpstreamConfig::new("tls", "https://127.0.0.1:1/v1");
+    cfg.ca_bundle = Some("/nonexistent/ca.pem".into());
+    let e = Upstream::new(cfg.clone()).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+
+    let path = std::env::temp_dir().join(format!("backstop-bad-ca-{}.pem", std::process::id()));
+    std::fs::write(
+        &path,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    cfg.ca_bundle = Some(path);
+    assert!(matches!(Upstream::new(cfg), Err(UpstreamError::Client(_))));
+}
