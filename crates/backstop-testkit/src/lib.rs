@@ -7,6 +7,7 @@
 //! is recorded with its arrival time, so tests can count and space attempts.
 
 mod echo;
+mod tls;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -24,6 +25,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 pub use echo::echo_text;
 
@@ -128,6 +130,7 @@ struct State {
 /// The running mock server; stops when dropped.
 pub struct MockUpstream {
     addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<State>,
     task: JoinHandle<()>,
 }
@@ -144,16 +147,35 @@ impl MockUpstream {
 
     /// Starts a mock on this address (benchmarks use a fixed port).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::listen(addr, None).await
+    }
+
+    /// Starts an HTTPS mock on `127.0.0.1:0` (HTTP/2 and HTTP/1.1 by ALPN),
+    /// with a certificate from a fresh CA; returns the CA certificate as PEM.
+    pub async fn start_tls() -> std::io::Result<(Self, String)> {
+        let (config, ca_pem) = tls::server_config()?;
+        let addr = "127.0.0.1:0".parse().map_err(std::io::Error::other)?;
+        let mock = Self::listen(addr, Some(TlsAcceptor::from(config))).await?;
+        Ok((mock, ca_pem))
+    }
+
+    async fn listen(addr: SocketAddr, tls: Option<TlsAcceptor>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
-        let task = tokio::spawn(accept_loop(listener, state.clone()));
-        Ok(MockUpstream { addr, state, task })
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let task = tokio::spawn(accept_loop(listener, state.clone(), tls));
+        Ok(MockUpstream {
+            addr,
+            scheme,
+            state,
+            task,
+        })
     }
 
     /// The base URL clients use, ending in `/v1`.
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
     }
 
     /// The listening address.
@@ -183,18 +205,32 @@ impl Drop for MockUpstream {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<TlsAcceptor>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let _ = match tls {
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => {
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Err(_) => return,
+                },
+            };
         });
     }
 }

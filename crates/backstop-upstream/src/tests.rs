@@ -305,3 +305,33 @@ fn a_missing_or_bad_ca_bundle_is_a_named_startup_error() {
     cfg.ca_bundle = Some(path);
     assert!(matches!(Upstream::new(cfg), Err(UpstreamError::Client(_))));
 }
+
+#[tokio::test]
+async fn tls_upstreams_are_trusted_through_an_extra_ca_bundle_and_speak_http2() {
+    let (mock, ca_pem) = MockUpstream::start_tls().await.unwrap();
+    let path = std::env::temp_dir().join(format!("backstop-ca-{}.pem", std::process::id()));
+    std::fs::write(&path, ca_pem).unwrap();
+
+    // Without the bundle the mock's private CA is unknown: a connect failure.
+    let plain = Upstream::new(UpstreamConfig::new("tls", mock.url())).unwrap();
+    let e = plain.complete(&chat(false)).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::Connect, "{e:?}");
+    assert!(mock.requests().is_empty());
+
+    for http2 in [false, true] {
+        let mut cfg = UpstreamConfig::new("tls", mock.url());
+        cfg.ca_bundle = Some(path.clone());
+        cfg.http2 = http2;
+        let up = Upstream::new(cfg).unwrap();
+        let (chunks, err) = collect(&up, &chat(true)).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(text_of(&chunks), "You said: hello there");
+        let version = mock.requests().last().unwrap().version;
+        let expected = if http2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(version, expected);
+    }
+}
