@@ -199,20 +199,11 @@ async fn completion(
     }
 }
 
-fn count_failures(metrics: &Metrics, failed: &[(String, backstop_adapter::BackendError)]) {
-    for (target, e) in failed {
-        let status = e.status.map(|s| s.to_string());
-        let label = status.as_deref().unwrap_or(e.kind.as_str());
-        metrics
-            .upstream_responses
-            .with_label_values(&[target, label])
-            .inc();
-    }
-}
-
 fn failed(app: &App, e: &RouteError, flight: &InFlight) -> Response<Body> {
     if let RouteError::Failed(failed) = e {
-        count_failures(&app.metrics, failed);
+        for (target, e) in failed {
+            app.metrics.count_backend_failure(target, e);
+        }
     }
     let (status, resp) = respond::route_error(e);
     flight.record(e.last_target().unwrap_or(respond::NO_BACKEND), status);
@@ -224,11 +215,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
         Ok(s) => s,
         Err(e) => return failed(app, &e, &flight),
     };
-    count_failures(&app.metrics, &served.failed);
-    app.metrics
-        .upstream_responses
-        .with_label_values(&[&served.backend, "200"])
-        .inc();
+    app.metrics.count_attempts(&served);
     let attempts = served.attempts();
     let completion = served.reply.body;
     if let Some(usage) = &completion.usage {
@@ -272,11 +259,7 @@ async fn stream(app: &Arc<App>, request: &Request, flight: InFlight) -> Response
         Ok(s) => s,
         Err(e) => return failed(app, &e, &flight),
     };
-    count_failures(&app.metrics, &served.failed);
-    app.metrics
-        .upstream_responses
-        .with_label_values(&[&served.backend, "200"])
-        .inc();
+    app.metrics.count_attempts(&served);
     flight.record(&served.backend, 200);
     let attempts = served.attempts();
     let events = ClientStream {
@@ -358,11 +341,7 @@ impl ClientStream {
             Some(Err(e)) => {
                 self.done = true;
                 tracing::warn!(target = %self.target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
-                let label = e.status.map(|s| s.to_string());
-                self.metrics
-                    .upstream_responses
-                    .with_label_values(&[&self.target, label.as_deref().unwrap_or(e.kind.as_str())])
-                    .inc();
+                self.metrics.count_backend_failure(&self.target, &e);
                 Some(respond::stream_error_event(&e))
             }
             None => {

@@ -1,6 +1,8 @@
 //! Prometheus metrics. Labels are low-cardinality: endpoint, target name,
 //! status class or code, token kind; never prompts, keys or error text.
 
+use backstop_adapter::BackendError;
+use backstop_router::Served;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -104,6 +106,25 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// Counts a failed backend attempt by its status, or its kind without one.
+    pub fn count_backend_failure(&self, target: &str, e: &BackendError) {
+        let status = e.status.map(|s| s.to_string());
+        let label = status.as_deref().unwrap_or(e.kind.as_str());
+        self.upstream_responses
+            .with_label_values(&[target, label])
+            .inc();
+    }
+
+    /// Counts every attempt of a served request: the failed ones, then the success.
+    pub fn count_attempts<T>(&self, served: &Served<T>) {
+        for (target, e) in &served.failed {
+            self.count_backend_failure(target, e);
+        }
+        self.upstream_responses
+            .with_label_values(&[&served.backend, "200"])
+            .inc();
     }
 
     /// Counts a backend's usage report.

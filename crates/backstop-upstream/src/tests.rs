@@ -43,14 +43,18 @@ fn text_of(chunks: &[ChatChunk]) -> String {
         .collect()
 }
 
+fn completion(text: &str) -> serde_json::Value {
+    json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+           "choices": [{"index": 0, "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": text}}]})
+}
+
 #[tokio::test]
 async fn completes_and_passes_rate_limit_headers_and_auth() {
     let mock = MockUpstream::start().await.unwrap();
     mock.push([MockReply::Json {
         status: 200,
-        body: json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": "hi"}}]}),
+        body: completion("hi"),
         headers: vec![
             ("x-ratelimit-remaining-requests".into(), "99".into()),
             ("x-request-id".into(), "req_1".into()),
@@ -272,9 +276,7 @@ async fn a_json_answer_to_a_stream_request_is_replayed_as_chunks() {
     let mock = MockUpstream::start().await.unwrap();
     mock.push([MockReply::Json {
         status: 200,
-        body: json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": "whole"}}]}),
+        body: completion("whole"),
         headers: vec![],
     }]);
     let (chunks, err) = collect(&upstream(&mock), &chat(true)).await;
