@@ -34,14 +34,13 @@ echo "Backstop idle RSS after start: $(rss) KiB"
 chat='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Tell me about failover routers in one short paragraph."}]}'
 stream='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Tell me about failover routers in one short paragraph."}]}'
 
-# oha -> "p50 p99 rps success" in milliseconds.
+# oha -> "p50_ms p99_ms req/s percent_200".
 load() { # url body rate|max
   local url=$1 body=$2 rate=$3 q=()
   [ "$rate" = max ] || q=(-q "$rate" --latency-correction)
   oha --no-tui --output-format json -z "${secs}s" -c 32 "${q[@]}" -m POST \
     -H 'content-type: application/json' -d "$body" "$url/chat/completions" |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["summary"]
-print(f"{p[\"p50\"]*1e3:.3f} {p[\"p99\"]*1e3:.3f} {s[\"requestsPerSec\"]:.0f} {s[\"successRate\"]*100:.1f}")'
+    python3 benches/oha_summary.py
 }
 
 echo

@@ -195,6 +195,15 @@ pub fn encode_data(data: &str, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// Appends a `message` event carrying `value` as JSON. serde_json escapes
+/// every line break, so the JSON is always a single `data:` line.
+pub fn encode_json<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    out.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut *out, value)?;
+    out.extend_from_slice(b"\n\n");
+    Ok(())
+}
+
 fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");

@@ -4,10 +4,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop_adapter::{ChatChunk, ChunkStream, Headers, ModelList, Request, TextCompletion};
+use backstop_adapter::sse;
+use backstop_adapter::{
+    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, TextCompletion,
+};
 use backstop_router::RouteError;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{Method, Response};
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -293,6 +296,9 @@ async fn stream(app: &Arc<App>, request: &Request, flight: InFlight) -> Response
     resp
 }
 
+/// Largest frame assembled from ready chunks before it is handed to hyper.
+const MAX_FRAME: usize = 64 << 10;
+
 /// The client's side of a stream: chunks encoded as SSE, `[DONE]` at the end,
 /// or an error event if the backend fails after the stream started.
 struct ClientStream {
@@ -311,16 +317,32 @@ impl ClientStream {
         self,
     ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
         futures_util::stream::unfold(self, |mut s| async move {
-            let bytes = s.next_event().await?;
+            let bytes = s.next_frame().await?;
             Some((Ok(Frame::data(bytes)), s))
         })
     }
 
-    async fn next_event(&mut self) -> Option<Bytes> {
+    /// The next bytes for the client: every event that is ready, so chunks
+    /// that arrived in one upstream read leave in one write.
+    async fn next_frame(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
         }
-        match self.chunks.next().await {
+        let mut out = Vec::with_capacity(512);
+        let first = self.chunks.next().await;
+        self.push(first, &mut out);
+        while !self.done && out.len() < MAX_FRAME {
+            match self.chunks.next().now_or_never() {
+                Some(item) => self.push(item, &mut out),
+                None => break,
+            }
+        }
+        Some(Bytes::from(out))
+    }
+
+    /// Encodes one item of the backend's stream: a chunk, the end, or a failure.
+    fn push(&mut self, item: Option<Result<ChatChunk, BackendError>>, out: &mut Vec<u8>) {
+        match item {
             Some(Ok(chunk)) => {
                 if !self.first_sent {
                     self.first_sent = true;
@@ -336,29 +358,29 @@ impl ClientStream {
                 if let Some(usage) = &chunk.usage {
                     self.metrics.count_usage(&self.target, usage);
                 }
-                Some(self.encode(chunk))
+                let encoded = if self.legacy {
+                    sse::encode_json(&TextCompletion::from(chunk), out)
+                } else {
+                    sse::encode_json(&chunk, out)
+                };
+                if let Err(e) = encoded {
+                    let message = format!("cannot encode chunk: {e}");
+                    self.fail(BackendError::new(FailureKind::BadResponse, message), out);
+                }
             }
-            Some(Err(e)) => {
-                self.done = true;
-                tracing::warn!(target = %self.target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
-                self.metrics.count_backend_failure(&self.target, &e);
-                Some(respond::stream_error_event(&e))
-            }
+            Some(Err(e)) => self.fail(e, out),
             None => {
                 self.done = true;
-                Some(Bytes::from_static(b"data: [DONE]\n\n"))
+                out.extend_from_slice(b"data: [DONE]\n\n");
             }
         }
     }
 
-    fn encode(&self, chunk: ChatChunk) -> Bytes {
-        let json = if self.legacy {
-            serde_json::to_string(&TextCompletion::from(chunk))
-        } else {
-            serde_json::to_string(&chunk)
-        };
-        let mut out = Vec::new();
-        backstop_adapter::sse::encode_data(&json.unwrap_or_default(), &mut out);
-        Bytes::from(out)
+    /// Ends the stream with an error event: the answer is not complete.
+    fn fail(&mut self, e: BackendError, out: &mut Vec<u8>) {
+        self.done = true;
+        tracing::warn!(target = %self.target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
+        self.metrics.count_backend_failure(&self.target, &e);
+        out.extend_from_slice(&respond::stream_error_event(&e));
     }
 }

@@ -298,7 +298,10 @@ fn add_headers(resp: &mut Response<Body>, headers: &[(String, String)]) {
 async fn respond(reply: MockReply, path: &str, body: &Value) -> Response<Body> {
     match reply {
         MockReply::Echo { delay, chunk_delay } => {
-            tokio::time::sleep(delay).await;
+            // A zero sleep still waits for the timer's next 1 ms tick.
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let legacy = path.ends_with("/v1/completions");
             if body.get("stream").and_then(Value::as_bool) == Some(true) {
                 let mut steps = Vec::new();

@@ -321,28 +321,36 @@ impl ChunkReader {
             self.done = true;
             return None;
         }
-        let value: Value = match serde_json::from_str(data) {
-            Ok(v) => v,
-            Err(e) => {
-                return Some(Err(BackendError::new(
-                    FailureKind::BadResponse,
-                    format!("upstream sent a malformed stream chunk: {e}"),
-                )))
-            }
-        };
-        if let Some(err) = embedded_error(&value) {
-            return Some(Err(err));
-        }
-        if event.event == "error" {
-            return Some(Err(BackendError::new(
-                FailureKind::StreamError,
-                "upstream sent an error event".to_string(),
-            )));
-        }
-        let chunk = if self.legacy {
-            serde_json::from_value::<TextCompletion>(value).map(ChatChunk::from)
+        // The common case parses straight into the schema; only a chunk that
+        // does not fit is looked at again as an error or a malformed event.
+        let parsed = if self.legacy {
+            serde_json::from_str::<TextCompletion>(data).map(ChatChunk::from)
         } else {
-            serde_json::from_value::<ChatChunk>(value)
+            serde_json::from_str::<ChatChunk>(data)
+        };
+        let chunk = match parsed {
+            Ok(chunk) if event.event != "error" && !chunk.extra.contains_key("error") => Ok(chunk),
+            other => {
+                let value: Value = match serde_json::from_str(data) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return Some(Err(BackendError::new(
+                            FailureKind::BadResponse,
+                            format!("upstream sent a malformed stream chunk: {e}"),
+                        )))
+                    }
+                };
+                if let Some(err) = embedded_error(&value) {
+                    return Some(Err(err));
+                }
+                if event.event == "error" {
+                    return Some(Err(BackendError::new(
+                        FailureKind::StreamError,
+                        "upstream sent an error event".to_string(),
+                    )));
+                }
+                other
+            }
         };
         match chunk {
             Ok(chunk) => {

@@ -173,3 +173,16 @@ proptest! {
         prop_assert_eq!(decode_all(&[a, b]), decode_all(&[&bytes]));
     }
 }
+
+#[test]
+fn json_events_are_one_data_line_even_with_line_breaks_inside() {
+    let value = serde_json::json!({"content": "line one\nline two\r\n"});
+    let mut out = Vec::new();
+    encode_json(&value, &mut out).unwrap();
+    assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
+    let events = decode_all(&[&out]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&events[0].data).unwrap(),
+        value
+    );
+}
