@@ -112,25 +112,29 @@ async fn models(app: &App) -> Response<Body> {
 
 /// Counts the request in flight until dropped, and its duration then.
 struct InFlight {
-    metrics: Metrics,
+    app: Arc<App>,
     started: Instant,
     endpoint: Endpoint,
     stream: bool,
 }
 
 impl InFlight {
-    fn new(metrics: &Metrics, endpoint: Endpoint) -> Self {
-        metrics.in_flight.inc();
+    fn new(app: Arc<App>, endpoint: Endpoint) -> Self {
+        app.metrics.in_flight.inc();
         InFlight {
-            metrics: metrics.clone(),
+            app,
             started: Instant::now(),
             endpoint,
             stream: false,
         }
     }
 
+    fn metrics(&self) -> &Metrics {
+        &self.app.metrics
+    }
+
     fn record(&self, target: &str, status: u16) {
-        self.metrics
+        self.metrics()
             .requests
             .with_label_values(&[self.endpoint.label(), target, status_class(status)])
             .inc();
@@ -139,8 +143,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.metrics.in_flight.dec();
-        self.metrics
+        self.metrics().in_flight.dec();
+        self.metrics()
             .duration
             .with_label_values(&[
                 self.endpoint.label(),
@@ -155,7 +159,7 @@ async fn completion(
     app: Arc<App>,
     endpoint: Endpoint,
 ) -> Response<Body> {
-    let mut flight = InFlight::new(&app.metrics, endpoint);
+    let mut flight = InFlight::new(app.clone(), endpoint);
     let bytes = match Limited::new(req.into_body(), app.config.max_body_bytes)
         .collect()
         .await
@@ -257,7 +261,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
     resp
 }
 
-async fn stream(app: &Arc<App>, request: &Request, flight: InFlight) -> Response<Body> {
+async fn stream(app: &App, request: &Request, flight: InFlight) -> Response<Body> {
     let served = match app.router.stream(request).await {
         Ok(s) => s,
         Err(e) => return failed(app, &e, &flight),
@@ -268,7 +272,6 @@ async fn stream(app: &Arc<App>, request: &Request, flight: InFlight) -> Response
     let events = ClientStream {
         chunks: served.reply.body,
         legacy: request.legacy.is_some(),
-        metrics: app.metrics.clone(),
         target: served.backend.clone(),
         backend_time: served.backend_time,
         first_sent: false,
@@ -304,7 +307,6 @@ const MAX_FRAME: usize = 64 << 10;
 struct ClientStream {
     chunks: ChunkStream,
     legacy: bool,
-    metrics: Metrics,
     target: String,
     backend_time: Duration,
     first_sent: bool,
@@ -347,16 +349,18 @@ impl ClientStream {
                 if !self.first_sent {
                     self.first_sent = true;
                     let elapsed = self.flight.started.elapsed();
-                    self.metrics
+                    self.flight
+                        .metrics()
                         .ttft
                         .with_label_values(&[&self.target])
                         .observe(elapsed.as_secs_f64());
-                    self.metrics
+                    self.flight
+                        .metrics()
                         .overhead
                         .observe(elapsed.saturating_sub(self.backend_time).as_secs_f64());
                 }
                 if let Some(usage) = &chunk.usage {
-                    self.metrics.count_usage(&self.target, usage);
+                    self.flight.metrics().count_usage(&self.target, usage);
                 }
                 let encoded = if self.legacy {
                     sse::encode_json(&TextCompletion::from(chunk), out)
@@ -380,7 +384,9 @@ impl ClientStream {
     fn fail(&mut self, e: BackendError, out: &mut Vec<u8>) {
         self.done = true;
         tracing::warn!(target = %self.target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
-        self.metrics.count_backend_failure(&self.target, &e);
+        self.flight
+            .metrics()
+            .count_backend_failure(&self.target, &e);
         out.extend_from_slice(&respond::stream_error_event(&e));
     }
 }

@@ -107,6 +107,8 @@ impl Upstream {
             .pool_max_idle_per_host(config.pool_max_idle)
             .pool_idle_timeout(config.pool_idle_timeout)
             .tcp_nodelay(true)
+            // A redirect would turn a POST into a GET; a 3xx is a bad answer.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("backstop/", env!("CARGO_PKG_VERSION")));
         builder = match (config.http2, config.base_url.starts_with("http://")) {
             (false, _) => builder.http1_only(),

@@ -135,6 +135,19 @@ async fn non_json_answers_become_clean_502s() {
 }
 
 #[tokio::test]
+async fn redirects_are_not_followed() {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Json {
+        status: 307,
+        body: json!({}),
+        headers: vec![("location".into(), "/v1/elsewhere".into())],
+    }]);
+    let e = upstream(&mock).complete(&chat(false)).await.unwrap_err();
+    assert_eq!(e.http_status(), 502);
+    assert_eq!(mock.requests().len(), 1);
+}
+
+#[tokio::test]
 async fn deadlines_classify_hangs_and_refusals() {
     let mock = MockUpstream::start().await.unwrap();
     mock.push([MockReply::Hang]);
