@@ -2,7 +2,7 @@
 //! hangs or leaked bodies.
 
 // Helpers of a test crate panic to report failure, as the tests do.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `/metrics` moves with traffic and passes `promtool check metrics`.
 
 // Helpers of a test crate panic to report failure, as the tests do.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! A client gets what the upstream would have given it, through Backstop.
 
 // Helpers of a test crate panic to report failure, as the tests do.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use backstop_testkit::{MockReply, SseStep};
 use backstop_tests::{sse_data, streamed_text, Harness};

@@ -1,7 +1,7 @@
 //! SIGTERM-style shutdown lets in-flight streams finish, within a bound.
 
 // Helpers of a test crate panic to report failure, as the tests do.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 

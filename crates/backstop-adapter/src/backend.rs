@@ -50,4 +50,10 @@ pub trait Backend: Send + Sync {
 
     /// The models this backend serves.
     fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>>;
+
+    /// Whether the backend can serve now (a local model that is still
+    /// loading cannot).
+    fn ready(&self) -> bool {
+        true
+    }
 }

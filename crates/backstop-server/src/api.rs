@@ -83,17 +83,17 @@ fn plain_json(body: &'static [u8]) -> Response<Body> {
     respond::json(200, body.to_vec(), Served::NONE, &Headers::new())
 }
 
+/// Ready while any target can serve (a local model counts once loaded).
 fn ready(app: &App) -> Response<Body> {
-    let targets = app.router.table().targets();
-    if targets.is_empty() {
+    if app.router.table().targets().iter().any(|t| t.ready()) {
+        plain_json(br#"{"status":"ready"}"#)
+    } else {
         respond::error(
             503,
             "server_error",
-            "no target is configured",
+            "no target can serve yet (is the local model still loading?)",
             Some("not_ready"),
         )
-    } else {
-        plain_json(br#"{"status":"ready"}"#)
     }
 }
 

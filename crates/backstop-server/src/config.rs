@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use backstop_local::LocalConfig;
 use backstop_router::ModelMatch;
 use backstop_upstream::UpstreamConfig;
 use serde::Deserialize;
@@ -17,6 +18,10 @@ use serde::Deserialize;
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 /// Where Backstop listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The local model file used when none is configured (`models/fetch` gets it).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The name clients see for the default local model.
+pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
 
 /// A configuration problem, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +68,19 @@ struct RawConfig {
     targets: Vec<RawTarget>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    local: Option<RawLocal>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    target: Option<String>,
+    name: Option<String>,
+    model: Option<PathBuf>,
+    tokenizer: Option<PathBuf>,
+    workers: Option<usize>,
+    queue: Option<usize>,
+    context: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +125,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The upstream targets.
     pub targets: Vec<UpstreamConfig>,
+    /// The in-process model, when configured.
+    pub local: Option<LocalConfig>,
     /// Routes: which models go to which targets, by target name.
     pub routes: Vec<(ModelMatch, Vec<String>)>,
 }
@@ -124,25 +144,18 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
-            path: ".".into(),
-            message: e.message().to_string(),
-        })?;
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::Parse {
-                path,
-                message: e.inner().message().to_string(),
-            }
-        })?;
-        raw.validate(&env)
+        parse_raw(text)?.validate(&env)
     }
 
     /// The configuration without a file: one upstream from `OPENAI_BASE_URL`
-    /// and `OPENAI_API_KEY` serving every model under the requested name.
+    /// and `OPENAI_API_KEY` serving every model under the requested name; with
+    /// no key, offline: every request served by the local model
+    /// (`BACKSTOP_MODEL` names its file).
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        if env("OPENAI_API_KEY").is_none_or(|k| k.is_empty()) {
+            return RawConfig::default().offline(&env);
+        }
         let raw = RawConfig {
-            server: RawServer::default(),
             targets: vec![RawTarget {
                 name: "openai".into(),
                 base_url: env("OPENAI_BASE_URL").unwrap_or_else(|| OPENAI_BASE_URL.into()),
@@ -156,13 +169,56 @@ impl Config {
                 first_byte_timeout_ms: None,
                 idle_timeout_ms: None,
             }],
-            routes: Vec::new(),
+            ..RawConfig::default()
         };
         raw.validate(&env)
     }
+
+    /// A config file's settings, but every request served by the local model.
+    pub fn load_offline(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        parse_raw(&text)?.offline(&env)
+    }
+
+    /// Whether every request is served by the local model.
+    pub fn is_offline(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+        path: ".".into(),
+        message: e.message().to_string(),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::Parse {
+            path,
+            message: e.inner().message().to_string(),
+        }
+    })
 }
 
 impl RawConfig {
+    /// Drops the upstreams: the local model (configured or default) serves all.
+    fn offline(mut self, env: &impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut local = self.local.take().unwrap_or_default();
+        if local.model.is_none() {
+            local.model = env("BACKSTOP_MODEL").map(PathBuf::from);
+        }
+        self.local = Some(local);
+        self.targets.clear();
+        self.routes.clear();
+        self.validate(env)
+    }
+
     fn validate(self, env: &impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let listen_text = self.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen = listen_text.parse().map_err(|e| {
@@ -175,10 +231,17 @@ impl RawConfig {
         if max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }
-        if self.targets.is_empty() {
-            return Err(invalid("targets", "at least one target is needed"));
-        }
         let mut names = HashSet::new();
+        let local = match self.local {
+            Some(l) => Some(validate_local(l)?),
+            None => None,
+        };
+        if self.targets.is_empty() && local.is_none() {
+            return Err(invalid(
+                "targets",
+                "at least one target (or [local]) is needed",
+            ));
+        }
         let mut targets = Vec::with_capacity(self.targets.len());
         for (i, t) in self.targets.into_iter().enumerate() {
             let at = |field: &str| format!("targets[{i}].{field}");
@@ -193,7 +256,7 @@ impl RawConfig {
                     "use letters, digits, `-`, `_` and `.` only",
                 ));
             }
-            if !names.insert(t.name.clone()) {
+            if !names.insert(t.name.clone()) || local.as_ref().is_some_and(|l| l.target == t.name) {
                 return Err(invalid(at("name"), format!("`{}` is used twice", t.name)));
             }
             if !(t.base_url.starts_with("http://") || t.base_url.starts_with("https://")) {
@@ -237,6 +300,9 @@ impl RawConfig {
             u.idle_timeout = ms(t.idle_timeout_ms, "idle_timeout_ms", u.idle_timeout)?;
             targets.push(u);
         }
+        if let Some(l) = &local {
+            names.insert(l.target.clone());
+        }
         let mut routes = Vec::new();
         for (i, r) in self.routes.into_iter().enumerate() {
             let models = match r.models.as_str() {
@@ -262,20 +328,60 @@ impl RawConfig {
             routes.push((models, r.targets));
         }
         if routes.is_empty() {
-            // No routes: every model goes down every target, in configured order.
-            routes.push((
-                ModelMatch::Any,
-                targets.iter().map(|t| t.name.clone()).collect(),
-            ));
+            // No routes: every model goes down every target, in configured
+            // order, the local model last.
+            let chain = targets
+                .iter()
+                .map(|t| t.name.clone())
+                .chain(local.iter().map(|l| l.target.clone()))
+                .collect();
+            routes.push((ModelMatch::Any, chain));
         }
         Ok(Config {
             listen,
             max_body_bytes,
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms.unwrap_or(30_000)),
             targets,
+            local,
             routes,
         })
     }
+}
+
+fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
+    let mut local = LocalConfig::new(
+        raw.name.unwrap_or_else(|| DEFAULT_MODEL_NAME.into()),
+        raw.model.unwrap_or_else(|| DEFAULT_MODEL.into()),
+    );
+    if let Some(target) = raw.target {
+        if target.is_empty()
+            || !target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                "local.target",
+                "use letters, digits, `-`, `_` and `.` only",
+            ));
+        }
+        local.target = target;
+    }
+    local.tokenizer = raw.tokenizer;
+    for (field, value, slot) in [
+        ("local.workers", raw.workers, &mut local.workers),
+        ("local.queue", raw.queue, &mut local.queue),
+    ] {
+        match value {
+            Some(0) => return Err(invalid(field, "must be greater than 0")),
+            Some(n) => *slot = n,
+            None => {}
+        }
+    }
+    match raw.context {
+        Some(n) if n < 16 => return Err(invalid("local.context", "must be at least 16 tokens")),
+        other => local.context = other,
+    }
+    Ok(local)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop_adapter::Backend;
+use backstop_local::LocalBackend;
 use backstop_router::{Route, RouteTable, Router};
 use backstop_upstream::{Upstream, UpstreamError};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -66,6 +67,9 @@ impl App {
                     source,
                 })?;
             backends.push(Arc::new(upstream));
+        }
+        if let Some(local) = &config.local {
+            backends.push(Arc::new(LocalBackend::start(local.clone())));
         }
         let routes = config
             .routes

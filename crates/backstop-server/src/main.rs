@@ -18,6 +18,9 @@ struct Cli {
     /// Address to listen on, e.g. 127.0.0.1:8080.
     #[arg(long, env = "BACKSTOP_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Serve every request from the local model, whatever the config or keys.
+    #[arg(long)]
+    offline: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -60,12 +63,15 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let mut config = match &cli.config {
-        Some(path) => {
-            Config::load(path, env).with_context(|| format!("config {}", path.display()))?
+    let mut config = match (&cli.config, cli.offline) {
+        (Some(path), false) => Config::load(path, env),
+        (Some(path), true) => Config::load_offline(path, env),
+        (None, false) => Config::from_env(env),
+        (None, true) => {
+            Config::from_env(|name| (name != "OPENAI_API_KEY").then(|| env(name)).flatten())
         }
-        None => Config::from_env(env)?,
-    };
+    }
+    .context("configuration")?;
     if let Some(listen) = cli.listen {
         config.listen = listen;
     }
@@ -76,6 +82,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    if let Some(local) = &config.local {
+        if config.is_offline() {
+            tracing::info!(
+                "offline: every request is served by the local model `{}` ({})",
+                local.name,
+                local.model.display()
+            );
+        } else {
+            tracing::info!(model = %local.model.display(), "local model target `{}`", local.target);
+        }
+    }
     for t in &config.targets {
         let key = if t.api_key.is_some() {
             "with an API key"

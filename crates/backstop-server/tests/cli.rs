@@ -2,7 +2,7 @@
 //! environment, and a clean exit on SIGTERM.
 
 // Test helpers panic to report failure, as the tests do.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -25,13 +25,56 @@ fn the_documented_default_config_is_valid() {
 fn no_config_file_means_one_upstream_from_the_environment() {
     let config = Config::from_env(|name| match name {
         "OPENAI_BASE_URL" => Some("http://127.0.0.1:9/v1".into()),
+        "OPENAI_API_KEY" => Some("sk-1".into()),
         _ => None,
     })
     .unwrap();
     assert_eq!(config.targets.len(), 1);
     assert_eq!(config.targets[0].base_url, "http://127.0.0.1:9/v1");
-    assert_eq!(config.targets[0].api_key, None);
+    assert_eq!(config.targets[0].api_key.as_deref(), Some("sk-1"));
     assert_eq!(config.targets[0].model, None);
+    assert!(config.local.is_none() && !config.is_offline());
+}
+
+#[test]
+fn no_key_means_offline_with_the_local_model() {
+    let config = Config::from_env(|name| match name {
+        "BACKSTOP_MODEL" => Some("/models/x.gguf".into()),
+        _ => None,
+    })
+    .unwrap();
+    assert!(config.is_offline());
+    let local = config.local.unwrap();
+    assert_eq!(local.model, Path::new("/models/x.gguf"));
+    assert_eq!(local.name, DEFAULT_MODEL_NAME);
+    assert_eq!(
+        config.routes,
+        vec![(ModelMatch::Any, vec!["local".to_string()])]
+    );
+    let default = Config::from_env(|_| None).unwrap();
+    assert_eq!(default.local.unwrap().model, Path::new(DEFAULT_MODEL));
+}
+
+#[test]
+fn a_local_section_joins_the_chain_last_and_is_checked() {
+    let text = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n\
+                [local]\nmodel = \"m.gguf\"\nname = \"tiny\"\nworkers = 2\nqueue = 4\ncontext = 512\n";
+    let config = Config::parse(text, env).unwrap();
+    let local = config.local.as_ref().unwrap();
+    assert_eq!(
+        (local.workers, local.queue, local.context),
+        (2, 4, Some(512))
+    );
+    assert_eq!(
+        config.routes[0].1,
+        vec!["a".to_string(), "local".to_string()]
+    );
+    let e = parse_err("[local]\nqueue = 0\n");
+    assert!(e.starts_with("local.queue:"), "{e}");
+    let e = parse_err("[local]\nmodell = \"x\"\n");
+    assert!(e.contains("modell"), "{e}");
+    let e = parse_err("[[targets]]\nname = \"local\"\nbase_url = \"http://x/v1\"\n[local]\n");
+    assert!(e.starts_with("targets[0].name:"), "{e}");
 }
 
 #[test]

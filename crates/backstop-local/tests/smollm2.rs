@@ -1,0 +1,414 @@
+//! The local backend with the real SmolLM2-135M-Instruct file (`models/fetch`
+//! downloads it; `scripts/test` does so before the tests).
+
+// Test helpers panic to report failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use backstop_adapter::{Backend, BackendError, ChatChunk, FailureKind, Request};
+use backstop_local::tokenizer::TextTokenizer;
+use backstop_local::{LoadedModel, LocalBackend, LocalConfig, DROPPED_TURNS_HEADER};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("BACKSTOP_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run models/fetch",
+        path.display()
+    );
+    path
+}
+
+fn config() -> LocalConfig {
+    LocalConfig::new("smollm2-135m-instruct", model_path())
+}
+
+/// One loaded model for the tokenizer and template tests.
+fn model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| LoadedModel::load(&config()).unwrap())
+}
+
+fn tokenizer() -> &'static TextTokenizer {
+    &model().tokenizer
+}
+
+async fn wait_ready(backend: &LocalBackend) {
+    for _ in 0..1200 {
+        if backend.ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the model did not load");
+}
+
+/// A backend of its own, for tests that need a special configuration.
+async fn ready(config: LocalConfig) -> LocalBackend {
+    let backend = LocalBackend::start(config);
+    wait_ready(&backend).await;
+    backend
+}
+
+/// The default backend, shared by the tests that need nothing special. Its
+/// engine runs on threads of its own, so every test's runtime can use it.
+async fn shared() -> &'static LocalBackend {
+    static BACKEND: OnceLock<LocalBackend> = OnceLock::new();
+    let backend = BACKEND.get_or_init(|| LocalBackend::start(config()));
+    wait_ready(backend).await;
+    backend
+}
+
+fn chat(body: Value) -> Request {
+    Request::parse_chat(body.to_string().as_bytes()).unwrap()
+}
+
+fn ask(question: &str, extra: Value) -> Request {
+    let mut body = json!({"model": "local", "temperature": 0,
+                          "messages": [{"role": "user", "content": question}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    chat(body)
+}
+
+async fn answer(backend: &LocalBackend, req: &Request) -> (String, String, u64) {
+    let reply = backend.complete(req).await.unwrap();
+    let choice = &reply.body.choices[0];
+    (
+        choice.message.content.as_ref().unwrap().to_text(),
+        choice.finish_reason.clone().unwrap(),
+        reply.body.usage.as_ref().unwrap().completion_tokens,
+    )
+}
+
+async fn stream_all(
+    backend: &LocalBackend,
+    req: &Request,
+) -> (Vec<ChatChunk>, Option<BackendError>) {
+    let mut body = backend.stream(req).await.unwrap().body;
+    let mut chunks = Vec::new();
+    while let Some(item) = body.next().await {
+        match item {
+            Ok(c) => chunks.push(c),
+            Err(e) => return (chunks, Some(e)),
+        }
+    }
+    (chunks, None)
+}
+
+#[test]
+fn tokenizer_round_trips_varied_text() {
+    let tok = tokenizer();
+    for text in [
+        "Hello, world!",
+        "  leading spaces and trailing  ",
+        "emoji 🦀🚀 and accents: café, naïve",
+        "中文字符和日本語のテキスト",
+        "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
+        "numbers 1234567890 and 3.14159",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), text, "{ids:?}");
+    }
+}
+
+/// Ids llama.cpp gives for the same file (llama-cpp-python 0.3.36,
+/// `Llama(vocab_only=True).tokenize(text, add_bos=False, special=True)`).
+#[test]
+fn ids_equal_llama_cpp() {
+    let expected: [(&str, &[u32]); 9] = [
+        ("Hello world", &[19556, 905]),
+        (" Hello world", &[38699, 905]),
+        ("What is 2+2?", &[1780, 314, 216, 34, 27, 34, 47]),
+        (
+            "The year 2024 had 366 days.",
+            &[
+                504, 713, 216, 34, 32, 34, 36, 761, 216, 35, 38, 38, 2009, 30,
+            ],
+        ),
+        ("café 🦀", &[83, 1939, 2756, 15107, 116, 218]),
+        ("<|im_start|>assistant\n", &[1, 520, 9531, 198]),
+        (
+            "中文字符和日本語のテキスト",
+            &[
+                28589, 29184, 36518, 40562, 116, 42179, 23274, 115, 40993, 179, 120, 248, 26453,
+                11100, 224, 10391, 251, 10391, 134, 11100, 226,
+            ],
+        ),
+        (
+            "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
+            &[
+                7853, 1085, 1000, 1662, 472, 1628, 34115, 17, 43331, 1002, 216, 33, 1232, 216, 34,
+                4258, 198, 109, 198,
+            ],
+        ),
+        (
+            "  leading spaces and trailing  ",
+            &[216, 2899, 5600, 284, 35079, 256],
+        ),
+    ];
+    for (text, ids) in expected {
+        assert_eq!(tokenizer().encode(text).unwrap(), ids, "{text:?}");
+    }
+}
+
+#[test]
+fn control_tokens_are_single_ids_and_no_bos_is_added() {
+    let tok = tokenizer();
+    let ids = tok.encode("<|im_start|>user\nHi<|im_end|>").unwrap();
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(ids.last(), Some(&2));
+    assert!(tok.is_stop(2), "<|im_end|> ends a turn");
+    assert_eq!(tok.encode("Hi").unwrap().len(), 1);
+}
+
+#[test]
+fn the_gguf_chat_template_renders_chatml_with_smollm_default_system_prompt() {
+    use backstop_local::template::Turn;
+    let turn = |role, content: &str| Turn {
+        role,
+        content: content.into(),
+    };
+    let out = model()
+        .template
+        .render(&[turn("user", "What is 2+2?")], "", "")
+        .unwrap();
+    assert_eq!(
+        out,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let out = model()
+        .template
+        .render(
+            &[
+                turn("system", "Be terse."),
+                turn("user", "Hi"),
+                turn("assistant", "Hello."),
+                turn("user", "Bye"),
+            ],
+            "",
+            "",
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+         <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_and_honest_finish_reasons() {
+    let backend = shared().await;
+    let (text, finish, _) = answer(backend, &ask("What is 2+2?", json!({"max_tokens": 40}))).await;
+    assert!(text.contains('4'), "{text:?}");
+    assert_eq!(finish, "stop");
+
+    let (text, finish, n) = answer(
+        backend,
+        &ask(
+            "Write a long story about a dragon.",
+            json!({"max_tokens": 7}),
+        ),
+    )
+    .await;
+    assert_eq!((finish.as_str(), n), ("length", 7), "{text:?}");
+    assert!(!text.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_is_reproducible() {
+    let backend = shared().await;
+    let req = |seed: i64| {
+        ask(
+            "Name a colour.",
+            json!({"temperature": 1.0, "top_p": 0.95, "seed": seed, "max_tokens": 16}),
+        )
+    };
+    let a = answer(backend, &req(7)).await;
+    let b = answer(backend, &req(7)).await;
+    assert_eq!(a, b);
+    let others: Vec<_> = futures_util::future::join_all((8..12).map(|s| {
+        let r = req(s);
+        async move { answer(backend, &r).await.0 }
+    }))
+    .await;
+    assert!(
+        others.iter().any(|o| *o != a.0),
+        "five seeds, one answer: {others:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_end_the_answer_before_them_even_across_tokens() {
+    let backend = shared().await;
+    let question = "What is 2+2?";
+    let (full, _, _) = answer(backend, &ask(question, json!({"max_tokens": 40}))).await;
+    // A stop string spanning a word boundary: several tokens long.
+    let words: Vec<&str> = full.split(' ').collect();
+    assert!(words.len() >= 4, "{full:?}");
+    let stop = format!("{} {}", words[2], words[3]);
+    let (text, finish, _) = answer(
+        backend,
+        &ask(question, json!({"max_tokens": 40, "stop": [stop.clone()]})),
+    )
+    .await;
+    assert_eq!(finish, "stop");
+    assert_eq!(text, full[..full.find(&stop).unwrap()], "stop {stop:?}");
+
+    // Streaming gives the same text, never a piece of the stop string.
+    let mut req = ask(
+        question,
+        json!({"max_tokens": 40, "stop": stop, "stream": true}),
+    );
+    req.chat.stream = Some(true);
+    let (chunks, err) = stream_all(backend, &req).await;
+    assert!(err.is_none(), "{err:?}");
+    let streamed: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .filter_map(|c| c.delta.content.clone())
+        .collect();
+    assert_eq!(streamed, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_have_the_upstream_shape_and_whole_characters() {
+    let backend = shared().await;
+    let req = chat(
+        json!({"model": "local", "stream": true, "stream_options": {"include_usage": true},
+                          "temperature": 0, "max_tokens": 30,
+                          "messages": [{"role": "user", "content": "Say hello in Chinese and add an emoji."}]}),
+    );
+    let (chunks, err) = stream_all(backend, &req).await;
+    assert!(err.is_none(), "{err:?}");
+    let first = &chunks[0];
+    assert_eq!(first.object, "chat.completion.chunk");
+    assert_eq!(first.model, "smollm2-135m-instruct");
+    assert_eq!(
+        first.choices[0].delta.role,
+        Some(backstop_adapter::Role::Assistant)
+    );
+    assert!(chunks
+        .iter()
+        .all(|c| c.id == first.id && c.created == first.created));
+    let finish = &chunks[chunks.len() - 2];
+    assert!(finish.choices[0].finish_reason.is_some());
+    let usage = chunks.last().unwrap().usage.as_ref().unwrap();
+    assert!(usage.prompt_tokens > 10 && usage.completion_tokens > 0);
+    for c in &chunks {
+        for choice in &c.choices {
+            assert!(!choice
+                .delta
+                .content
+                .as_deref()
+                .unwrap_or("")
+                .contains('\u{FFFD}'));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_drops_its_oldest_turns_and_says_so() {
+    let mut cfg = config();
+    cfg.context = Some(160);
+    let backend = ready(cfg).await;
+    let mut messages = vec![json!({"role": "system", "content": "You answer briefly."})];
+    for i in 0..12 {
+        messages.push(
+            json!({"role": "user", "content": format!("Remember the number {i} for me, please.")}),
+        );
+        messages.push(json!({"role": "assistant", "content": format!("I will remember {i}.")}));
+    }
+    messages.push(json!({"role": "user", "content": "What is 2+2?"}));
+    let req =
+        chat(json!({"model": "local", "temperature": 0, "max_tokens": 200, "messages": messages}));
+    let reply = backend.complete(&req).await.unwrap();
+    let dropped: usize = reply
+        .headers
+        .iter()
+        .find(|(k, _)| k == DROPPED_TURNS_HEADER)
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("the dropped turns are named");
+    assert!(dropped > 0);
+    let usage = reply.body.usage.unwrap();
+    // max_tokens is clamped to what fits.
+    assert!(usage.total_tokens <= 160, "{usage:?}");
+
+    let huge = "word ".repeat(400);
+    let err = backend.complete(&ask(&huge, json!({}))).await.unwrap_err();
+    assert_eq!(err.kind, FailureKind::ClientError);
+    assert_eq!(err.http_status(), 400);
+    assert_eq!(err.to_body()["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_at_once_and_a_gone_client_frees_its_slot() {
+    let mut cfg = config();
+    cfg.workers = 1;
+    cfg.queue = 1;
+    let backend = ready(cfg).await;
+    let long = || {
+        let mut r = ask(
+            "Write a very long essay about the history of bridges.",
+            json!({"max_tokens": 4000}),
+        );
+        r.chat.stream = Some(true);
+        r
+    };
+    // The first occupies the engine thread; the second waits in the queue.
+    let first = backend.stream(&long()).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiting = {
+        let req = long();
+        let backend = &backend;
+        async move {
+            let _ = tx.send(());
+            backend.stream(&req).await.map(|r| r.body)
+        }
+    };
+    let third = async {
+        let _ = rx.await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let e = backend
+            .stream(&long())
+            .await
+            .err()
+            .expect("the queue is full");
+        assert_eq!(e.kind, FailureKind::Overloaded);
+        assert_eq!(e.http_status(), 429);
+        assert!(e.headers.iter().any(|(k, _)| k == "retry-after"));
+        // The first client leaves: its slot frees and the waiting one starts.
+        drop(first);
+    };
+    let (second, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(60), waiting),
+        third
+    );
+    let mut second = second.expect("the waiting request started").unwrap();
+    assert!(second.next().await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_prompts_are_continued_as_raw_text() {
+    let backend = shared().await;
+    let req = Request::parse_legacy(
+        br#"{"model":"local","prompt":"The capital of Germany is","max_tokens":5,"temperature":0}"#,
+    )
+    .unwrap();
+    let (text, finish, n) = answer(backend, &req).await;
+    assert_eq!((finish.as_str(), n), ("length", 5));
+    assert!(!text.is_empty());
+}
