@@ -2,7 +2,7 @@
 //! upstreams, everything on `127.0.0.1:0`.
 
 // A harness that cannot start its servers has nothing to test: panicking is its report.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::net::SocketAddr;
 
@@ -95,6 +95,22 @@ impl Harness {
             .expect("backstop answers")
     }
 
+    /// Backstop offline: every request served by the default local model.
+    pub async fn offline(extra: &str) -> Self {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[local]\nmodel = \"{}\"\n{extra}\n",
+            model_path()
+        );
+        let h = Self::with_config(Vec::new(), &toml).await;
+        for _ in 0..1200 {
+            if h.get("/readyz").await.status() == 200 {
+                return h;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the local model did not load");
+    }
+
     /// Sends the shutdown signal and waits for the server to finish.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -112,6 +128,19 @@ impl Harness {
         }
         self.running.take()
     }
+}
+
+/// The default local model file (`models/fetch` downloads it).
+pub fn model_path() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    assert!(
+        std::path::Path::new(path).exists(),
+        "{path} is missing: run models/fetch"
+    );
+    path.to_string()
 }
 
 /// The `data:` payloads of an SSE body, in order.
