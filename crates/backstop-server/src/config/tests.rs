@@ -22,6 +22,24 @@ fn the_documented_default_config_is_valid() {
 }
 
 #[test]
+fn the_documented_local_section_is_valid_once_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/backstop.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let (head, tail) = text.split_once("# [local]").unwrap();
+    let uncommented: Vec<&str> = tail
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(setting) if setting.contains(" = ") => setting,
+            _ => l,
+        })
+        .collect();
+    let config = Config::parse(&format!("{head}[local]{}", uncommented.join("\n")), env).unwrap();
+    let local = config.local.unwrap();
+    assert_eq!(local.model, Path::new(DEFAULT_MODEL));
+    assert_eq!((local.workers, local.queue, local.context), (1, 16, Some(4096)));
+}
+
+#[test]
 fn no_config_file_means_one_upstream_from_the_environment() {
     let config = Config::from_env(|name| match name {
         "OPENAI_BASE_URL" => Some("http://127.0.0.1:9/v1".into()),
