@@ -36,7 +36,10 @@ fn the_documented_local_section_is_valid_once_uncommented() {
     let config = Config::parse(&format!("{head}[local]{}", uncommented.join("\n")), env).unwrap();
     let local = config.local.unwrap();
     assert_eq!(local.model, Path::new(DEFAULT_MODEL));
-    assert_eq!((local.workers, local.queue, local.context), (1, 16, Some(4096)));
+    assert_eq!(
+        (local.workers, local.queue, local.context),
+        (1, 16, Some(4096))
+    );
 }
 
 #[test]
