@@ -9,6 +9,7 @@
 mod backend;
 mod engine;
 mod generate;
+mod hub;
 mod model;
 pub mod template;
 pub mod tokenizer;
@@ -16,6 +17,7 @@ pub mod tokenizer;
 use std::path::PathBuf;
 
 pub use backend::{LocalBackend, DROPPED_TURNS_HEADER};
+pub use hub::{fetch_from_hub, sha256_file};
 pub use model::LoadedModel;
 
 /// Where the local model is and how to run it.

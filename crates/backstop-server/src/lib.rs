@@ -2,6 +2,7 @@
 //! every other crate. The `backstop` binary is a thin `main` over [`run`].
 
 mod api;
+pub mod catalogue;
 pub mod config;
 pub mod metrics;
 mod respond;

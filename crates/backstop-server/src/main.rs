@@ -32,6 +32,15 @@ enum Command {
         /// The file to check.
         path: PathBuf,
     },
+    /// Download a Hugging Face model from the catalogue (with progress and a
+    /// sha256 check) and print its path; `models/fetch` handles every source.
+    FetchModel {
+        /// Catalogue name, e.g. llama-2-7b-chat.
+        name: String,
+        /// The catalogue file.
+        #[arg(long, default_value = "models/catalogue.toml")]
+        catalogue: PathBuf,
+    },
 }
 
 fn env(name: &str) -> Option<String> {
@@ -56,6 +65,14 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         };
+    }
+    if let Some(Command::FetchModel { name, catalogue }) = &cli.command {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let path = runtime.block_on(backstop_server::catalogue::fetch(catalogue, name))?;
+        println!("{}", path.display());
+        return Ok(());
     }
     tracing_subscriber::fmt()
         .with_env_filter(
