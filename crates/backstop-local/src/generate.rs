@@ -239,7 +239,7 @@ fn generate(
         if events.is_closed() {
             return Ok(()); // the client is gone: free the slot
         }
-        if generated.len() >= max_new {
+        if max_new == 0 {
             break "length";
         }
         if params.repetition_penalty != 1.0 {
@@ -264,6 +264,9 @@ fn generate(
         }
         if stopped {
             break "stop";
+        }
+        if generated.len() >= max_new {
+            break "length";
         }
         let position = prompt.len() + generated.len() - 1;
         let input = Tensor::new(&[next], &model.device)

@@ -252,6 +252,31 @@ async fn seeded_sampling_is_reproducible() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repetition_penalty_and_top_k_change_what_is_sampled() {
+    let backend = shared().await;
+    let q = "List the word cat many times.";
+    let plain = answer(backend, &ask(q, json!({"max_tokens": 24}))).await.0;
+    let penalised = answer(
+        backend,
+        &ask(q, json!({"max_tokens": 24, "repetition_penalty": 3.0})),
+    )
+    .await
+    .0;
+    assert_ne!(plain, penalised);
+    // top_k = 1 is greedy whatever the temperature.
+    let top1 = answer(
+        backend,
+        &ask(
+            q,
+            json!({"max_tokens": 24, "temperature": 1.5, "top_k": 1, "seed": 3}),
+        ),
+    )
+    .await
+    .0;
+    assert_eq!(top1, plain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_sequences_end_the_answer_before_them_even_across_tokens() {
     let backend = shared().await;
     let question = "What is 2+2?";
