@@ -73,6 +73,8 @@ pub enum FailureKind {
     Overloaded,
     /// The client went away.
     Cancelled,
+    /// The target's circuit breaker is open: it was not tried.
+    Unavailable,
 }
 
 impl FailureKind {
@@ -93,6 +95,7 @@ impl FailureKind {
                 | FailureKind::Cancelled
                 | FailureKind::RateLimited
                 | FailureKind::Overloaded
+                | FailureKind::Unavailable
         )
     }
 
@@ -105,6 +108,7 @@ impl FailureKind {
             FailureKind::Auth => 401,
             FailureKind::ClientError => 400,
             FailureKind::Cancelled => 499,
+            FailureKind::Unavailable => 503,
             FailureKind::ServerError
             | FailureKind::Connect
             | FailureKind::StreamBroken
@@ -138,6 +142,7 @@ impl FailureKind {
             FailureKind::ClientError => "client_error",
             FailureKind::Overloaded => "overloaded",
             FailureKind::Cancelled => "cancelled",
+            FailureKind::Unavailable => "circuit_open",
         }
     }
 

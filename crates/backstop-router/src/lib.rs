@@ -6,6 +6,9 @@
 //! client's fault stops the walk. Every failed attempt is kept, in order, so the
 //! final error tells the whole story.
 
+pub mod breaker;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +17,8 @@ use backstop_adapter::{
 };
 use futures_util::StreamExt;
 use tokio::time::Instant;
+
+use crate::breaker::{BreakerConfig, CircuitBreaker, Outcome};
 
 /// Which requested models a route takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,10 +100,18 @@ pub struct Served<T> {
 }
 
 impl<T> Served<T> {
-    /// Attempts made, the successful one included.
+    /// Attempts made, the successful one included (targets skipped for an
+    /// open breaker are not attempts).
     pub fn attempts(&self) -> u32 {
-        self.failed.len() as u32 + 1
+        attempts(&self.failed) + 1
     }
+}
+
+fn attempts(failed: &[(String, BackendError)]) -> u32 {
+    failed
+        .iter()
+        .filter(|(_, e)| e.kind != backstop_adapter::FailureKind::Unavailable)
+        .count() as u32
 }
 
 /// Why no target served a request.
@@ -124,7 +137,7 @@ impl RouteError {
     /// How many attempts were made.
     pub fn attempts(&self) -> u32 {
         match self {
-            RouteError::Failed(attempts) => attempts.len() as u32,
+            RouteError::Failed(failed) => attempts(failed),
             RouteError::NoRoute(_) => 0,
         }
     }
@@ -138,16 +151,32 @@ impl RouteError {
     }
 }
 
-/// Walks route chains.
+/// Walks route chains, skipping targets whose breaker is open.
 #[derive(Clone, Default)]
 pub struct Router {
     table: RouteTable,
+    breakers: HashMap<String, Arc<CircuitBreaker>>,
 }
 
 impl Router {
-    /// A router over this table.
-    pub fn new(table: RouteTable) -> Self {
-        Router { table }
+    /// A router over this table, with a breaker per target.
+    pub fn new(table: RouteTable, breaker: BreakerConfig) -> Self {
+        let breakers = table
+            .targets()
+            .iter()
+            .map(|t| {
+                (
+                    t.name().to_string(),
+                    Arc::new(CircuitBreaker::new(breaker.clone())),
+                )
+            })
+            .collect();
+        Router { table, breakers }
+    }
+
+    /// Each target's breaker, by target name.
+    pub fn breakers(&self) -> &HashMap<String, Arc<CircuitBreaker>> {
+        &self.breakers
     }
 
     /// The route table.
@@ -212,12 +241,29 @@ impl Router {
         let mut failed = Vec::new();
         let mut backend_time = Duration::ZERO;
         for target in &route.targets {
+            let name = target.name();
+            let breaker = self.breakers.get(name);
+            if breaker.is_some_and(|b| !b.admit()) {
+                let e = BackendError::new(
+                    backstop_adapter::FailureKind::Unavailable,
+                    format!("target `{name}` is unavailable: its circuit breaker is open"),
+                );
+                failed.push((name.to_string(), e));
+                continue;
+            }
             let started = Instant::now();
-            match call(target.as_ref(), req).await {
+            let result = call(target.as_ref(), req).await;
+            if let Some(b) = breaker {
+                b.record(match &result {
+                    Ok(_) => Outcome::Success,
+                    Err(e) => Outcome::Failure(e.kind),
+                });
+            }
+            match result {
                 Ok((reply, waited)) => {
                     return Ok(Served {
                         reply,
-                        backend: target.name().to_string(),
+                        backend: name.to_string(),
                         failed,
                         backend_time: backend_time + waited,
                     })
@@ -225,7 +271,7 @@ impl Router {
                 Err(e) => {
                     backend_time += started.elapsed();
                     let retryable = e.kind.retryable();
-                    failed.push((target.name().to_string(), e));
+                    failed.push((name.to_string(), e));
                     if !retryable {
                         break;
                     }

@@ -5,6 +5,7 @@ use backstop_adapter::{BoxFuture, FailureKind, Headers};
 use serde_json::json;
 
 use super::*;
+use crate::breaker::BreakerConfig;
 
 /// A backend that fails with `fail` (when set) and counts its calls.
 struct Fake {
@@ -64,6 +65,12 @@ impl Backend for Fake {
     }
 }
 
+impl Router {
+    fn new_default(table: RouteTable) -> Self {
+        Router::new(table, BreakerConfig::default())
+    }
+}
+
 fn req(model: &str) -> Request {
     let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
     Request::parse_chat(body.to_string().as_bytes()).unwrap()
@@ -87,7 +94,7 @@ async fn exact_beats_longest_prefix_beats_catch_all() {
         fake("c", None),
         fake("d", None),
     );
-    let router = Router::new(RouteTable::new(vec![
+    let router = Router::new_default(RouteTable::new(vec![
         route(ModelMatch::Any, &[a]),
         route(ModelMatch::Prefix("gpt-".into()), &[b]),
         route(ModelMatch::Prefix("gpt-4o".into()), &[c]),
@@ -111,7 +118,7 @@ async fn retryable_failures_move_down_the_chain() {
         fake("b", Some(FailureKind::FirstByteTimeout)),
         fake("c", None),
     );
-    let router = Router::new(RouteTable::new(vec![route(
+    let router = Router::new_default(RouteTable::new(vec![route(
         ModelMatch::Any,
         &[a, b, c.clone()],
     )]));
@@ -127,7 +134,7 @@ async fn client_errors_stop_the_walk_and_failures_are_kept_in_order() {
         fake("b", Some(FailureKind::ClientError)),
         fake("c", None),
     );
-    let router = Router::new(RouteTable::new(vec![route(
+    let router = Router::new_default(RouteTable::new(vec![route(
         ModelMatch::Any,
         &[a, b, c.clone()],
     )]));
@@ -139,8 +146,31 @@ async fn client_errors_stop_the_walk_and_failures_are_kept_in_order() {
 }
 
 #[tokio::test]
+async fn a_target_with_an_open_breaker_is_skipped_without_an_attempt() {
+    let (a, b) = (fake("a", Some(FailureKind::ServerError)), fake("b", None));
+    let router = Router::new(
+        RouteTable::new(vec![route(ModelMatch::Any, &[a.clone(), b])]),
+        BreakerConfig {
+            consecutive_failures: 2,
+            ..BreakerConfig::default()
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(router.complete(&req("m")).await.unwrap().attempts(), 2);
+    }
+    assert_eq!(
+        router.breakers()["a"].state(),
+        crate::breaker::BreakerState::Open
+    );
+    let served = router.complete(&req("m")).await.unwrap();
+    assert_eq!((served.backend.as_str(), served.attempts()), ("b", 1));
+    assert_eq!(a.calls.load(Ordering::SeqCst), 2, "not called while open");
+    assert_eq!(served.failed[0].1.kind, FailureKind::Unavailable);
+}
+
+#[tokio::test]
 async fn an_unrouted_model_is_named() {
-    let router = Router::new(RouteTable::new(vec![route(
+    let router = Router::new_default(RouteTable::new(vec![route(
         ModelMatch::Exact("only".into()),
         &[fake("a", None)],
     )]));

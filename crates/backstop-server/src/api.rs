@@ -48,13 +48,16 @@ pub async fn handle(
         (&Method::GET, "/v1/models") => models(&app).await,
         (&Method::GET, "/healthz") => plain_json(br#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => ready(&app),
-        (&Method::GET, "/metrics") => respond::response(
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            respond::full(app.metrics.render()),
-            Served::NONE,
-            &Headers::new(),
-        ),
+        (&Method::GET, "/metrics") => {
+            app.metrics.observe_breakers(&app.router);
+            respond::response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                respond::full(app.metrics.render()),
+                Served::NONE,
+                &Headers::new(),
+            )
+        }
         (
             _,
             "/v1/chat/completions"

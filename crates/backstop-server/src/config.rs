@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use backstop_local::LocalConfig;
+use backstop_router::breaker::BreakerConfig;
 use backstop_router::ModelMatch;
 use backstop_upstream::UpstreamConfig;
 use serde::Deserialize;
@@ -69,6 +70,20 @@ struct RawConfig {
     #[serde(default)]
     routes: Vec<RawRoute>,
     local: Option<RawLocal>,
+    #[serde(default)]
+    breaker: RawBreaker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    consecutive_failures: Option<u32>,
+    failure_rate: Option<f64>,
+    min_calls: Option<usize>,
+    window_ms: Option<u64>,
+    open_ms: Option<u64>,
+    max_open_ms: Option<u64>,
+    jitter: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +142,8 @@ pub struct Config {
     pub targets: Vec<UpstreamConfig>,
     /// The in-process model, when configured.
     pub local: Option<LocalConfig>,
+    /// When targets' circuit breakers open, and for how long.
+    pub breaker: BreakerConfig,
     /// Routes: which models go to which targets, by target name.
     pub routes: Vec<(ModelMatch, Vec<String>)>,
 }
@@ -147,10 +164,10 @@ impl Config {
         parse_raw(text)?.validate(&env)
     }
 
-    /// The configuration without a file: one upstream from `OPENAI_BASE_URL`
-    /// and `OPENAI_API_KEY` serving every model under the requested name; with
-    /// no key, offline: every request served by the local model
-    /// (`BACKSTOP_MODEL` names its file).
+    /// The configuration without a file: the upstream at `OPENAI_BASE_URL`
+    /// with `OPENAI_API_KEY`, serving every model under the requested name,
+    /// then the local model when its file is there; with no key, offline:
+    /// every request served by the local model (`BACKSTOP_MODEL` names its file).
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         if env("OPENAI_API_KEY").is_none_or(|k| k.is_empty()) {
             return RawConfig::default().offline(&env);
@@ -169,6 +186,7 @@ impl Config {
                 first_byte_timeout_ms: None,
                 idle_timeout_ms: None,
             }],
+            local: default_local(&env),
             ..RawConfig::default()
         };
         raw.validate(&env)
@@ -190,6 +208,18 @@ impl Config {
     pub fn is_offline(&self) -> bool {
         self.targets.is_empty()
     }
+}
+
+/// The local model as the last resort behind the upstream, when its file is
+/// there (`BACKSTOP_MODEL`, or the default that `models/fetch` downloads).
+fn default_local(env: &impl Fn(&str) -> Option<String>) -> Option<RawLocal> {
+    let model = env("BACKSTOP_MODEL")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from(DEFAULT_MODEL)).filter(|p| p.exists()))?;
+    Some(RawLocal {
+        model: Some(model),
+        ..RawLocal::default()
+    })
 }
 
 fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
@@ -343,9 +373,60 @@ impl RawConfig {
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms.unwrap_or(30_000)),
             targets,
             local,
+            breaker: validate_breaker(&self.breaker)?,
             routes,
         })
     }
+}
+
+fn validate_breaker(raw: &RawBreaker) -> Result<BreakerConfig, ConfigError> {
+    let mut b = BreakerConfig::default();
+    let positive = |v: Option<u64>, field: &str, default: Duration| match v {
+        Some(0) => Err(invalid(
+            format!("breaker.{field}"),
+            "must be greater than 0",
+        )),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default),
+    };
+    b.window = positive(raw.window_ms, "window_ms", b.window)?;
+    b.open_for = positive(raw.open_ms, "open_ms", b.open_for)?;
+    b.max_open_for = positive(raw.max_open_ms, "max_open_ms", b.max_open_for)?;
+    if b.max_open_for < b.open_for {
+        return Err(invalid("breaker.max_open_ms", "must not be below open_ms"));
+    }
+    match raw.consecutive_failures {
+        Some(0) => {
+            return Err(invalid(
+                "breaker.consecutive_failures",
+                "must be greater than 0",
+            ))
+        }
+        Some(n) => b.consecutive_failures = n,
+        None => {}
+    }
+    if let Some(n) = raw.min_calls {
+        b.min_calls = n;
+    }
+    for (field, value, slot) in [
+        ("failure_rate", raw.failure_rate, &mut b.failure_rate),
+        ("jitter", raw.jitter, &mut b.jitter),
+    ] {
+        match value {
+            Some(v) if !(0.0..=1.0).contains(&v) => {
+                return Err(invalid(
+                    format!("breaker.{field}"),
+                    "must be between 0 and 1",
+                ))
+            }
+            Some(v) => *slot = v,
+            None => {}
+        }
+    }
+    if b.failure_rate == 0.0 {
+        return Err(invalid("breaker.failure_rate", "must be greater than 0"));
+    }
+    Ok(b)
 }
 
 fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {

@@ -84,7 +84,7 @@ impl App {
             })
             .collect();
         Ok(App {
-            router: Router::new(RouteTable::new(routes)),
+            router: Router::new(RouteTable::new(routes), config.breaker.clone()),
             metrics: Metrics::new()?,
             config,
         })

@@ -2,10 +2,11 @@
 //! status class or code, token kind; never prompts, keys or error text.
 
 use backstop_adapter::BackendError;
-use backstop_router::Served;
+use backstop_router::breaker::BreakerState;
+use backstop_router::{Router, Served};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric Backstop exports, registered in its own registry.
@@ -26,6 +27,8 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Requests being served now.
     pub in_flight: IntGauge,
+    /// Each target's breaker: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -81,6 +84,13 @@ impl Metrics {
             "backstop_in_flight_requests",
             "Client requests being served now.",
         )?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "backstop_breaker_state",
+                "Circuit breaker state per target: 0 closed, 1 open, 2 half-open.",
+            ),
+            &["target"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -88,6 +98,7 @@ impl Metrics {
         registry.register(Box::new(upstream_responses.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -97,7 +108,21 @@ impl Metrics {
             upstream_responses,
             tokens,
             in_flight,
+            breaker_state,
         })
+    }
+
+    /// Reads every breaker's state into its gauge (done at scrape time, so
+    /// the hot path never touches the gauge).
+    pub fn observe_breakers(&self, router: &Router) {
+        for (target, breaker) in router.breakers() {
+            let value = match breaker.state() {
+                BreakerState::Closed => 0,
+                BreakerState::Open => 1,
+                BreakerState::HalfOpen => 2,
+            };
+            self.breaker_state.with_label_values(&[target]).set(value);
+        }
     }
 
     /// The text exposition format.

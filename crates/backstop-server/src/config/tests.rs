@@ -54,7 +54,44 @@ fn no_config_file_means_one_upstream_from_the_environment() {
     assert_eq!(config.targets[0].base_url, "http://127.0.0.1:9/v1");
     assert_eq!(config.targets[0].api_key.as_deref(), Some("sk-1"));
     assert_eq!(config.targets[0].model, None);
-    assert!(config.local.is_none() && !config.is_offline());
+    assert!(!config.is_offline());
+}
+
+#[test]
+fn with_a_key_the_chain_is_the_upstream_then_the_local_model() {
+    let config = Config::from_env(|name| match name {
+        "OPENAI_API_KEY" => Some("sk-1".into()),
+        "BACKSTOP_MODEL" => Some("/models/x.gguf".into()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(
+        config.routes,
+        vec![(
+            ModelMatch::Any,
+            vec!["openai".to_string(), "local".to_string()]
+        )]
+    );
+}
+
+#[test]
+fn breaker_settings_are_checked() {
+    let target = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n";
+    let config = Config::parse(
+        &format!(
+            "[breaker]\nconsecutive_failures = 2\nopen_ms = 100\nmax_open_ms = 1000\n{target}"
+        ),
+        env,
+    )
+    .unwrap();
+    assert_eq!(config.breaker.consecutive_failures, 2);
+    assert_eq!(config.breaker.open_for, Duration::from_millis(100));
+    let e = parse_err(&format!("[breaker]\nfailure_rate = 1.5\n{target}"));
+    assert!(e.starts_with("breaker.failure_rate:"), "{e}");
+    let e = parse_err(&format!(
+        "[breaker]\nopen_ms = 5000\nmax_open_ms = 10\n{target}"
+    ));
+    assert!(e.starts_with("breaker.max_open_ms:"), "{e}");
 }
 
 #[test]

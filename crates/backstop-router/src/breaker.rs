@@ -1,0 +1,308 @@
+//! A circuit breaker per target: closed, open, half-open.
+//!
+//! It opens on a run of consecutive failures, or when the failure rate over a
+//! sliding window (with a minimum number of calls) reaches a threshold. An open
+//! breaker refuses calls until its open period lapses; then one probe call is
+//! let through (half-open): success closes it, failure opens it again for a
+//! longer period (doubling per trip up to a cap, with jitter). Only failures
+//! whose kind trips breakers count: client errors, auth failures, rate limits
+//! and cancellations never do.
+//!
+//! [`CircuitBreaker::admit`] reads atomics only, so the hot path takes no
+//! lock; recording an outcome takes a short one. Time is tokio's clock, so
+//! tests drive every transition on paused time.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use backstop_adapter::FailureKind;
+use tokio::time::Instant;
+
+/// When a breaker opens and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub consecutive_failures: u32,
+    /// Failure rate (0..=1) over the window that opens the breaker.
+    pub failure_rate: f64,
+    /// Calls the window must hold before the rate counts.
+    pub min_calls: usize,
+    /// How far back the window looks.
+    pub window: Duration,
+    /// First open period.
+    pub open_for: Duration,
+    /// Longest open period, however often it trips.
+    pub max_open_for: Duration,
+    /// Fraction of the open period added or taken at random (0..1).
+    pub jitter: f64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_calls: 20,
+            window: Duration::from_secs(30),
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(120),
+            jitter: 0.2,
+        }
+    }
+}
+
+/// The breaker's state, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls flow.
+    Closed,
+    /// Calls are refused until the open period lapses.
+    Open,
+    /// One probe call is in flight; its outcome decides.
+    HalfOpen,
+}
+
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    /// Stable lower-case name, for metrics and status pages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// What an operator has forced, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forced {
+    /// The breaker decides.
+    No,
+    /// Always refuse.
+    Open,
+    /// Always admit.
+    Closed,
+}
+
+/// How a call ended, for the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded.
+    Success,
+    /// It failed this way.
+    Failure(FailureKind),
+}
+
+struct Stats {
+    consecutive: u32,
+    window: VecDeque<(Instant, bool)>,
+    trips: u32,
+}
+
+/// One target's breaker.
+pub struct CircuitBreaker {
+    config: BreakerConfig,
+    base: Instant,
+    state: AtomicU8,
+    /// Nanoseconds after `base` when an open breaker may probe.
+    open_until: AtomicU64,
+    /// A half-open probe is in flight.
+    probing: AtomicBool,
+    forced: AtomicU8,
+    stats: Mutex<Stats>,
+}
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+impl CircuitBreaker {
+    /// A closed breaker.
+    pub fn new(config: BreakerConfig) -> Self {
+        CircuitBreaker {
+            config,
+            base: Instant::now(),
+            state: AtomicU8::new(CLOSED),
+            open_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            forced: AtomicU8::new(0),
+            stats: Mutex::new(Stats {
+                consecutive: 0,
+                window: VecDeque::new(),
+                trips: 0,
+            }),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    /// The state now (an open breaker whose period lapsed reads half-open).
+    pub fn state(&self) -> BreakerState {
+        let state = self.state.load(Ordering::Acquire);
+        if state == OPEN && self.nanos(Instant::now()) >= self.open_until.load(Ordering::Acquire) {
+            return BreakerState::HalfOpen;
+        }
+        BreakerState::from_u8(state)
+    }
+
+    /// What an operator forced.
+    pub fn forced(&self) -> Forced {
+        match self.forced.load(Ordering::Acquire) {
+            1 => Forced::Open,
+            2 => Forced::Closed,
+            _ => Forced::No,
+        }
+    }
+
+    /// Forces the breaker open or closed, or hands it back to its own rules
+    /// (closed, with a clean history).
+    pub fn force(&self, forced: Forced) {
+        let v = match forced {
+            Forced::No => 0,
+            Forced::Open => 1,
+            Forced::Closed => 2,
+        };
+        self.forced.store(v, Ordering::Release);
+        if forced == Forced::No {
+            self.close();
+        }
+    }
+
+    /// Whether a call may go to the target now. In half-open state only one
+    /// probe is admitted until its outcome is recorded.
+    pub fn admit(&self) -> bool {
+        match self.forced() {
+            Forced::Open => return false,
+            Forced::Closed => return true,
+            Forced::No => {}
+        }
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => true,
+            OPEN => {
+                if self.nanos(Instant::now()) < self.open_until.load(Ordering::Acquire) {
+                    return false;
+                }
+                // The open period lapsed: the first caller becomes the probe.
+                if self
+                    .probing
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.state.store(HALF_OPEN, Ordering::Release);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false, // half-open: the probe is out
+        }
+    }
+
+    /// Records how an admitted call ended.
+    pub fn record(&self, outcome: Outcome) {
+        let failed = match outcome {
+            Outcome::Success => false,
+            Outcome::Failure(kind) if kind.trips_breaker() => true,
+            Outcome::Failure(_) => {
+                // Not the target's fault: a probe that ends so proves nothing.
+                self.probing.store(false, Ordering::Release);
+                if self.state.load(Ordering::Acquire) == HALF_OPEN {
+                    self.state.store(OPEN, Ordering::Release);
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state.load(Ordering::Acquire);
+        if state == OPEN {
+            return; // a call admitted before the breaker opened says nothing new
+        }
+        if state == HALF_OPEN {
+            drop(stats);
+            if failed {
+                self.trip(now);
+            } else {
+                self.close();
+            }
+            return;
+        }
+        stats.consecutive = if failed { stats.consecutive + 1 } else { 0 };
+        stats.window.push_back((now, failed));
+        let horizon = now.checked_sub(self.config.window).unwrap_or(self.base);
+        while stats.window.front().is_some_and(|(at, _)| *at < horizon) {
+            stats.window.pop_front();
+        }
+        let calls = stats.window.len();
+        let failures = stats.window.iter().filter(|(_, f)| *f).count();
+        let rate_trips = calls >= self.config.min_calls
+            && failures as f64 >= self.config.failure_rate * calls as f64;
+        let run_trips = stats.consecutive >= self.config.consecutive_failures;
+        drop(stats);
+        if failed && (rate_trips || run_trips) {
+            self.trip(now);
+        }
+    }
+
+    /// Opens the breaker for the next, longer period.
+    fn trip(&self, now: Instant) {
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.trips = stats.trips.saturating_add(1);
+        stats.consecutive = 0;
+        stats.window.clear();
+        let doubling = 2u32.saturating_pow(stats.trips.saturating_sub(1).min(20));
+        let period = self
+            .config
+            .open_for
+            .saturating_mul(doubling)
+            .min(self.config.max_open_for);
+        let jitter = self.config.jitter.clamp(0.0, 1.0);
+        let factor = 1.0 + jitter * (2.0 * rand::random::<f64>() - 1.0);
+        let period = period.mul_f64(factor.max(0.0));
+        self.open_until
+            .store(self.nanos(now + period), Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+        self.state.store(OPEN, Ordering::Release);
+    }
+
+    fn close(&self) {
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.trips = 0;
+        stats.consecutive = 0;
+        stats.window.clear();
+        self.probing.store(false, Ordering::Release);
+        self.state.store(CLOSED, Ordering::Release);
+    }
+
+    /// How often it has tripped since it last closed.
+    pub fn trips(&self) -> u32 {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .trips
+    }
+
+    /// How long until an open breaker may probe (zero when not open).
+    pub fn open_remaining(&self) -> Duration {
+        if self.state.load(Ordering::Acquire) != OPEN {
+            return Duration::ZERO;
+        }
+        let until = self.open_until.load(Ordering::Acquire);
+        Duration::from_nanos(until.saturating_sub(self.nanos(Instant::now())))
+    }
+}
+
+#[cfg(test)]
+mod tests;
