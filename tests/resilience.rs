@@ -70,3 +70,66 @@ async fn when_every_breaker_is_open_the_client_gets_a_clean_503() {
     assert_eq!(v["error"]["code"], "circuit_open");
     assert_eq!(h.mocks[0].requests().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_answer_is_finished_by_the_local_model() {
+    use backstop_testkit::SseStep;
+    use backstop_tests::{model_path, sse_data, streamed_text};
+
+    let mock = backstop_testkit::MockUpstream::start().await.unwrap();
+    let piece = |t: &str| {
+        SseStep::Data(
+            json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+                   "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": t},
+                   "finish_reason": null}]})
+            .to_string(),
+        )
+    };
+    mock.push([MockReply::Sse {
+        status: 200,
+        headers: vec![],
+        steps: vec![piece("2 + 2"), piece(" equals"), SseStep::Cut],
+    }]);
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\
+         [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
+         [local]\nmodel = \"{}\"\n",
+        mock.url(),
+        model_path()
+    );
+    // No need to wait for the model: the engine queues work while it loads.
+    let h = Harness::with_config(vec![mock], &toml).await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "temperature": 0, "max_tokens": 20,
+                      "messages": [{"role": "user", "content": "What is 2+2?"}]});
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backstop-backend"], "up0");
+    let payloads = sse_data(&resp.text().await.unwrap());
+    assert_eq!(
+        payloads.last().map(String::as_str),
+        Some("[DONE]"),
+        "{payloads:?}"
+    );
+    let chunks: Vec<serde_json::Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{payloads:?}"
+    );
+    assert!(
+        chunks.iter().all(|c| c["id"] == "chatcmpl-up"),
+        "one completion id"
+    );
+    let text = streamed_text(&payloads);
+    assert!(
+        text.starts_with("2 + 2 equals") && text.len() > "2 + 2 equals".len(),
+        "{text:?}"
+    );
+    // Honest about who wrote what: the continuation carries the local model's name.
+    assert!(chunks.iter().any(|c| c["model"] == "smollm2-135m-instruct"));
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"].is_string()));
+}

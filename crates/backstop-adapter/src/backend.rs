@@ -56,4 +56,10 @@ pub trait Backend: Send + Sync {
     fn ready(&self) -> bool {
         true
     }
+
+    /// Whether the backend can continue a partial answer given as a prefill
+    /// (see [`Request::prefill`]), so a broken stream can be finished here.
+    fn continues(&self) -> bool {
+        false
+    }
 }

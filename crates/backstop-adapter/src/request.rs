@@ -30,6 +30,9 @@ pub struct Request {
     pub chat: ChatRequest,
     /// Set when the client used `POST /v1/completions`.
     pub legacy: Option<Legacy>,
+    /// Assistant text the answer must continue from: set when a stream that
+    /// broke mid-answer is continued by another backend.
+    pub prefill: Option<String>,
 }
 
 impl Request {
@@ -40,7 +43,11 @@ impl Request {
         de.end()
             .map_err(|e| invalid(format!("invalid JSON: {e}"), None))?;
         validate(&chat)?;
-        Ok(Request { chat, legacy: None })
+        Ok(Request {
+            chat,
+            legacy: None,
+            prefill: None,
+        })
     }
 
     /// Parses and validates a `POST /v1/completions` body.
@@ -69,19 +76,36 @@ impl Request {
         Ok(Request {
             chat,
             legacy: Some(Legacy { prompt, fields }),
+            prefill: None,
         })
     }
 
     /// The body to send to an OpenAI-compatible upstream: the legacy body for a
-    /// legacy request, the chat body otherwise.
+    /// legacy request, the chat body otherwise. A prefill becomes a final,
+    /// partial assistant message (or the end of a legacy text prompt).
     pub fn upstream_body(&self) -> Result<Value, serde_json::Error> {
         let mut value = serde_json::to_value(&self.chat)?;
-        if let (Some(legacy), Value::Object(map)) = (&self.legacy, &mut value) {
-            map.remove("messages");
-            map.insert("prompt".into(), legacy.prompt.clone());
-            for (k, v) in &legacy.fields {
-                map.insert(k.clone(), v.clone());
+        let Value::Object(map) = &mut value else {
+            return Ok(value);
+        };
+        match (&self.legacy, &self.prefill) {
+            (Some(legacy), prefill) => {
+                map.remove("messages");
+                let prompt = match (&legacy.prompt, prefill) {
+                    (Value::String(p), Some(more)) => Value::String(format!("{p}{more}")),
+                    (prompt, _) => prompt.clone(),
+                };
+                map.insert("prompt".into(), prompt);
+                for (k, v) in &legacy.fields {
+                    map.insert(k.clone(), v.clone());
+                }
             }
+            (None, Some(prefill)) => {
+                if let Some(Value::Array(messages)) = map.get_mut("messages") {
+                    messages.push(serde_json::json!({"role": "assistant", "content": prefill}));
+                }
+            }
+            (None, None) => {}
         }
         Ok(value)
     }

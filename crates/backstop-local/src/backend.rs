@@ -88,6 +88,7 @@ impl LocalBackend {
         });
         Ok(Job {
             prompt,
+            prefill: req.prefill.clone().unwrap_or_default(),
             params: Params {
                 max_tokens: chat
                     .max_completion_tokens
@@ -346,6 +347,10 @@ impl Backend for LocalBackend {
 
     fn ready(&self) -> bool {
         self.engine.is_ready()
+    }
+
+    fn continues(&self) -> bool {
+        true
     }
 }
 

@@ -72,6 +72,9 @@ pub enum Event {
 pub struct Job {
     /// What to continue.
     pub prompt: Prompt,
+    /// Assistant text already given (by a backend whose stream broke); the
+    /// answer continues it and does not repeat it.
+    pub prefill: String,
     /// How.
     pub params: Params,
     /// Where events go; when the receiver is gone the job stops.
@@ -88,7 +91,11 @@ fn model_failure(e: candle_core::Error) -> Event {
 
 /// Token ids of the prompt, dropping the oldest non-system turns until it
 /// leaves room for at least one answer token.
-fn fit_prompt(model: &LoadedModel, prompt: &Prompt) -> Result<(Vec<u32>, usize), Event> {
+fn fit_prompt(
+    model: &LoadedModel,
+    prompt: &Prompt,
+    prefill: &str,
+) -> Result<(Vec<u32>, usize), Event> {
     let tok = &model.tokenizer;
     let encode = |text: &str| {
         tok.encode(text)
@@ -97,7 +104,7 @@ fn fit_prompt(model: &LoadedModel, prompt: &Prompt) -> Result<(Vec<u32>, usize),
     let limit = model.context.saturating_sub(1);
     let mut turns = match prompt {
         Prompt::Raw(text) => {
-            let ids = encode(text)?;
+            let ids = encode(&format!("{text}{prefill}"))?;
             return if ids.len() <= limit {
                 Ok((ids, 0))
             } else {
@@ -108,10 +115,11 @@ fn fit_prompt(model: &LoadedModel, prompt: &Prompt) -> Result<(Vec<u32>, usize),
     };
     let mut dropped = 0;
     loop {
-        let text = model
+        let mut text = model
             .template
             .render(&turns, tok.bos_text(), tok.eos_text())
             .map_err(|e| failed(FailureKind::ClientError, e.to_string()))?;
+        text.push_str(prefill);
         let ids = encode(&text)?;
         if ids.len() <= limit {
             return Ok((ids, dropped));
@@ -189,11 +197,12 @@ fn sendable(text: &str, stops: &[String]) -> (usize, bool) {
 pub fn run(model: &LoadedModel, weights: &mut ModelWeights, job: Job) {
     let Job {
         prompt,
+        prefill,
         params,
         events,
     } = job;
     let send = |event: Event| events.blocking_send(event).is_ok();
-    let (ids, dropped_turns) = match fit_prompt(model, &prompt) {
+    let (ids, dropped_turns) = match fit_prompt(model, &prompt, &prefill) {
         Ok(fitted) => fitted,
         Err(event) => {
             send(event);

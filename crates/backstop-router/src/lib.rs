@@ -7,6 +7,7 @@
 //! final error tells the whole story.
 
 pub mod breaker;
+mod continuation;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -198,7 +199,8 @@ impl Router {
 
     /// Answers with a stream. A target has committed only once its first chunk
     /// arrived: until then any failure moves on to the next target, so the
-    /// client never sees a stream that breaks before it starts.
+    /// client never sees a stream that breaks before it starts. After that, a
+    /// break mid-answer is continued by a later target that takes a prefill.
     pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
         self.walk(req, |backend, req| {
             Box::pin(async move {
@@ -223,6 +225,34 @@ impl Router {
             })
         })
         .await
+        .map(|mut served| {
+            let successors = self.successors(req, &served.backend);
+            let body = std::mem::replace(
+                &mut served.reply.body,
+                Box::pin(futures_util::stream::empty()),
+            );
+            served.reply.body = continuation::continuing(body, req, successors);
+            served
+        })
+    }
+
+    /// The targets after `serving` in the request's route that can continue
+    /// a partial answer.
+    fn successors(&self, req: &Request, serving: &str) -> Vec<continuation::Successor> {
+        let Some(route) = self.table.resolve(&req.chat.model) else {
+            return Vec::new();
+        };
+        route
+            .targets
+            .iter()
+            .skip_while(|t| t.name() != serving)
+            .skip(1)
+            .filter(|t| t.continues())
+            .map(|t| continuation::Successor {
+                backend: t.clone(),
+                breaker: self.breakers.get(t.name()).cloned(),
+            })
+            .collect()
     }
 
     /// Tries each target of the request's route in turn. `call` answers with

@@ -6,20 +6,45 @@ use serde_json::json;
 
 use super::*;
 use crate::breaker::BreakerConfig;
+use backstop_adapter::ChatChunk;
+use futures_util::StreamExt;
 
-/// A backend that fails with `fail` (when set) and counts its calls.
+/// A backend that fails with `fail` (when set) and counts its calls; its
+/// streams send `script` (text pieces, or a failure that ends them).
 struct Fake {
     name: &'static str,
     fail: Option<FailureKind>,
     calls: AtomicU32,
+    script: Vec<Result<&'static str, FailureKind>>,
+    continues: bool,
+    prefill: std::sync::Mutex<Option<String>>,
 }
 
 fn fake(name: &'static str, fail: Option<FailureKind>) -> Arc<Fake> {
+    streaming(name, fail, Vec::new(), false)
+}
+
+fn streaming(
+    name: &'static str,
+    fail: Option<FailureKind>,
+    script: Vec<Result<&'static str, FailureKind>>,
+    continues: bool,
+) -> Arc<Fake> {
     Arc::new(Fake {
         name,
         fail,
         calls: AtomicU32::new(0),
+        script,
+        continues,
+        prefill: std::sync::Mutex::new(None),
     })
+}
+
+fn chunk(id: &str, text: Option<&str>, finish: Option<&str>) -> ChatChunk {
+    serde_json::from_value(json!({
+        "id": id, "created": 0, "model": id,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}))
+    .unwrap()
 }
 
 impl Backend for Fake {
@@ -49,9 +74,35 @@ impl Backend for Fake {
 
     fn stream<'a>(
         &'a self,
-        _req: &'a Request,
+        req: &'a Request,
     ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
-        Box::pin(async { Err(BackendError::new(FailureKind::Connect, "no streams here")) })
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        *self.prefill.lock().unwrap() = req.prefill.clone();
+        let id = self.name;
+        let mut items: Vec<Result<ChatChunk, BackendError>> = self
+            .script
+            .iter()
+            .map(|step| match step {
+                Ok(text) => Ok(chunk(id, Some(text), None)),
+                Err(kind) => Err(BackendError::new(*kind, "scripted")),
+            })
+            .collect();
+        if !matches!(items.last(), Some(Err(_))) {
+            items.push(Ok(chunk(id, None, Some("stop"))));
+        }
+        let result = match self.fail {
+            Some(kind) => Err(BackendError::new(kind, "scripted")),
+            None => Ok(Reply {
+                body: Box::pin(futures_util::stream::iter(items)) as ChunkStream,
+                headers: Headers::new(),
+                waited: Duration::ZERO,
+            }),
+        };
+        Box::pin(async move { result })
+    }
+
+    fn continues(&self) -> bool {
+        self.continues
     }
 
     fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
@@ -166,6 +217,69 @@ async fn a_target_with_an_open_breaker_is_skipped_without_an_attempt() {
     assert_eq!((served.backend.as_str(), served.attempts()), ("b", 1));
     assert_eq!(a.calls.load(Ordering::SeqCst), 2, "not called while open");
     assert_eq!(served.failed[0].1.kind, FailureKind::Unavailable);
+}
+
+async fn stream_text(router: &Router) -> (String, Vec<String>, Option<FailureKind>) {
+    let mut body = router.stream(&req("m")).await.unwrap().reply.body;
+    let (mut text, mut ids) = (String::new(), Vec::new());
+    while let Some(item) = body.next().await {
+        match item {
+            Ok(c) => {
+                ids.push(c.id.clone());
+                text.extend(c.choices.iter().filter_map(|c| c.delta.content.clone()));
+            }
+            Err(e) => return (text, ids, Some(e.kind)),
+        }
+    }
+    (text, ids, None)
+}
+
+#[tokio::test]
+async fn a_stream_broken_mid_answer_is_continued_by_a_target_that_takes_a_prefill() {
+    let first = streaming(
+        "up",
+        None,
+        vec![Ok("The answer"), Ok(" is"), Err(FailureKind::StreamBroken)],
+        false,
+    );
+    let plain = streaming("plain", None, vec![Ok("never")], false);
+    let local = streaming("local", None, vec![Ok(" 4.")], true);
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[first, plain.clone(), local.clone()],
+    )]));
+    let (text, ids, err) = stream_text(&router).await;
+    assert_eq!(err, None);
+    assert_eq!(text, "The answer is 4.");
+    assert!(
+        ids.iter().all(|id| id == "up"),
+        "one completion id: {ids:?}"
+    );
+    assert_eq!(
+        local.prefill.lock().unwrap().as_deref(),
+        Some("The answer is")
+    );
+    assert_eq!(plain.calls.load(Ordering::SeqCst), 0, "not prefill-capable");
+}
+
+#[tokio::test]
+async fn without_a_successor_a_broken_stream_ends_in_its_error() {
+    let first = streaming(
+        "up",
+        None,
+        vec![Ok("The"), Err(FailureKind::StreamStalled)],
+        false,
+    );
+    let plain = streaming("plain", None, vec![Ok("never")], false);
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[first, plain],
+    )]));
+    let (text, _, err) = stream_text(&router).await;
+    assert_eq!(
+        (text.as_str(), err),
+        ("The", Some(FailureKind::StreamStalled))
+    );
 }
 
 #[tokio::test]

@@ -120,6 +120,7 @@ struct RawTarget {
     connect_timeout_ms: Option<u64>,
     first_byte_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    prefill: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +186,7 @@ impl Config {
                 connect_timeout_ms: None,
                 first_byte_timeout_ms: None,
                 idle_timeout_ms: None,
+                prefill: None,
             }],
             local: default_local(&env),
             ..RawConfig::default()
@@ -303,6 +305,7 @@ impl RawConfig {
                 .filter(|k| !k.is_empty());
             u.model = t.model;
             u.http2 = t.http2.unwrap_or(false);
+            u.prefill = t.prefill.unwrap_or(false);
             u.ca_bundle = t.ca_bundle;
             if let Some(n) = t.pool_max_idle {
                 u.pool_max_idle = n;

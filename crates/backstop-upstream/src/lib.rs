@@ -50,6 +50,9 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Largest non-streamed response body accepted.
     pub max_body_bytes: usize,
+    /// The upstream continues a final partial assistant message (a prefill),
+    /// so it may finish a stream another target started.
+    pub prefill: bool,
 }
 
 impl UpstreamConfig {
@@ -68,6 +71,7 @@ impl UpstreamConfig {
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
+            prefill: false,
         }
     }
 }
@@ -275,6 +279,10 @@ impl Backend for Upstream {
                 waited: started.elapsed(),
             })
         })
+    }
+
+    fn continues(&self) -> bool {
+        self.config.prefill
     }
 
     fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {

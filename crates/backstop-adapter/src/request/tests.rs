@@ -93,3 +93,20 @@ fn chat_request_body_is_the_chat_body() {
     let sent: Value = req.upstream_body().unwrap();
     assert_eq!(sent, body);
 }
+
+#[test]
+fn a_prefill_is_a_final_partial_assistant_turn_or_the_end_of_a_text_prompt() {
+    let mut req =
+        Request::parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+            .unwrap();
+    req.prefill = Some("Hello th".into());
+    let body = req.upstream_body().unwrap();
+    assert_eq!(
+        body["messages"][1],
+        json!({"role": "assistant", "content": "Hello th"})
+    );
+
+    let mut req = Request::parse_legacy(br#"{"model":"m","prompt":"Once upon"}"#).unwrap();
+    req.prefill = Some(" a time".into());
+    assert_eq!(req.upstream_body().unwrap()["prompt"], "Once upon a time");
+}

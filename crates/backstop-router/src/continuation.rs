@@ -1,0 +1,163 @@
+//! Streams that survive their backend: when a committed stream breaks
+//! mid-answer (cut, stalled, malformed, or an error event), the answer so far
+//! is handed as a prefill to the next target that can continue one (the local
+//! model always can; an upstream when configured), and the client's stream
+//! goes on with that target's chunks under the same completion id. A stream
+//! that cannot be continued ends with its error: a truncated answer is never
+//! presented as complete.
+
+use std::sync::Arc;
+
+use backstop_adapter::{Backend, BackendError, ChatChunk, ChunkStream, FailureKind, Request};
+use futures_util::StreamExt;
+
+use crate::breaker::{CircuitBreaker, Outcome};
+
+/// A target that may continue a broken stream.
+pub(crate) struct Successor {
+    pub backend: Arc<dyn Backend>,
+    pub breaker: Option<Arc<CircuitBreaker>>,
+}
+
+/// What a stream has said so far, and who may finish it.
+struct State {
+    stream: ChunkStream,
+    request: Request,
+    successors: Vec<Successor>,
+    /// The id the client saw first; continuation chunks keep it.
+    id: Option<String>,
+    /// Assistant text sent so far (choice 0).
+    text: String,
+    /// A tool call or a second choice was streamed: not continuable.
+    continuable: bool,
+    finished: bool,
+    done: bool,
+}
+
+/// Failures of a committed stream that another backend can make good.
+fn breaks_mid_answer(kind: FailureKind) -> bool {
+    matches!(
+        kind,
+        FailureKind::StreamBroken
+            | FailureKind::StreamStalled
+            | FailureKind::BadResponse
+            | FailureKind::StreamError
+            | FailureKind::ServerError
+    )
+}
+
+/// Wraps a committed stream so that a break mid-answer is continued by the
+/// first of `successors` that takes it.
+pub(crate) fn continuing(
+    stream: ChunkStream,
+    request: &Request,
+    successors: Vec<Successor>,
+) -> ChunkStream {
+    if successors.is_empty() || request.chat.n.unwrap_or(1) > 1 {
+        return stream;
+    }
+    let state = State {
+        stream,
+        request: request.clone(),
+        successors,
+        id: None,
+        text: String::new(),
+        continuable: true,
+        finished: false,
+        done: false,
+    };
+    Box::pin(futures_util::stream::unfold(state, |mut s| async move {
+        let item = s.next().await?;
+        Some((item, s))
+    }))
+}
+
+impl State {
+    async fn next(&mut self) -> Option<Result<ChatChunk, BackendError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.stream.next().await {
+                Some(Ok(mut chunk)) => {
+                    self.observe(&mut chunk);
+                    return Some(Ok(chunk));
+                }
+                Some(Err(e)) if self.continuable && !self.finished && breaks_mid_answer(e.kind) => {
+                    match self.take_over(&e).await {
+                        Some(stream) => self.stream = stream,
+                        None => {
+                            self.done = true;
+                            return Some(Err(e));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                None => {
+                    self.done = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Notes what a chunk adds, and gives it the stream's first id.
+    fn observe(&mut self, chunk: &mut ChatChunk) {
+        match &self.id {
+            None => self.id = Some(chunk.id.clone()),
+            Some(id) => chunk.id.clone_from(id),
+        }
+        for choice in &chunk.choices {
+            if choice.index != 0 || choice.delta.tool_calls.is_some() {
+                self.continuable = false;
+            }
+            if let Some(text) = &choice.delta.content {
+                self.text.push_str(text);
+            }
+            if choice.finish_reason.is_some() {
+                self.finished = true;
+            }
+        }
+    }
+
+    /// The first successor that starts a continuation of the text so far.
+    async fn take_over(&mut self, broke: &BackendError) -> Option<ChunkStream> {
+        let mut request = self.request.clone();
+        request.prefill = Some(self.text.clone());
+        while !self.successors.is_empty() {
+            let next = self.successors.remove(0);
+            if next.breaker.as_ref().is_some_and(|b| !b.admit()) {
+                continue;
+            }
+            let started = next.backend.stream(&request).await;
+            if let Some(b) = &next.breaker {
+                b.record(match &started {
+                    Ok(_) => Outcome::Success,
+                    Err(e) => Outcome::Failure(e.kind),
+                });
+            }
+            match started {
+                Ok(reply) => {
+                    tracing::warn!(
+                        to = next.backend.name(),
+                        kind = broke.kind.as_str(),
+                        "stream broke mid-answer after {} bytes of text: continuing",
+                        self.text.len()
+                    );
+                    // The client already has the role; the successor's first
+                    // chunk repeats it, which clients accept.
+                    return Some(reply.body);
+                }
+                Err(e) => tracing::warn!(
+                    to = next.backend.name(),
+                    "could not continue a broken stream: {}",
+                    e.message
+                ),
+            }
+        }
+        None
+    }
+}
