@@ -133,3 +133,73 @@ async fn a_stream_cut_mid_answer_is_finished_by_the_local_model() {
         .iter()
         .any(|c| c["choices"][0]["finish_reason"].is_string()));
 }
+
+#[tokio::test]
+async fn a_prompt_too_long_for_one_model_moves_on_but_other_client_errors_stop() {
+    let h = Harness::with_targets(2, "").await;
+    h.mocks[0].push([
+        MockReply::Json {
+            status: 400,
+            body: json!({"error": {"message": "This model's maximum context length is 8192 tokens.",
+                                   "type": "invalid_request_error", "param": "messages",
+                                   "code": "context_length_exceeded"}}),
+            headers: vec![],
+        },
+        MockReply::error(
+            400,
+            "invalid_request_error",
+            "Invalid value for 'temperature'",
+        ),
+    ]);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backstop-backend"], "up1");
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["x-backstop-backend"], "up0");
+    assert_eq!(
+        h.mocks[1].requests().len(),
+        1,
+        "a plain client error is not retried elsewhere"
+    );
+}
+
+#[tokio::test]
+async fn operators_force_a_breaker_open_and_hand_it_back() {
+    let h = Harness::with_targets(2, "").await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let force = |how: &'static str| {
+        h.http
+            .post(h.url("/admin/breakers/up0"))
+            .json(&json!({"force": how}))
+            .send()
+    };
+    let v: serde_json::Value = force("open").await.unwrap().json().await.unwrap();
+    assert_eq!(v["forced"], "open");
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.headers()["x-backstop-backend"], "up1");
+    assert!(h.mocks[0].requests().is_empty());
+    let list: serde_json::Value = h.get("/admin/breakers").await.json().await.unwrap();
+    assert_eq!(list["breakers"][0]["target"], "up0");
+    assert_eq!(list["breakers"][0]["forced"], "open");
+    force("auto").await.unwrap();
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.headers()["x-backstop-backend"], "up0");
+    let bad = h
+        .http
+        .post(h.url("/admin/breakers/up0"))
+        .json(&json!({"force": "sideways"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let unknown = h
+        .http
+        .post(h.url("/admin/breakers/nope"))
+        .json(&json!({"force": "open"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}

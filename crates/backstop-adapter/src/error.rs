@@ -185,6 +185,16 @@ impl BackendError {
         }
     }
 
+    /// Whether the backend refused the prompt as too long for its model (its
+    /// error code `context_length_exceeded`): another model may take it.
+    pub fn is_context_length_exceeded(&self) -> bool {
+        self.body
+            .as_ref()
+            .and_then(|b| b.pointer("/error/code"))
+            .and_then(Value::as_str)
+            == Some("context_length_exceeded")
+    }
+
     /// The HTTP status to answer the client with.
     pub fn http_status(&self) -> u16 {
         match (self.status, &self.body) {

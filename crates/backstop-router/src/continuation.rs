@@ -4,7 +4,8 @@
 //! model always can; an upstream when configured), and the client's stream
 //! goes on with that target's chunks under the same completion id. A stream
 //! that cannot be continued ends with its error: a truncated answer is never
-//! presented as complete.
+//! presented as complete. Either way the break counts against the breaker of
+//! the target whose stream broke.
 
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub(crate) struct Successor {
 /// What a stream has said so far, and who may finish it.
 struct State {
     stream: ChunkStream,
+    /// The breaker of the target now streaming: a break counts against it.
+    breaker: Option<Arc<CircuitBreaker>>,
     request: Request,
     successors: Vec<Successor>,
     /// The id the client saw first; continuation chunks keep it.
@@ -46,23 +49,22 @@ fn breaks_mid_answer(kind: FailureKind) -> bool {
     )
 }
 
-/// Wraps a committed stream so that a break mid-answer is continued by the
-/// first of `successors` that takes it.
+/// Wraps a committed stream so that a break mid-answer counts against
+/// `breaker` and is continued by the first of `successors` that takes it.
 pub(crate) fn continuing(
     stream: ChunkStream,
+    breaker: Option<Arc<CircuitBreaker>>,
     request: &Request,
     successors: Vec<Successor>,
 ) -> ChunkStream {
-    if successors.is_empty() || request.chat.n.unwrap_or(1) > 1 {
-        return stream;
-    }
     let state = State {
         stream,
+        breaker,
         request: request.clone(),
+        continuable: request.chat.n.unwrap_or(1) == 1 && !successors.is_empty(),
         successors,
         id: None,
         text: String::new(),
-        continuable: true,
         finished: false,
         done: false,
     };
@@ -78,7 +80,11 @@ impl State {
             return None;
         }
         loop {
-            match self.stream.next().await {
+            let item = self.stream.next().await;
+            if let (Some(Err(e)), Some(b)) = (&item, &self.breaker) {
+                b.record(Outcome::Failure(e.kind));
+            }
+            match item {
                 Some(Ok(mut chunk)) => {
                     self.observe(&mut chunk);
                     return Some(Ok(chunk));
@@ -141,6 +147,7 @@ impl State {
             }
             match started {
                 Ok(reply) => {
+                    self.breaker = next.breaker.clone();
                     tracing::warn!(
                         to = next.backend.name(),
                         kind = broke.kind.as_str(),

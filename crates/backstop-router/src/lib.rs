@@ -231,7 +231,8 @@ impl Router {
                 &mut served.reply.body,
                 Box::pin(futures_util::stream::empty()),
             );
-            served.reply.body = continuation::continuing(body, req, successors);
+            let breaker = self.breakers.get(&served.backend).cloned();
+            served.reply.body = continuation::continuing(body, breaker, req, successors);
             served
         })
     }
@@ -300,9 +301,10 @@ impl Router {
                 }
                 Err(e) => {
                     backend_time += started.elapsed();
-                    let retryable = e.kind.retryable();
+                    // A prompt too long for this model may fit the next one.
+                    let moves_on = e.kind.retryable() || e.is_context_length_exceeded();
                     failed.push((name.to_string(), e));
-                    if !retryable {
+                    if !moves_on {
                         break;
                     }
                 }

@@ -263,6 +263,33 @@ async fn a_stream_broken_mid_answer_is_continued_by_a_target_that_takes_a_prefil
 }
 
 #[tokio::test]
+async fn a_break_mid_answer_counts_against_the_breaker_of_the_target_that_broke() {
+    let first = streaming(
+        "up",
+        None,
+        vec![Ok("a"), Err(FailureKind::StreamBroken)],
+        false,
+    );
+    let local = streaming("local", None, vec![Ok("b")], true);
+    let router = Router::new(
+        RouteTable::new(vec![route(ModelMatch::Any, &[first, local])]),
+        BreakerConfig {
+            consecutive_failures: 1,
+            ..BreakerConfig::default()
+        },
+    );
+    assert_eq!(stream_text(&router).await.0, "ab");
+    assert_eq!(
+        router.breakers()["up"].state(),
+        crate::breaker::BreakerState::Open
+    );
+    assert_eq!(
+        router.breakers()["local"].state(),
+        crate::breaker::BreakerState::Closed
+    );
+}
+
+#[tokio::test]
 async fn without_a_successor_a_broken_stream_ends_in_its_error() {
     let first = streaming(
         "up",

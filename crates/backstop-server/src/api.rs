@@ -8,6 +8,7 @@ use backstop_adapter::sse;
 use backstop_adapter::{
     BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, TextCompletion,
 };
+use backstop_router::breaker::{CircuitBreaker, Forced};
 use backstop_router::RouteError;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -58,6 +59,11 @@ pub async fn handle(
                 &Headers::new(),
             )
         }
+        (&Method::GET, "/admin/breakers") => breakers(&app),
+        (&Method::POST, p) if p.starts_with("/admin/breakers/") => {
+            let target = p.trim_start_matches("/admin/breakers/").to_string();
+            force_breaker(req, &app, &target).await
+        }
         (
             _,
             "/v1/chat/completions"
@@ -84,6 +90,85 @@ pub async fn handle(
 
 fn plain_json(body: &'static [u8]) -> Response<Body> {
     respond::json(200, body.to_vec(), Served::NONE, &Headers::new())
+}
+
+fn breaker_json(target: &str, b: &CircuitBreaker) -> serde_json::Value {
+    serde_json::json!({
+        "target": target,
+        "state": b.state().as_str(),
+        "forced": match b.forced() {
+            Forced::No => "auto",
+            Forced::Open => "open",
+            Forced::Closed => "closed",
+        },
+        "trips": b.trips(),
+        "open_remaining_ms": b.open_remaining().as_millis() as u64,
+    })
+}
+
+/// `GET /admin/breakers`: every target's breaker.
+fn breakers(app: &App) -> Response<Body> {
+    let mut list: Vec<_> = app
+        .router
+        .breakers()
+        .iter()
+        .map(|(t, b)| breaker_json(t, b))
+        .collect();
+    list.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
+    let body = serde_json::json!({ "breakers": list });
+    respond::json(
+        200,
+        body.to_string().into_bytes(),
+        Served::NONE,
+        &Headers::new(),
+    )
+}
+
+/// `POST /admin/breakers/{target}` with `{"force": "open" | "closed" | "auto"}`.
+async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -> Response<Body> {
+    let Some(breaker) = app.router.breakers().get(target) else {
+        return respond::error(
+            404,
+            "invalid_request_error",
+            format!("no target is named `{target}`"),
+            Some("unknown_target"),
+        );
+    };
+    let bytes = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return respond::error(
+                400,
+                "invalid_request_error",
+                "cannot read the request body",
+                None,
+            )
+        }
+    };
+    let force = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("force").and_then(|f| f.as_str()).map(str::to_string));
+    let forced = match force.as_deref() {
+        Some("open") => Forced::Open,
+        Some("closed") => Forced::Closed,
+        Some("auto") => Forced::No,
+        _ => {
+            return respond::error(
+                400,
+                "invalid_request_error",
+                "body must be {\"force\": \"open\" | \"closed\" | \"auto\"}",
+                None,
+            )
+        }
+    };
+    breaker.force(forced);
+    tracing::warn!(
+        target = target,
+        "breaker forced {}",
+        force.unwrap_or_default()
+    );
+    let body = breaker_json(target, breaker).to_string().into_bytes();
+    respond::json(200, body, Served::NONE, &Headers::new())
 }
 
 /// Ready while any target can serve (a local model counts once loaded).
