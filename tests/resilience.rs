@@ -17,7 +17,7 @@ async fn an_open_breaker_sends_traffic_past_the_failing_target() {
     mocks[0].set_default(MockReply::error(500, "server_error", "boom"));
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\
-         [breaker]\nconsecutive_failures = 3\nopen_ms = 60000\n\
+         [breaker]\nconsecutive_failures = 3\nopen_ms = 60000\n[retry]\nmax_retries = 0\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
          [[targets]]\nname = \"up1\"\nbase_url = \"{}\"\n",
         mocks[0].url(),
@@ -54,7 +54,7 @@ async fn when_every_breaker_is_open_the_client_gets_a_clean_503() {
     let mock = backstop_testkit::MockUpstream::start().await.unwrap();
     mock.set_default(MockReply::error(502, "server_error", "bad gateway"));
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[breaker]\nconsecutive_failures = 2\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n[breaker]\nconsecutive_failures = 2\n[retry]\nmax_retries = 0\n\
          [[targets]]\nname = \"only\"\nbase_url = \"{}\"\n",
         mock.url()
     );
@@ -202,4 +202,27 @@ async fn operators_force_a_breaker_open_and_hand_it_back() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_retried_on_the_same_upstream_after_the_wait_it_asked_for() {
+    let mock = backstop_testkit::MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Json {
+        status: 503,
+        body: json!({"error": {"message": "overloaded", "type": "server_error", "param": null, "code": null}}),
+        headers: vec![("retry-after-ms".into(), "200".into())],
+    }]);
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[retry]\nmax_retries = 1\n\
+         [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n",
+        mock.url()
+    );
+    let h = Harness::with_config(vec![mock], &toml).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backstop-attempts"], "2");
+    let seen = h.mocks[0].requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1].at - seen[0].at >= std::time::Duration::from_millis(200));
 }

@@ -33,8 +33,10 @@ impl Harness {
     /// appended to each target's TOML table.
     pub async fn with_targets(n: usize, extra: &str) -> Self {
         let mut mocks = Vec::new();
-        let mut toml =
-            String::from("[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n");
+        // One attempt per target: these tests watch exactly what passes through.
+        let mut toml = String::from(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n[retry]\nmax_retries = 0\n",
+        );
         for i in 0..n {
             let mock = MockUpstream::start().await.expect("mock starts");
             toml.push_str(&format!(

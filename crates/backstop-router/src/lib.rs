@@ -8,18 +8,21 @@
 
 pub mod breaker;
 mod continuation;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backstop_adapter::{
-    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, Model, Reply, Request,
+    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Reply,
+    Request,
 };
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use crate::breaker::{BreakerConfig, CircuitBreaker, Outcome};
+use crate::retry::{Next, RetryPolicy};
 
 /// Which requested models a route takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +114,7 @@ impl<T> Served<T> {
 fn attempts(failed: &[(String, BackendError)]) -> u32 {
     failed
         .iter()
-        .filter(|(_, e)| e.kind != backstop_adapter::FailureKind::Unavailable)
+        .filter(|(_, e)| e.kind != FailureKind::Unavailable)
         .count() as u32
 }
 
@@ -157,11 +160,13 @@ impl RouteError {
 pub struct Router {
     table: RouteTable,
     breakers: HashMap<String, Arc<CircuitBreaker>>,
+    retry: RetryPolicy,
 }
 
 impl Router {
-    /// A router over this table, with a breaker per target.
-    pub fn new(table: RouteTable, breaker: BreakerConfig) -> Self {
+    /// A router over this table, with a breaker per target and this retry
+    /// policy.
+    pub fn new(table: RouteTable, breaker: BreakerConfig, retry: RetryPolicy) -> Self {
         let breakers = table
             .targets()
             .iter()
@@ -172,7 +177,11 @@ impl Router {
                 )
             })
             .collect();
-        Router { table, breakers }
+        Router {
+            table,
+            breakers,
+            retry,
+        }
     }
 
     /// Each target's breaker, by target name.
@@ -271,42 +280,61 @@ impl Router {
             .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
         let mut failed = Vec::new();
         let mut backend_time = Duration::ZERO;
-        for target in &route.targets {
+        let deadline = Instant::now() + self.retry.deadline;
+        'targets: for target in &route.targets {
             let name = target.name();
             let breaker = self.breakers.get(name);
-            if breaker.is_some_and(|b| !b.admit()) {
-                let e = BackendError::new(
-                    backstop_adapter::FailureKind::Unavailable,
-                    format!("target `{name}` is unavailable: its circuit breaker is open"),
-                );
-                failed.push((name.to_string(), e));
-                continue;
-            }
-            let started = Instant::now();
-            let result = call(target.as_ref(), req).await;
-            if let Some(b) = breaker {
-                b.record(match &result {
-                    Ok(_) => Outcome::Success,
-                    Err(e) => Outcome::Failure(e.kind),
-                });
-            }
-            match result {
-                Ok((reply, waited)) => {
-                    return Ok(Served {
-                        reply,
-                        backend: name.to_string(),
-                        failed,
-                        backend_time: backend_time + waited,
-                    })
+            for attempt in 0.. {
+                if Instant::now() >= deadline {
+                    break 'targets; // the last failure says the deadline passed
                 }
-                Err(e) => {
-                    backend_time += started.elapsed();
-                    // A prompt too long for this model may fit the next one.
-                    let moves_on = e.kind.retryable() || e.is_context_length_exceeded();
+                if breaker.is_some_and(|b| !b.admit()) {
+                    let e = BackendError::new(
+                        FailureKind::Unavailable,
+                        format!("target `{name}` is unavailable: its circuit breaker is open"),
+                    );
                     failed.push((name.to_string(), e));
-                    if !moves_on {
-                        break;
+                    continue 'targets;
+                }
+                let started = Instant::now();
+                let result =
+                    match tokio::time::timeout_at(deadline, call(target.as_ref(), req)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(BackendError::new(
+                            FailureKind::FirstByteTimeout,
+                            format!(
+                                "the request's deadline of {} s passed",
+                                self.retry.deadline.as_secs()
+                            ),
+                        )),
+                    };
+                if let Some(b) = breaker {
+                    b.record(match &result {
+                        Ok(_) => Outcome::Success,
+                        Err(e) => Outcome::Failure(e.kind),
+                    });
+                }
+                let e = match result {
+                    Ok((reply, waited)) => {
+                        return Ok(Served {
+                            reply,
+                            backend: name.to_string(),
+                            failed,
+                            backend_time: backend_time + waited,
+                        })
                     }
+                    Err(e) => e,
+                };
+                backend_time += started.elapsed();
+                let next = self.retry.next(&e, attempt);
+                failed.push((name.to_string(), e));
+                match next {
+                    Next::Stop => break 'targets,
+                    Next::MoveOn => continue 'targets,
+                    Next::Retry(wait) if Instant::now() + wait < deadline => {
+                        tokio::time::sleep(wait).await;
+                    }
+                    Next::Retry(_) => continue 'targets,
                 }
             }
         }

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::*;
 use crate::breaker::BreakerConfig;
+use crate::retry::RetryPolicy;
 use backstop_adapter::ChatChunk;
 use futures_util::StreamExt;
 
@@ -18,6 +19,29 @@ struct Fake {
     script: Vec<Result<&'static str, FailureKind>>,
     continues: bool,
     prefill: std::sync::Mutex<Option<String>>,
+    /// How many calls still fail (when `fail` is set).
+    failures_left: AtomicU32,
+    /// Headers the failures carry.
+    fail_headers: Vec<(String, String)>,
+    /// When each call came.
+    at: std::sync::Mutex<Vec<tokio::time::Instant>>,
+}
+
+fn flaky(name: &'static str, kind: FailureKind, times: u32, headers: &[(&str, &str)]) -> Arc<Fake> {
+    Arc::new(Fake {
+        name,
+        fail: Some(kind),
+        calls: AtomicU32::new(0),
+        script: Vec::new(),
+        continues: false,
+        prefill: std::sync::Mutex::new(None),
+        failures_left: AtomicU32::new(times),
+        fail_headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        at: std::sync::Mutex::new(Vec::new()),
+    })
 }
 
 fn fake(name: &'static str, fail: Option<FailureKind>) -> Arc<Fake> {
@@ -37,7 +61,27 @@ fn streaming(
         script,
         continues,
         prefill: std::sync::Mutex::new(None),
+        failures_left: AtomicU32::new(u32::MAX),
+        fail_headers: Vec::new(),
+        at: std::sync::Mutex::new(Vec::new()),
     })
+}
+
+impl Fake {
+    /// The scripted failure for this call, if it is to fail.
+    fn failure(&self) -> Option<BackendError> {
+        self.at.lock().unwrap().push(tokio::time::Instant::now());
+        let kind = self.fail?;
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return None;
+        }
+        self.failures_left
+            .store(left.saturating_sub(1), Ordering::SeqCst);
+        let mut e = BackendError::new(kind, "scripted");
+        e.headers = self.fail_headers.clone();
+        Some(e)
+    }
 }
 
 fn chunk(id: &str, text: Option<&str>, finish: Option<&str>) -> ChatChunk {
@@ -57,8 +101,8 @@ impl Backend for Fake {
         _req: &'a Request,
     ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        let result = match self.fail {
-            Some(kind) => Err(BackendError::new(kind, "scripted")),
+        let result = match self.failure() {
+            Some(e) => Err(e),
             None => Ok(Reply {
                 body: serde_json::from_value(json!({
                     "id": "x", "created": 0, "model": self.name,
@@ -90,8 +134,8 @@ impl Backend for Fake {
         if !matches!(items.last(), Some(Err(_))) {
             items.push(Ok(chunk(id, None, Some("stop"))));
         }
-        let result = match self.fail {
-            Some(kind) => Err(BackendError::new(kind, "scripted")),
+        let result = match self.failure() {
+            Some(e) => Err(e),
             None => Ok(Reply {
                 body: Box::pin(futures_util::stream::iter(items)) as ChunkStream,
                 headers: Headers::new(),
@@ -118,7 +162,14 @@ impl Backend for Fake {
 
 impl Router {
     fn new_default(table: RouteTable) -> Self {
-        Router::new(table, BreakerConfig::default())
+        Router::new(table, BreakerConfig::default(), RetryPolicy::default())
+    }
+}
+
+fn no_retries() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 0,
+        ..RetryPolicy::default()
     }
 }
 
@@ -169,10 +220,11 @@ async fn retryable_failures_move_down_the_chain() {
         fake("b", Some(FailureKind::FirstByteTimeout)),
         fake("c", None),
     );
-    let router = Router::new_default(RouteTable::new(vec![route(
-        ModelMatch::Any,
-        &[a, b, c.clone()],
-    )]));
+    let router = Router::new(
+        RouteTable::new(vec![route(ModelMatch::Any, &[a, b, c.clone()])]),
+        BreakerConfig::default(),
+        no_retries(),
+    );
     let served = router.complete(&req("m")).await.unwrap();
     assert_eq!((served.backend.as_str(), served.attempts()), ("c", 3));
     assert_eq!(c.calls.load(Ordering::SeqCst), 1);
@@ -185,10 +237,11 @@ async fn client_errors_stop_the_walk_and_failures_are_kept_in_order() {
         fake("b", Some(FailureKind::ClientError)),
         fake("c", None),
     );
-    let router = Router::new_default(RouteTable::new(vec![route(
-        ModelMatch::Any,
-        &[a, b, c.clone()],
-    )]));
+    let router = Router::new(
+        RouteTable::new(vec![route(ModelMatch::Any, &[a, b, c.clone()])]),
+        BreakerConfig::default(),
+        no_retries(),
+    );
     let err = router.complete(&req("m")).await.unwrap_err();
     assert_eq!(err.attempts(), 2);
     assert_eq!(err.last_target(), Some("b"));
@@ -205,6 +258,7 @@ async fn a_target_with_an_open_breaker_is_skipped_without_an_attempt() {
             consecutive_failures: 2,
             ..BreakerConfig::default()
         },
+        no_retries(),
     );
     for _ in 0..2 {
         assert_eq!(router.complete(&req("m")).await.unwrap().attempts(), 2);
@@ -277,6 +331,7 @@ async fn a_break_mid_answer_counts_against_the_breaker_of_the_target_that_broke(
             consecutive_failures: 1,
             ..BreakerConfig::default()
         },
+        no_retries(),
     );
     assert_eq!(stream_text(&router).await.0, "ab");
     assert_eq!(
@@ -307,6 +362,106 @@ async fn without_a_successor_a_broken_stream_ends_in_its_error() {
         (text.as_str(), err),
         ("The", Some(FailureKind::StreamStalled))
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_error_is_retried_on_the_same_target_after_a_jittered_backoff() {
+    let (a, b) = (
+        flaky("a", FailureKind::ServerError, 1, &[]),
+        fake("b", None),
+    );
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[a.clone(), b.clone()],
+    )]));
+    let served = router.complete(&req("m")).await.unwrap();
+    assert_eq!((served.backend.as_str(), served.attempts()), ("a", 2));
+    let at = a.at.lock().unwrap().clone();
+    assert!(
+        at[1] - at[0] <= Duration::from_millis(100),
+        "{:?}",
+        at[1] - at[0]
+    );
+    assert_eq!(b.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_waits_exactly_as_long_as_the_upstream_asked() {
+    let a = flaky(
+        "a",
+        FailureKind::RateLimited,
+        1,
+        &[("retry-after-ms", "1500")],
+    );
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        std::slice::from_ref(&a),
+    )]));
+    router.complete(&req("m")).await.unwrap();
+    let at = a.at.lock().unwrap().clone();
+    assert_eq!(at[1] - at[0], Duration::from_millis(1500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_or_should_retry_false_moves_on_at_once() {
+    for headers in [[("retry-after", "120")], [("x-should-retry", "false")]] {
+        let (a, b) = (
+            flaky("a", FailureKind::ServerError, 1, &headers),
+            fake("b", None),
+        );
+        let router = Router::new_default(RouteTable::new(vec![route(
+            ModelMatch::Any,
+            &[a.clone(), b],
+        )]));
+        let started = tokio::time::Instant::now();
+        let served = router.complete(&req("m")).await.unwrap();
+        assert_eq!(served.backend, "b");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_request_deadline_bounds_every_attempt() {
+    struct Slow;
+    impl Backend for Slow {
+        fn name(&self) -> &str {
+            "slow"
+        }
+        fn complete<'a>(
+            &'a self,
+            _: &'a Request,
+        ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Err(BackendError::new(FailureKind::Connect, "late"))
+            })
+        }
+        fn stream<'a>(
+            &'a self,
+            _: &'a Request,
+        ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+            Box::pin(async { Err(BackendError::new(FailureKind::Connect, "no")) })
+        }
+        fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+    let router = Router::new(
+        RouteTable::new(vec![Route {
+            models: ModelMatch::Any,
+            targets: vec![Arc::new(Slow)],
+        }]),
+        BreakerConfig::default(),
+        RetryPolicy {
+            deadline: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let err = router.complete(&req("m")).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(30));
+    assert_eq!(err.last().unwrap().kind, FailureKind::FirstByteTimeout);
+    assert_eq!(err.last().unwrap().http_status(), 504);
 }
 
 #[tokio::test]

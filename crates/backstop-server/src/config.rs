@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use backstop_local::LocalConfig;
 use backstop_router::breaker::BreakerConfig;
+use backstop_router::retry::RetryPolicy;
 use backstop_router::ModelMatch;
 use backstop_upstream::UpstreamConfig;
 use serde::Deserialize;
@@ -72,6 +73,18 @@ struct RawConfig {
     local: Option<RawLocal>,
     #[serde(default)]
     breaker: RawBreaker,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_retries: Option<u32>,
+    backoff_base_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    max_retry_after_ms: Option<u64>,
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +158,8 @@ pub struct Config {
     pub local: Option<LocalConfig>,
     /// When targets' circuit breakers open, and for how long.
     pub breaker: BreakerConfig,
+    /// Retries on the same target, backoff, and the request deadline.
+    pub retry: RetryPolicy,
     /// Routes: which models go to which targets, by target name.
     pub routes: Vec<(ModelMatch, Vec<String>)>,
 }
@@ -377,9 +392,38 @@ impl RawConfig {
             targets,
             local,
             breaker: validate_breaker(&self.breaker)?,
+            retry: validate_retry(&self.retry)?,
             routes,
         })
     }
+}
+
+fn validate_retry(raw: &RawRetry) -> Result<RetryPolicy, ConfigError> {
+    let mut r = RetryPolicy::default();
+    if let Some(n) = raw.max_retries {
+        r.max_retries = n;
+    }
+    let ms = |v: Option<u64>, field: &str, default: Duration, zero_ok: bool| match v {
+        Some(0) if !zero_ok => Err(invalid(format!("retry.{field}"), "must be greater than 0")),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default),
+    };
+    r.backoff_base = ms(raw.backoff_base_ms, "backoff_base_ms", r.backoff_base, true)?;
+    r.backoff_max = ms(raw.backoff_max_ms, "backoff_max_ms", r.backoff_max, true)?;
+    r.max_retry_after = ms(
+        raw.max_retry_after_ms,
+        "max_retry_after_ms",
+        r.max_retry_after,
+        true,
+    )?;
+    r.deadline = ms(raw.deadline_ms, "deadline_ms", r.deadline, false)?;
+    if r.backoff_max < r.backoff_base {
+        return Err(invalid(
+            "retry.backoff_max_ms",
+            "must not be below backoff_base_ms",
+        ));
+    }
+    Ok(r)
 }
 
 fn validate_breaker(raw: &RawBreaker) -> Result<BreakerConfig, ConfigError> {

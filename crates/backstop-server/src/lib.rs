@@ -84,7 +84,11 @@ impl App {
             })
             .collect();
         Ok(App {
-            router: Router::new(RouteTable::new(routes), config.breaker.clone()),
+            router: Router::new(
+                RouteTable::new(routes),
+                config.breaker.clone(),
+                config.retry.clone(),
+            ),
             metrics: Metrics::new()?,
             config,
         })
