@@ -215,10 +215,17 @@ impl Router {
             Box::pin(async move {
                 let started = Instant::now();
                 let mut reply = backend.stream(req).await?;
-                let first = match reply.body.next().await {
-                    Some(Ok(chunk)) => chunk,
-                    Some(Err(e)) => return Err(e),
-                    None => {
+                let first_token = self.retry.first_token_timeout;
+                let first = match tokio::time::timeout(first_token, reply.body.next()).await {
+                    Err(_) => {
+                        return Err(BackendError::new(
+                            FailureKind::FirstByteTimeout,
+                            format!("no first token within {} ms", first_token.as_millis()),
+                        ))
+                    }
+                    Ok(Some(Ok(chunk))) => chunk,
+                    Ok(Some(Err(e))) => return Err(e),
+                    Ok(None) => {
                         return Err(BackendError::new(
                             backstop_adapter::FailureKind::StreamBroken,
                             "stream ended before its first chunk",

@@ -26,6 +26,9 @@ pub struct RetryPolicy {
     /// Whole-request deadline: no attempt starts after it, and a request
     /// that has not committed by then fails with a 504.
     pub deadline: Duration,
+    /// A streaming target that sends no first chunk within this is abandoned
+    /// for the next target (and the miss counts against its breaker).
+    pub first_token_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -36,6 +39,7 @@ impl Default for RetryPolicy {
             backoff_max: Duration::from_secs(2),
             max_retry_after: Duration::from_secs(5),
             deadline: Duration::from_secs(600),
+            first_token_timeout: Duration::from_secs(60),
         }
     }
 }

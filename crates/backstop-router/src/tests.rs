@@ -464,6 +464,62 @@ async fn the_request_deadline_bounds_every_attempt() {
     assert_eq!(err.last().unwrap().http_status(), 504);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_stream_without_a_first_token_in_time_is_abandoned_for_the_next_target() {
+    let silent = Arc::new(Silent);
+    let b = streaming("b", None, vec![Ok("hi")], false);
+    let router = Router::new(
+        RouteTable::new(vec![Route {
+            models: ModelMatch::Any,
+            targets: vec![silent, b],
+        }]),
+        BreakerConfig::default(),
+        RetryPolicy {
+            first_token_timeout: Duration::from_secs(2),
+            ..RetryPolicy::default()
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let served = router.stream(&req("m")).await.unwrap();
+    assert_eq!(served.backend, "b");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(2),
+        "abandoned, not retried"
+    );
+    assert_eq!(served.failed[0].1.kind, FailureKind::FirstByteTimeout);
+}
+
+/// Answers streams at once with headers, then never sends a chunk.
+struct Silent;
+
+impl Backend for Silent {
+    fn name(&self) -> &str {
+        "silent"
+    }
+    fn complete<'a>(
+        &'a self,
+        _: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+        Box::pin(async { Err(BackendError::new(FailureKind::Connect, "no")) })
+    }
+    fn stream<'a>(
+        &'a self,
+        _: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+        Box::pin(async {
+            Ok(Reply {
+                body: Box::pin(futures_util::stream::pending()) as ChunkStream,
+                headers: Headers::new(),
+                waited: Duration::ZERO,
+            })
+        })
+    }
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
 #[tokio::test]
 async fn an_unrouted_model_is_named() {
     let router = Router::new_default(RouteTable::new(vec![route(

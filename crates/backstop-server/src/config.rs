@@ -85,6 +85,7 @@ struct RawRetry {
     backoff_max_ms: Option<u64>,
     max_retry_after_ms: Option<u64>,
     deadline_ms: Option<u64>,
+    first_token_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -417,6 +418,12 @@ fn validate_retry(raw: &RawRetry) -> Result<RetryPolicy, ConfigError> {
         true,
     )?;
     r.deadline = ms(raw.deadline_ms, "deadline_ms", r.deadline, false)?;
+    r.first_token_timeout = ms(
+        raw.first_token_timeout_ms,
+        "first_token_timeout_ms",
+        r.first_token_timeout,
+        false,
+    )?;
     if r.backoff_max < r.backoff_base {
         return Err(invalid(
             "retry.backoff_max_ms",
