@@ -226,3 +226,64 @@ async fn a_failed_attempt_is_retried_on_the_same_upstream_after_the_wait_it_aske
     assert_eq!(seen.len(), 2);
     assert!(seen[1].at - seen[0].at >= std::time::Duration::from_millis(200));
 }
+
+#[tokio::test]
+async fn health_checks_take_a_failing_upstream_out_of_service_and_bring_it_back() {
+    let mut mocks = Vec::new();
+    for _ in 0..2 {
+        mocks.push(backstop_testkit::MockUpstream::start().await.unwrap());
+    }
+    mocks[0].set_default(MockReply::error(500, "server_error", "down"));
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[retry]\nmax_retries = 0\n\
+         [health]\nprobe = \"completion\"\nprobe_model = \"probe-model\"\ninterval_ms = 30\n\
+         timeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\n\
+         [breaker]\nconsecutive_failures = 1000\nmin_calls = 1000\n\
+         [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
+         [[targets]]\nname = \"up1\"\nbase_url = \"{}\"\n",
+        mocks[0].url(),
+        mocks[1].url()
+    );
+    let h = Harness::with_config(mocks, &toml).await;
+    let mut waited = 0;
+    while !unhealthy(&h).await {
+        waited += 1;
+        assert!(waited < 200, "the failing upstream never became unhealthy");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let probes = h.mocks[0].requests();
+    assert!(probes
+        .iter()
+        .all(|r| r.body["model"] == "probe-model" && r.body["max_tokens"] == 1));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let before = h.mocks[0].requests().len();
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.headers()["x-backstop-backend"], "up1");
+    assert_eq!(
+        resp.headers()["x-backstop-attempts"],
+        "1",
+        "no attempt on an unhealthy target"
+    );
+    let metrics = h.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("backstop_target_healthy{target=\"up0\"} 0"),
+        "{metrics}"
+    );
+
+    // It recovers: probes succeed twice in a row, traffic returns.
+    h.mocks[0].set_default(MockReply::echo());
+    let mut waited = 0;
+    while unhealthy(&h).await {
+        waited += 1;
+        assert!(waited < 200, "the upstream never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.headers()["x-backstop-backend"], "up0");
+    assert!(h.mocks[0].requests().len() > before);
+}
+
+async fn unhealthy(h: &Harness) -> bool {
+    let v: serde_json::Value = h.get("/admin/breakers").await.json().await.unwrap();
+    v["breakers"][0]["healthy"] == json!(false)
+}

@@ -35,7 +35,7 @@ impl Harness {
         let mut mocks = Vec::new();
         // One attempt per target: these tests watch exactly what passes through.
         let mut toml = String::from(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n[retry]\nmax_retries = 0\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n[retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n",
         );
         for i in 0..n {
             let mock = MockUpstream::start().await.expect("mock starts");

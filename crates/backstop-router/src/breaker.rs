@@ -120,6 +120,11 @@ pub struct CircuitBreaker {
     probing: AtomicBool,
     forced: AtomicU8,
     stats: Mutex<Stats>,
+    /// What active health checks say; an unhealthy target is not admitted.
+    healthy: AtomicBool,
+    /// Consecutive probe results of the same kind: positive for successes,
+    /// negative for failures.
+    probe_streak: std::sync::atomic::AtomicI32,
 }
 
 const CLOSED: u8 = 0;
@@ -141,6 +146,32 @@ impl CircuitBreaker {
                 window: VecDeque::new(),
                 trips: 0,
             }),
+            healthy: AtomicBool::new(true),
+            probe_streak: std::sync::atomic::AtomicI32::new(0),
+        }
+    }
+
+    /// Whether active health checks consider the target healthy.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Feeds one health-check result: `unhealthy_after` failures in a row
+    /// take the target out of service, `healthy_after` successes in a row
+    /// bring it back.
+    pub fn record_probe(&self, ok: bool, healthy_after: u32, unhealthy_after: u32) {
+        let streak = self.probe_streak.load(Ordering::Acquire);
+        let streak = match (ok, streak) {
+            (true, s) if s > 0 => s.saturating_add(1),
+            (true, _) => 1,
+            (false, s) if s < 0 => s.saturating_sub(1),
+            (false, _) => -1,
+        };
+        self.probe_streak.store(streak, Ordering::Release);
+        if ok && streak >= healthy_after as i32 {
+            self.healthy.store(true, Ordering::Release);
+        } else if !ok && -streak >= unhealthy_after as i32 {
+            self.healthy.store(false, Ordering::Release);
         }
     }
 
@@ -187,6 +218,9 @@ impl CircuitBreaker {
             Forced::Open => return false,
             Forced::Closed => return true,
             Forced::No => {}
+        }
+        if !self.healthy() {
+            return false;
         }
         match self.state.load(Ordering::Acquire) {
             CLOSED => true,

@@ -8,6 +8,7 @@
 
 pub mod breaker;
 mod continuation;
+pub mod health;
 pub mod retry;
 
 use std::collections::HashMap;

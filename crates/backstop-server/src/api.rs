@@ -102,6 +102,7 @@ fn breaker_json(target: &str, b: &CircuitBreaker) -> serde_json::Value {
             Forced::Closed => "closed",
         },
         "trips": b.trips(),
+        "healthy": b.healthy(),
         "open_remaining_ms": b.open_remaining().as_millis() as u64,
     })
 }
@@ -171,9 +172,16 @@ async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -
     respond::json(200, body, Served::NONE, &Headers::new())
 }
 
-/// Ready while any target can serve (a local model counts once loaded).
+/// Ready while any target can serve: loaded (the local model), healthy by its
+/// health checks, and its breaker not open.
 fn ready(app: &App) -> Response<Body> {
-    if app.router.table().targets().iter().any(|t| t.ready()) {
+    let serving = |t: &std::sync::Arc<dyn backstop_adapter::Backend>| {
+        t.ready()
+            && app.router.breakers().get(t.name()).is_none_or(|b| {
+                b.healthy() && b.state() != backstop_router::breaker::BreakerState::Open
+            })
+    };
+    if app.router.table().targets().iter().any(serving) {
         plain_json(br#"{"status":"ready"}"#)
     } else {
         respond::error(

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use backstop_local::LocalConfig;
 use backstop_router::breaker::BreakerConfig;
+use backstop_router::health::{HealthConfig, Probe};
 use backstop_router::retry::RetryPolicy;
 use backstop_router::ModelMatch;
 use backstop_upstream::UpstreamConfig;
@@ -75,6 +76,19 @@ struct RawConfig {
     breaker: RawBreaker,
     #[serde(default)]
     retry: RawRetry,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    probe: Option<String>,
+    probe_model: Option<String>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +175,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// Retries on the same target, backoff, and the request deadline.
     pub retry: RetryPolicy,
+    /// Active health checks of the upstream targets.
+    pub health: HealthConfig,
     /// Routes: which models go to which targets, by target name.
     pub routes: Vec<(ModelMatch, Vec<String>)>,
 }
@@ -394,9 +410,58 @@ impl RawConfig {
             local,
             breaker: validate_breaker(&self.breaker)?,
             retry: validate_retry(&self.retry)?,
+            health: validate_health(&self.health)?,
             routes,
         })
     }
+}
+
+fn validate_health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
+    let probe = match raw.probe.as_deref() {
+        None | Some("models") => Some(Probe::Models),
+        Some("completion") => Some(Probe::Completion(
+            raw.probe_model
+                .clone()
+                .unwrap_or_else(|| "gpt-4o-mini".into()),
+        )),
+        Some("off") => None,
+        Some(other) => {
+            return Err(invalid(
+                "health.probe",
+                format!("`{other}` is not one of models, completion, off"),
+            ))
+        }
+    };
+    let mut h = HealthConfig {
+        probe,
+        ..HealthConfig::default()
+    };
+    let positive = |v: Option<u64>, field: &str, default: Duration| match v {
+        Some(0) => Err(invalid(format!("health.{field}"), "must be greater than 0")),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default),
+    };
+    h.interval = positive(raw.interval_ms, "interval_ms", h.interval)?;
+    h.timeout = positive(raw.timeout_ms, "timeout_ms", h.timeout)?;
+    for (field, value, slot) in [
+        (
+            "healthy_threshold",
+            raw.healthy_threshold,
+            &mut h.healthy_after,
+        ),
+        (
+            "unhealthy_threshold",
+            raw.unhealthy_threshold,
+            &mut h.unhealthy_after,
+        ),
+    ] {
+        match value {
+            Some(0) => return Err(invalid(format!("health.{field}"), "must be greater than 0")),
+            Some(n) => *slot = n,
+            None => {}
+        }
+    }
+    Ok(h)
 }
 
 fn validate_retry(raw: &RawRetry) -> Result<RetryPolicy, ConfigError> {

@@ -138,6 +138,10 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    let upstreams: Vec<String> = app.config.targets.iter().map(|t| t.name.clone()).collect();
+    let checks = app
+        .router
+        .spawn_health_checks(&upstreams, &app.config.health);
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -170,6 +174,9 @@ async fn serve(
         }
     }
     drop(listener);
+    for check in checks {
+        check.abort();
+    }
     tracing::info!(
         "shutting down: waiting up to {} s for in-flight requests",
         grace.as_secs()

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Each target's breaker: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGaugeVec,
+    /// Each target's health by active checks: 1 healthy, 0 not.
+    pub healthy: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -84,6 +86,13 @@ impl Metrics {
             "backstop_in_flight_requests",
             "Client requests being served now.",
         )?;
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "backstop_target_healthy",
+                "Whether active health checks consider a target healthy (1) or not (0).",
+            ),
+            &["target"],
+        )?;
         let breaker_state = IntGaugeVec::new(
             Opts::new(
                 "backstop_breaker_state",
@@ -99,6 +108,7 @@ impl Metrics {
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(healthy.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -109,6 +119,7 @@ impl Metrics {
             tokens,
             in_flight,
             breaker_state,
+            healthy,
         })
     }
 
@@ -122,6 +133,9 @@ impl Metrics {
                 BreakerState::HalfOpen => 2,
             };
             self.breaker_state.with_label_values(&[target]).set(value);
+            self.healthy
+                .with_label_values(&[target])
+                .set(i64::from(breaker.healthy()));
         }
     }
 

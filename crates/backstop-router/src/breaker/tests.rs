@@ -136,3 +136,20 @@ async fn jitter_keeps_the_period_within_its_bounds() {
         "{open:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn health_checks_take_a_target_out_and_bring_it_back_by_streaks() {
+    let b = CircuitBreaker::new(config());
+    b.record_probe(false, 2, 3);
+    b.record_probe(false, 2, 3);
+    assert!(b.healthy() && b.admit());
+    b.record_probe(false, 2, 3);
+    assert!(!b.healthy() && !b.admit(), "three failures in a row");
+    b.record_probe(true, 2, 3);
+    b.record_probe(false, 2, 3);
+    b.record_probe(true, 2, 3);
+    assert!(!b.healthy(), "successes must come in a row");
+    b.record_probe(true, 2, 3);
+    assert!(b.healthy() && b.admit());
+    assert_eq!(b.state(), BreakerState::Closed);
+}

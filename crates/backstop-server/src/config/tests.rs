@@ -170,3 +170,23 @@ fn route_patterns() {
     assert_eq!(config.routes[1].0, ModelMatch::Exact("o1".into()));
     assert_eq!(config.routes.len(), 2);
 }
+
+#[test]
+fn health_settings_are_checked() {
+    let target = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n";
+    let config = Config::parse(
+        &format!(
+            "[health]\nprobe = \"completion\"\nprobe_model = \"m\"\ninterval_ms = 500\n{target}"
+        ),
+        env,
+    )
+    .unwrap();
+    assert_eq!(config.health.probe, Some(Probe::Completion("m".into())));
+    assert_eq!(config.health.interval, Duration::from_millis(500));
+    let off = Config::parse(&format!("[health]\nprobe = \"off\"\n{target}"), env).unwrap();
+    assert_eq!(off.health.probe, None);
+    let e = parse_err(&format!("[health]\nprobe = \"ping\"\n{target}"));
+    assert!(e.starts_with("health.probe:"), "{e}");
+    let e = parse_err(&format!("[health]\nunhealthy_threshold = 0\n{target}"));
+    assert!(e.starts_with("health.unhealthy_threshold:"), "{e}");
+}
