@@ -119,19 +119,16 @@ impl LocalBackend {
     async fn start_job(
         &self,
         req: &Request,
-    ) -> Result<(mpsc::Receiver<Event>, usize, Headers), BackendError> {
+    ) -> Result<(mpsc::Receiver<Event>, Headers), BackendError> {
         let (tx, mut rx) = mpsc::channel(64);
         self.engine.submit(self.job(req, tx)?)?;
         match rx.recv().await {
-            Some(Event::Started {
-                prompt_tokens,
-                dropped_turns,
-            }) => {
+            Some(Event::Started { dropped_turns }) => {
                 let mut headers = Headers::new();
                 if dropped_turns > 0 {
                     headers.push((DROPPED_TURNS_HEADER.into(), dropped_turns.to_string()));
                 }
-                Ok((rx, prompt_tokens, headers))
+                Ok((rx, headers))
             }
             Some(Event::Failed(e)) => Err(e),
             _ => Err(BackendError::new(
@@ -260,7 +257,7 @@ impl Backend for LocalBackend {
     ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let (mut events, _, headers) = self.start_job(req).await?;
+            let (mut events, headers) = self.start_job(req).await?;
             let mut text = String::new();
             let (finish, usage) = loop {
                 match events.recv().await {
@@ -309,7 +306,7 @@ impl Backend for LocalBackend {
     ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let (events, _, headers) = self.start_job(req).await?;
+            let (events, headers) = self.start_job(req).await?;
             let state = LocalStream {
                 events,
                 maker: ChunkMaker {

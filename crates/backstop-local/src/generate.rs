@@ -45,11 +45,8 @@ pub struct Params {
 /// What a running sequence reports, in order.
 #[derive(Debug)]
 pub enum Event {
-    /// The prompt was accepted: its size, and how many old turns were dropped
-    /// to fit the context.
+    /// The prompt was accepted; this many old turns were dropped to fit it.
     Started {
-        /// Prompt tokens.
-        prompt_tokens: usize,
         /// Oldest turns left out so the prompt fits.
         dropped_turns: usize,
     },
@@ -209,14 +206,10 @@ pub fn run(model: &LoadedModel, weights: &mut ModelWeights, job: Job) {
             return;
         }
     };
-    let prompt_tokens = ids.len();
-    if !send(Event::Started {
-        prompt_tokens,
-        dropped_turns,
-    }) {
+    if !send(Event::Started { dropped_turns }) {
         return;
     }
-    let room = model.context - prompt_tokens;
+    let room = model.context - ids.len();
     let max_new = params.max_tokens.map_or(room, |m| m.min(room));
     if let Err(event) = generate(model, weights, &ids, max_new, &params, &send, &events) {
         send(event);
