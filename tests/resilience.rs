@@ -287,3 +287,39 @@ async fn unhealthy(h: &Harness) -> bool {
     let v: serde_json::Value = h.get("/admin/breakers").await.json().await.unwrap();
     v["breakers"][0]["healthy"] == json!(false)
 }
+
+#[tokio::test]
+async fn a_prompt_too_big_for_a_target_skips_it_and_one_that_fits_none_is_a_clear_400() {
+    let mut mocks = Vec::new();
+    for _ in 0..2 {
+        mocks.push(backstop_testkit::MockUpstream::start().await.unwrap());
+    }
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nprobe = \"off\"\n\
+         [[targets]]\nname = \"small\"\nbase_url = \"{}\"\ncontext_window = 32\n\
+         [[targets]]\nname = \"large\"\nbase_url = \"{}\"\ncontext_window = 200\n",
+        mocks[0].url(),
+        mocks[1].url()
+    );
+    let h = Harness::with_config(mocks, &toml).await;
+    let ask = |words: usize| json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "word ".repeat(words)}]});
+    let resp = h.post("/v1/chat/completions", &ask(60)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backstop-backend"], "large");
+    assert!(
+        h.mocks[0].requests().is_empty(),
+        "never sent to the small model"
+    );
+
+    let resp = h.post("/v1/chat/completions", &ask(400)).await;
+    assert_eq!(resp.status(), 400);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("tokens over"), "{message}");
+    assert_eq!(
+        h.mocks[1].requests().len(),
+        1,
+        "the oversized prompt reached no upstream"
+    );
+}

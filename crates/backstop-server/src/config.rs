@@ -149,6 +149,7 @@ struct RawTarget {
     first_byte_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     prefill: Option<bool>,
+    context_window: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +220,7 @@ impl Config {
                 first_byte_timeout_ms: None,
                 idle_timeout_ms: None,
                 prefill: None,
+                context_window: None,
             }],
             local: default_local(&env),
             ..RawConfig::default()
@@ -338,6 +340,12 @@ impl RawConfig {
             u.model = t.model;
             u.http2 = t.http2.unwrap_or(false);
             u.prefill = t.prefill.unwrap_or(false);
+            u.context_window = match t.context_window {
+                Some(n) if n < 16 => {
+                    return Err(invalid(at("context_window"), "must be at least 16 tokens"))
+                }
+                other => other,
+            };
             u.ca_bundle = t.ca_bundle;
             if let Some(n) = t.pool_max_idle {
                 u.pool_max_idle = n;

@@ -8,6 +8,7 @@
 //! never a partial body handed on.
 
 mod response;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +54,9 @@ pub struct UpstreamConfig {
     /// The upstream continues a final partial assistant message (a prefill),
     /// so it may finish a stream another target started.
     pub prefill: bool,
+    /// The model's context window in tokens: a prompt that does not fit is
+    /// not sent, and `max_tokens` is clamped to the room left.
+    pub context_window: Option<usize>,
 }
 
 impl UpstreamConfig {
@@ -72,6 +76,7 @@ impl UpstreamConfig {
             idle_timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
             prefill: false,
+            context_window: None,
         }
     }
 }
@@ -152,6 +157,24 @@ impl Upstream {
                 format!("cannot encode request: {e}"),
             )
         })?;
+        if let (Some(window), Value::Object(map)) = (self.config.context_window, &mut body) {
+            let model = self.config.model.as_deref().unwrap_or(&req.chat.model);
+            let prompt = tokens::prompt_tokens(req, model);
+            if prompt >= window {
+                return Err(self.too_long(prompt, window));
+            }
+            // Clamp whichever cap the client gave to the room left.
+            let room = (window - prompt) as u64;
+            for field in ["max_completion_tokens", "max_tokens"] {
+                if map
+                    .get(field)
+                    .and_then(Value::as_u64)
+                    .is_some_and(|n| n > room)
+                {
+                    map.insert(field.into(), Value::from(room));
+                }
+            }
+        }
         if let Value::Object(map) = &mut body {
             map.insert("stream".into(), Value::Bool(stream));
             if !stream {
@@ -193,6 +216,27 @@ impl Upstream {
             Ok(response)
         } else {
             Err(response::error_from_status(response, self.config.idle_timeout).await)
+        }
+    }
+
+    /// The error for a prompt this target's model cannot hold: a 400
+    /// `context_length_exceeded`, which sends the request to the next target.
+    fn too_long(&self, prompt: usize, window: usize) -> BackendError {
+        let message = format!(
+            "The prompt is {prompt} tokens; target `{}` holds {window} with room for the answer \
+             ({} tokens over).",
+            self.config.name,
+            prompt + 1 - window
+        );
+        BackendError {
+            kind: FailureKind::ClientError,
+            body: Some(
+                serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
+                "param": "messages", "code": "context_length_exceeded"}}),
+            ),
+            message,
+            status: Some(400),
+            headers: Vec::new(),
         }
     }
 

@@ -350,3 +350,42 @@ async fn tls_upstreams_are_trusted_through_an_extra_ca_bundle_and_speak_http2() 
         assert_eq!(version, expected);
     }
 }
+
+#[test]
+fn prompt_tokens_follow_openais_chat_accounting() {
+    let req = Request::parse_chat(
+        br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello world"}]}"#,
+    )
+    .unwrap();
+    // 3 to prime the reply, 3 for the message, 1 for "user", 2 for "hello world".
+    assert_eq!(tokens::prompt_tokens(&req, "gpt-4o"), 9);
+    assert_eq!(tokens::prompt_tokens(&req, "gpt-3.5-turbo"), 9);
+    let legacy =
+        Request::parse_legacy(br#"{"model":"gpt-3.5-turbo-instruct","prompt":"hello world"}"#)
+            .unwrap();
+    assert_eq!(tokens::prompt_tokens(&legacy, "gpt-3.5-turbo-instruct"), 2);
+}
+
+#[tokio::test]
+async fn a_prompt_over_the_context_window_is_not_sent_and_max_tokens_is_clamped() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut cfg = UpstreamConfig::new("small", mock.url());
+    cfg.context_window = Some(40);
+    let up = Upstream::new(cfg).unwrap();
+    let long = "word ".repeat(60);
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": long}]});
+    let e = up
+        .complete(&Request::parse_chat(body.to_string().as_bytes()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(e.is_context_length_exceeded(), "{e:?}");
+    assert!(e.message.contains("tokens over"), "{}", e.message);
+    assert!(mock.requests().is_empty(), "never sent");
+
+    let body = json!({"model": "gpt-4o", "max_tokens": 1000,
+                      "messages": [{"role": "user", "content": "hello world"}]});
+    up.complete(&Request::parse_chat(body.to_string().as_bytes()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(mock.requests()[0].body["max_tokens"], 40 - 9);
+}
