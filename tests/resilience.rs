@@ -323,3 +323,20 @@ async fn a_prompt_too_big_for_a_target_skips_it_and_one_that_fits_none_is_a_clea
         "the oversized prompt reached no upstream"
     );
 }
+
+#[tokio::test]
+async fn a_spent_rate_limit_sends_requests_to_the_next_target_instead_of_earning_a_429() {
+    let h = Harness::with_targets(2, "requests_per_minute = 1").await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.headers()["x-backstop-backend"], "up0");
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backstop-backend"], "up1");
+    assert_eq!(
+        resp.headers()["x-backstop-attempts"],
+        "1",
+        "a held-back target is not an attempt"
+    );
+    assert_eq!(h.mocks[0].requests().len(), 1);
+}

@@ -75,6 +75,9 @@ pub enum FailureKind {
     Cancelled,
     /// The target's circuit breaker is open: it was not tried.
     Unavailable,
+    /// The target's rate limit (ours, kept in step with its headers) is
+    /// spent: it was not tried.
+    Throttled,
 }
 
 impl FailureKind {
@@ -84,6 +87,12 @@ impl FailureKind {
             self,
             FailureKind::ClientError | FailureKind::Auth | FailureKind::Cancelled
         )
+    }
+
+    /// Whether the target was skipped without an attempt (breaker open, or
+    /// its rate limit spent).
+    pub fn skipped(self) -> bool {
+        matches!(self, FailureKind::Unavailable | FailureKind::Throttled)
     }
 
     /// Whether the failure counts against the target's circuit breaker.
@@ -96,6 +105,7 @@ impl FailureKind {
                 | FailureKind::RateLimited
                 | FailureKind::Overloaded
                 | FailureKind::Unavailable
+                | FailureKind::Throttled
         )
     }
 
@@ -104,7 +114,7 @@ impl FailureKind {
     pub fn default_status(self) -> u16 {
         match self {
             FailureKind::FirstByteTimeout | FailureKind::StreamStalled => 504,
-            FailureKind::RateLimited | FailureKind::Overloaded => 429,
+            FailureKind::RateLimited | FailureKind::Overloaded | FailureKind::Throttled => 429,
             FailureKind::Auth => 401,
             FailureKind::ClientError => 400,
             FailureKind::Cancelled => 499,
@@ -122,7 +132,9 @@ impl FailureKind {
         match self {
             FailureKind::ClientError => "invalid_request_error",
             FailureKind::Auth => "authentication_error",
-            FailureKind::RateLimited | FailureKind::Overloaded => "rate_limit_error",
+            FailureKind::RateLimited | FailureKind::Overloaded | FailureKind::Throttled => {
+                "rate_limit_error"
+            }
             _ => "upstream_error",
         }
     }
@@ -143,6 +155,7 @@ impl FailureKind {
             FailureKind::Overloaded => "overloaded",
             FailureKind::Cancelled => "cancelled",
             FailureKind::Unavailable => "circuit_open",
+            FailureKind::Throttled => "rate_limit_held",
         }
     }
 

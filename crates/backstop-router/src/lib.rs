@@ -113,10 +113,7 @@ impl<T> Served<T> {
 }
 
 fn attempts(failed: &[(String, BackendError)]) -> u32 {
-    failed
-        .iter()
-        .filter(|(_, e)| e.kind != FailureKind::Unavailable)
-        .count() as u32
+    failed.iter().filter(|(_, e)| !e.kind.skipped()).count() as u32
 }
 
 /// Why no target served a request.

@@ -82,10 +82,11 @@ impl RetryPolicy {
         if !e.kind.retryable() {
             return Next::Stop;
         }
-        let same_target_may_help = !matches!(
-            e.kind,
-            FailureKind::FirstByteTimeout | FailureKind::Unavailable | FailureKind::Overloaded
-        );
+        let same_target_may_help = !e.kind.skipped()
+            && !matches!(
+                e.kind,
+                FailureKind::FirstByteTimeout | FailureKind::Overloaded
+            );
         let told_not_to = header(e, "x-should-retry") == Some("false");
         if attempt >= self.max_retries || !same_target_may_help || told_not_to {
             return Next::MoveOn;

@@ -150,6 +150,8 @@ struct RawTarget {
     idle_timeout_ms: Option<u64>,
     prefill: Option<bool>,
     context_window: Option<usize>,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,6 +223,8 @@ impl Config {
                 idle_timeout_ms: None,
                 prefill: None,
                 context_window: None,
+                requests_per_minute: None,
+                tokens_per_minute: None,
             }],
             local: default_local(&env),
             ..RawConfig::default()
@@ -346,6 +350,23 @@ impl RawConfig {
                 }
                 other => other,
             };
+            for (field, value, slot) in [
+                (
+                    "requests_per_minute",
+                    t.requests_per_minute,
+                    &mut u.requests_per_minute,
+                ),
+                (
+                    "tokens_per_minute",
+                    t.tokens_per_minute,
+                    &mut u.tokens_per_minute,
+                ),
+            ] {
+                if value == Some(0) {
+                    return Err(invalid(at(field), "must be greater than 0"));
+                }
+                *slot = value;
+            }
             u.ca_bundle = t.ca_bundle;
             if let Some(n) = t.pool_max_idle {
                 u.pool_max_idle = n;

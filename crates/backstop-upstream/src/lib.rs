@@ -7,6 +7,7 @@
 //! parsed, defensively, and anything else becomes a classified [`BackendError`],
 //! never a partial body handed on.
 
+pub mod ratelimit;
 mod response;
 pub mod tokens;
 
@@ -57,6 +58,10 @@ pub struct UpstreamConfig {
     /// The model's context window in tokens: a prompt that does not fit is
     /// not sent, and `max_tokens` is clamped to the room left.
     pub context_window: Option<usize>,
+    /// Client-side limit on requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Client-side limit on tokens (prompt plus `max_tokens`) per minute.
+    pub tokens_per_minute: Option<u64>,
 }
 
 impl UpstreamConfig {
@@ -77,6 +82,8 @@ impl UpstreamConfig {
             max_body_bytes: 16 << 20,
             prefill: false,
             context_window: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
         }
     }
 }
@@ -101,6 +108,7 @@ pub enum UpstreamError {
 #[derive(Debug)]
 pub struct Upstream {
     config: UpstreamConfig,
+    limit: ratelimit::RateLimit,
     client: reqwest::Client,
     chat_url: String,
     completions_url: String,
@@ -139,6 +147,7 @@ impl Upstream {
             completions_url: format!("{base}/completions"),
             models_url: format!("{base}/models"),
             client: builder.build()?,
+            limit: ratelimit::RateLimit::new(config.requests_per_minute, config.tokens_per_minute),
             config,
         })
     }
@@ -190,6 +199,30 @@ impl Upstream {
                 format!("cannot encode request: {e}"),
             )
         })?;
+        let tokens = if self.limit.counts_tokens() {
+            let model = self.config.model.as_deref().unwrap_or(&req.chat.model);
+            let answer = body
+                .get("max_completion_tokens")
+                .or_else(|| body.get("max_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            tokens::prompt_tokens(req, model) as u64 + answer
+        } else {
+            0
+        };
+        if let Err(wait) = self.limit.acquire(tokens) {
+            let mut e = BackendError::new(
+                FailureKind::Throttled,
+                format!(
+                    "target `{}` is held back by its rate limit for {} ms",
+                    self.config.name,
+                    wait.as_millis()
+                ),
+            );
+            e.headers
+                .push(("retry-after-ms".into(), wait.as_millis().to_string()));
+            return Err(e);
+        }
         let url = if req.legacy.is_some() {
             &self.completions_url
         } else {
@@ -212,6 +245,10 @@ impl Upstream {
             request = request.bearer_auth(key);
         }
         let response = self.await_headers(request.send()).await?;
+        self.limit.observe(
+            &passthrough_headers(response.headers()),
+            response.status().as_u16(),
+        );
         if response.status().is_success() {
             Ok(response)
         } else {

@@ -389,3 +389,34 @@ async fn a_prompt_over_the_context_window_is_not_sent_and_max_tokens_is_clamped(
         .unwrap();
     assert_eq!(mock.requests()[0].body["max_tokens"], 40 - 9);
 }
+
+#[tokio::test]
+async fn a_spent_rate_limit_or_a_429_holds_the_target_back_without_sending() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut cfg = UpstreamConfig::new("limited", mock.url());
+    cfg.requests_per_minute = Some(2);
+    let up = Upstream::new(cfg).unwrap();
+    up.complete(&chat(false)).await.unwrap();
+    up.complete(&chat(false)).await.unwrap();
+    let e = up.complete(&chat(false)).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::Throttled);
+    assert!(e.headers.iter().any(|(k, _)| k == "retry-after-ms"));
+    assert_eq!(mock.requests().len(), 2);
+
+    let mock = MockUpstream::start().await.unwrap();
+    mock.push([MockReply::Json {
+        status: 429,
+        body: json!({"error": {"message": "slow down", "type": "requests", "param": null, "code": null}}),
+        headers: vec![("retry-after".into(), "30".into())],
+    }]);
+    let up = upstream(&mock);
+    assert_eq!(
+        up.complete(&chat(false)).await.unwrap_err().kind,
+        FailureKind::RateLimited
+    );
+    assert_eq!(
+        up.complete(&chat(false)).await.unwrap_err().kind,
+        FailureKind::Throttled
+    );
+    assert_eq!(mock.requests().len(), 1, "persistent 429s are not hammered");
+}
