@@ -132,6 +132,11 @@ async fn a_stream_cut_mid_answer_is_finished_by_the_local_model() {
     assert!(chunks
         .iter()
         .any(|c| c["choices"][0]["finish_reason"].is_string()));
+    let metrics = h.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("backstop_stream_continuations_total{from=\"up0\",to=\"local\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -225,6 +230,11 @@ async fn a_failed_attempt_is_retried_on_the_same_upstream_after_the_wait_it_aske
     let seen = h.mocks[0].requests();
     assert_eq!(seen.len(), 2);
     assert!(seen[1].at - seen[0].at >= std::time::Duration::from_millis(200));
+    let metrics = h.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("backstop_retries_total{reason=\"server_error\",target=\"up0\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

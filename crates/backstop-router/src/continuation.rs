@@ -13,6 +13,13 @@ use backstop_adapter::{Backend, BackendError, ChatChunk, ChunkStream, FailureKin
 use futures_util::StreamExt;
 
 use crate::breaker::{CircuitBreaker, Outcome};
+use crate::observer::Observer;
+
+/// Who to tell about a continuation, and who is streaming now.
+pub(crate) struct Reporter {
+    pub observer: Arc<dyn Observer>,
+    pub serving: String,
+}
 
 /// A target that may continue a broken stream.
 pub(crate) struct Successor {
@@ -23,6 +30,7 @@ pub(crate) struct Successor {
 /// What a stream has said so far, and who may finish it.
 struct State {
     stream: ChunkStream,
+    reporter: Reporter,
     /// The breaker of the target now streaming: a break counts against it.
     breaker: Option<Arc<CircuitBreaker>>,
     request: Request,
@@ -56,9 +64,11 @@ pub(crate) fn continuing(
     breaker: Option<Arc<CircuitBreaker>>,
     request: &Request,
     successors: Vec<Successor>,
+    reporter: Reporter,
 ) -> ChunkStream {
     let state = State {
         stream,
+        reporter,
         breaker,
         request: request.clone(),
         continuable: request.chat.n.unwrap_or(1) == 1 && !successors.is_empty(),
@@ -148,6 +158,11 @@ impl State {
             match started {
                 Ok(reply) => {
                     self.breaker = next.breaker.clone();
+                    let to = next.backend.name().to_string();
+                    self.reporter
+                        .observer
+                        .continued(&self.reporter.serving, &to);
+                    self.reporter.serving = to;
                     tracing::warn!(
                         to = next.backend.name(),
                         kind = broke.kind.as_str(),

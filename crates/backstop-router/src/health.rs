@@ -9,6 +9,7 @@ use backstop_adapter::{Backend, Request};
 use tokio::task::JoinHandle;
 
 use crate::breaker::CircuitBreaker;
+use crate::observer::Observer;
 use crate::Router;
 
 /// What a probe asks of the target.
@@ -71,6 +72,7 @@ fn spawn_one(
     breaker: Arc<CircuitBreaker>,
     config: HealthConfig,
     probe: Probe,
+    observer: Arc<dyn Observer>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         // The first probe comes one interval after start, not in a burst at boot.
@@ -80,6 +82,7 @@ fn spawn_one(
         loop {
             ticks.tick().await;
             let ok = probe_once(backend.as_ref(), &probe, config.timeout).await;
+            observer.probe(backend.name(), ok);
             let was = breaker.healthy();
             breaker.record_probe(ok, config.healthy_after, config.unhealthy_after);
             if was != breaker.healthy() {
@@ -114,7 +117,13 @@ impl Router {
             .filter(|t| targets.iter().any(|n| n == t.name()))
             .filter_map(|t| {
                 let breaker = self.breakers.get(t.name())?.clone();
-                Some(spawn_one(t, breaker, config.clone(), probe.clone()))
+                Some(spawn_one(
+                    t,
+                    breaker,
+                    config.clone(),
+                    probe.clone(),
+                    self.observer.clone(),
+                ))
             })
             .collect()
     }

@@ -9,6 +9,7 @@
 pub mod breaker;
 mod continuation;
 pub mod health;
+pub mod observer;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -154,11 +155,12 @@ impl RouteError {
 }
 
 /// Walks route chains, skipping targets whose breaker is open.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Router {
     table: RouteTable,
     breakers: HashMap<String, Arc<CircuitBreaker>>,
     retry: RetryPolicy,
+    observer: Arc<dyn observer::Observer>,
 }
 
 impl Router {
@@ -179,7 +181,14 @@ impl Router {
             table,
             breakers,
             retry,
+            observer: Arc::new(observer::Silent),
         }
+    }
+
+    /// The same router, reporting its work to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn observer::Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// Each target's breaker, by target name.
@@ -246,7 +255,16 @@ impl Router {
                 Box::pin(futures_util::stream::empty()),
             );
             let breaker = self.breakers.get(&served.backend).cloned();
-            served.reply.body = continuation::continuing(body, breaker, req, successors);
+            served.reply.body = continuation::continuing(
+                body,
+                breaker,
+                req,
+                successors,
+                continuation::Reporter {
+                    observer: self.observer.clone(),
+                    serving: served.backend.clone(),
+                },
+            );
             served
         })
     }

@@ -304,9 +304,7 @@ async fn completion(
 
 fn failed(app: &App, e: &RouteError, flight: &InFlight) -> Response<Body> {
     if let RouteError::Failed(failed) = e {
-        for (target, e) in failed {
-            app.metrics.count_backend_failure(target, e);
-        }
+        app.metrics.count_walk(failed, None);
     }
     let (status, resp) = respond::route_error(e);
     flight.record(e.last_target().unwrap_or(respond::NO_BACKEND), status);

@@ -83,13 +83,16 @@ impl App {
                     .collect(),
             })
             .collect();
+        let metrics = Metrics::new()?;
+        let router = Router::new(
+            RouteTable::new(routes),
+            config.breaker.clone(),
+            config.retry.clone(),
+        )
+        .with_observer(Arc::new(metrics.clone()));
         Ok(App {
-            router: Router::new(
-                RouteTable::new(routes),
-                config.breaker.clone(),
-                config.retry.clone(),
-            ),
-            metrics: Metrics::new()?,
+            router,
+            metrics,
             config,
         })
     }

@@ -3,6 +3,7 @@
 
 use backstop_adapter::BackendError;
 use backstop_router::breaker::BreakerState;
+use backstop_router::observer::Observer;
 use backstop_router::{Router, Served};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -31,6 +32,14 @@ pub struct Metrics {
     pub breaker_state: IntGaugeVec,
     /// Each target's health by active checks: 1 healthy, 0 not.
     pub healthy: IntGaugeVec,
+    /// Requests moved from one target to another, and why.
+    pub failovers: IntCounterVec,
+    /// Attempts repeated on the same target, and why.
+    pub retries: IntCounterVec,
+    /// Streams broken mid-answer and continued by another target.
+    pub continuations: IntCounterVec,
+    /// Active health probes by target and outcome.
+    pub probes: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -86,6 +95,34 @@ impl Metrics {
             "backstop_in_flight_requests",
             "Client requests being served now.",
         )?;
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "backstop_failovers_total",
+                "Requests moved from one target to the next, by from, to and reason (failure kind).",
+            ),
+            &["from", "to", "reason"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "backstop_retries_total",
+                "Attempts repeated on the same target, by target and reason (failure kind).",
+            ),
+            &["target", "reason"],
+        )?;
+        let continuations = IntCounterVec::new(
+            Opts::new(
+                "backstop_stream_continuations_total",
+                "Streams that broke mid-answer on one target and were continued by another.",
+            ),
+            &["from", "to"],
+        )?;
+        let probes = IntCounterVec::new(
+            Opts::new(
+                "backstop_health_probes_total",
+                "Active health probes by target and outcome (ok, failed).",
+            ),
+            &["target", "outcome"],
+        )?;
         let healthy = IntGaugeVec::new(
             Opts::new(
                 "backstop_target_healthy",
@@ -109,6 +146,10 @@ impl Metrics {
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(healthy.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(continuations.clone()))?;
+        registry.register(Box::new(probes.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -120,6 +161,10 @@ impl Metrics {
             in_flight,
             breaker_state,
             healthy,
+            failovers,
+            retries,
+            continuations,
+            probes,
         })
     }
 
@@ -137,6 +182,30 @@ impl Metrics {
                 .with_label_values(&[target])
                 .set(i64::from(breaker.healthy()));
         }
+    }
+
+    /// The name of every metric family Backstop exports, used or not yet.
+    pub fn names(&self) -> Vec<String> {
+        let collectors: [&dyn prometheus::core::Collector; 13] = [
+            &self.requests,
+            &self.duration,
+            &self.ttft,
+            &self.overhead,
+            &self.upstream_responses,
+            &self.tokens,
+            &self.in_flight,
+            &self.breaker_state,
+            &self.healthy,
+            &self.failovers,
+            &self.retries,
+            &self.continuations,
+            &self.probes,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc())
+            .map(|d| d.fq_name.clone())
+            .collect()
     }
 
     /// The text exposition format.
@@ -158,12 +227,34 @@ impl Metrics {
 
     /// Counts every attempt of a served request: the failed ones, then the success.
     pub fn count_attempts<T>(&self, served: &Served<T>) {
-        for (target, e) in &served.failed {
-            self.count_backend_failure(target, e);
-        }
+        self.count_walk(&served.failed, Some(&served.backend));
         self.upstream_responses
             .with_label_values(&[&served.backend, "200"])
             .inc();
+    }
+
+    /// Counts a walk's failed attempts, and what followed each: a retry on the
+    /// same target or a failover to the next (`then` is who served, if any).
+    pub fn count_walk(&self, failed: &[(String, BackendError)], then: Option<&str>) {
+        for (i, (target, e)) in failed.iter().enumerate() {
+            if !e.kind.skipped() {
+                self.count_backend_failure(target, e);
+            }
+            let next = failed.get(i + 1).map(|(n, _)| n.as_str()).or(then);
+            match next {
+                Some(n) if n == target && !e.kind.skipped() => {
+                    self.retries
+                        .with_label_values(&[target, e.kind.as_str()])
+                        .inc();
+                }
+                Some(n) if n != target => {
+                    self.failovers
+                        .with_label_values(&[target, n, e.kind.as_str()])
+                        .inc();
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Counts a backend's usage report.
@@ -184,5 +275,16 @@ pub fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+impl Observer for Metrics {
+    fn continued(&self, from: &str, to: &str) {
+        self.continuations.with_label_values(&[from, to]).inc();
+    }
+
+    fn probe(&self, target: &str, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.probes.with_label_values(&[target, outcome]).inc();
     }
 }

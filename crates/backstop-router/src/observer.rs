@@ -1,0 +1,19 @@
+//! What the router reports as it works. The router defines the hook; the
+//! server implements it with metrics, so no crate calls back up.
+
+/// Events of the router's own work (attempts are reported by the caller,
+/// which sees them in `Served::failed` and `RouteError`).
+pub trait Observer: Send + Sync {
+    /// A stream that broke mid-answer on `from` was continued by `to`.
+    fn continued(&self, from: &str, to: &str);
+    /// An active health probe of `target` ended.
+    fn probe(&self, target: &str, ok: bool);
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl Observer for Silent {
+    fn continued(&self, _from: &str, _to: &str) {}
+    fn probe(&self, _target: &str, _ok: bool) {}
+}
