@@ -36,6 +36,11 @@ async fn non_streaming_chat_is_what_the_upstream_said() {
     assert_eq!(resp.headers()["x-backstop-attempts"], "1");
     assert_eq!(resp.headers()["x-ratelimit-remaining-tokens"], "149984");
     assert_eq!(resp.headers()["x-ratelimit-reset-requests"], "6m0s");
+    let metrics = h.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("backstop_ratelimit_remaining{kind=\"tokens\",target=\"up0\"} 149984"),
+        "{metrics}"
+    );
     assert_eq!(resp.headers()["content-type"], "application/json");
     let body: Value = resp.json().await.unwrap();
     // Semantically identical: `refusal: null` is the only thing that may drop.

@@ -191,6 +191,28 @@ impl Router {
         self
     }
 
+    /// Admits a call through `breaker`, reporting a move to half-open.
+    fn admit(&self, name: &str, breaker: &CircuitBreaker) -> bool {
+        let before = breaker.state();
+        let admitted = breaker.admit();
+        self.report(name, before, breaker);
+        admitted
+    }
+
+    /// Records an outcome on `breaker`, reporting any change of state.
+    fn record(&self, name: &str, breaker: &CircuitBreaker, outcome: Outcome) {
+        let before = breaker.state();
+        breaker.record(outcome);
+        self.report(name, before, breaker);
+    }
+
+    fn report(&self, name: &str, before: breaker::BreakerState, breaker: &CircuitBreaker) {
+        let after = breaker.state();
+        if after != before {
+            self.observer.transition(name, after.as_str());
+        }
+    }
+
     /// Each target's breaker, by target name.
     pub fn breakers(&self) -> &HashMap<String, Arc<CircuitBreaker>> {
         &self.breakers
@@ -311,7 +333,7 @@ impl Router {
                 if Instant::now() >= deadline {
                     break 'targets; // the last failure says the deadline passed
                 }
-                if breaker.is_some_and(|b| !b.admit()) {
+                if breaker.is_some_and(|b| !self.admit(name, b)) {
                     let e = BackendError::new(
                         FailureKind::Unavailable,
                         format!("target `{name}` is unavailable: its circuit breaker is open"),
@@ -332,10 +354,11 @@ impl Router {
                         )),
                     };
                 if let Some(b) = breaker {
-                    b.record(match &result {
+                    let outcome = match &result {
                         Ok(_) => Outcome::Success,
                         Err(e) => Outcome::Failure(e.kind),
-                    });
+                    };
+                    self.record(name, b, outcome);
                 }
                 let e = match result {
                     Ok((reply, waited)) => {

@@ -8,6 +8,8 @@ pub trait Observer: Send + Sync {
     fn continued(&self, from: &str, to: &str);
     /// An active health probe of `target` ended.
     fn probe(&self, target: &str, ok: bool);
+    /// The breaker of `target` moved to `state` (`closed`, `open`, `half_open`).
+    fn transition(&self, target: &str, state: &'static str);
 }
 
 /// Reports nothing.
@@ -16,4 +18,5 @@ pub struct Silent;
 impl Observer for Silent {
     fn continued(&self, _from: &str, _to: &str) {}
     fn probe(&self, _target: &str, _ok: bool) {}
+    fn transition(&self, _target: &str, _state: &'static str) {}
 }

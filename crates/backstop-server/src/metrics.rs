@@ -40,6 +40,10 @@ pub struct Metrics {
     pub continuations: IntCounterVec,
     /// Active health probes by target and outcome.
     pub probes: IntCounterVec,
+    /// Breaker state changes by target and new state.
+    pub transitions: IntCounterVec,
+    /// The upstream's own remaining rate-limit budget, from its headers.
+    pub ratelimit_remaining: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -123,6 +127,20 @@ impl Metrics {
             ),
             &["target", "outcome"],
         )?;
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "backstop_breaker_transitions_total",
+                "Circuit breaker state changes by target and the state entered.",
+            ),
+            &["target", "to"],
+        )?;
+        let ratelimit_remaining = IntGaugeVec::new(
+            Opts::new(
+                "backstop_ratelimit_remaining",
+                "The upstream's remaining rate-limit budget by kind (requests, tokens), from its last x-ratelimit-remaining-* headers.",
+            ),
+            &["target", "kind"],
+        )?;
         let healthy = IntGaugeVec::new(
             Opts::new(
                 "backstop_target_healthy",
@@ -150,6 +168,8 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(continuations.clone()))?;
         registry.register(Box::new(probes.clone()))?;
+        registry.register(Box::new(transitions.clone()))?;
+        registry.register(Box::new(ratelimit_remaining.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -165,6 +185,8 @@ impl Metrics {
             retries,
             continuations,
             probes,
+            transitions,
+            ratelimit_remaining,
         })
     }
 
@@ -186,7 +208,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 13] = [
+        let collectors: [&dyn prometheus::core::Collector; 15] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -200,6 +222,8 @@ impl Metrics {
             &self.retries,
             &self.continuations,
             &self.probes,
+            &self.transitions,
+            &self.ratelimit_remaining,
         ];
         collectors
             .iter()
@@ -225,8 +249,25 @@ impl Metrics {
             .inc();
     }
 
+    /// Keeps the upstream's remaining budget from its rate-limit headers.
+    pub fn observe_ratelimit(&self, target: &str, headers: &backstop_adapter::Headers) {
+        for kind in ["requests", "tokens"] {
+            let name = format!("x-ratelimit-remaining-{kind}");
+            if let Some(n) = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(&name))
+                .and_then(|(_, v)| v.trim().parse::<i64>().ok())
+            {
+                self.ratelimit_remaining
+                    .with_label_values(&[target, kind])
+                    .set(n);
+            }
+        }
+    }
+
     /// Counts every attempt of a served request: the failed ones, then the success.
     pub fn count_attempts<T>(&self, served: &Served<T>) {
+        self.observe_ratelimit(&served.backend, &served.reply.headers);
         self.count_walk(&served.failed, Some(&served.backend));
         self.upstream_responses
             .with_label_values(&[&served.backend, "200"])
@@ -286,5 +327,9 @@ impl Observer for Metrics {
     fn probe(&self, target: &str, ok: bool) {
         let outcome = if ok { "ok" } else { "failed" };
         self.probes.with_label_values(&[target, outcome]).inc();
+    }
+
+    fn transition(&self, target: &str, state: &'static str) {
+        self.transitions.with_label_values(&[target, state]).inc();
     }
 }
