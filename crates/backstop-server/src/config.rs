@@ -371,10 +371,8 @@ impl RawConfig {
             if let Some(n) = t.pool_max_idle {
                 u.pool_max_idle = n;
             }
-            let ms = |v: Option<u64>, field: &str, default: Duration| match v {
-                Some(0) => Err(invalid(at(field), "must be greater than 0")),
-                Some(ms) => Ok(Duration::from_millis(ms)),
-                None => Ok(default),
+            let ms = |v: Option<u64>, field: &str, default: Duration| {
+                millis(v, &at(field), default, false)
             };
             u.pool_idle_timeout = ms(
                 t.pool_idle_timeout_ms,
@@ -465,10 +463,8 @@ fn validate_health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
         probe,
         ..HealthConfig::default()
     };
-    let positive = |v: Option<u64>, field: &str, default: Duration| match v {
-        Some(0) => Err(invalid(format!("health.{field}"), "must be greater than 0")),
-        Some(ms) => Ok(Duration::from_millis(ms)),
-        None => Ok(default),
+    let positive = |v: Option<u64>, field: &str, default: Duration| {
+        millis(v, &format!("health.{field}"), default, false)
     };
     h.interval = positive(raw.interval_ms, "interval_ms", h.interval)?;
     h.timeout = positive(raw.timeout_ms, "timeout_ms", h.timeout)?;
@@ -498,10 +494,8 @@ fn validate_retry(raw: &RawRetry) -> Result<RetryPolicy, ConfigError> {
     if let Some(n) = raw.max_retries {
         r.max_retries = n;
     }
-    let ms = |v: Option<u64>, field: &str, default: Duration, zero_ok: bool| match v {
-        Some(0) if !zero_ok => Err(invalid(format!("retry.{field}"), "must be greater than 0")),
-        Some(ms) => Ok(Duration::from_millis(ms)),
-        None => Ok(default),
+    let ms = |v: Option<u64>, field: &str, default: Duration, zero_ok: bool| {
+        millis(v, &format!("retry.{field}"), default, zero_ok)
     };
     r.backoff_base = ms(raw.backoff_base_ms, "backoff_base_ms", r.backoff_base, true)?;
     r.backoff_max = ms(raw.backoff_max_ms, "backoff_max_ms", r.backoff_max, true)?;
@@ -529,13 +523,8 @@ fn validate_retry(raw: &RawRetry) -> Result<RetryPolicy, ConfigError> {
 
 fn validate_breaker(raw: &RawBreaker) -> Result<BreakerConfig, ConfigError> {
     let mut b = BreakerConfig::default();
-    let positive = |v: Option<u64>, field: &str, default: Duration| match v {
-        Some(0) => Err(invalid(
-            format!("breaker.{field}"),
-            "must be greater than 0",
-        )),
-        Some(ms) => Ok(Duration::from_millis(ms)),
-        None => Ok(default),
+    let positive = |v: Option<u64>, field: &str, default: Duration| {
+        millis(v, &format!("breaker.{field}"), default, false)
     };
     b.window = positive(raw.window_ms, "window_ms", b.window)?;
     b.open_for = positive(raw.open_ms, "open_ms", b.open_for)?;
@@ -575,6 +564,21 @@ fn validate_breaker(raw: &RawBreaker) -> Result<BreakerConfig, ConfigError> {
         return Err(invalid("breaker.failure_rate", "must be greater than 0"));
     }
     Ok(b)
+}
+
+/// A duration field in milliseconds: its default when absent; zero refused
+/// unless `zero_ok`.
+fn millis(
+    value: Option<u64>,
+    field: &str,
+    default: Duration,
+    zero_ok: bool,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(0) if !zero_ok => Err(invalid(field, "must be greater than 0")),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default),
+    }
 }
 
 fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
