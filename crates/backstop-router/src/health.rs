@@ -101,27 +101,22 @@ fn spawn_one(
 }
 
 impl Router {
-    /// Starts probing the named targets; the tasks run until their handles
-    /// are aborted.
-    pub fn spawn_health_checks(
-        &self,
-        targets: &[String],
-        config: &HealthConfig,
-    ) -> Vec<JoinHandle<()>> {
-        let Some(probe) = &config.probe else {
-            return Vec::new();
-        };
+    /// Starts probing each named target with its own health settings; the
+    /// tasks run until their handles are aborted. Targets whose probe is off
+    /// are not checked.
+    pub fn spawn_health_checks(&self, checks: &[(String, HealthConfig)]) -> Vec<JoinHandle<()>> {
         self.table
             .targets()
             .into_iter()
-            .filter(|t| targets.iter().any(|n| n == t.name()))
             .filter_map(|t| {
+                let (_, config) = checks.iter().find(|(name, _)| name == t.name())?;
+                let probe = config.probe.clone()?;
                 let breaker = self.breakers.get(t.name())?.clone();
                 Some(spawn_one(
                     t,
                     breaker,
                     config.clone(),
-                    probe.clone(),
+                    probe,
                     self.observer.clone(),
                 ))
             })

@@ -47,13 +47,61 @@ impl ModelMatch {
     }
 }
 
+/// One target of a route's chain, with the retry policy its attempts follow.
+#[derive(Clone)]
+pub struct Hop {
+    /// The target.
+    pub backend: Arc<dyn Backend>,
+    /// Retries and the first-token deadline for attempts on it in this route.
+    pub retry: RetryPolicy,
+}
+
 /// A model pattern and the targets that serve it, tried in order.
 #[derive(Clone)]
 pub struct Route {
     /// Which requests the route takes.
     pub models: ModelMatch,
     /// The chain of targets, first preferred.
-    pub targets: Vec<Arc<dyn Backend>>,
+    pub hops: Vec<Hop>,
+    /// Whole-request deadline: no attempt starts after it, and a request that
+    /// has not committed by then fails with a 504.
+    pub deadline: Duration,
+}
+
+/// The default whole-request deadline: long generations from large models
+/// take minutes.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+
+impl Route {
+    /// A route over these targets, each with the default retry policy, and
+    /// the default deadline.
+    pub fn new(models: ModelMatch, targets: impl IntoIterator<Item = Arc<dyn Backend>>) -> Self {
+        Route {
+            models,
+            hops: targets
+                .into_iter()
+                .map(|backend| Hop {
+                    backend,
+                    retry: RetryPolicy::default(),
+                })
+                .collect(),
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+
+    /// The same route with this retry policy on every hop.
+    pub fn with_retry(mut self, retry: &RetryPolicy) -> Self {
+        for hop in &mut self.hops {
+            hop.retry = retry.clone();
+        }
+        self
+    }
+
+    /// The same route with this deadline.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
 }
 
 /// Routes in priority order: exact names first, then the longest prefix, then
@@ -82,9 +130,9 @@ impl RouteTable {
     /// Every distinct target, in first-seen order.
     pub fn targets(&self) -> Vec<Arc<dyn Backend>> {
         let mut seen: Vec<Arc<dyn Backend>> = Vec::new();
-        for target in self.routes.iter().flat_map(|r| r.targets.iter()) {
-            if !seen.iter().any(|s| Arc::ptr_eq(s, target)) {
-                seen.push(target.clone());
+        for hop in self.routes.iter().flat_map(|r| r.hops.iter()) {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, &hop.backend)) {
+                seen.push(hop.backend.clone());
             }
         }
         seen
@@ -159,28 +207,26 @@ impl RouteError {
 pub struct Router {
     table: RouteTable,
     breakers: HashMap<String, Arc<CircuitBreaker>>,
-    retry: RetryPolicy,
     observer: Arc<dyn observer::Observer>,
 }
 
 impl Router {
-    /// A router over this table, with a breaker per target and this retry
-    /// policy.
-    pub fn new(table: RouteTable, breaker: BreakerConfig, retry: RetryPolicy) -> Self {
+    /// A router over this table, with a breaker per target configured by
+    /// `breaker_for(target name)`.
+    pub fn new(table: RouteTable, breaker_for: impl Fn(&str) -> BreakerConfig) -> Self {
         let breakers = table
             .targets()
             .iter()
             .map(|t| {
                 (
                     t.name().to_string(),
-                    Arc::new(CircuitBreaker::new(breaker.clone())),
+                    Arc::new(CircuitBreaker::new(breaker_for(t.name()))),
                 )
             })
             .collect();
         Router {
             table,
             breakers,
-            retry,
             observer: Arc::new(observer::Silent),
         }
     }
@@ -225,9 +271,9 @@ impl Router {
 
     /// Answers with one complete response.
     pub async fn complete(&self, req: &Request) -> Result<Served<ChatCompletion>, RouteError> {
-        self.walk(req, |backend, req| {
+        self.walk(req, |hop, req| {
             Box::pin(async move {
-                let reply = backend.complete(req).await?;
+                let reply = hop.backend.complete(req).await?;
                 let waited = reply.waited;
                 Ok((reply, waited))
             })
@@ -240,11 +286,11 @@ impl Router {
     /// client never sees a stream that breaks before it starts. After that, a
     /// break mid-answer is continued by a later target that takes a prefill.
     pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
-        self.walk(req, |backend, req| {
+        self.walk(req, |hop, req| {
             Box::pin(async move {
                 let started = Instant::now();
-                let mut reply = backend.stream(req).await?;
-                let first_token = self.retry.first_token_timeout;
+                let mut reply = hop.backend.stream(req).await?;
+                let first_token = hop.retry.first_token_timeout;
                 let first = match tokio::time::timeout(first_token, reply.body.next()).await {
                     Err(_) => {
                         return Err(BackendError::new(
@@ -298,8 +344,9 @@ impl Router {
             return Vec::new();
         };
         route
-            .targets
+            .hops
             .iter()
+            .map(|hop| &hop.backend)
             .skip_while(|t| t.name() != serving)
             .skip(1)
             .filter(|t| t.continues())
@@ -314,10 +361,7 @@ impl Router {
     /// the reply and the time it waited on the backend.
     async fn walk<'a, T, F>(&'a self, req: &'a Request, call: F) -> Result<Served<T>, RouteError>
     where
-        F: Fn(
-            &'a dyn Backend,
-            &'a Request,
-        ) -> BoxFuture<'a, Result<(Reply<T>, Duration), BackendError>>,
+        F: Fn(&'a Hop, &'a Request) -> BoxFuture<'a, Result<(Reply<T>, Duration), BackendError>>,
     {
         let route = self
             .table
@@ -325,9 +369,9 @@ impl Router {
             .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
         let mut failed = Vec::new();
         let mut backend_time = Duration::ZERO;
-        let deadline = Instant::now() + self.retry.deadline;
-        'targets: for target in &route.targets {
-            let name = target.name();
+        let deadline = Instant::now() + route.deadline;
+        'targets: for hop in &route.hops {
+            let name = hop.backend.name();
             let breaker = self.breakers.get(name);
             for attempt in 0.. {
                 if Instant::now() >= deadline {
@@ -342,17 +386,16 @@ impl Router {
                     continue 'targets;
                 }
                 let started = Instant::now();
-                let result =
-                    match tokio::time::timeout_at(deadline, call(target.as_ref(), req)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(BackendError::new(
-                            FailureKind::FirstByteTimeout,
-                            format!(
-                                "the request's deadline of {} s passed",
-                                self.retry.deadline.as_secs()
-                            ),
-                        )),
-                    };
+                let result = match tokio::time::timeout_at(deadline, call(hop, req)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(BackendError::new(
+                        FailureKind::FirstByteTimeout,
+                        format!(
+                            "the request's deadline of {} s passed",
+                            route.deadline.as_secs()
+                        ),
+                    )),
+                };
                 if let Some(b) = breaker {
                     let outcome = match &result {
                         Ok(_) => Outcome::Success,
@@ -372,7 +415,7 @@ impl Router {
                     Err(e) => e,
                 };
                 backend_time += started.elapsed();
-                let next = self.retry.next(&e, attempt);
+                let next = hop.retry.next(&e, attempt);
                 failed.push((name.to_string(), e));
                 match next {
                     Next::Stop => break 'targets,

@@ -23,9 +23,6 @@ pub struct RetryPolicy {
     pub backoff_max: Duration,
     /// Longest `Retry-After` worth waiting for; a longer one moves on.
     pub max_retry_after: Duration,
-    /// Whole-request deadline: no attempt starts after it, and a request
-    /// that has not committed by then fails with a 504.
-    pub deadline: Duration,
     /// A streaming target that sends no first chunk within this is abandoned
     /// for the next target (and the miss counts against its breaker).
     pub first_token_timeout: Duration,
@@ -38,7 +35,6 @@ impl Default for RetryPolicy {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             max_retry_after: Duration::from_secs(5),
-            deadline: Duration::from_secs(600),
             first_token_timeout: Duration::from_secs(60),
         }
     }

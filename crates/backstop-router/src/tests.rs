@@ -162,7 +162,7 @@ impl Backend for Fake {
 
 impl Router {
     fn new_default(table: RouteTable) -> Self {
-        Router::new(table, BreakerConfig::default(), RetryPolicy::default())
+        Router::new(table, |_| BreakerConfig::default())
     }
 }
 
@@ -179,13 +179,10 @@ fn req(model: &str) -> Request {
 }
 
 fn route(models: ModelMatch, targets: &[Arc<Fake>]) -> Route {
-    Route {
+    Route::new(
         models,
-        targets: targets
-            .iter()
-            .map(|t| t.clone() as Arc<dyn Backend>)
-            .collect(),
-    }
+        targets.iter().map(|t| t.clone() as Arc<dyn Backend>),
+    )
 }
 
 #[tokio::test]
@@ -221,9 +218,10 @@ async fn retryable_failures_move_down_the_chain() {
         fake("c", None),
     );
     let router = Router::new(
-        RouteTable::new(vec![route(ModelMatch::Any, &[a, b, c.clone()])]),
-        BreakerConfig::default(),
-        no_retries(),
+        RouteTable::new(vec![
+            route(ModelMatch::Any, &[a, b, c.clone()]).with_retry(&no_retries())
+        ]),
+        |_| BreakerConfig::default(),
     );
     let served = router.complete(&req("m")).await.unwrap();
     assert_eq!((served.backend.as_str(), served.attempts()), ("c", 3));
@@ -238,9 +236,10 @@ async fn client_errors_stop_the_walk_and_failures_are_kept_in_order() {
         fake("c", None),
     );
     let router = Router::new(
-        RouteTable::new(vec![route(ModelMatch::Any, &[a, b, c.clone()])]),
-        BreakerConfig::default(),
-        no_retries(),
+        RouteTable::new(vec![
+            route(ModelMatch::Any, &[a, b, c.clone()]).with_retry(&no_retries())
+        ]),
+        |_| BreakerConfig::default(),
     );
     let err = router.complete(&req("m")).await.unwrap_err();
     assert_eq!(err.attempts(), 2);
@@ -253,12 +252,13 @@ async fn client_errors_stop_the_walk_and_failures_are_kept_in_order() {
 async fn a_target_with_an_open_breaker_is_skipped_without_an_attempt() {
     let (a, b) = (fake("a", Some(FailureKind::ServerError)), fake("b", None));
     let router = Router::new(
-        RouteTable::new(vec![route(ModelMatch::Any, &[a.clone(), b])]),
-        BreakerConfig {
+        RouteTable::new(vec![
+            route(ModelMatch::Any, &[a.clone(), b]).with_retry(&no_retries())
+        ]),
+        |_| BreakerConfig {
             consecutive_failures: 2,
             ..BreakerConfig::default()
         },
-        no_retries(),
     );
     for _ in 0..2 {
         assert_eq!(router.complete(&req("m")).await.unwrap().attempts(), 2);
@@ -326,12 +326,13 @@ async fn a_break_mid_answer_counts_against_the_breaker_of_the_target_that_broke(
     );
     let local = streaming("local", None, vec![Ok("b")], true);
     let router = Router::new(
-        RouteTable::new(vec![route(ModelMatch::Any, &[first, local])]),
-        BreakerConfig {
+        RouteTable::new(vec![
+            route(ModelMatch::Any, &[first, local]).with_retry(&no_retries())
+        ]),
+        |_| BreakerConfig {
             consecutive_failures: 1,
             ..BreakerConfig::default()
         },
-        no_retries(),
     );
     assert_eq!(stream_text(&router).await.0, "ab");
     assert_eq!(
@@ -447,15 +448,12 @@ async fn the_request_deadline_bounds_every_attempt() {
         }
     }
     let router = Router::new(
-        RouteTable::new(vec![Route {
-            models: ModelMatch::Any,
-            targets: vec![Arc::new(Slow)],
-        }]),
-        BreakerConfig::default(),
-        RetryPolicy {
-            deadline: Duration::from_secs(30),
-            ..RetryPolicy::default()
-        },
+        RouteTable::new(vec![Route::new(
+            ModelMatch::Any,
+            [Arc::new(Slow) as Arc<dyn Backend>],
+        )
+        .with_deadline(Duration::from_secs(30))]),
+        |_| BreakerConfig::default(),
     );
     let started = tokio::time::Instant::now();
     let err = router.complete(&req("m")).await.unwrap_err();
@@ -469,15 +467,15 @@ async fn a_stream_without_a_first_token_in_time_is_abandoned_for_the_next_target
     let silent = Arc::new(Silent);
     let b = streaming("b", None, vec![Ok("hi")], false);
     let router = Router::new(
-        RouteTable::new(vec![Route {
-            models: ModelMatch::Any,
-            targets: vec![silent, b],
-        }]),
-        BreakerConfig::default(),
-        RetryPolicy {
+        RouteTable::new(vec![Route::new(
+            ModelMatch::Any,
+            [silent as Arc<dyn Backend>, b as Arc<dyn Backend>],
+        )
+        .with_retry(&RetryPolicy {
             first_token_timeout: Duration::from_secs(2),
             ..RetryPolicy::default()
-        },
+        })]),
+        |_| BreakerConfig::default(),
     );
     let started = tokio::time::Instant::now();
     let served = router.stream(&req("m")).await.unwrap();

@@ -4,7 +4,7 @@
 //! (`targets[0].http2: invalid type ...`); validation then checks what types
 //! cannot (unique names, known targets, URLs, addresses).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use backstop_local::LocalConfig;
 use backstop_router::breaker::BreakerConfig;
 use backstop_router::health::{HealthConfig, Probe};
 use backstop_router::retry::RetryPolicy;
-use backstop_router::ModelMatch;
+use backstop_router::{ModelMatch, DEFAULT_DEADLINE};
 use backstop_upstream::UpstreamConfig;
 use serde::Deserialize;
 
@@ -80,7 +80,7 @@ struct RawConfig {
     health: RawHealth,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     probe: Option<String>,
@@ -91,7 +91,7 @@ struct RawHealth {
     unhealthy_threshold: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRetry {
     max_retries: Option<u32>,
@@ -102,7 +102,7 @@ struct RawRetry {
     first_token_timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBreaker {
     consecutive_failures: Option<u32>,
@@ -124,6 +124,8 @@ struct RawLocal {
     workers: Option<usize>,
     queue: Option<usize>,
     context: Option<usize>,
+    retry: Option<RawRetry>,
+    breaker: Option<RawBreaker>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,7 +136,7 @@ struct RawServer {
     shutdown_grace_ms: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
     name: String,
@@ -152,6 +154,9 @@ struct RawTarget {
     context_window: Option<usize>,
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
+    retry: Option<RawRetry>,
+    breaker: Option<RawBreaker>,
+    health: Option<RawHealth>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +164,26 @@ struct RawTarget {
 struct RawRoute {
     models: String,
     targets: Vec<String>,
+    retry: Option<RawRetry>,
+}
+
+/// A validated route: the model pattern, each target with the retry policy
+/// its attempts follow on this route, and the request deadline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Which requested models the route takes.
+    pub models: ModelMatch,
+    /// Target names in order, each with its retry policy.
+    pub hops: Vec<(String, RetryPolicy)>,
+    /// Whole-request deadline.
+    pub deadline: Duration,
+}
+
+impl RouteConfig {
+    /// The target names, in order.
+    pub fn targets(&self) -> impl Iterator<Item = &str> {
+        self.hops.iter().map(|(name, _)| name.as_str())
+    }
 }
 
 /// A validated configuration.
@@ -174,14 +199,15 @@ pub struct Config {
     pub targets: Vec<UpstreamConfig>,
     /// The in-process model, when configured.
     pub local: Option<LocalConfig>,
-    /// When targets' circuit breakers open, and for how long.
-    pub breaker: BreakerConfig,
-    /// Retries on the same target, backoff, and the request deadline.
-    pub retry: RetryPolicy,
-    /// Active health checks of the upstream targets.
-    pub health: HealthConfig,
-    /// Routes: which models go to which targets, by target name.
-    pub routes: Vec<(ModelMatch, Vec<String>)>,
+    /// Each target's circuit breaker settings (`[breaker]`, then the
+    /// target's own `breaker` table), by target name.
+    pub breakers: BTreeMap<String, BreakerConfig>,
+    /// Each upstream target's active health checks (`[health]`, then the
+    /// target's own `health` table), in target order.
+    pub health: Vec<(String, HealthConfig)>,
+    /// Routes: which models go to which targets, with what retries and
+    /// deadline.
+    pub routes: Vec<RouteConfig>,
 }
 
 impl Config {
@@ -213,18 +239,7 @@ impl Config {
                 name: "openai".into(),
                 base_url: env("OPENAI_BASE_URL").unwrap_or_else(|| OPENAI_BASE_URL.into()),
                 api_key_env: Some("OPENAI_API_KEY".into()),
-                model: None,
-                pool_max_idle: None,
-                pool_idle_timeout_ms: None,
-                http2: None,
-                ca_bundle: None,
-                connect_timeout_ms: None,
-                first_byte_timeout_ms: None,
-                idle_timeout_ms: None,
-                prefill: None,
-                context_window: None,
-                requests_per_minute: None,
-                tokens_per_minute: None,
+                ..RawTarget::default()
             }],
             local: default_local(&env),
             ..RawConfig::default()
@@ -301,9 +316,35 @@ impl RawConfig {
         if max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }
+        let breaker = self.breaker.apply(&BreakerConfig::default(), "breaker")?;
+        let retry = self.retry.apply(&RetryPolicy::default(), "retry")?;
+        let deadline = millis(
+            self.retry.deadline_ms,
+            "retry.deadline_ms",
+            DEFAULT_DEADLINE,
+            false,
+        )?;
+        let health = self.health.apply(&HealthConfig::default(), "health")?;
         let mut names = HashSet::new();
+        // Per target: its breaker, and the retry policy its attempts follow
+        // unless a route says otherwise.
+        let mut breakers = BTreeMap::new();
+        let mut target_retry = BTreeMap::new();
+        let mut checks = Vec::new();
         let local = match self.local {
-            Some(l) => Some(validate_local(l)?),
+            Some(mut l) => {
+                let (b, r) = (l.breaker.take(), l.retry.take());
+                let local = validate_local(l)?;
+                breakers.insert(
+                    local.target.clone(),
+                    b.unwrap_or_default().apply(&breaker, "local.breaker")?,
+                );
+                target_retry.insert(
+                    local.target.clone(),
+                    target_policy(r.as_ref(), &retry, "local.retry")?,
+                );
+                Some(local)
+            }
             None => None,
         };
         if self.targets.is_empty() && local.is_none() {
@@ -335,6 +376,20 @@ impl RawConfig {
                     "must start with http:// or https://",
                 ));
             }
+            breakers.insert(
+                t.name.clone(),
+                t.breaker
+                    .unwrap_or_default()
+                    .apply(&breaker, &at("breaker"))?,
+            );
+            target_retry.insert(
+                t.name.clone(),
+                target_policy(t.retry.as_ref(), &retry, &at("retry"))?,
+            );
+            checks.push((
+                t.name.clone(),
+                t.health.unwrap_or_default().apply(&health, &at("health"))?,
+            ));
             let mut u = UpstreamConfig::new(t.name, t.base_url);
             u.api_key = t
                 .api_key_env
@@ -409,25 +464,44 @@ impl RawConfig {
                     "at least one target is needed",
                 ));
             }
-            for (j, name) in r.targets.iter().enumerate() {
-                if !names.contains(name) {
+            let overrides = r.retry.unwrap_or_default();
+            let mut hops = Vec::with_capacity(r.targets.len());
+            for (j, name) in r.targets.into_iter().enumerate() {
+                let Some(base) = target_retry.get(&name) else {
                     return Err(invalid(
                         format!("routes[{i}].targets[{j}]"),
                         format!("no target is named `{name}`"),
                     ));
-                }
+                };
+                let policy = overrides.apply(base, &format!("routes[{i}].retry"))?;
+                hops.push((name, policy));
             }
-            routes.push((models, r.targets));
+            let deadline = millis(
+                overrides.deadline_ms,
+                &format!("routes[{i}].retry.deadline_ms"),
+                deadline,
+                false,
+            )?;
+            routes.push(RouteConfig {
+                models,
+                hops,
+                deadline,
+            });
         }
         if routes.is_empty() {
             // No routes: every model goes down every target, in configured
             // order, the local model last.
-            let chain = targets
+            let hops = targets
                 .iter()
                 .map(|t| t.name.clone())
                 .chain(local.iter().map(|l| l.target.clone()))
+                .filter_map(|name| Some((name.clone(), target_retry.get(&name)?.clone())))
                 .collect();
-            routes.push((ModelMatch::Any, chain));
+            routes.push(RouteConfig {
+                models: ModelMatch::Any,
+                hops,
+                deadline,
+            });
         }
         Ok(Config {
             listen,
@@ -435,135 +509,178 @@ impl RawConfig {
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms.unwrap_or(30_000)),
             targets,
             local,
-            breaker: validate_breaker(&self.breaker)?,
-            retry: validate_retry(&self.retry)?,
-            health: validate_health(&self.health)?,
+            breakers,
+            health: checks,
             routes,
         })
     }
 }
 
-fn validate_health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
-    let probe = match raw.probe.as_deref() {
-        None | Some("models") => Some(Probe::Models),
-        Some("completion") => Some(Probe::Completion(
-            raw.probe_model
-                .clone()
-                .unwrap_or_else(|| "gpt-4o-mini".into()),
-        )),
-        Some("off") => None,
-        Some(other) => {
-            return Err(invalid(
-                "health.probe",
-                format!("`{other}` is not one of models, completion, off"),
-            ))
-        }
+/// A target's own retry policy: the global one with the target's overrides.
+/// The deadline belongs to the whole request, so a target cannot set it.
+fn target_policy(
+    raw: Option<&RawRetry>,
+    global: &RetryPolicy,
+    at: &str,
+) -> Result<RetryPolicy, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(global.clone());
     };
-    let mut h = HealthConfig {
-        probe,
-        ..HealthConfig::default()
-    };
-    let positive = |v: Option<u64>, field: &str, default: Duration| {
-        millis(v, &format!("health.{field}"), default, false)
-    };
-    h.interval = positive(raw.interval_ms, "interval_ms", h.interval)?;
-    h.timeout = positive(raw.timeout_ms, "timeout_ms", h.timeout)?;
-    for (field, value, slot) in [
-        (
-            "healthy_threshold",
-            raw.healthy_threshold,
-            &mut h.healthy_after,
-        ),
-        (
-            "unhealthy_threshold",
-            raw.unhealthy_threshold,
-            &mut h.unhealthy_after,
-        ),
-    ] {
-        match value {
-            Some(0) => return Err(invalid(format!("health.{field}"), "must be greater than 0")),
-            Some(n) => *slot = n,
-            None => {}
-        }
-    }
-    Ok(h)
-}
-
-fn validate_retry(raw: &RawRetry) -> Result<RetryPolicy, ConfigError> {
-    let mut r = RetryPolicy::default();
-    if let Some(n) = raw.max_retries {
-        r.max_retries = n;
-    }
-    let ms = |v: Option<u64>, field: &str, default: Duration, zero_ok: bool| {
-        millis(v, &format!("retry.{field}"), default, zero_ok)
-    };
-    r.backoff_base = ms(raw.backoff_base_ms, "backoff_base_ms", r.backoff_base, true)?;
-    r.backoff_max = ms(raw.backoff_max_ms, "backoff_max_ms", r.backoff_max, true)?;
-    r.max_retry_after = ms(
-        raw.max_retry_after_ms,
-        "max_retry_after_ms",
-        r.max_retry_after,
-        true,
-    )?;
-    r.deadline = ms(raw.deadline_ms, "deadline_ms", r.deadline, false)?;
-    r.first_token_timeout = ms(
-        raw.first_token_timeout_ms,
-        "first_token_timeout_ms",
-        r.first_token_timeout,
-        false,
-    )?;
-    if r.backoff_max < r.backoff_base {
+    if raw.deadline_ms.is_some() {
         return Err(invalid(
-            "retry.backoff_max_ms",
-            "must not be below backoff_base_ms",
+            format!("{at}.deadline_ms"),
+            "the deadline covers the whole request: set it in [retry] or on a route",
         ));
     }
-    Ok(r)
+    raw.apply(global, at)
 }
 
-fn validate_breaker(raw: &RawBreaker) -> Result<BreakerConfig, ConfigError> {
-    let mut b = BreakerConfig::default();
-    let positive = |v: Option<u64>, field: &str, default: Duration| {
-        millis(v, &format!("breaker.{field}"), default, false)
-    };
-    b.window = positive(raw.window_ms, "window_ms", b.window)?;
-    b.open_for = positive(raw.open_ms, "open_ms", b.open_for)?;
-    b.max_open_for = positive(raw.max_open_ms, "max_open_ms", b.max_open_for)?;
-    if b.max_open_for < b.open_for {
-        return Err(invalid("breaker.max_open_ms", "must not be below open_ms"));
-    }
-    match raw.consecutive_failures {
-        Some(0) => {
-            return Err(invalid(
-                "breaker.consecutive_failures",
-                "must be greater than 0",
-            ))
-        }
-        Some(n) => b.consecutive_failures = n,
-        None => {}
-    }
-    if let Some(n) = raw.min_calls {
-        b.min_calls = n;
-    }
-    for (field, value, slot) in [
-        ("failure_rate", raw.failure_rate, &mut b.failure_rate),
-        ("jitter", raw.jitter, &mut b.jitter),
-    ] {
-        match value {
-            Some(v) if !(0.0..=1.0).contains(&v) => {
+impl RawHealth {
+    /// `base` with the fields set here; `at` names the table in errors.
+    fn apply(&self, base: &HealthConfig, at: &str) -> Result<HealthConfig, ConfigError> {
+        let model = || {
+            self.probe_model
+                .clone()
+                .unwrap_or_else(|| match &base.probe {
+                    Some(Probe::Completion(m)) => m.clone(),
+                    _ => "gpt-4o-mini".into(),
+                })
+        };
+        let probe = match self.probe.as_deref() {
+            None => match &base.probe {
+                Some(Probe::Completion(_)) => Some(Probe::Completion(model())),
+                other => other.clone(),
+            },
+            Some("models") => Some(Probe::Models),
+            Some("completion") => Some(Probe::Completion(model())),
+            Some("off") => None,
+            Some(other) => {
                 return Err(invalid(
-                    format!("breaker.{field}"),
-                    "must be between 0 and 1",
+                    format!("{at}.probe"),
+                    format!("`{other}` is not one of models, completion, off"),
                 ))
             }
-            Some(v) => *slot = v,
+        };
+        let mut h = HealthConfig {
+            probe,
+            ..base.clone()
+        };
+        let positive = |v: Option<u64>, field: &str, default: Duration| {
+            millis(v, &format!("{at}.{field}"), default, false)
+        };
+        h.interval = positive(self.interval_ms, "interval_ms", h.interval)?;
+        h.timeout = positive(self.timeout_ms, "timeout_ms", h.timeout)?;
+        for (field, value, slot) in [
+            (
+                "healthy_threshold",
+                self.healthy_threshold,
+                &mut h.healthy_after,
+            ),
+            (
+                "unhealthy_threshold",
+                self.unhealthy_threshold,
+                &mut h.unhealthy_after,
+            ),
+        ] {
+            match value {
+                Some(0) => return Err(invalid(format!("{at}.{field}"), "must be greater than 0")),
+                Some(n) => *slot = n,
+                None => {}
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl RawRetry {
+    /// `base` with the fields set here (the deadline is the route's, not a
+    /// policy's); `at` names the table in errors.
+    fn apply(&self, base: &RetryPolicy, at: &str) -> Result<RetryPolicy, ConfigError> {
+        let mut r = base.clone();
+        if let Some(n) = self.max_retries {
+            r.max_retries = n;
+        }
+        let ms = |v: Option<u64>, field: &str, default: Duration, zero_ok: bool| {
+            millis(v, &format!("{at}.{field}"), default, zero_ok)
+        };
+        r.backoff_base = ms(
+            self.backoff_base_ms,
+            "backoff_base_ms",
+            r.backoff_base,
+            true,
+        )?;
+        r.backoff_max = ms(self.backoff_max_ms, "backoff_max_ms", r.backoff_max, true)?;
+        r.max_retry_after = ms(
+            self.max_retry_after_ms,
+            "max_retry_after_ms",
+            r.max_retry_after,
+            true,
+        )?;
+        r.first_token_timeout = ms(
+            self.first_token_timeout_ms,
+            "first_token_timeout_ms",
+            r.first_token_timeout,
+            false,
+        )?;
+        if r.backoff_max < r.backoff_base {
+            return Err(invalid(
+                format!("{at}.backoff_max_ms"),
+                "must not be below backoff_base_ms",
+            ));
+        }
+        Ok(r)
+    }
+}
+
+impl RawBreaker {
+    /// `base` with the fields set here; `at` names the table in errors.
+    fn apply(&self, base: &BreakerConfig, at: &str) -> Result<BreakerConfig, ConfigError> {
+        let mut b = base.clone();
+        let positive = |v: Option<u64>, field: &str, default: Duration| {
+            millis(v, &format!("{at}.{field}"), default, false)
+        };
+        b.window = positive(self.window_ms, "window_ms", b.window)?;
+        b.open_for = positive(self.open_ms, "open_ms", b.open_for)?;
+        b.max_open_for = positive(self.max_open_ms, "max_open_ms", b.max_open_for)?;
+        if b.max_open_for < b.open_for {
+            return Err(invalid(
+                format!("{at}.max_open_ms"),
+                "must not be below open_ms",
+            ));
+        }
+        match self.consecutive_failures {
+            Some(0) => {
+                return Err(invalid(
+                    format!("{at}.consecutive_failures"),
+                    "must be greater than 0",
+                ))
+            }
+            Some(n) => b.consecutive_failures = n,
             None => {}
         }
+        if let Some(n) = self.min_calls {
+            b.min_calls = n;
+        }
+        for (field, value, slot) in [
+            ("failure_rate", self.failure_rate, &mut b.failure_rate),
+            ("jitter", self.jitter, &mut b.jitter),
+        ] {
+            match value {
+                Some(v) if !(0.0..=1.0).contains(&v) => {
+                    return Err(invalid(format!("{at}.{field}"), "must be between 0 and 1"))
+                }
+                Some(v) => *slot = v,
+                None => {}
+            }
+        }
+        if b.failure_rate == 0.0 {
+            return Err(invalid(
+                format!("{at}.failure_rate"),
+                "must be greater than 0",
+            ));
+        }
+        Ok(b)
     }
-    if b.failure_rate == 0.0 {
-        return Err(invalid("breaker.failure_rate", "must be greater than 0"));
-    }
-    Ok(b)
 }
 
 /// A duration field in milliseconds: its default when absent; zero refused

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use backstop_adapter::Backend;
 use backstop_local::LocalBackend;
-use backstop_router::{Route, RouteTable, Router};
+use backstop_router::{Hop, Route, RouteTable, Router};
 use backstop_upstream::{Upstream, UpstreamError};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -75,20 +75,26 @@ impl App {
         let routes = config
             .routes
             .iter()
-            .map(|(models, names)| Route {
-                models: models.clone(),
-                targets: names
+            .map(|route| Route {
+                models: route.models.clone(),
+                hops: route
+                    .hops
                     .iter()
-                    .filter_map(|n| backends.iter().find(|b| b.name() == n).cloned())
+                    .filter_map(|(name, retry)| {
+                        let backend = backends.iter().find(|b| b.name() == name)?.clone();
+                        Some(Hop {
+                            backend,
+                            retry: retry.clone(),
+                        })
+                    })
                     .collect(),
+                deadline: route.deadline,
             })
             .collect();
         let metrics = Metrics::new()?;
-        let router = Router::new(
-            RouteTable::new(routes),
-            config.breaker.clone(),
-            config.retry.clone(),
-        )
+        let router = Router::new(RouteTable::new(routes), |name| {
+            config.breakers.get(name).cloned().unwrap_or_default()
+        })
         .with_observer(Arc::new(metrics.clone()));
         Ok(App {
             router,
@@ -141,10 +147,7 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let upstreams: Vec<String> = app.config.targets.iter().map(|t| t.name.clone()).collect();
-    let checks = app
-        .router
-        .spawn_health_checks(&upstreams, &app.config.health);
+    let checks = app.router.spawn_health_checks(&app.config.health);
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();

@@ -8,6 +8,15 @@ fn parse_err(text: &str) -> String {
     Config::parse(text, env).unwrap_err().to_string()
 }
 
+/// Each route's pattern and target names.
+fn chains(config: &Config) -> Vec<(ModelMatch, Vec<&str>)> {
+    config
+        .routes
+        .iter()
+        .map(|r| (r.models.clone(), r.targets().collect()))
+        .collect()
+}
+
 #[test]
 fn the_documented_default_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/backstop.toml");
@@ -15,10 +24,7 @@ fn the_documented_default_config_is_valid() {
     assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
     assert_eq!(config.targets[0].api_key.as_deref(), Some("sk-from-env"));
     assert_eq!(config.targets[0].base_url, OPENAI_BASE_URL);
-    assert_eq!(
-        config.routes,
-        vec![(ModelMatch::Any, vec!["openai".to_string()])]
-    );
+    assert_eq!(chains(&config), vec![(ModelMatch::Any, vec!["openai"])]);
 }
 
 #[test]
@@ -66,11 +72,8 @@ fn with_a_key_the_chain_is_the_upstream_then_the_local_model() {
     })
     .unwrap();
     assert_eq!(
-        config.routes,
-        vec![(
-            ModelMatch::Any,
-            vec!["openai".to_string(), "local".to_string()]
-        )]
+        chains(&config),
+        vec![(ModelMatch::Any, vec!["openai", "local"])]
     );
 }
 
@@ -84,8 +87,8 @@ fn breaker_settings_are_checked() {
         env,
     )
     .unwrap();
-    assert_eq!(config.breaker.consecutive_failures, 2);
-    assert_eq!(config.breaker.open_for, Duration::from_millis(100));
+    assert_eq!(config.breakers["a"].consecutive_failures, 2);
+    assert_eq!(config.breakers["a"].open_for, Duration::from_millis(100));
     let e = parse_err(&format!("[breaker]\nfailure_rate = 1.5\n{target}"));
     assert!(e.starts_with("breaker.failure_rate:"), "{e}");
     let e = parse_err(&format!(
@@ -102,13 +105,10 @@ fn no_key_means_offline_with_the_local_model() {
     })
     .unwrap();
     assert!(config.is_offline());
-    let local = config.local.unwrap();
+    let local = config.local.clone().unwrap();
     assert_eq!(local.model, Path::new("/models/x.gguf"));
     assert_eq!(local.name, DEFAULT_MODEL_NAME);
-    assert_eq!(
-        config.routes,
-        vec![(ModelMatch::Any, vec!["local".to_string()])]
-    );
+    assert_eq!(chains(&config), vec![(ModelMatch::Any, vec!["local"])]);
     let default = Config::from_env(|_| None).unwrap();
     assert_eq!(default.local.unwrap().model, Path::new(DEFAULT_MODEL));
 }
@@ -123,10 +123,7 @@ fn a_local_section_joins_the_chain_last_and_is_checked() {
         (local.workers, local.queue, local.context),
         (2, 4, Some(512))
     );
-    assert_eq!(
-        config.routes[0].1,
-        vec!["a".to_string(), "local".to_string()]
-    );
+    assert_eq!(chains(&config)[0].1, vec!["a", "local"]);
     let e = parse_err("[local]\nqueue = 0\n");
     assert!(e.starts_with("local.queue:"), "{e}");
     let e = parse_err("[local]\nmodell = \"x\"\n");
@@ -166,8 +163,8 @@ fn route_patterns() {
                 [[routes]]\nmodels = \"gpt-4*\"\ntargets = [\"a\"]\n\
                 [[routes]]\nmodels = \"o1\"\ntargets = [\"a\"]\n";
     let config = Config::parse(text, env).unwrap();
-    assert_eq!(config.routes[0].0, ModelMatch::Prefix("gpt-4".into()));
-    assert_eq!(config.routes[1].0, ModelMatch::Exact("o1".into()));
+    assert_eq!(config.routes[0].models, ModelMatch::Prefix("gpt-4".into()));
+    assert_eq!(config.routes[1].models, ModelMatch::Exact("o1".into()));
     assert_eq!(config.routes.len(), 2);
 }
 
@@ -181,12 +178,64 @@ fn health_settings_are_checked() {
         env,
     )
     .unwrap();
-    assert_eq!(config.health.probe, Some(Probe::Completion("m".into())));
-    assert_eq!(config.health.interval, Duration::from_millis(500));
+    let (name, health) = &config.health[0];
+    assert_eq!(name, "a");
+    assert_eq!(health.probe, Some(Probe::Completion("m".into())));
+    assert_eq!(health.interval, Duration::from_millis(500));
     let off = Config::parse(&format!("[health]\nprobe = \"off\"\n{target}"), env).unwrap();
-    assert_eq!(off.health.probe, None);
+    assert_eq!(off.health[0].1.probe, None);
     let e = parse_err(&format!("[health]\nprobe = \"ping\"\n{target}"));
     assert!(e.starts_with("health.probe:"), "{e}");
     let e = parse_err(&format!("[health]\nunhealthy_threshold = 0\n{target}"));
     assert!(e.starts_with("health.unhealthy_threshold:"), "{e}");
+}
+
+#[test]
+fn targets_and_routes_override_the_global_settings() {
+    let text = "[retry]\nmax_retries = 2\nfirst_token_timeout_ms = 30000\ndeadline_ms = 90000\n\
+                [breaker]\nconsecutive_failures = 4\n[health]\ninterval_ms = 5000\n\
+                [[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n\
+                retry = { max_retries = 0 }\nbreaker = { consecutive_failures = 1 }\n\
+                health = { probe = \"completion\", probe_model = \"m\" }\n\
+                [[targets]]\nname = \"b\"\nbase_url = \"http://y/v1\"\n\
+                [local]\nmodel = \"m.gguf\"\nretry = { first_token_timeout_ms = 5000 }\n\
+                [[routes]]\nmodels = \"o1*\"\ntargets = [\"a\", \"b\", \"local\"]\n\
+                retry = { first_token_timeout_ms = 120000, deadline_ms = 300000 }\n\
+                [[routes]]\nmodels = \"*\"\ntargets = [\"a\", \"b\", \"local\"]\n";
+    let config = Config::parse(text, env).unwrap();
+    let (long, plain) = (&config.routes[0], &config.routes[1]);
+    assert_eq!(long.deadline, Duration::from_secs(300));
+    assert_eq!(plain.deadline, Duration::from_secs(90));
+    // Route over target over global, field by field.
+    let retries = |r: &RouteConfig| -> Vec<(u32, u64)> {
+        r.hops
+            .iter()
+            .map(|(_, p)| (p.max_retries, p.first_token_timeout.as_millis() as u64))
+            .collect()
+    };
+    assert_eq!(retries(long), [(0, 120_000), (2, 120_000), (2, 120_000)]);
+    assert_eq!(retries(plain), [(0, 30_000), (2, 30_000), (2, 5_000)]);
+    assert_eq!(config.breakers["a"].consecutive_failures, 1);
+    assert_eq!(config.breakers["b"].consecutive_failures, 4);
+    assert_eq!(config.breakers["local"].consecutive_failures, 4);
+    let (a, b) = (&config.health[0].1, &config.health[1].1);
+    assert_eq!(a.probe, Some(Probe::Completion("m".into())));
+    assert_eq!(b.probe, Some(Probe::Models));
+    assert_eq!(
+        (a.interval, b.interval),
+        (Duration::from_secs(5), Duration::from_secs(5))
+    );
+
+    let target = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n";
+    let e = parse_err(&format!("{target}retry = {{ deadline_ms = 1000 }}\n"));
+    assert!(e.starts_with("targets[0].retry.deadline_ms:"), "{e}");
+    let e = parse_err(&format!("{target}breaker = {{ jitter = 2.0 }}\n"));
+    assert!(e.starts_with("targets[0].breaker.jitter:"), "{e}");
+    let e = parse_err(&format!(
+        "{target}[[routes]]\nmodels = \"*\"\ntargets = [\"a\"]\nretry = {{ first_token_timeout_ms = 0 }}\n"
+    ));
+    assert!(
+        e.starts_with("routes[0].retry.first_token_timeout_ms:"),
+        "{e}"
+    );
 }
