@@ -82,6 +82,8 @@ pub enum MockReply {
     },
     /// Never answer: the headers never come.
     Hang,
+    /// Close the connection without a response, as a reset before headers.
+    Reset,
 }
 
 impl MockReply {
@@ -243,10 +245,11 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// An error from the service makes hyper close the connection unanswered.
 async fn handle(
     req: hyper::Request<Incoming>,
     state: Arc<State>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, std::io::Error> {
     let (parts, body) = req.into_parts();
     let bytes = body
         .collect()
@@ -270,7 +273,7 @@ async fn handle(
         .pop_front()
         .or_else(|| lock(&state.default).clone())
         .unwrap_or_else(MockReply::echo);
-    Ok(respond(reply, &path, &body).await)
+    respond(reply, &path, &body).await
 }
 
 fn json_response(status: u16, body: &Value, headers: &[(String, String)]) -> Response<Body> {
@@ -295,8 +298,12 @@ fn add_headers(resp: &mut Response<Body>, headers: &[(String, String)]) {
     }
 }
 
-async fn respond(reply: MockReply, path: &str, body: &Value) -> Response<Body> {
-    match reply {
+async fn respond(
+    reply: MockReply,
+    path: &str,
+    body: &Value,
+) -> Result<Response<Body>, std::io::Error> {
+    Ok(match reply {
         MockReply::Echo { delay, chunk_delay } => {
             // A zero sleep still waits for the timer's next 1 ms tick.
             if !delay.is_zero() {
@@ -339,7 +346,13 @@ async fn respond(reply: MockReply, path: &str, body: &Value) -> Response<Body> {
             steps,
         } => sse_response(status, &headers, steps),
         MockReply::Hang => std::future::pending().await,
-    }
+        MockReply::Reset => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "reset by the mock",
+            ))
+        }
+    })
 }
 
 fn sse_response(status: u16, headers: &[(String, String)], steps: Vec<SseStep>) -> Response<Body> {

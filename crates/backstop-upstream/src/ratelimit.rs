@@ -155,7 +155,7 @@ impl RateLimit {
     }
 
     /// Brings the buckets in step with a response's rate-limit headers; a
-    /// 429 holds the target back for its `Retry-After` (at least a second).
+    /// 429 holds the target back for its `Retry-After` (a second without one).
     pub fn observe(&self, headers: &Headers, status: u16) {
         let now = Instant::now();
         let mut s = self.lock();
@@ -190,8 +190,7 @@ impl RateLimit {
                         .and_then(|v| v.trim().parse::<f64>().ok())
                         .map(|s| Duration::from_secs_f64(s.max(0.0)))
                 })
-                .unwrap_or(Duration::from_secs(1))
-                .max(Duration::from_secs(1));
+                .unwrap_or(Duration::from_secs(1));
             hold(now + wait, &mut s);
         }
     }

@@ -216,7 +216,15 @@ pub(crate) async fn error_from_status(response: reqwest::Response, idle: Duratio
     }
 }
 
-/// Decodes an upstream event stream into chunks, bounded by the idle deadline.
+/// After every choice has sent its finish reason only a usage chunk and
+/// `[DONE]` may follow, at once; an upstream silent this long after that has
+/// finished, and its stream is closed cleanly instead of waiting out the idle
+/// deadline.
+const AFTER_FINISH: Duration = Duration::from_millis(500);
+
+/// Decodes an upstream event stream into chunks, bounded by the idle deadline
+/// once the first chunk has come (until then the router's first-token
+/// deadline decides, since a long prompt may take a while).
 pub(crate) struct ChunkReader {
     response: reqwest::Response,
     decoder: SseDecoder,
@@ -226,6 +234,8 @@ pub(crate) struct ChunkReader {
     idle: Duration,
     /// Per choice index: whether it has sent its finish reason.
     finished: Vec<bool>,
+    /// A chunk has been read.
+    started: bool,
     done: bool,
 }
 
@@ -239,6 +249,7 @@ impl ChunkReader {
             legacy,
             idle,
             finished: Vec::new(),
+            started: false,
             done: false,
         }
     }
@@ -269,7 +280,10 @@ impl ChunkReader {
             }
             if let Some(event) = self.events.pop_front() {
                 match self.parse(event) {
-                    Some(Ok(chunk)) => return Some(Ok(chunk)),
+                    Some(Ok(chunk)) => {
+                        self.started = true;
+                        return Some(Ok(chunk));
+                    }
                     Some(Err(e)) => {
                         self.done = true;
                         return Some(Err(e));
@@ -277,7 +291,24 @@ impl ChunkReader {
                     None => continue,
                 }
             }
-            match timeout(self.idle, self.response.chunk()).await {
+            let finished = self.all_finished();
+            let wait = if finished {
+                self.idle.min(AFTER_FINISH)
+            } else {
+                self.idle
+            };
+            let read = self.response.chunk();
+            let read = if self.started {
+                timeout(wait, read).await
+            } else {
+                Ok(read.await)
+            };
+            match read {
+                Err(_) if finished => {
+                    // The answer is complete; the upstream just never said `[DONE]`.
+                    self.done = true;
+                    return None;
+                }
                 Err(_) => {
                     let ms = self.idle.as_millis();
                     return self.fail(
@@ -289,7 +320,7 @@ impl ChunkReader {
                     let message = transport_error(e).message;
                     return self.fail(FailureKind::StreamBroken, message);
                 }
-                Ok(Ok(None)) if self.all_finished() => {
+                Ok(Ok(None)) if finished => {
                     // A finish reason was sent; only the `[DONE]` marker is missing.
                     self.done = true;
                     return None;

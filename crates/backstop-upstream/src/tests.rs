@@ -243,6 +243,15 @@ async fn broken_streams_end_in_classified_errors() {
 async fn a_finished_stream_without_done_ends_cleanly_and_done_stops_reading() {
     let no_done = stream_outcome(vec![data("ok"), finish()]).await;
     assert_eq!(no_done, ("ok".into(), None));
+    // Nor does one whose upstream keeps the body open without `[DONE]`: it is
+    // closed shortly after the finish reason, not failed as stalled.
+    let held_open = stream_outcome(vec![
+        data("ok"),
+        finish(),
+        SseStep::Sleep(Duration::from_secs(20)),
+    ])
+    .await;
+    assert_eq!(held_open, ("ok".into(), None));
     // After [DONE] nothing more is read, even if the server keeps the body open.
     let done = stream_outcome(vec![
         data("ok"),
