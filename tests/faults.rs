@@ -259,6 +259,50 @@ async fn a_stream_cut_mid_answer_is_continued() {
     assert_continued(vec![piece("Hello, "), SseStep::Cut]).await;
 }
 
+/// Streams a chat request over HTTP/1.1 with `TE: trailers`; returns the
+/// headers, the body and the trailer fields.
+async fn stream_with_trailers(h: &Harness) -> (http::HeaderMap, String, http::HeaderMap) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "backstop")
+        .header("content-type", "application/json")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from(
+            chat(true).to_string(),
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let headers = resp.headers().clone();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = String::from_utf8(collected.to_bytes().to_vec()).unwrap();
+    (headers, body, trailers)
+}
+
+#[tokio::test]
+async fn trailers_name_the_target_that_finished_a_continued_stream() {
+    let h = faulty("").await;
+    h.mocks[0].push([sse(vec![piece("Hello, "), SseStep::Cut])]);
+    let (headers, body, trailers) = stream_with_trailers(&h).await;
+    assert_eq!(headers["x-backstop-backend"], "up0");
+    assert_eq!(headers["x-backstop-attempts"], "1");
+    assert_eq!(streamed_text(&sse_data(&body)), "Hello, You said: Hello, ");
+    assert_eq!(trailers["x-backstop-backend"], "up1", "{trailers:?}");
+    assert_eq!(trailers["x-backstop-attempts"], "2");
+    // An uncontinued stream's trailers repeat its headers; a client that did
+    // not ask for trailers gets none.
+    let (_, _, trailers) = stream_with_trailers(&h).await;
+    assert_eq!(trailers["x-backstop-backend"], "up0");
+    let resp = h.post("/v1/chat/completions", &chat(true)).await;
+    assert!(resp.headers().get("trailer").is_none());
+}
+
 #[tokio::test]
 async fn a_stalled_stream_is_continued() {
     assert_continued(vec![

@@ -43,7 +43,7 @@ async fn an_open_breaker_sends_traffic_past_the_failing_target() {
     );
     let metrics = h.get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("backstop_breaker_state{target=\"up0\"} 1"),
+        metrics.contains("backstop_breaker_state{target=\"up0\"} 2"),
         "{metrics}"
     );
     assert!(metrics.contains("backstop_breaker_state{target=\"up1\"} 0"));

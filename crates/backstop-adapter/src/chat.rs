@@ -266,6 +266,17 @@ pub struct Usage {
     pub extra: Extra,
 }
 
+impl Usage {
+    /// Counts `tokens` of a prefill as answer, not prompt: a continued
+    /// stream's prefill is text the client receives, so the continuing
+    /// backend's usage reports the whole answer, as if it had produced it.
+    pub fn count_prefill_as_answer(&mut self, tokens: u64) {
+        let moved = tokens.min(self.prompt_tokens);
+        self.prompt_tokens -= moved;
+        self.completion_tokens += moved;
+    }
+}
+
 /// A `chat.completion` response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletion {

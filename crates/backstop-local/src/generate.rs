@@ -198,7 +198,27 @@ pub fn run(model: &LoadedModel, weights: &mut ModelWeights, job: Job) {
         params,
         events,
     } = job;
-    let send = |event: Event| events.blocking_send(event).is_ok();
+    // A prefill is answer the client already has: it comes out of
+    // max_tokens, and usage counts it as completion, not prompt.
+    let answered = match prefill.as_str() {
+        "" => 0,
+        text => model.tokenizer.encode(text).map_or(0, |ids| ids.len()),
+    };
+    let send = |event: Event| {
+        let event = match event {
+            Event::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => Event::Done {
+                finish_reason,
+                prompt_tokens: prompt_tokens.saturating_sub(answered),
+                completion_tokens: completion_tokens + answered.min(prompt_tokens),
+            },
+            other => other,
+        };
+        events.blocking_send(event).is_ok()
+    };
     let (ids, dropped_turns) = match fit_prompt(model, &prompt, &prefill) {
         Ok(fitted) => fitted,
         Err(event) => {
@@ -210,7 +230,9 @@ pub fn run(model: &LoadedModel, weights: &mut ModelWeights, job: Job) {
         return;
     }
     let room = model.context - ids.len();
-    let max_new = params.max_tokens.map_or(room, |m| m.min(room));
+    let max_new = params
+        .max_tokens
+        .map_or(room, |m| m.saturating_sub(answered).min(room));
     if let Err(event) = generate(model, weights, &ids, max_new, &params, &send, &events) {
         send(event);
     }

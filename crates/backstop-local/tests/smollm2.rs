@@ -437,3 +437,28 @@ async fn legacy_prompts_are_continued_as_raw_text() {
     assert_eq!((finish.as_str(), n), ("length", 5));
     assert!(!text.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_is_continued_counted_as_answer_and_taken_from_max_tokens() {
+    let backend = shared().await;
+    let prefill = "Once upon a time, a dragon";
+    let prefill_tokens = tokenizer().encode(prefill).unwrap().len() as u64;
+    let plain = ask(
+        "Write a long story about a dragon.",
+        json!({"max_tokens": 12}),
+    );
+    let mut continued = plain.clone();
+    continued.prefill = Some(prefill.into());
+    let with = backend.complete(&continued).await.unwrap().body;
+    let without = backend.complete(&plain).await.unwrap().body;
+    let (u, p) = (with.usage.unwrap(), without.usage.unwrap());
+    // The answer holds 12 tokens in all, the prefill's included; the prompt
+    // is the client's alone.
+    assert_eq!(u.completion_tokens, 12);
+    assert_eq!(with.choices[0].finish_reason.as_deref(), Some("length"));
+    assert_eq!(u.prompt_tokens, p.prompt_tokens);
+    assert!(prefill_tokens > 3);
+    // The continuation does not repeat the prefill.
+    let text = with.choices[0].message.content.as_ref().unwrap().to_text();
+    assert!(!text.starts_with(prefill), "{text:?}");
+}

@@ -7,7 +7,7 @@
 //! presented as complete. Either way the break counts against the breaker of
 //! the target whose stream broke.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use backstop_adapter::{Backend, BackendError, ChatChunk, ChunkStream, FailureKind, Request};
 use futures_util::StreamExt;
@@ -18,7 +18,41 @@ use crate::observer::Observer;
 /// Who to tell about a continuation, and who is streaming now.
 pub(crate) struct Reporter {
     pub observer: Arc<dyn Observer>,
-    pub serving: String,
+    pub serving: Serving,
+}
+
+/// Who is serving a stream now, and the attempts it has taken so far: a
+/// broken stream continued by another target changes both. Shared between
+/// the stream and whoever sends it to the client.
+#[derive(Debug, Clone)]
+pub struct Serving(Arc<Mutex<(String, u32)>>);
+
+impl Serving {
+    pub(crate) fn new(backend: &str, attempts: u32) -> Self {
+        Serving(Arc::new(Mutex::new((backend.to_string(), attempts))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (String, u32)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The target streaming now (the last one, once the stream has ended).
+    pub fn backend(&self) -> String {
+        self.lock().0.clone()
+    }
+
+    /// Attempts so far, continuations included.
+    pub fn attempts(&self) -> u32 {
+        self.lock().1
+    }
+
+    fn attempted(&self) {
+        self.lock().1 += 1;
+    }
+
+    fn hand_over(&self, to: &str) {
+        self.lock().0 = to.to_string();
+    }
 }
 
 /// A target that may continue a broken stream.
@@ -148,6 +182,7 @@ impl State {
             if next.breaker.as_ref().is_some_and(|b| !b.admit()) {
                 continue;
             }
+            self.reporter.serving.attempted();
             let started = next.backend.stream(&request).await;
             if let Some(b) = &next.breaker {
                 b.record(match &started {
@@ -158,11 +193,10 @@ impl State {
             match started {
                 Ok(reply) => {
                     self.breaker = next.breaker.clone();
-                    let to = next.backend.name().to_string();
-                    self.reporter
-                        .observer
-                        .continued(&self.reporter.serving, &to);
-                    self.reporter.serving = to;
+                    let to = next.backend.name();
+                    let from = self.reporter.serving.backend();
+                    self.reporter.observer.continued(&from, to);
+                    self.reporter.serving.hand_over(to);
                     tracing::warn!(
                         to = next.backend.name(),
                         kind = broke.kind.as_str(),

@@ -8,6 +8,7 @@
 
 pub mod breaker;
 mod continuation;
+pub use continuation::Serving;
 pub mod health;
 pub mod observer;
 pub mod retry;
@@ -151,6 +152,9 @@ pub struct Served<T> {
     /// Time spent waiting on backends: every failed attempt, plus the serving
     /// backend's own wait (for a stream, until its first chunk).
     pub backend_time: Duration,
+    /// For a stream, who serves it as it goes on: the target and attempts
+    /// change when a broken stream is continued by another target.
+    pub serving: Serving,
 }
 
 impl<T> Served<T> {
@@ -330,7 +334,7 @@ impl Router {
                 successors,
                 continuation::Reporter {
                     observer: self.observer.clone(),
-                    serving: served.backend.clone(),
+                    serving: served.serving.clone(),
                 },
             );
             served
@@ -405,12 +409,14 @@ impl Router {
                 }
                 let e = match result {
                     Ok((reply, waited)) => {
+                        let serving = Serving::new(name, attempts(&failed) + 1);
                         return Ok(Served {
                             reply,
                             backend: name.to_string(),
                             failed,
                             backend_time: backend_time + waited,
-                        })
+                            serving,
+                        });
                     }
                     Err(e) => e,
                 };

@@ -9,7 +9,7 @@ use backstop_adapter::{
     BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, TextCompletion,
 };
 use backstop_router::breaker::{CircuitBreaker, Forced};
-use backstop_router::RouteError;
+use backstop_router::{RouteError, Serving};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use http::{Method, Response};
@@ -256,6 +256,7 @@ async fn completion(
     endpoint: Endpoint,
 ) -> Response<Body> {
     let mut flight = InFlight::new(app.clone(), endpoint);
+    let trailers = accepts_trailers(&req);
     let bytes = match Limited::new(req.into_body(), app.config.max_body_bytes)
         .collect()
         .await
@@ -296,7 +297,7 @@ async fn completion(
     };
     if request.chat.is_stream() {
         flight.stream = true;
-        stream(&app, &request, flight).await
+        stream(&app, &request, flight, trailers).await
     } else {
         complete(&app, &request, flight).await
     }
@@ -355,7 +356,24 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
     resp
 }
 
-async fn stream(app: &App, request: &Request, flight: InFlight) -> Response<Body> {
+/// Whether the client takes trailer fields: always over HTTP/2, over
+/// HTTP/1.1 when it sent `TE: trailers`.
+fn accepts_trailers(req: &hyper::Request<Incoming>) -> bool {
+    req.version() >= http::Version::HTTP_2
+        || req
+            .headers()
+            .get_all(http::header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Trailer fields a stream ends with, for clients that take them: who
+/// served last (a continued stream changes hands) and the attempts in all.
+const TRAILERS: &str = "x-backstop-backend, x-backstop-attempts";
+
+async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) -> Response<Body> {
     let served = match app.router.stream(request).await {
         Ok(s) => s,
         Err(e) => return failed(app, &e, &flight),
@@ -366,7 +384,8 @@ async fn stream(app: &App, request: &Request, flight: InFlight) -> Response<Body
     let events = ClientStream {
         chunks: served.reply.body,
         legacy: request.legacy.is_some(),
-        target: served.backend.clone(),
+        serving: served.serving.clone(),
+        trailers,
         backend_time: served.backend_time,
         first_sent: false,
         done: false,
@@ -390,6 +409,12 @@ async fn stream(app: &App, request: &Request, flight: InFlight) -> Response<Body
         http::HeaderValue::from_static("no-cache"),
     );
     headers.insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+    if trailers {
+        headers.insert(
+            http::header::TRAILER,
+            http::HeaderValue::from_static(TRAILERS),
+        );
+    }
     resp
 }
 
@@ -401,7 +426,10 @@ const MAX_FRAME: usize = 64 << 10;
 struct ClientStream {
     chunks: ChunkStream,
     legacy: bool,
-    target: String,
+    /// Who serves now (changes when a broken stream is continued).
+    serving: Serving,
+    /// The client takes trailers: end with them.
+    trailers: bool,
     backend_time: Duration,
     first_sent: bool,
     done: bool,
@@ -413,9 +441,28 @@ impl ClientStream {
         self,
     ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
         futures_util::stream::unfold(self, |mut s| async move {
+            if s.done {
+                return s.take_trailers().map(|t| (Ok(Frame::trailers(t)), s));
+            }
             let bytes = s.next_frame().await?;
             Some((Ok(Frame::data(bytes)), s))
         })
+    }
+
+    /// The trailer fields, once, for a client that takes them.
+    fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        if !std::mem::take(&mut self.trailers) {
+            return None;
+        }
+        let mut map = http::HeaderMap::new();
+        if let Ok(backend) = http::HeaderValue::from_str(&self.serving.backend()) {
+            map.insert(respond::BACKEND_HEADER, backend);
+        }
+        map.insert(
+            respond::ATTEMPTS_HEADER,
+            http::HeaderValue::from(self.serving.attempts()),
+        );
+        Some(map)
     }
 
     /// The next bytes for the client: every event that is ready, so chunks
@@ -446,7 +493,7 @@ impl ClientStream {
                     self.flight
                         .metrics()
                         .ttft
-                        .with_label_values(&[&self.target])
+                        .with_label_values(&[&self.serving.backend()])
                         .observe(elapsed.as_secs_f64());
                     self.flight
                         .metrics()
@@ -454,7 +501,8 @@ impl ClientStream {
                         .observe(elapsed.saturating_sub(self.backend_time).as_secs_f64());
                 }
                 if let Some(usage) = &chunk.usage {
-                    self.flight.metrics().count_usage(&self.target, usage);
+                    let target = self.serving.backend();
+                    self.flight.metrics().count_usage(&target, usage);
                 }
                 let encoded = if self.legacy {
                     sse::encode_json(&TextCompletion::from(chunk), out)
@@ -477,10 +525,9 @@ impl ClientStream {
     /// Ends the stream with an error event: the answer is not complete.
     fn fail(&mut self, e: BackendError, out: &mut Vec<u8>) {
         self.done = true;
-        tracing::warn!(target = %self.target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
-        self.flight
-            .metrics()
-            .count_backend_failure(&self.target, &e);
+        let target = self.serving.backend();
+        tracing::warn!(%target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
+        self.flight.metrics().count_backend_failure(&target, &e);
         out.extend_from_slice(&respond::stream_error_event(&e));
     }
 }

@@ -28,7 +28,7 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Requests being served now.
     pub in_flight: IntGauge,
-    /// Each target's breaker: 0 closed, 1 open, 2 half-open.
+    /// Each target's breaker: 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGaugeVec,
     /// Each target's health by active checks: 1 healthy, 0 not.
     pub healthy: IntGaugeVec,
@@ -151,7 +151,7 @@ impl Metrics {
         let breaker_state = IntGaugeVec::new(
             Opts::new(
                 "backstop_breaker_state",
-                "Circuit breaker state per target: 0 closed, 1 open, 2 half-open.",
+                "Circuit breaker state per target: 0 closed, 1 half-open, 2 open.",
             ),
             &["target"],
         )?;
@@ -196,8 +196,8 @@ impl Metrics {
         for (target, breaker) in router.breakers() {
             let value = match breaker.state() {
                 BreakerState::Closed => 0,
-                BreakerState::Open => 1,
-                BreakerState::HalfOpen => 2,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
             };
             self.breaker_state.with_label_values(&[target]).set(value);
             self.healthy

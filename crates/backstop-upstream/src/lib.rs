@@ -18,6 +18,7 @@ use backstop_adapter::{
     Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Reply,
     Request,
 };
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::time::{timeout, Instant};
 
@@ -157,6 +158,15 @@ impl Upstream {
         &self.config
     }
 
+    /// Tokens of the request's prefill (answer the client already has), as
+    /// this target's model counts them.
+    fn prefill_tokens(&self, req: &Request) -> u64 {
+        let model = self.config.model.as_deref().unwrap_or(&req.chat.model);
+        req.prefill
+            .as_deref()
+            .map_or(0, |p| tokens::text_tokens(p, model) as u64)
+    }
+
     /// Sends the request and waits, within the first-byte deadline, for the
     /// response headers. A non-2xx answer becomes the matching error.
     async fn send(&self, req: &Request, stream: bool) -> Result<reqwest::Response, BackendError> {
@@ -185,6 +195,18 @@ impl Upstream {
             }
         }
         if let Value::Object(map) = &mut body {
+            // The prefill is part of the answer the client asked for: it
+            // comes out of the answer's token cap.
+            let answered = self.prefill_tokens(req);
+            for field in ["max_completion_tokens", "max_tokens"] {
+                if let Some(n) = map
+                    .get(field)
+                    .and_then(Value::as_u64)
+                    .filter(|_| answered > 0)
+                {
+                    map.insert(field.into(), Value::from(n.saturating_sub(answered).max(1)));
+                }
+            }
             map.insert("stream".into(), Value::Bool(stream));
             if !stream {
                 map.remove("stream_options");
@@ -316,6 +338,10 @@ impl Backend for Upstream {
             )
             .await
             .map_err(|e| with_headers(e, &headers))?;
+            let mut completion = completion;
+            if let Some(usage) = &mut completion.usage {
+                usage.count_prefill_as_answer(self.prefill_tokens(req));
+            }
             Ok(Reply {
                 body: completion,
                 headers,
@@ -353,6 +379,17 @@ impl Backend for Upstream {
                 response::Kind::Other(ct) => {
                     return Err(with_headers(response::unexpected_type(&ct), &headers))
                 }
+            };
+            let answered = self.prefill_tokens(req);
+            let body = if answered > 0 {
+                Box::pin(body.map(move |mut item| {
+                    if let Ok(Some(usage)) = item.as_mut().map(|c| c.usage.as_mut()) {
+                        usage.count_prefill_as_answer(answered);
+                    }
+                    item
+                }))
+            } else {
+                body
             };
             Ok(Reply {
                 body,

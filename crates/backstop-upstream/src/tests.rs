@@ -429,3 +429,51 @@ async fn a_spent_rate_limit_or_a_429_holds_the_target_back_without_sending() {
     );
     assert_eq!(mock.requests().len(), 1, "persistent 429s are not hammered");
 }
+
+#[tokio::test]
+async fn a_prefill_is_counted_as_answer_in_usage_and_comes_out_of_max_tokens() {
+    let mock = MockUpstream::start().await.unwrap();
+    let up = upstream(&mock);
+    let usage = |u: Option<&backstop_adapter::Usage>| {
+        let u = u.unwrap();
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens)
+    };
+    // "Hello there" is two tokens in gpt-4o-mini's encoding.
+    for stream in [false, true] {
+        let body = json!({"model": "gpt-4o-mini", "stream": stream, "max_tokens": 10,
+                          "stream_options": {"include_usage": true},
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let plain = Request::parse_chat(body.to_string().as_bytes()).unwrap();
+        let mut continued = plain.clone();
+        continued.prefill = Some("Hello there".into());
+        let mut seen = Vec::new();
+        for req in [&plain, &continued] {
+            seen.push(if stream {
+                let (chunks, err) = collect(&up, req).await;
+                assert!(err.is_none());
+                usage(chunks.iter().find_map(|c| c.usage.as_ref()))
+            } else {
+                usage(up.complete(req).await.unwrap().body.usage.as_ref())
+            });
+        }
+        let sent: Vec<_> = mock
+            .requests()
+            .iter()
+            .map(|r| r.body["max_tokens"].clone())
+            .collect();
+        assert_eq!(sent[sent.len() - 2..], [json!(10), json!(8)]);
+        // The echo's usage (words of the request and of the answer), with
+        // the prefill's two tokens moved from prompt to completion.
+        let (p, c, t) = seen[1];
+        let echo = |req: &Request| {
+            let sent = req.upstream_body().unwrap();
+            let answer = echo_text(&sent);
+            (
+                sent.to_string().split_whitespace().count() as u64,
+                answer.split_whitespace().count() as u64,
+            )
+        };
+        let (ep, ec) = echo(&continued);
+        assert_eq!((p, c, t), (ep - 2, ec + 2, ep + ec));
+    }
+}

@@ -11,6 +11,11 @@ fn encoding(model: &str) -> &'static CoreBPE {
     tiktoken_rs::bpe_for_model(model).unwrap_or_else(|_| tiktoken_rs::o200k_base_singleton())
 }
 
+/// Tokens of a piece of text for `model`.
+pub fn text_tokens(text: &str, model: &str) -> usize {
+    encoding(model).encode_with_special_tokens(text).len()
+}
+
 /// Prompt tokens of `req` for `model`.
 pub fn prompt_tokens(req: &Request, model: &str) -> usize {
     let bpe = encoding(model);
