@@ -6,11 +6,16 @@
 #
 # Needs oha (`cargo install oha --locked`). Prints markdown tables for
 # benches/README.md. Everything runs on loopback.
+#
+# With BASELINE=path/to/an/older/backstop, that build runs too, beside the
+# current one, on every step: the last table compares the two (how the
+# breaker, routing and everything since cost against the Foundation build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 mock_addr=127.0.0.1:18081
 bs_addr=127.0.0.1:18080
+base_addr=127.0.0.1:18082
 direct=http://$mock_addr/v1
 routed=http://$bs_addr/v1
 
@@ -22,9 +27,16 @@ mock_pid=$!
 OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn \
   target/release/backstop --listen $bs_addr &
 bs_pid=$!
-trap 'kill $mock_pid $bs_pid 2>/dev/null || true' EXIT
+base_pid=
+if [ -n "${BASELINE:-}" ]; then
+  OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn \
+    "$BASELINE" --listen $base_addr &
+  base_pid=$!
+fi
+trap 'kill $mock_pid $bs_pid $base_pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do
-  curl -sf http://$bs_addr/healthz >/dev/null && curl -sf $direct/models >/dev/null && break
+  curl -sf http://$bs_addr/healthz >/dev/null && curl -sf $direct/models >/dev/null &&
+    { [ -z "$base_pid" ] || curl -sf http://$base_addr/healthz >/dev/null; } && break
   sleep 0.1
 done
 
@@ -43,6 +55,7 @@ load() { # url body rate|max
     python3 benches/oha_summary.py
 }
 
+compare=()
 echo
 echo "| kind | rate (req/s) | direct p50 (ms) | direct p99 (ms) | backstop p50 (ms) | backstop p99 (ms) | added p50 (ms) | added p99 (ms) | achieved direct / backstop (req/s) |"
 echo "|---|---|---|---|---|---|---|---|---|"
@@ -54,8 +67,19 @@ for kind in chat stream; do
     added50=$(python3 -c "print(f'{$b50-$d50:.3f}')")
     added99=$(python3 -c "print(f'{$b99-$d99:.3f}')")
     echo "| $kind | $rate | $d50 | $d99 | $b50 | $b99 | $added50 | $added99 | $drps / $brps (ok $dok% / $bok%) |"
+    if [ -n "$base_pid" ]; then
+      read -r f50 f99 frps fok <<<"$(load http://$base_addr/v1 "$body" $rate)"
+      compare+=("| $kind | $rate | $f50 | $f99 | $b50 | $b99 | $frps / $brps (ok $fok% / $bok%) |")
+    fi
   done
 done
+
+if [ -n "$base_pid" ]; then
+  echo
+  echo "| kind | rate (req/s) | baseline p50 (ms) | baseline p99 (ms) | current p50 (ms) | current p99 (ms) | achieved baseline / current (req/s) |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '%s\n' "${compare[@]}"
+fi
 
 echo
 echo "Backstop RSS after the load: $(rss) KiB"
