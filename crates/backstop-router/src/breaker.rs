@@ -103,9 +103,50 @@ pub enum Outcome {
     Failure(FailureKind),
 }
 
+/// Calls and failures over the sliding window, kept in slices of a tenth of
+/// it, so that recording costs the same at any request rate.
+#[derive(Default)]
+struct Window {
+    /// (slice start, calls, failures), oldest first.
+    slices: VecDeque<(Instant, u64, u64)>,
+    calls: u64,
+    failures: u64,
+}
+
+/// Slices per window.
+const SLICES: u32 = 10;
+
+impl Window {
+    fn record(&mut self, now: Instant, failed: bool, length: Duration) {
+        let horizon = now.checked_sub(length);
+        while let Some(&(start, calls, failures)) = self.slices.front() {
+            if horizon.is_some_and(|h| start + length / SLICES <= h) {
+                self.slices.pop_front();
+                self.calls -= calls;
+                self.failures -= failures;
+            } else {
+                break;
+            }
+        }
+        match self.slices.back_mut() {
+            Some(slice) if now < slice.0 + length / SLICES => {
+                slice.1 += 1;
+                slice.2 += u64::from(failed);
+            }
+            _ => self.slices.push_back((now, 1, u64::from(failed))),
+        }
+        self.calls += 1;
+        self.failures += u64::from(failed);
+    }
+
+    fn clear(&mut self) {
+        *self = Window::default();
+    }
+}
+
 struct Stats {
     consecutive: u32,
-    window: VecDeque<(Instant, bool)>,
+    window: Window,
     trips: u32,
 }
 
@@ -143,7 +184,7 @@ impl CircuitBreaker {
             forced: AtomicU8::new(0),
             stats: Mutex::new(Stats {
                 consecutive: 0,
-                window: VecDeque::new(),
+                window: Window::default(),
                 trips: 0,
             }),
             healthy: AtomicBool::new(true),
@@ -274,14 +315,9 @@ impl CircuitBreaker {
             return;
         }
         stats.consecutive = if failed { stats.consecutive + 1 } else { 0 };
-        stats.window.push_back((now, failed));
-        let horizon = now.checked_sub(self.config.window).unwrap_or(self.base);
-        while stats.window.front().is_some_and(|(at, _)| *at < horizon) {
-            stats.window.pop_front();
-        }
-        let calls = stats.window.len();
-        let failures = stats.window.iter().filter(|(_, f)| *f).count();
-        let rate_trips = calls >= self.config.min_calls
+        stats.window.record(now, failed, self.config.window);
+        let (calls, failures) = (stats.window.calls, stats.window.failures);
+        let rate_trips = calls >= self.config.min_calls as u64
             && failures as f64 >= self.config.failure_rate * calls as f64;
         let run_trips = stats.consecutive >= self.config.consecutive_failures;
         drop(stats);
