@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 /// Backstop in front of a faulty `up0` and a healthy `up1`. `up0` has short
 /// deadlines (500 ms to first byte, first token and between stream reads),
-/// and one retry after a 100 ms backoff; `up0_extra` adds to its table.
+/// and one retry after a 100 ms backoff; `up0_extra` adds to its table. The
+/// shadow verifier is off: these tests watch the breaker's own recovery.
 async fn faulty(up0_extra: &str) -> Harness {
     let (up0, up1) = (
         MockUpstream::start().await.unwrap(),
@@ -23,7 +24,7 @@ async fn faulty(up0_extra: &str) -> Harness {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\
          [retry]\nmax_retries = 1\nbackoff_base_ms = 100\nbackoff_max_ms = 100\n\
-         [health]\nprobe = \"off\"\n\
+         [health]\nprobe = \"off\"\n[shadow]\nenabled = false\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
          first_byte_timeout_ms = 500\nidle_timeout_ms = 500\n\
          retry = {{ first_token_timeout_ms = 500 }}\n{up0_extra}\n\

@@ -1,5 +1,6 @@
 //! A full upstream outage under steady load, through Backstop with its
-//! documented default breaker, retry and health settings.
+//! documented default breaker, retry, health and shadow settings; the 503
+//! outage runs twice, with the shadow verifier off and on, side by side.
 //!
 //! Two mock upstreams: `primary` goes down (HTTP 503 to every completion, or
 //! no response at all) for a while and then recovers; `fallback` stays
@@ -7,8 +8,10 @@
 //! throughout and records what each got. Prints one markdown row per
 //! scenario: failed client requests, the attempts the failing upstream saw
 //! (clustered: the burst before its breaker opened, then each open period's
-//! trial call), the time from its first failure to the first answer served by
-//! the fallback, and from its recovery to the first answer it served again.
+//! trial call or shadow), the time from its first failure to the first
+//! answer served by the fallback, from its recovery to the first answer it
+//! served again and to the point after which it served every request, and
+//! the client's latency while the primary was down or recovering.
 //!
 //! Usage: bench-outage [RATE_PER_S] [OUTAGE_S]   (default 20 and 20)
 
@@ -34,6 +37,9 @@ struct Figures {
     clusters: Vec<usize>,
     to_fallback: Option<Duration>,
     to_return: Option<Duration>,
+    to_full_return: Option<Duration>,
+    /// Client latency (whole stream) p50 and p99 from the outage to the end.
+    latency: (Duration, Duration),
 }
 
 async fn scenario(
@@ -41,11 +47,12 @@ async fn scenario(
     rate: u32,
     outage: Duration,
     first_byte_ms: u64,
+    shadow: bool,
 ) -> anyhow::Result<Figures> {
     let primary = MockUpstream::start().await?;
     let fallback = MockUpstream::start().await?;
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n[shadow]\nenabled = {shadow}\n\
          [[targets]]\nname = \"primary\"\nbase_url = \"{}\"\nfirst_byte_timeout_ms = {first_byte_ms}\n\
          [[targets]]\nname = \"fallback\"\nbase_url = \"{}\"\n",
         primary.url(),
@@ -64,7 +71,7 @@ async fn scenario(
     .to_string();
 
     let before = Duration::from_secs(3);
-    let after = outage + Duration::from_secs(10);
+    let after = Duration::from_secs(40);
     let start = Instant::now();
     let (down_at, up_at) = (start + before, start + before + outage);
     let primary = Arc::new(primary);
@@ -154,12 +161,32 @@ async fn scenario(
         .filter(|o| o.backend == "primary" && o.sent >= up_at)
         .map(|o| o.done - up_at)
         .min();
+    let to_full_return = outcomes
+        .iter()
+        .rposition(|o| o.backend != "primary")
+        .and_then(|i| outcomes.get(i + 1))
+        .map(|o| o.sent.saturating_duration_since(up_at));
+    let mut latencies: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.sent >= down_at)
+        .map(|o| o.done - o.sent)
+        .collect();
+    latencies.sort();
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let latency = (pick(0.5), pick(0.99));
     Ok(Figures {
         requests: outcomes.len(),
         failed,
         clusters,
         to_fallback,
         to_return,
+        to_full_return,
+        latency,
     })
 }
 
@@ -172,30 +199,31 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         println!(
-            "| outage ({} s, {rate} req/s) | client requests | failed | primary's attempts while down (burst, then per open period) | first failure → first fallback answer | recovery → first primary answer |",
+            "| outage ({} s, {rate} req/s) | client requests | failed | primary's attempts while down (burst, then per open period) | first failure → first fallback answer | recovery → first primary answer | recovery → all traffic back | client p50 / p99 from the outage on |",
             outage.as_secs()
         );
-        println!("|---|---|---|---|---|---|");
-        for (name, down, first_byte_ms) in [
-            (
-                "503 to every completion",
-                MockReply::error(503, "server_error", "The server is overloaded"),
-                60_000,
-            ),
-            ("no response at all (first byte deadline 2 s)", MockReply::Hang, 2_000),
+        println!("|---|---|---|---|---|---|---|---|");
+        let overloaded = || MockReply::error(503, "server_error", "The server is overloaded");
+        for (name, down, first_byte_ms, shadow) in [
+            ("503s, breaker only (shadow off)", overloaded(), 60_000, false),
+            ("503s, shadow verification", overloaded(), 60_000, true),
+            ("no response at all (first byte deadline 2 s), shadow verification", MockReply::Hang, 2_000, true),
         ] {
-            let f = scenario(down, rate, outage, first_byte_ms).await?;
+            let f = scenario(down, rate, outage, first_byte_ms, shadow).await?;
             let ms = |d: Option<Duration>| {
                 d.map_or("never".to_string(), |d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
             };
             let clusters: Vec<String> = f.clusters.iter().map(usize::to_string).collect();
             println!(
-                "| {name} | {} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} ms |",
                 f.requests,
                 f.failed,
                 clusters.join(", "),
                 ms(f.to_fallback),
-                ms(f.to_return)
+                ms(f.to_return),
+                ms(f.to_full_return),
+                f.latency.0.as_secs_f64() * 1000.0,
+                f.latency.1.as_secs_f64() * 1000.0,
             );
         }
         Ok(())

@@ -62,6 +62,9 @@ pub enum BreakerState {
     Open,
     /// One probe call is in flight; its outcome decides.
     HalfOpen,
+    /// Recovery was verified (by shadow traffic): a growing fraction of live
+    /// calls is admitted, and any failure opens the breaker again.
+    Recovering,
 }
 
 impl BreakerState {
@@ -69,6 +72,7 @@ impl BreakerState {
         match v {
             1 => BreakerState::Open,
             2 => BreakerState::HalfOpen,
+            3 => BreakerState::Recovering,
             _ => BreakerState::Closed,
         }
     }
@@ -79,6 +83,7 @@ impl BreakerState {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
             BreakerState::HalfOpen => "half_open",
+            BreakerState::Recovering => "recovering",
         }
     }
 }
@@ -148,6 +153,8 @@ struct Stats {
     consecutive: u32,
     window: Window,
     trips: u32,
+    /// The latest failures that count, newest last.
+    recent: VecDeque<(Instant, FailureKind)>,
 }
 
 /// One target's breaker.
@@ -166,11 +173,21 @@ pub struct CircuitBreaker {
     /// Consecutive probe results of the same kind: positive for successes,
     /// negative for failures.
     probe_streak: std::sync::atomic::AtomicI32,
+    /// Recovery is verified elsewhere (shadow traffic): a lapsed open period
+    /// admits no live probe.
+    verified: AtomicBool,
+    /// While recovering, the fraction of calls admitted (f64 bits).
+    admitted: AtomicU64,
+    /// Nanoseconds after `base` when it last opened.
+    opened_at: AtomicU64,
 }
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
+const RECOVERING: u8 = 3;
+/// Failure kinds kept for the status view.
+const RECENT: usize = 8;
 
 impl CircuitBreaker {
     /// A closed breaker.
@@ -186,9 +203,13 @@ impl CircuitBreaker {
                 consecutive: 0,
                 window: Window::default(),
                 trips: 0,
+                recent: VecDeque::new(),
             }),
             healthy: AtomicBool::new(true),
             probe_streak: std::sync::atomic::AtomicI32::new(0),
+            verified: AtomicBool::new(false),
+            admitted: AtomicU64::new(0),
+            opened_at: AtomicU64::new(0),
         }
     }
 
@@ -220,13 +241,82 @@ impl CircuitBreaker {
         at.saturating_duration_since(self.base).as_nanos() as u64
     }
 
-    /// The state now (an open breaker whose period lapsed reads half-open).
+    /// The state now (an open breaker whose period lapsed reads half-open,
+    /// unless its recovery is verified elsewhere: then it stays open until
+    /// [`CircuitBreaker::recover`] lets traffic back).
     pub fn state(&self) -> BreakerState {
         let state = self.state.load(Ordering::Acquire);
-        if state == OPEN && self.nanos(Instant::now()) >= self.open_until.load(Ordering::Acquire) {
+        if state == OPEN
+            && !self.verified.load(Ordering::Acquire)
+            && self.nanos(Instant::now()) >= self.open_until.load(Ordering::Acquire)
+        {
             return BreakerState::HalfOpen;
         }
         BreakerState::from_u8(state)
+    }
+
+    /// Hands recovery to a verifier: once the open period lapses no live
+    /// call is admitted until [`CircuitBreaker::recover`] says so.
+    pub fn set_verified(&self, on: bool) {
+        self.verified.store(on, Ordering::Release);
+    }
+
+    /// Lets `fraction` (0..=1) of live calls through an open or recovering
+    /// breaker, chosen at random; any failure among them opens it again.
+    /// A fraction of 1 closes it.
+    pub fn recover(&self, fraction: f64) {
+        if fraction >= 1.0 {
+            self.close();
+            return;
+        }
+        self.admitted
+            .store(fraction.max(0.0).to_bits(), Ordering::Release);
+        self.state.store(RECOVERING, Ordering::Release);
+    }
+
+    /// While recovering, the fraction of calls admitted; 1 when closed, 0
+    /// when open.
+    pub fn admitted_fraction(&self) -> f64 {
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => 1.0,
+            RECOVERING => f64::from_bits(self.admitted.load(Ordering::Acquire)),
+            _ => 0.0,
+        }
+    }
+
+    /// How long ago it last opened, while it is not closed.
+    pub fn open_since(&self) -> Option<Duration> {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return None;
+        }
+        let at = self.opened_at.load(Ordering::Acquire);
+        Some(Duration::from_nanos(
+            self.nanos(Instant::now()).saturating_sub(at),
+        ))
+    }
+
+    /// The latest failures that count against it, newest last, with how
+    /// long ago each was.
+    pub fn recent_failures(&self) -> Vec<(FailureKind, Duration)> {
+        let now = Instant::now();
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recent
+            .iter()
+            .map(|(at, kind)| (*kind, now.saturating_duration_since(*at)))
+            .collect()
+    }
+
+    /// Opens it again at once with its open period already over, so that
+    /// verification starts afresh (an operator's restart).
+    pub fn reopen_lapsed(&self) {
+        self.open_until
+            .store(self.nanos(Instant::now()), Ordering::Release);
+        self.opened_at
+            .store(self.nanos(Instant::now()), Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+        self.state.store(OPEN, Ordering::Release);
     }
 
     /// What an operator forced.
@@ -265,8 +355,13 @@ impl CircuitBreaker {
         }
         match self.state.load(Ordering::Acquire) {
             CLOSED => true,
+            RECOVERING => {
+                rand::random::<f64>() < f64::from_bits(self.admitted.load(Ordering::Acquire))
+            }
             OPEN => {
-                if self.nanos(Instant::now()) < self.open_until.load(Ordering::Acquire) {
+                if self.verified.load(Ordering::Acquire)
+                    || self.nanos(Instant::now()) < self.open_until.load(Ordering::Acquire)
+                {
                     return false;
                 }
                 // The open period lapsed: the first caller becomes the probe.
@@ -301,9 +396,22 @@ impl CircuitBreaker {
         };
         let now = Instant::now();
         let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Outcome::Failure(kind) = outcome {
+            if stats.recent.len() == RECENT {
+                stats.recent.pop_front();
+            }
+            stats.recent.push_back((now, kind));
+        }
         let state = self.state.load(Ordering::Acquire);
         if state == OPEN {
             return; // a call admitted before the breaker opened says nothing new
+        }
+        if state == RECOVERING {
+            drop(stats);
+            if failed {
+                self.trip(now);
+            }
+            return;
         }
         if state == HALF_OPEN {
             drop(stats);
@@ -343,6 +451,7 @@ impl CircuitBreaker {
         let period = period.mul_f64(factor.max(0.0));
         self.open_until
             .store(self.nanos(now + period), Ordering::Release);
+        self.opened_at.store(self.nanos(now), Ordering::Release);
         self.probing.store(false, Ordering::Release);
         self.state.store(OPEN, Ordering::Release);
     }

@@ -27,6 +27,14 @@ use tokio::time::Instant;
 use crate::breaker::{BreakerConfig, CircuitBreaker, Outcome};
 use crate::retry::{Next, RetryPolicy};
 
+/// Takes requests routed past a target whose breaker refused them, to mirror
+/// them there (the shadow verifier). Must not block: the client is waiting.
+pub trait Mirror: Send + Sync {
+    /// Offers a request routed past `target`; when it is mirrored, returns
+    /// where to send the served answer's text, for comparison.
+    fn offer(&self, target: &str, req: &Request) -> Option<tokio::sync::oneshot::Sender<String>>;
+}
+
 /// Which requested models a route takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelMatch {
@@ -155,6 +163,8 @@ pub struct Served<T> {
     /// For a stream, who serves it as it goes on: the target and attempts
     /// change when a broken stream is continued by another target.
     pub serving: Serving,
+    /// Shadows of this request waiting for the served answer's text.
+    pub mirrored: Vec<tokio::sync::oneshot::Sender<String>>,
 }
 
 impl<T> Served<T> {
@@ -212,6 +222,7 @@ pub struct Router {
     table: RouteTable,
     breakers: HashMap<String, Arc<CircuitBreaker>>,
     observer: Arc<dyn observer::Observer>,
+    mirror: Option<Arc<dyn Mirror>>,
 }
 
 impl Router {
@@ -232,12 +243,20 @@ impl Router {
             table,
             breakers,
             observer: Arc::new(observer::Silent),
+            mirror: None,
         }
     }
 
     /// The same router, reporting its work to `observer`.
     pub fn with_observer(mut self, observer: Arc<dyn observer::Observer>) -> Self {
         self.observer = observer;
+        self
+    }
+
+    /// The same router, offering requests routed past a refused target to
+    /// `mirror`.
+    pub fn with_mirror(mut self, mirror: Arc<dyn Mirror>) -> Self {
+        self.mirror = Some(mirror);
         self
     }
 
@@ -372,6 +391,7 @@ impl Router {
             .resolve(&req.chat.model)
             .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
         let mut failed = Vec::new();
+        let mut mirrored = Vec::new();
         let mut backend_time = Duration::ZERO;
         let deadline = Instant::now() + route.deadline;
         'targets: for hop in &route.hops {
@@ -382,6 +402,9 @@ impl Router {
                     break 'targets; // the last failure says the deadline passed
                 }
                 if breaker.is_some_and(|b| !self.admit(name, b)) {
+                    if let Some(tx) = self.mirror.as_ref().and_then(|m| m.offer(name, req)) {
+                        mirrored.push(tx);
+                    }
                     let e = BackendError::new(
                         FailureKind::Unavailable,
                         format!("target `{name}` is unavailable: its circuit breaker is open"),
@@ -416,6 +439,7 @@ impl Router {
                             failed,
                             backend_time: backend_time + waited,
                             serving,
+                            mirrored,
                         });
                     }
                     Err(e) => e,

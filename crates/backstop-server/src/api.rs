@@ -60,6 +60,7 @@ pub async fn handle(
             )
         }
         (&Method::GET, "/admin/breakers") => breakers(&app),
+        (&Method::GET, "/admin/status") => status(&app),
         (&Method::POST, p) if p.starts_with("/admin/breakers/") => {
             let target = p.trim_start_matches("/admin/breakers/").to_string();
             force_breaker(req, &app, &target).await
@@ -125,7 +126,46 @@ fn breakers(app: &App) -> Response<Body> {
     )
 }
 
-/// `POST /admin/breakers/{target}` with `{"force": "open" | "closed" | "auto"}`.
+/// `GET /admin/status`: every target's breaker with when it opened and its
+/// latest failures, and for targets under shadow verification the window,
+/// confirmations, ramp stage and last comparison.
+fn status(app: &App) -> Response<Body> {
+    let shadows = app
+        .shadows
+        .as_ref()
+        .map(|(s, _)| s.status())
+        .unwrap_or_default();
+    let mut list: Vec<_> = app
+        .router
+        .breakers()
+        .iter()
+        .map(|(t, b)| {
+            let mut v = breaker_json(t, b);
+            v["open_since_ms"] = serde_json::json!(b.open_since().map(|d| d.as_millis() as u64));
+            v["recent_failures"] = b
+                .recent_failures()
+                .iter()
+                .map(|(kind, ago)| {
+                    serde_json::json!({"kind": kind.as_str(), "ago_ms": ago.as_millis() as u64})
+                })
+                .collect();
+            v["admitted_fraction"] = serde_json::json!(b.admitted_fraction());
+            v["shadow"] = serde_json::to_value(shadows.get(t)).unwrap_or_default();
+            v
+        })
+        .collect();
+    list.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
+    let body = serde_json::json!({ "targets": list });
+    respond::json(
+        200,
+        body.to_string().into_bytes(),
+        Served::NONE,
+        &Headers::new(),
+    )
+}
+
+/// `POST /admin/breakers/{target}` with `{"force": "open" | "closed" | "auto"}`,
+/// or `{"verification": "restart"}` to start shadow verification over.
 async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -> Response<Body> {
     let Some(breaker) = app.router.breakers().get(target) else {
         return respond::error(
@@ -146,9 +186,25 @@ async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -
             )
         }
     };
-    let force = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v.get("force").and_then(|f| f.as_str()).map(str::to_string));
+    let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
+    if body["verification"] == "restart" {
+        let restarted = app.shadows.as_ref().is_some_and(|(s, _)| s.restart(target));
+        if !restarted {
+            return respond::error(
+                409,
+                "invalid_request_error",
+                format!("target `{target}` is not under shadow verification (it is serving, or the verifier is off)"),
+                Some("not_verified"),
+            );
+        }
+        tracing::warn!(target = target, "shadow verification restarted");
+        let body = breaker_json(target, breaker).to_string().into_bytes();
+        return respond::json(200, body, Served::NONE, &Headers::new());
+    }
+    let force = body
+        .get("force")
+        .and_then(|f| f.as_str())
+        .map(str::to_string);
     let forced = match force.as_deref() {
         Some("open") => Forced::Open,
         Some("closed") => Forced::Closed,
@@ -157,7 +213,7 @@ async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -
             return respond::error(
                 400,
                 "invalid_request_error",
-                "body must be {\"force\": \"open\" | \"closed\" | \"auto\"}",
+                "body must be {\"force\": \"open\" | \"closed\" | \"auto\"} or {\"verification\": \"restart\"}",
                 None,
             )
         }
@@ -320,6 +376,17 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
     app.metrics.count_attempts(&served);
     let attempts = served.attempts();
     let completion = served.reply.body;
+    if !served.mirrored.is_empty() {
+        let text = completion
+            .choices
+            .first()
+            .and_then(|c| c.message.content.as_ref())
+            .map(|c| c.to_text())
+            .unwrap_or_default();
+        for shadow in served.mirrored {
+            let _ = shadow.send(text.clone());
+        }
+    }
     if let Some(usage) = &completion.usage {
         app.metrics.count_usage(&served.backend, usage);
     }
@@ -386,6 +453,8 @@ async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) 
         legacy: request.legacy.is_some(),
         serving: served.serving.clone(),
         trailers,
+        mirrored: served.mirrored,
+        text: String::new(),
         backend_time: served.backend_time,
         first_sent: false,
         done: false,
@@ -430,6 +499,9 @@ struct ClientStream {
     serving: Serving,
     /// The client takes trailers: end with them.
     trailers: bool,
+    /// Shadows waiting for the served text, which is gathered only for them.
+    mirrored: Vec<tokio::sync::oneshot::Sender<String>>,
+    text: String,
     backend_time: Duration,
     first_sent: bool,
     done: bool,
@@ -500,6 +572,13 @@ impl ClientStream {
                         .overhead
                         .observe(elapsed.saturating_sub(self.backend_time).as_secs_f64());
                 }
+                if !self.mirrored.is_empty() {
+                    for choice in chunk.choices.iter().filter(|c| c.index == 0) {
+                        if let Some(t) = &choice.delta.content {
+                            self.text.push_str(t);
+                        }
+                    }
+                }
                 if let Some(usage) = &chunk.usage {
                     let target = self.serving.backend();
                     self.flight.metrics().count_usage(&target, usage);
@@ -517,6 +596,9 @@ impl ClientStream {
             Some(Err(e)) => self.fail(e, out),
             None => {
                 self.done = true;
+                for shadow in self.mirrored.drain(..) {
+                    let _ = shadow.send(self.text.clone());
+                }
                 out.extend_from_slice(b"data: [DONE]\n\n");
             }
         }

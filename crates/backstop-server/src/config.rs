@@ -14,6 +14,7 @@ use backstop_router::breaker::BreakerConfig;
 use backstop_router::health::{HealthConfig, Probe};
 use backstop_router::retry::RetryPolicy;
 use backstop_router::{ModelMatch, DEFAULT_DEADLINE};
+use backstop_shadow::ShadowConfig;
 use backstop_upstream::UpstreamConfig;
 use serde::Deserialize;
 
@@ -78,6 +79,31 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    shadow: RawShadow,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    enabled: Option<bool>,
+    sample_rate: Option<f64>,
+    min_interval_ms: Option<u64>,
+    max_interval_ms: Option<u64>,
+    max_tokens: Option<u32>,
+    allowlist: Option<Vec<String>>,
+    queue: Option<usize>,
+    concurrency: Option<usize>,
+    probe_interval_ms: Option<u64>,
+    probes: Option<Vec<String>>,
+    probe_model: Option<String>,
+    first_token_slo_ms: Option<u64>,
+    total_slo_ms: Option<u64>,
+    window: Option<usize>,
+    last_k: Option<usize>,
+    threshold: Option<f64>,
+    ramp: Option<Vec<f64>>,
+    ramp_step_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -208,6 +234,9 @@ pub struct Config {
     /// Routes: which models go to which targets, with what retries and
     /// deadline.
     pub routes: Vec<RouteConfig>,
+    /// The shadow-traffic verifier of the upstream targets' recovery; `None`
+    /// leaves recovery to each breaker's own half-open probe.
+    pub shadow: Option<ShadowConfig>,
 }
 
 impl Config {
@@ -512,6 +541,7 @@ impl RawConfig {
             breakers,
             health: checks,
             routes,
+            shadow: self.shadow.validate()?,
         })
     }
 }
@@ -680,6 +710,101 @@ impl RawBreaker {
             ));
         }
         Ok(b)
+    }
+}
+
+impl RawShadow {
+    fn validate(&self) -> Result<Option<ShadowConfig>, ConfigError> {
+        if self.enabled == Some(false) {
+            return Ok(None);
+        }
+        let mut c = ShadowConfig::default();
+        let ms = |v: Option<u64>, field: &str, default: Duration| {
+            millis(v, &format!("shadow.{field}"), default, false)
+        };
+        c.min_interval = millis(
+            self.min_interval_ms,
+            "shadow.min_interval_ms",
+            c.min_interval,
+            true,
+        )?;
+        c.max_interval = ms(self.max_interval_ms, "max_interval_ms", c.max_interval)?;
+        if c.max_interval < c.min_interval {
+            return Err(invalid(
+                "shadow.max_interval_ms",
+                "must not be below min_interval_ms",
+            ));
+        }
+        c.probe_interval = ms(
+            self.probe_interval_ms,
+            "probe_interval_ms",
+            c.probe_interval,
+        )?;
+        c.first_token_slo = ms(
+            self.first_token_slo_ms,
+            "first_token_slo_ms",
+            c.first_token_slo,
+        )?;
+        c.total_slo = ms(self.total_slo_ms, "total_slo_ms", c.total_slo)?;
+        c.ramp_step = ms(self.ramp_step_ms, "ramp_step_ms", c.ramp_step)?;
+        for (field, value, slot) in [
+            ("sample_rate", self.sample_rate, &mut c.sample_rate),
+            ("threshold", self.threshold, &mut c.threshold),
+        ] {
+            match value {
+                Some(v) if !(0.0..=1.0).contains(&v) => {
+                    return Err(invalid(
+                        format!("shadow.{field}"),
+                        "must be between 0 and 1",
+                    ))
+                }
+                Some(v) => *slot = v,
+                None => {}
+            }
+        }
+        for (field, value, slot) in [
+            ("queue", self.queue, &mut c.queue),
+            ("concurrency", self.concurrency, &mut c.concurrency),
+            ("window", self.window, &mut c.window),
+            ("last_k", self.last_k, &mut c.last_k),
+        ] {
+            match value {
+                Some(0) => {
+                    return Err(invalid(format!("shadow.{field}"), "must be greater than 0"))
+                }
+                Some(n) => *slot = n,
+                None => {}
+            }
+        }
+        if c.last_k > c.window {
+            return Err(invalid("shadow.last_k", "must not be above window"));
+        }
+        match self.max_tokens {
+            Some(0) => return Err(invalid("shadow.max_tokens", "must be greater than 0")),
+            Some(n) => c.max_tokens = n,
+            None => {}
+        }
+        if let Some(list) = &self.allowlist {
+            c.allowlist.clone_from(list);
+        }
+        if let Some(probes) = &self.probes {
+            c.probes.clone_from(probes);
+        }
+        if let Some(model) = &self.probe_model {
+            c.probe_model.clone_from(model);
+        }
+        if let Some(ramp) = &self.ramp {
+            let rising = ramp.windows(2).all(|w| w[0] < w[1]);
+            let valid = ramp.iter().all(|f| *f > 0.0 && *f <= 1.0);
+            if ramp.last() != Some(&1.0) || !rising || !valid {
+                return Err(invalid(
+                    "shadow.ramp",
+                    "must rise from above 0 to exactly 1.0, e.g. [0.1, 0.5, 1.0]",
+                ));
+            }
+            c.ramp.clone_from(ramp);
+        }
+        Ok(Some(c))
     }
 }
 

@@ -9,12 +9,13 @@ mod respond;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backstop_adapter::Backend;
 use backstop_local::LocalBackend;
 use backstop_router::{Hop, Route, RouteTable, Router};
+use backstop_shadow::{Jobs, Shadows};
 use backstop_upstream::{Upstream, UpstreamError};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -31,6 +32,8 @@ pub struct App {
     config: Config,
     router: Router,
     metrics: Metrics,
+    /// The shadow verifier, when on; its queue until the server starts it.
+    shadows: Option<(Arc<Shadows>, Mutex<Option<Jobs>>)>,
 }
 
 /// Why the server could not start.
@@ -92,14 +95,34 @@ impl App {
             })
             .collect();
         let metrics = Metrics::new()?;
-        let router = Router::new(RouteTable::new(routes), |name| {
+        let mut router = Router::new(RouteTable::new(routes), |name| {
             config.breakers.get(name).cloned().unwrap_or_default()
         })
         .with_observer(Arc::new(metrics.clone()));
+        // Upstream targets return to service on shadow evidence.
+        let checked: Vec<_> = config
+            .targets
+            .iter()
+            .filter_map(|t| {
+                let backend = backends.iter().find(|b| b.name() == t.name)?.clone();
+                let breaker = router.breakers().get(&t.name)?.clone();
+                Some((t.name.clone(), backend, breaker))
+            })
+            .collect();
+        let shadows = match &config.shadow {
+            Some(shadow) if !checked.is_empty() => {
+                let (shadows, jobs) =
+                    Shadows::new(shadow.clone(), checked, Arc::new(metrics.clone()));
+                router = router.with_mirror(shadows.clone());
+                Some((shadows, Mutex::new(Some(jobs))))
+            }
+            _ => None,
+        };
         Ok(App {
             router,
             metrics,
             config,
+            shadows,
         })
     }
 
@@ -147,7 +170,13 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let checks = app.router.spawn_health_checks(&app.config.health);
+    let mut checks = app.router.spawn_health_checks(&app.config.health);
+    if let Some((shadows, jobs)) = &app.shadows {
+        let jobs = jobs.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(jobs) = jobs {
+            checks.extend(shadows.spawn(jobs));
+        }
+    }
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();

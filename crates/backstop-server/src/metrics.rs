@@ -5,6 +5,7 @@ use backstop_adapter::BackendError;
 use backstop_router::breaker::BreakerState;
 use backstop_router::observer::Observer;
 use backstop_router::{Router, Served};
+use backstop_shadow::{ShadowObserver, Similarity};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -44,6 +45,14 @@ pub struct Metrics {
     pub transitions: IntCounterVec,
     /// The upstream's own remaining rate-limit budget, from its headers.
     pub ratelimit_remaining: IntGaugeVec,
+    /// Shadow calls by target and outcome (`ok`, a failure, `dropped`).
+    pub shadow_requests: IntCounterVec,
+    /// Recoveries confirmed by shadow traffic, by target.
+    pub shadow_confirmations: IntCounterVec,
+    /// Fraction of live traffic each verified target admits (ramp stage).
+    pub shadow_ramp: prometheus::GaugeVec,
+    /// Shadow answers compared with served ones, by target and measure.
+    pub shadow_similarity: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -170,6 +179,39 @@ impl Metrics {
         registry.register(Box::new(probes.clone()))?;
         registry.register(Box::new(transitions.clone()))?;
         registry.register(Box::new(ratelimit_remaining.clone()))?;
+        let shadow_requests = IntCounterVec::new(
+            Opts::new(
+                "backstop_shadow_requests_total",
+                "Shadow calls to targets under verification, by outcome.",
+            ),
+            &["target", "outcome"],
+        )?;
+        let shadow_confirmations = IntCounterVec::new(
+            Opts::new(
+                "backstop_shadow_confirmations_total",
+                "Recoveries confirmed by shadow traffic.",
+            ),
+            &["target"],
+        )?;
+        let shadow_ramp = prometheus::GaugeVec::new(
+            Opts::new(
+                "backstop_shadow_ramp_fraction",
+                "Fraction of live traffic a verified target admits: 0 open, 1 fully back.",
+            ),
+            &["target"],
+        )?;
+        let shadow_similarity = HistogramVec::new(
+            HistogramOpts::new(
+                "backstop_shadow_similarity",
+                "Shadow answer against the served one: length_ratio and token_overlap (0..1).",
+            )
+            .buckets(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+            &["target", "measure"],
+        )?;
+        registry.register(Box::new(shadow_requests.clone()))?;
+        registry.register(Box::new(shadow_confirmations.clone()))?;
+        registry.register(Box::new(shadow_ramp.clone()))?;
+        registry.register(Box::new(shadow_similarity.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -187,6 +229,10 @@ impl Metrics {
             probes,
             transitions,
             ratelimit_remaining,
+            shadow_requests,
+            shadow_confirmations,
+            shadow_ramp,
+            shadow_similarity,
         })
     }
 
@@ -196,7 +242,7 @@ impl Metrics {
         for (target, breaker) in router.breakers() {
             let value = match breaker.state() {
                 BreakerState::Closed => 0,
-                BreakerState::HalfOpen => 1,
+                BreakerState::HalfOpen | BreakerState::Recovering => 1,
                 BreakerState::Open => 2,
             };
             self.breaker_state.with_label_values(&[target]).set(value);
@@ -208,7 +254,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 15] = [
+        let collectors: [&dyn prometheus::core::Collector; 19] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -224,6 +270,10 @@ impl Metrics {
             &self.probes,
             &self.transitions,
             &self.ratelimit_remaining,
+            &self.shadow_requests,
+            &self.shadow_confirmations,
+            &self.shadow_ramp,
+            &self.shadow_similarity,
         ];
         collectors
             .iter()
@@ -331,5 +381,32 @@ impl Observer for Metrics {
 
     fn transition(&self, target: &str, state: &'static str) {
         self.transitions.with_label_values(&[target, state]).inc();
+    }
+}
+
+impl ShadowObserver for Metrics {
+    fn shadow(&self, target: &str, outcome: &str) {
+        self.shadow_requests
+            .with_label_values(&[target, outcome])
+            .inc();
+    }
+
+    fn confirmed(&self, target: &str) {
+        self.shadow_confirmations.with_label_values(&[target]).inc();
+    }
+
+    fn ramp(&self, target: &str, fraction: f64) {
+        self.shadow_ramp.with_label_values(&[target]).set(fraction);
+    }
+
+    fn similarity(&self, target: &str, similarity: Similarity) {
+        for (measure, value) in [
+            ("length_ratio", similarity.length_ratio),
+            ("token_overlap", similarity.token_overlap),
+        ] {
+            self.shadow_similarity
+                .with_label_values(&[target, measure])
+                .observe(value);
+        }
     }
 }

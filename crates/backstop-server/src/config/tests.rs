@@ -239,3 +239,37 @@ fn targets_and_routes_override_the_global_settings() {
         "{e}"
     );
 }
+
+#[test]
+fn shadow_settings_are_checked() {
+    let target = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n";
+    let config = Config::parse(target, env).unwrap();
+    assert_eq!(config.shadow, Some(ShadowConfig::default()));
+    let off = Config::parse(&format!("[shadow]\nenabled = false\n{target}"), env).unwrap();
+    assert_eq!(off.shadow, None);
+    let custom = Config::parse(
+        &format!("[shadow]\nramp = [0.25, 1.0]\nwindow = 4\nlast_k = 2\nallowlist = [\"ping\"]\n{target}"),
+        env,
+    )
+    .unwrap()
+    .shadow
+    .unwrap();
+    assert_eq!(
+        (custom.ramp, custom.window, custom.last_k, custom.allowlist),
+        (vec![0.25, 1.0], 4, 2, vec!["ping".to_string()])
+    );
+    for (bad, field) in [
+        ("ramp = [0.5, 0.9]", "shadow.ramp"),
+        ("ramp = [0.5, 0.2, 1.0]", "shadow.ramp"),
+        ("window = 3\nlast_k = 4", "shadow.last_k"),
+        ("sample_rate = 2.0", "shadow.sample_rate"),
+        (
+            "min_interval_ms = 5000\nmax_interval_ms = 10",
+            "shadow.max_interval_ms",
+        ),
+        ("max_tokens = 0", "shadow.max_tokens"),
+    ] {
+        let e = parse_err(&format!("[shadow]\n{bad}\n{target}"));
+        assert!(e.starts_with(&format!("{field}:")), "{bad}: {e}");
+    }
+}

@@ -1,0 +1,524 @@
+//! The shadow-traffic verifier: an upstream whose breaker opened gets traffic
+//! back only on evidence.
+//!
+//! Once a target's open period has lapsed, its breaker admits no live call
+//! (verification mode). Instead a sampled fraction of the live requests that
+//! are routed past it is mirrored to it, fire-and-forget, with `max_tokens`
+//! capped; when there is no live traffic, a synthetic prompt is sent at an
+//! interval. Each shadow call is scored (status, content type, schema,
+//! finish reason, time to first token and total time against SLOs, no 429).
+//! When the last K shadows succeeded and at least N were scored with a
+//! success ratio at or above the threshold, recovery is confirmed and live
+//! traffic returns in steps (for example 10%, 50%, 100%); a failure during
+//! the ramp opens the breaker again, for longer, and verification starts
+//! over. A confirmation needs the breaker's own health checks to pass too.
+//!
+//! The client never waits for a shadow: the queue is bounded and drops when
+//! full, and comparisons with the served answer (length ratio and word
+//! overlap) are recorded, never gating.
+
+mod score;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use backstop_adapter::{Backend, Request};
+use backstop_router::breaker::{BreakerState, CircuitBreaker};
+use backstop_router::Mirror;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use score::{score, Scored, Similarity, Verdict};
+
+/// How shadows are sampled, scored and turned into a return of traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    /// Fraction (0..=1) of the live requests routed past a verifying target
+    /// that are mirrored to it.
+    pub sample_rate: f64,
+    /// Shadows of one target at least this far apart (probe discipline);
+    /// the spacing doubles with each failed shadow, up to `max_interval`.
+    pub min_interval: Duration,
+    /// The longest spacing between shadows of a failing target.
+    pub max_interval: Duration,
+    /// Cap on a shadow's `max_tokens`, to save quota.
+    pub max_tokens: u32,
+    /// When not empty, only requests whose last message contains one of
+    /// these strings are mirrored.
+    pub allowlist: Vec<String>,
+    /// Shadows waiting to be sent; more are dropped.
+    pub queue: usize,
+    /// Shadow calls in flight at once, all targets together.
+    pub concurrency: usize,
+    /// With no live shadow for this long, a synthetic one is sent.
+    pub probe_interval: Duration,
+    /// The synthetic prompts, used in turn.
+    pub probes: Vec<String>,
+    /// Model asked for by synthetic shadows.
+    pub probe_model: String,
+    /// Time to first token a healthy answer stays within.
+    pub first_token_slo: Duration,
+    /// Time for the whole (capped) answer.
+    pub total_slo: Duration,
+    /// Shadows scored before recovery can be confirmed; also the window the
+    /// success ratio is taken over.
+    pub window: usize,
+    /// The last this many shadows must all have succeeded.
+    pub last_k: usize,
+    /// Success ratio over the window needed to confirm.
+    pub threshold: f64,
+    /// Fractions of live traffic admitted at each ramp stage; 1.0 last.
+    pub ramp: Vec<f64>,
+    /// Time at each ramp stage before the next.
+    pub ramp_step: Duration,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            sample_rate: 0.1,
+            min_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(10),
+            max_tokens: 16,
+            allowlist: Vec::new(),
+            queue: 64,
+            concurrency: 4,
+            probe_interval: Duration::from_secs(5),
+            probes: vec!["Reply with the single word: ready".into()],
+            probe_model: "gpt-4o-mini".into(),
+            first_token_slo: Duration::from_secs(10),
+            total_slo: Duration::from_secs(30),
+            window: 10,
+            last_k: 5,
+            threshold: 0.9,
+            ramp: vec![0.1, 0.5, 1.0],
+            ramp_step: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where a target is in its return to service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Closed: serving all its traffic.
+    Serving,
+    /// Open, its open period running: nothing is sent to it.
+    Cooling,
+    /// Open period over: shadows are scored.
+    Verifying,
+    /// Confirmed: live traffic returns at this stage's fraction.
+    Ramping,
+}
+
+impl Phase {
+    /// Stable name for the status view.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Cooling => "cooling",
+            Phase::Verifying => "verifying",
+            Phase::Ramping => "ramping",
+        }
+    }
+}
+
+/// What the verifier reports as it works (metrics).
+pub trait ShadowObserver: Send + Sync {
+    /// A shadow call to `target` ended so (`dropped` when the queue was full).
+    fn shadow(&self, target: &str, outcome: &str);
+    /// Recovery of `target` was confirmed.
+    fn confirmed(&self, target: &str);
+    /// `target` now admits this fraction of live traffic.
+    fn ramp(&self, target: &str, fraction: f64);
+    /// A shadow answer compared with the served one.
+    fn similarity(&self, target: &str, similarity: Similarity);
+}
+
+/// One target's verification state.
+struct Target {
+    backend: Arc<dyn Backend>,
+    breaker: Arc<CircuitBreaker>,
+    window: Mutex<VecDeque<Verdict>>,
+    /// Nanoseconds after `base` of the last shadow sent (live or synthetic).
+    last_sent: AtomicU64,
+    /// A shadow is in flight (one at a time per target).
+    in_flight: AtomicUsize,
+    /// Nanoseconds the next shadow waits after the last: `min_interval`,
+    /// doubled per failed shadow up to `max_interval`.
+    spacing: AtomicU64,
+    confirmations: AtomicU64,
+    similarity: Mutex<Option<Similarity>>,
+    ramp: Mutex<Option<(usize, Instant)>>,
+}
+
+impl Target {
+    fn phase(&self) -> Phase {
+        match self.breaker.state() {
+            BreakerState::Closed => Phase::Serving,
+            BreakerState::Recovering => Phase::Ramping,
+            _ if self.breaker.open_remaining().is_zero() => Phase::Verifying,
+            _ => Phase::Cooling,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The queue of shadow calls, handed to [`Shadows::spawn`].
+pub struct Jobs(mpsc::Receiver<Job>);
+
+/// A shadow call waiting to be sent.
+struct Job {
+    target: Arc<Target>,
+    name: String,
+    request: Request,
+    /// The served answer's text, for the comparison (live shadows only).
+    served: Option<oneshot::Receiver<String>>,
+}
+
+/// The verifier for every checked target.
+pub struct Shadows {
+    config: ShadowConfig,
+    targets: HashMap<String, Arc<Target>>,
+    queue: mpsc::Sender<Job>,
+    observer: Arc<dyn ShadowObserver>,
+    base: Instant,
+    next_probe: AtomicUsize,
+}
+
+/// A target's verification, as the status view shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetStatus {
+    /// Where it is in its return to service.
+    pub phase: &'static str,
+    /// The scored shadows in the window, oldest first.
+    pub window: Vec<&'static str>,
+    /// Successes in the window.
+    pub successes: usize,
+    /// Confirmations so far.
+    pub confirmations: u64,
+    /// Fraction of live traffic admitted (1 when serving, 0 when open).
+    pub ramp_fraction: f64,
+    /// The last comparison of a shadow answer with the served one.
+    pub last_similarity: Option<(f64, f64)>,
+}
+
+impl Shadows {
+    /// A verifier for these targets (name, backend, breaker). Their breakers
+    /// switch to verification mode. Call [`Shadows::spawn`] to start it.
+    pub fn new(
+        config: ShadowConfig,
+        targets: Vec<(String, Arc<dyn Backend>, Arc<CircuitBreaker>)>,
+        observer: Arc<dyn ShadowObserver>,
+    ) -> (Arc<Self>, Jobs) {
+        let (queue, jobs) = mpsc::channel(config.queue.max(1));
+        let targets = targets
+            .into_iter()
+            .map(|(name, backend, breaker)| {
+                breaker.set_verified(true);
+                let target = Target {
+                    backend,
+                    breaker,
+                    window: Mutex::new(VecDeque::new()),
+                    last_sent: AtomicU64::new(0),
+                    in_flight: AtomicUsize::new(0),
+                    spacing: AtomicU64::new(config.min_interval.as_nanos() as u64),
+                    confirmations: AtomicU64::new(0),
+                    similarity: Mutex::new(None),
+                    ramp: Mutex::new(None),
+                };
+                (name, Arc::new(target))
+            })
+            .collect();
+        let shadows = Shadows {
+            config,
+            targets,
+            queue,
+            observer,
+            base: Instant::now(),
+            next_probe: AtomicUsize::new(0),
+        };
+        (Arc::new(shadows), Jobs(jobs))
+    }
+}
+
+impl Shadows {
+    fn nanos(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Queues a shadow of `request` to `name` if its interval allows, one at
+    /// a time per target; a full queue drops it.
+    fn enqueue(
+        &self,
+        name: &str,
+        target: &Arc<Target>,
+        mut request: Request,
+        served: Option<oneshot::Receiver<String>>,
+    ) -> bool {
+        let now = self.nanos();
+        let last = target.last_sent.load(Ordering::Acquire);
+        let spacing = target.spacing.load(Ordering::Acquire);
+        if (last != 0 && now.saturating_sub(last) < spacing)
+            || target.in_flight.load(Ordering::Acquire) > 0
+            || target
+                .last_sent
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
+        let cap = self.config.max_tokens;
+        request.chat.max_tokens = Some(request.chat.max_tokens.map_or(cap, |m| m.min(cap)));
+        if request.chat.max_completion_tokens.is_some() {
+            request.chat.max_completion_tokens = request.chat.max_tokens;
+        }
+        request.chat.stream = Some(true);
+        request.prefill = None;
+        let job = Job {
+            target: target.clone(),
+            name: name.to_string(),
+            request,
+            served,
+        };
+        target.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.queue.try_send(job).is_err() {
+            target.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.observer.shadow(name, "dropped");
+            return false;
+        }
+        true
+    }
+
+    fn allowed(&self, request: &Request) -> bool {
+        if self.config.allowlist.is_empty() {
+            return true;
+        }
+        let last = request
+            .chat
+            .messages
+            .last()
+            .and_then(|m| m.content.as_ref())
+            .map(|c| c.to_text())
+            .unwrap_or_default();
+        self.config
+            .allowlist
+            .iter()
+            .any(|a| last.contains(a.as_str()))
+    }
+
+    /// Starts the workers and the per-target control loops; they run until
+    /// their handles are aborted.
+    pub fn spawn(self: &Arc<Self>, jobs: Jobs) -> Vec<JoinHandle<()>> {
+        let mut handles = vec![tokio::spawn(dispatch(self.clone(), jobs.0))];
+        for (name, target) in &self.targets {
+            handles.push(tokio::spawn(control(
+                self.clone(),
+                name.clone(),
+                target.clone(),
+            )));
+        }
+        handles
+    }
+
+    /// Every checked target's verification state.
+    pub fn status(&self) -> HashMap<String, TargetStatus> {
+        self.targets
+            .iter()
+            .map(|(name, t)| {
+                let window: Vec<&'static str> =
+                    lock(&t.window).iter().map(|v| v.as_str()).collect();
+                let successes = window.iter().filter(|v| **v == "ok").count();
+                let status = TargetStatus {
+                    phase: t.phase().as_str(),
+                    successes,
+                    window,
+                    confirmations: t.confirmations.load(Ordering::Acquire),
+                    ramp_fraction: t.breaker.admitted_fraction(),
+                    last_similarity: lock(&t.similarity).map(|s| (s.length_ratio, s.token_overlap)),
+                };
+                (name.clone(), status)
+            })
+            .collect()
+    }
+
+    /// Starts `name`'s verification over, now: its window is emptied, any
+    /// remaining open period or ramp is cut short, and shadows start afresh.
+    /// False for a target the verifier does not check or that is serving.
+    pub fn restart(&self, name: &str) -> bool {
+        let Some(t) = self.targets.get(name) else {
+            return false;
+        };
+        if t.phase() == Phase::Serving {
+            return false;
+        }
+        t.breaker.reopen_lapsed();
+        lock(&t.window).clear();
+        *lock(&t.ramp) = None;
+        t.spacing.store(
+            self.config.min_interval.as_nanos() as u64,
+            Ordering::Release,
+        );
+        self.observer.ramp(name, 0.0);
+        true
+    }
+
+    /// Whether recovery is confirmed by the window.
+    fn confirmed(&self, window: &VecDeque<Verdict>) -> bool {
+        let n = window.len();
+        let ok = window.iter().filter(|v| **v == Verdict::Ok).count();
+        n >= self.config.window
+            && window
+                .iter()
+                .rev()
+                .take(self.config.last_k)
+                .all(|v| *v == Verdict::Ok)
+            && ok as f64 >= self.config.threshold * n as f64
+    }
+}
+
+impl Mirror for Shadows {
+    fn offer(&self, target: &str, req: &Request) -> Option<oneshot::Sender<String>> {
+        let t = self.targets.get(target)?;
+        if t.phase() != Phase::Verifying
+            || rand::random::<f64>() >= self.config.sample_rate
+            || !self.allowed(req)
+        {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(target, t, req.clone(), Some(rx)).then_some(tx)
+    }
+}
+
+/// Sends queued shadows, a bounded number at once.
+async fn dispatch(shadows: Arc<Shadows>, mut jobs: mpsc::Receiver<Job>) {
+    let permits = Arc::new(Semaphore::new(shadows.config.concurrency.max(1)));
+    while let Some(job) = jobs.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let shadows = shadows.clone();
+        tokio::spawn(async move {
+            run(&shadows, job).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One shadow call: scored into the window, compared with the served answer.
+async fn run(shadows: &Shadows, job: Job) {
+    let Job {
+        target,
+        name,
+        request,
+        served,
+    } = job;
+    let scored = score(
+        target.backend.as_ref(),
+        &request,
+        shadows.config.first_token_slo,
+        shadows.config.total_slo,
+    )
+    .await;
+    target.in_flight.fetch_sub(1, Ordering::AcqRel);
+    shadows.observer.shadow(&name, scored.verdict.as_str());
+    // A failing upstream is shadowed less and less often: backed off, not hammered.
+    let min = shadows.config.min_interval.as_nanos() as u64;
+    let max = (shadows.config.max_interval.as_nanos() as u64).max(min);
+    let spacing = if scored.verdict == Verdict::Ok {
+        min
+    } else {
+        target
+            .spacing
+            .load(Ordering::Acquire)
+            .saturating_mul(2)
+            .clamp(min, max)
+    };
+    target.spacing.store(spacing, Ordering::Release);
+    if target.phase() == Phase::Verifying {
+        let mut window = lock(&target.window);
+        window.push_back(scored.verdict);
+        while window.len() > shadows.config.window {
+            window.pop_front();
+        }
+    }
+    if let (Some(served), Verdict::Ok) = (served, scored.verdict) {
+        if let Ok(text) = served.await {
+            let similarity = Similarity::of(&text, &scored.text);
+            *lock(&target.similarity) = Some(similarity);
+            shadows.observer.similarity(&name, similarity);
+        }
+    }
+}
+
+/// One target's loop: synthetic shadows when live ones are scarce,
+/// confirmation, the ramp's steps, and a clean window after each trip.
+async fn control(shadows: Arc<Shadows>, name: String, target: Arc<Target>) {
+    let config = &shadows.config;
+    let tick = config
+        .min_interval
+        .min(config.ramp_step)
+        .min(Duration::from_millis(250))
+        .max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was = Phase::Serving;
+    loop {
+        ticks.tick().await;
+        let phase = target.phase();
+        if phase == Phase::Cooling && was != Phase::Cooling {
+            // Opened (again): evidence from before says nothing about after.
+            lock(&target.window).clear();
+            *lock(&target.ramp) = None;
+            shadows.observer.ramp(&name, 0.0);
+        }
+        match phase {
+            Phase::Verifying => {
+                let idle = shadows
+                    .nanos()
+                    .saturating_sub(target.last_sent.load(Ordering::Acquire));
+                if idle >= config.probe_interval.as_nanos() as u64 && !config.probes.is_empty() {
+                    let i = shadows.next_probe.fetch_add(1, Ordering::AcqRel);
+                    let prompt = &config.probes[i % config.probes.len()];
+                    let body = serde_json::json!({"model": config.probe_model, "stream": true,
+                        "messages": [{"role": "user", "content": prompt}]});
+                    if let Ok(req) = Request::parse_chat(body.to_string().as_bytes()) {
+                        shadows.enqueue(&name, &target, req, None);
+                    }
+                }
+                let confirmed = shadows.confirmed(&lock(&target.window));
+                if confirmed && target.breaker.healthy() {
+                    target.confirmations.fetch_add(1, Ordering::AcqRel);
+                    shadows.observer.confirmed(&name);
+                    tracing::info!(target = %name, "shadow traffic confirmed recovery: traffic returns");
+                    step(&shadows, &name, &target, 0);
+                }
+            }
+            Phase::Ramping => {
+                let due = lock(&target.ramp)
+                    .filter(|(_, since)| since.elapsed() >= config.ramp_step)
+                    .map(|(stage, _)| stage + 1);
+                if let Some(next) = due {
+                    step(&shadows, &name, &target, next);
+                }
+            }
+            Phase::Serving | Phase::Cooling => {}
+        }
+        was = target.phase();
+    }
+}
+
+/// Moves `target` to ramp stage `stage` (past the last: fully back).
+fn step(shadows: &Shadows, name: &str, target: &Target, stage: usize) {
+    let fraction = shadows.config.ramp.get(stage).copied().unwrap_or(1.0);
+    target.breaker.recover(fraction);
+    *lock(&target.ramp) = (fraction < 1.0).then(|| (stage, Instant::now()));
+    lock(&target.window).clear();
+    shadows.observer.ramp(name, fraction);
+}
