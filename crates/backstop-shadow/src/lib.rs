@@ -367,19 +367,21 @@ impl Shadows {
         self.observer.ramp(name, 0.0);
         true
     }
+}
 
-    /// Whether recovery is confirmed by the window.
-    fn confirmed(&self, window: &VecDeque<Verdict>) -> bool {
-        let n = window.len();
-        let ok = window.iter().filter(|v| **v == Verdict::Ok).count();
-        n >= self.config.window
-            && window
-                .iter()
-                .rev()
-                .take(self.config.last_k)
-                .all(|v| *v == Verdict::Ok)
-            && ok as f64 >= self.config.threshold * n as f64
-    }
+/// Whether a window of verdicts (oldest first) confirms recovery: at least
+/// `window` scored, the last `last_k` all ok, and the success ratio at or
+/// above `threshold`.
+fn confirmed(config: &ShadowConfig, window: &VecDeque<Verdict>) -> bool {
+    let n = window.len();
+    let ok = window.iter().filter(|v| **v == Verdict::Ok).count();
+    n >= config.window
+        && window
+            .iter()
+            .rev()
+            .take(config.last_k)
+            .all(|v| *v == Verdict::Ok)
+        && ok as f64 >= config.threshold * n as f64
 }
 
 impl Mirror for Shadows {
@@ -492,7 +494,7 @@ async fn control(shadows: Arc<Shadows>, name: String, target: Arc<Target>) {
                         shadows.enqueue(&name, &target, req, None);
                     }
                 }
-                let confirmed = shadows.confirmed(&lock(&target.window));
+                let confirmed = confirmed(config, &lock(&target.window));
                 if confirmed && target.breaker.healthy() {
                     target.confirmations.fetch_add(1, Ordering::AcqRel);
                     shadows.observer.confirmed(&name);
@@ -521,4 +523,38 @@ fn step(shadows: &Shadows, name: &str, target: &Target, stage: usize) {
     *lock(&target.ramp) = (fraction < 1.0).then(|| (stage, Instant::now()));
     lock(&target.window).clear();
     shadows.observer.ramp(name, fraction);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirmation_needs_a_full_window_a_clean_tail_and_the_ratio() {
+        let config = ShadowConfig {
+            window: 5,
+            last_k: 2,
+            threshold: 0.8,
+            ..ShadowConfig::default()
+        };
+        let window = |v: &[bool]| -> VecDeque<Verdict> {
+            v.iter()
+                .map(|ok| if *ok { Verdict::Ok } else { Verdict::Failed })
+                .collect()
+        };
+        assert!(confirmed(&config, &window(&[true; 5])));
+        assert!(!confirmed(&config, &window(&[true; 4])), "too few");
+        assert!(confirmed(
+            &config,
+            &window(&[false, true, true, true, true])
+        ));
+        assert!(
+            !confirmed(&config, &window(&[true, true, true, true, false])),
+            "tail"
+        );
+        assert!(
+            !confirmed(&config, &window(&[false, false, true, true, true])),
+            "ratio"
+        );
+    }
 }
