@@ -153,3 +153,42 @@ async fn health_checks_take_a_target_out_and_bring_it_back_by_streaks() {
     assert!(b.healthy() && b.admit());
     assert_eq!(b.state(), BreakerState::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_verified_breaker_waits_for_its_verifier_then_ramps_traffic_back() {
+    let b = CircuitBreaker::new(config());
+    b.set_verified(true);
+    fail(&b, 3);
+    assert_eq!(b.open_since(), Some(Duration::ZERO));
+    advance(Duration::from_secs(6)).await;
+    // The open period lapsed, but no live probe: the verifier decides.
+    assert_eq!(b.state(), BreakerState::Open);
+    assert!(b.open_remaining().is_zero());
+    assert!(!b.admit());
+    assert_eq!(b.open_since(), Some(Duration::from_secs(6)));
+    let kinds: Vec<_> = b.recent_failures().iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, [FailureKind::ServerError; 3]);
+
+    b.recover(0.25);
+    assert_eq!(b.state(), BreakerState::Recovering);
+    assert_eq!(b.admitted_fraction(), 0.25);
+    let admitted = (0..4000).filter(|_| b.admit()).count();
+    assert!((800..1200).contains(&admitted), "{admitted} of 4000 at 25%");
+    b.record(Outcome::Success);
+    assert_eq!(b.state(), BreakerState::Recovering);
+    // A failure during the ramp opens it again, for twice as long.
+    b.record(FAIL);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(b.open_remaining(), Duration::from_secs(10));
+    assert_eq!(b.admitted_fraction(), 0.0);
+    advance(Duration::from_secs(10)).await;
+    b.recover(1.0);
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!((b.trips(), b.admitted_fraction()), (0, 1.0));
+    assert_eq!(b.open_since(), None);
+
+    // An operator's restart opens it with its period already over.
+    b.reopen_lapsed();
+    assert_eq!(b.state(), BreakerState::Open);
+    assert!(b.open_remaining().is_zero() && !b.admit());
+}
