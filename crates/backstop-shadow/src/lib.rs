@@ -221,6 +221,7 @@ impl Shadows {
             .into_iter()
             .map(|(name, backend, breaker)| {
                 breaker.set_verified(true);
+                observer.ramp(&name, breaker.admitted_fraction());
                 let target = Target {
                     backend,
                     breaker,
@@ -387,7 +388,10 @@ fn confirmed(config: &ShadowConfig, window: &VecDeque<Verdict>) -> bool {
 impl Mirror for Shadows {
     fn offer(&self, target: &str, req: &Request) -> Option<oneshot::Sender<String>> {
         let t = self.targets.get(target)?;
+        // Legacy bodies go upstream as they came, so their answers could not
+        // be capped: only chat requests are mirrored.
         if t.phase() != Phase::Verifying
+            || req.legacy.is_some()
             || rand::random::<f64>() >= self.config.sample_rate
             || !self.allowed(req)
         {
