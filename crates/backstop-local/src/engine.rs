@@ -88,7 +88,8 @@ impl Engine {
 }
 
 fn work(model: &LoadedModel, jobs: &Mutex<Receiver<Job>>) {
-    let mut weights = model.weights.clone();
+    // The worker's KV cache, grown to the largest sequence it has run.
+    let mut cache = None;
     loop {
         let job = match jobs.lock().unwrap_or_else(PoisonError::into_inner).recv() {
             Ok(job) => job,
@@ -97,6 +98,6 @@ fn work(model: &LoadedModel, jobs: &Mutex<Receiver<Job>>) {
         if job.events.is_closed() {
             continue; // its client left while it waited
         }
-        generate::run(model, &mut weights, job);
+        generate::run(model, &mut cache, job);
     }
 }

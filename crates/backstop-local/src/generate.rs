@@ -1,10 +1,9 @@
 //! One sequence's generation: prompt fitting, prefill, sampling, stop
 //! sequences and UTF-8-safe streaming of text deltas.
 
+use crate::llama::Cache;
 use backstop_adapter::{BackendError, FailureKind};
-use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use candle_transformers::utils::apply_repeat_penalty;
 use tokio::sync::mpsc;
 
@@ -189,9 +188,9 @@ fn sendable(text: &str, stops: &[String]) -> (usize, bool) {
     (end, false)
 }
 
-/// Runs one job to its end on this thread. `weights` is the worker's own
-/// copy: shared quantized tensors, private KV cache.
-pub fn run(model: &LoadedModel, weights: &mut ModelWeights, job: Job) {
+/// Runs one job to its end on this thread. `cache` is the worker's own KV
+/// cache, allocated (or grown) to hold this sequence before it starts.
+pub fn run(model: &LoadedModel, cache: &mut Option<Cache>, job: Job) {
     let Job {
         prompt,
         prefill,
@@ -233,14 +232,31 @@ pub fn run(model: &LoadedModel, weights: &mut ModelWeights, job: Job) {
     let max_new = params
         .max_tokens
         .map_or(room, |m| m.saturating_sub(answered).min(room));
-    if let Err(event) = generate(model, weights, &ids, max_new, &params, &send, &events) {
+    let need = ids.len() + max_new;
+    let cache = match cache {
+        Some(c) if c.capacity() >= need => {
+            c.clear();
+            c
+        }
+        _ => match model
+            .llama
+            .cache(need.next_multiple_of(256).min(model.context))
+        {
+            Ok(c) => cache.insert(c),
+            Err(e) => {
+                send(model_failure(e));
+                return;
+            }
+        },
+    };
+    if let Err(event) = generate(model, cache, &ids, max_new, &params, &send, &events) {
         send(event);
     }
 }
 
 fn generate(
     model: &LoadedModel,
-    weights: &mut ModelWeights,
+    cache: &mut Cache,
     prompt: &[u32],
     max_new: usize,
     params: &Params,
@@ -248,15 +264,8 @@ fn generate(
     events: &mpsc::Sender<Event>,
 ) -> Result<(), Event> {
     let tok = &model.tokenizer;
-    weights.clear_kv_cache();
     let mut sampler = sampler(params);
-    let input = Tensor::new(prompt, &model.device)
-        .and_then(|t| t.unsqueeze(0))
-        .map_err(model_failure)?;
-    let mut logits = weights
-        .forward(&input, 0)
-        .and_then(|l| l.squeeze(0))
-        .map_err(model_failure)?;
+    let mut logits = model.llama.forward(prompt, cache).map_err(model_failure)?;
     let mut generated: Vec<u32> = Vec::new();
     let mut sent = 0;
     let finish = loop {
@@ -292,14 +301,7 @@ fn generate(
         if generated.len() >= max_new {
             break "length";
         }
-        let position = prompt.len() + generated.len() - 1;
-        let input = Tensor::new(&[next], &model.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(model_failure)?;
-        logits = weights
-            .forward(&input, position)
-            .and_then(|l| l.squeeze(0))
-            .map_err(model_failure)?;
+        logits = model.llama.forward(&[next], cache).map_err(model_failure)?;
     };
     // Text held back for a stop string that never completed belongs to the answer.
     let text = tok

@@ -10,7 +10,9 @@ mod backend;
 mod engine;
 mod generate;
 mod hub;
+pub mod llama;
 mod model;
+mod q4_1;
 pub mod template;
 pub mod tokenizer;
 

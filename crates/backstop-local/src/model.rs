@@ -3,9 +3,9 @@
 use std::fs::File;
 use std::path::Path;
 
+use crate::llama::{Llama, Precision};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
 use crate::template::Template;
 use crate::tokenizer::TextTokenizer;
@@ -13,9 +13,8 @@ use crate::{LocalConfig, LocalError};
 
 /// A loaded model: weights shared by every sequence, and what prompts need.
 pub struct LoadedModel {
-    /// The weights; each sequence clones them, which shares the quantized
-    /// tensors and gives it its own KV cache.
-    pub weights: ModelWeights,
+    /// The weights, shared by every sequence (each has its own KV cache).
+    pub llama: Llama,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
     /// The prompt format.
@@ -75,15 +74,15 @@ impl LoadedModel {
             .and_then(|v| v.to_u32().ok())
             .map(|n| n as usize)
             .unwrap_or(2048);
-        // candle's rotary tables stop at MAX_SEQ_LEN positions.
-        let mut context = trained.min(MAX_SEQ_LEN);
+        let mut context = trained;
         if let Some(cap) = config.context {
             context = context.min(cap);
         }
         let device = device();
-        let weights = ModelWeights::from_gguf(content, &mut file, &device).map_err(model_err)?;
+        let llama = Llama::from_gguf(&content, &mut file, &device, Precision::Quantized)
+            .map_err(model_err)?;
         Ok(LoadedModel {
-            weights,
+            llama,
             tokenizer,
             template,
             context,

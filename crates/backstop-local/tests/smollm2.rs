@@ -462,3 +462,80 @@ async fn a_prefill_is_continued_counted_as_answer_and_taken_from_max_tokens() {
     let text = with.choices[0].message.content.as_ref().unwrap().to_text();
     assert!(!text.starts_with(prefill), "{text:?}");
 }
+
+/// Our quantized forward pass and candle-transformers' quantized llama,
+/// each against a plain f32 reference (the same weights dequantized, no
+/// activation quantization), on a prompt and then greedy decode steps.
+#[test]
+fn our_forward_pass_stays_as_close_to_f32_as_candles() {
+    use backstop_local::llama::{Llama, Precision};
+    use candle_core::quantized::gguf_file;
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+
+    let dev = Device::Cpu;
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let ours = Llama::from_gguf(&content, &mut file, &dev, Precision::Quantized).unwrap();
+    let exact = Llama::from_gguf(&content, &mut file, &dev, Precision::F32).unwrap();
+    let mut candle = ModelWeights::from_gguf(content, &mut file, &dev).unwrap();
+    let (mut ours_cache, mut exact_cache) = (ours.cache(256).unwrap(), exact.cache(256).unwrap());
+    let mut fed = tokenizer()
+        .encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let mut at = 0;
+    let (mut ours_worst, mut candle_worst) = (0f32, 0f32);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold(
+                (0, f32::MIN),
+                |b, (i, x)| if *x > b.1 { (i, *x) } else { b },
+            )
+            .0 as u32
+    };
+    for _ in 0..8 {
+        let reference = exact
+            .forward(&fed, &mut exact_cache)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = ours
+            .forward(&fed, &mut ours_cache)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let input = Tensor::new(fed.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let theirs = candle
+            .forward(&input, at)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let off = |v: &[f32]| {
+            v.iter()
+                .zip(&reference)
+                .fold(0f32, |a, (g, w)| a.max((g - w).abs()))
+                / scale
+        };
+        ours_worst = ours_worst.max(off(&got));
+        candle_worst = candle_worst.max(off(&theirs));
+        // Greedy decoding picks what candle's model picks.
+        assert_eq!(argmax(&got), argmax(&theirs));
+        at += fed.len();
+        fed = vec![argmax(&reference)];
+    }
+    // The stated tolerance: within 10% of the largest f32 logit, and no
+    // further from f32 than candle's own quantized model (plus 20%).
+    assert!(ours_worst < 0.10, "{ours_worst}");
+    assert!(
+        ours_worst <= candle_worst * 1.2,
+        "ours {ours_worst}, candle's {candle_worst}"
+    );
+    eprintln!("largest logit error against f32: ours {ours_worst}, candle's {candle_worst}");
+}
