@@ -113,30 +113,50 @@ mod avx2 {
         ])
     }
 
+    /// One block's `d_w · d_x · Σ q_w q_x`, added to `acc` lane-wise.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_row(w: &[Block], x: &[Q8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
+    fn block(w: &Block, xv: __m256i, dx: f32, acc: __m256) -> __m256 {
+        let packed = _mm_set_epi64x(u64_at(&w.qs, 8), u64_at(&w.qs, 0));
         let low = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        for (w, x) in w.iter().zip(x) {
-            let packed = _mm_set_epi64x(u64_at(&w.qs, 8), u64_at(&w.qs, 0));
-            // Values 0..16 are the low nibbles, 16..32 the high ones.
-            let wv = _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(packed, 4), low),
-                _mm_and_si128(packed, low),
-            );
-            let xv = _mm256_set_epi64x(x.packed[3], x.packed[2], x.packed[1], x.packed[0]);
-            // u8 × i8 pairs summed to i16 (at most 2 · 15 · 127), then to i32.
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-            let scale = _mm256_set1_ps(w.d.to_f32() * x.d);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-            mins += w.m.to_f32() * x.sum;
-        }
+        // Values 0..16 are the low nibbles, 16..32 the high ones.
+        let wv = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(packed, 4), low),
+            _mm_and_si128(packed, low),
+        );
+        // u8 × i8 pairs summed to i16 (at most 2 · 15 · 127), then to i32.
+        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), _mm256_set1_epi16(1));
+        let scale = _mm256_set1_ps(w.d.to_f32() * dx);
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn total(acc: __m256) -> f32 {
         let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let half = _mm_hadd_ps(half, half);
         let half = _mm_hadd_ps(half, half);
-        _mm_cvtss_f32(half) + mins
+        _mm_cvtss_f32(half)
+    }
+
+    /// Weight rows `rows` against one activation row. Four rows go together:
+    /// four independent accumulator chains, and each activation block is
+    /// loaded once for all of them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_rows<const R: usize>(rows: [&[Block]; R], x: &[Q8]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for (b, x) in x.iter().enumerate() {
+            let xv = _mm256_set_epi64x(x.packed[3], x.packed[2], x.packed[1], x.packed[0]);
+            for r in 0..R {
+                let w = &rows[r][b];
+                acc[r] = block(w, xv, x.d, acc[r]);
+                mins[r] += w.m.to_f32() * x.sum;
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = total(acc[r]) + mins[r];
+        }
+        out
     }
 }
 
@@ -152,19 +172,19 @@ fn has_avx2() -> bool {
     }
 }
 
-/// One weight row against one activation row, on the best path the CPU has.
+/// Weight rows against one activation row, on the best path the CPU has.
 #[inline]
-fn dot(w: &[Block], x: &[Q8], avx2: bool) -> f32 {
+fn dot<const R: usize>(rows: [&[Block]; R], x: &[Q8], avx2: bool) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: `avx2` is true only when the CPU was found to have AVX2 and
-        // FMA (`has_avx2`), the features `avx2::dot_row` enables; it reads
-        // nothing but its two slices.
+        // FMA (`has_avx2`), the features `avx2::dot_rows` enables; it reads
+        // nothing but its slices, each as long as `x` (checked by the caller).
         #[allow(unsafe_code)]
-        return unsafe { avx2::dot_row(w, x) };
+        return unsafe { avx2::dot_rows(rows, x) };
     }
     let _ = avx2;
-    dot_row(w, x)
+    rows.map(|w| dot_row(w, x))
 }
 
 /// Q4_1 weights whose product with f32 activations is fast.
@@ -254,9 +274,26 @@ impl QuantizedType for FastQ4_1 {
                 );
                 let x = &x[row * per_row..(row + 1) * per_row];
                 let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
-                for (i, o) in out.iter_mut().enumerate() {
-                    let col = first + i;
-                    *o = dot(&self.blocks[col * per_row..(col + 1) * per_row], x, avx2);
+                let row_of = |col: usize| &self.blocks[col * per_row..(col + 1) * per_row];
+                let mut quads = out.chunks_exact_mut(4);
+                let mut col = first;
+                for o in &mut quads {
+                    let [a, b, c, d] = dot(
+                        [
+                            row_of(col),
+                            row_of(col + 1),
+                            row_of(col + 2),
+                            row_of(col + 3),
+                        ],
+                        x,
+                        avx2,
+                    );
+                    o.copy_from_slice(&[a, b, c, d]);
+                    col += 4;
+                }
+                for o in quads.into_remainder() {
+                    [*o] = dot([row_of(col)], x, avx2);
+                    col += 1;
                 }
             }
         });
