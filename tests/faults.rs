@@ -422,7 +422,8 @@ async fn an_upstream_down_for_a_while_then_healthy_under_steady_traffic() {
             for _ in 0..150 {
                 ticks.tick().await;
                 let a = ask(&h, true).await;
-                assert_complete(&a, &a.backend.clone());
+                // Complete, and from one of the two targets.
+                assert_complete(&a, if a.backend == "up0" { "up0" } else { "up1" });
                 served.push(a.backend);
             }
             served
@@ -434,7 +435,6 @@ async fn an_upstream_down_for_a_while_then_healthy_under_steady_traffic() {
     let served = client.await.unwrap();
     // Every request was answered. While down, `up0` saw the three failures
     // that opened its breaker, then one trial call per 300 ms open period.
-    assert!(served.iter().all(|b| b == "up0" || b == "up1"));
     assert!(
         (3..=3 + 1500 / 300 + 1).contains(&outage),
         "{outage} attempts during 1.5 s of outage"

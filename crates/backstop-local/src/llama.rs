@@ -73,11 +73,6 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Positions filled so far.
-    pub fn filled(&self) -> usize {
-        self.filled
-    }
-
     /// Positions it can hold.
     pub fn capacity(&self) -> usize {
         self.keys.first().map_or(0, |k| k.dim(2).unwrap_or(0))

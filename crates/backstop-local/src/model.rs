@@ -21,8 +21,6 @@ pub struct LoadedModel {
     pub template: Template,
     /// Tokens of prompt plus answer the model can attend to.
     pub context: usize,
-    /// Where tensors live.
-    pub device: Device,
 }
 
 /// The device a model runs on: CUDA when compiled in and present, else CPU.
@@ -86,7 +84,6 @@ impl LoadedModel {
             tokenizer,
             template,
             context,
-            device,
         })
     }
 }

@@ -205,13 +205,6 @@ pub struct RouteConfig {
     pub deadline: Duration,
 }
 
-impl RouteConfig {
-    /// The target names, in order.
-    pub fn targets(&self) -> impl Iterator<Item = &str> {
-        self.hops.iter().map(|(name, _)| name.as_str())
-    }
-}
-
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -434,23 +427,11 @@ impl RawConfig {
                 }
                 other => other,
             };
-            for (field, value, slot) in [
-                (
-                    "requests_per_minute",
-                    t.requests_per_minute,
-                    &mut u.requests_per_minute,
-                ),
-                (
-                    "tokens_per_minute",
-                    t.tokens_per_minute,
-                    &mut u.tokens_per_minute,
-                ),
-            ] {
-                if value == Some(0) {
-                    return Err(invalid(at(field), "must be greater than 0"));
-                }
-                *slot = value;
-            }
+            let limit = |value: Option<u64>, field: &str| {
+                value.map(|n| count(Some(n), &at(field), n)).transpose()
+            };
+            u.requests_per_minute = limit(t.requests_per_minute, "requests_per_minute")?;
+            u.tokens_per_minute = limit(t.tokens_per_minute, "tokens_per_minute")?;
             u.ca_bundle = t.ca_bundle;
             if let Some(n) = t.pool_max_idle {
                 u.pool_max_idle = n;
@@ -600,24 +581,16 @@ impl RawHealth {
         };
         h.interval = positive(self.interval_ms, "interval_ms", h.interval)?;
         h.timeout = positive(self.timeout_ms, "timeout_ms", h.timeout)?;
-        for (field, value, slot) in [
-            (
-                "healthy_threshold",
-                self.healthy_threshold,
-                &mut h.healthy_after,
-            ),
-            (
-                "unhealthy_threshold",
-                self.unhealthy_threshold,
-                &mut h.unhealthy_after,
-            ),
-        ] {
-            match value {
-                Some(0) => return Err(invalid(format!("{at}.{field}"), "must be greater than 0")),
-                Some(n) => *slot = n,
-                None => {}
-            }
-        }
+        h.healthy_after = count(
+            self.healthy_threshold,
+            &format!("{at}.healthy_threshold"),
+            h.healthy_after,
+        )?;
+        h.unhealthy_after = count(
+            self.unhealthy_threshold,
+            &format!("{at}.unhealthy_threshold"),
+            h.unhealthy_after,
+        )?;
         Ok(h)
     }
 }
@@ -678,31 +651,20 @@ impl RawBreaker {
                 "must not be below open_ms",
             ));
         }
-        match self.consecutive_failures {
-            Some(0) => {
-                return Err(invalid(
-                    format!("{at}.consecutive_failures"),
-                    "must be greater than 0",
-                ))
-            }
-            Some(n) => b.consecutive_failures = n,
-            None => {}
-        }
+        b.consecutive_failures = count(
+            self.consecutive_failures,
+            &format!("{at}.consecutive_failures"),
+            b.consecutive_failures,
+        )?;
         if let Some(n) = self.min_calls {
             b.min_calls = n;
         }
-        for (field, value, slot) in [
-            ("failure_rate", self.failure_rate, &mut b.failure_rate),
-            ("jitter", self.jitter, &mut b.jitter),
-        ] {
-            match value {
-                Some(v) if !(0.0..=1.0).contains(&v) => {
-                    return Err(invalid(format!("{at}.{field}"), "must be between 0 and 1"))
-                }
-                Some(v) => *slot = v,
-                None => {}
-            }
-        }
+        b.failure_rate = fraction(
+            self.failure_rate,
+            &format!("{at}.failure_rate"),
+            b.failure_rate,
+        )?;
+        b.jitter = fraction(self.jitter, &format!("{at}.jitter"), b.jitter)?;
         if b.failure_rate == 0.0 {
             return Err(invalid(
                 format!("{at}.failure_rate"),
@@ -747,43 +709,16 @@ impl RawShadow {
         )?;
         c.total_slo = ms(self.total_slo_ms, "total_slo_ms", c.total_slo)?;
         c.ramp_step = ms(self.ramp_step_ms, "ramp_step_ms", c.ramp_step)?;
-        for (field, value, slot) in [
-            ("sample_rate", self.sample_rate, &mut c.sample_rate),
-            ("threshold", self.threshold, &mut c.threshold),
-        ] {
-            match value {
-                Some(v) if !(0.0..=1.0).contains(&v) => {
-                    return Err(invalid(
-                        format!("shadow.{field}"),
-                        "must be between 0 and 1",
-                    ))
-                }
-                Some(v) => *slot = v,
-                None => {}
-            }
-        }
-        for (field, value, slot) in [
-            ("queue", self.queue, &mut c.queue),
-            ("concurrency", self.concurrency, &mut c.concurrency),
-            ("window", self.window, &mut c.window),
-            ("last_k", self.last_k, &mut c.last_k),
-        ] {
-            match value {
-                Some(0) => {
-                    return Err(invalid(format!("shadow.{field}"), "must be greater than 0"))
-                }
-                Some(n) => *slot = n,
-                None => {}
-            }
-        }
+        c.sample_rate = fraction(self.sample_rate, "shadow.sample_rate", c.sample_rate)?;
+        c.threshold = fraction(self.threshold, "shadow.threshold", c.threshold)?;
+        c.queue = count(self.queue, "shadow.queue", c.queue)?;
+        c.concurrency = count(self.concurrency, "shadow.concurrency", c.concurrency)?;
+        c.window = count(self.window, "shadow.window", c.window)?;
+        c.last_k = count(self.last_k, "shadow.last_k", c.last_k)?;
         if c.last_k > c.window {
             return Err(invalid("shadow.last_k", "must not be above window"));
         }
-        match self.max_tokens {
-            Some(0) => return Err(invalid("shadow.max_tokens", "must be greater than 0")),
-            Some(n) => c.max_tokens = n,
-            None => {}
-        }
+        c.max_tokens = count(self.max_tokens, "shadow.max_tokens", c.max_tokens)?;
         if let Some(list) = &self.allowlist {
             c.allowlist.clone_from(list);
         }
@@ -805,6 +740,28 @@ impl RawShadow {
             c.ramp.clone_from(ramp);
         }
         Ok(Some(c))
+    }
+}
+
+/// A count that cannot be zero: its default when absent.
+fn count<T: Copy + Default + PartialEq>(
+    value: Option<T>,
+    field: &str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        Some(v) if v == T::default() => Err(invalid(field, "must be greater than 0")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+/// A fraction between 0 and 1: its default when absent.
+fn fraction(value: Option<f64>, field: &str, default: f64) -> Result<f64, ConfigError> {
+    match value {
+        Some(v) if !(0.0..=1.0).contains(&v) => Err(invalid(field, "must be between 0 and 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
     }
 }
 
@@ -842,16 +799,8 @@ fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
         local.target = target;
     }
     local.tokenizer = raw.tokenizer;
-    for (field, value, slot) in [
-        ("local.workers", raw.workers, &mut local.workers),
-        ("local.queue", raw.queue, &mut local.queue),
-    ] {
-        match value {
-            Some(0) => return Err(invalid(field, "must be greater than 0")),
-            Some(n) => *slot = n,
-            None => {}
-        }
-    }
+    local.workers = count(raw.workers, "local.workers", local.workers)?;
+    local.queue = count(raw.queue, "local.queue", local.queue)?;
     match raw.context {
         Some(n) if n < 16 => return Err(invalid("local.context", "must be at least 16 tokens")),
         other => local.context = other,

@@ -330,7 +330,7 @@ impl Backend for Upstream {
             let started = Instant::now();
             let response = self.send(req, false).await?;
             let headers = passthrough_headers(response.headers());
-            let completion = response::read_completion(
+            let mut completion = response::read_completion(
                 response,
                 req.legacy.is_some(),
                 self.config.idle_timeout,
@@ -338,7 +338,6 @@ impl Backend for Upstream {
             )
             .await
             .map_err(|e| with_headers(e, &headers))?;
-            let mut completion = completion;
             if let Some(usage) = &mut completion.usage {
                 usage.count_prefill_as_answer(self.prefill_tokens(req));
             }

@@ -13,7 +13,10 @@ fn chains(config: &Config) -> Vec<(ModelMatch, Vec<&str>)> {
     config
         .routes
         .iter()
-        .map(|r| (r.models.clone(), r.targets().collect()))
+        .map(|r| {
+            let names = r.hops.iter().map(|(name, _)| name.as_str()).collect();
+            (r.models.clone(), names)
+        })
         .collect()
 }
 
