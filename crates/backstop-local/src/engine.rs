@@ -1,14 +1,18 @@
-//! Engine threads behind a bounded queue. Forward passes never run on the
-//! async runtime: each worker thread owns one sequence at a time, with its own
-//! KV cache over the shared weights. A full queue refuses at once.
+//! The engine: one thread behind a bounded queue that runs every active
+//! sequence in one batched forward pass per step (continuous batching).
+//! Sequences join between steps as they arrive, up to the batch size, and
+//! leave as they finish, each with its own KV cache over the shared weights;
+//! forward passes never run on the async runtime. A full queue refuses at
+//! once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use backstop_adapter::{BackendError, FailureKind};
 
-use crate::generate::{self, Event, Job};
+use crate::generate::{self, Event, Job, Sequence, PREFILL_CHUNK};
+use crate::llama::{Cache, Segment};
 use crate::model::LoadedModel;
 use crate::LocalConfig;
 
@@ -28,24 +32,17 @@ impl Engine {
         let ready = Arc::new(AtomicBool::new(false));
         let flag = ready.clone();
         let spawned = std::thread::Builder::new()
-            .name("backstop-load".into())
+            .name("backstop-engine".into())
             .spawn(move || match LoadedModel::load(&config) {
                 Ok(model) => {
                     tracing::info!(
                         model = %config.model.display(),
                         context = model.context,
-                        workers = config.workers,
+                        batch = config.batch,
                         "local model loaded"
                     );
-                    let model = Arc::new(model);
-                    let jobs = Arc::new(Mutex::new(jobs));
-                    for i in 0..config.workers.max(1) {
-                        let (model, jobs) = (model.clone(), jobs.clone());
-                        let _ = std::thread::Builder::new()
-                            .name(format!("backstop-engine-{i}"))
-                            .spawn(move || work(&model, &jobs));
-                    }
                     flag.store(true, Ordering::Release);
+                    serve(&model, &jobs, config.batch.max(1));
                 }
                 Err(e) => {
                     tracing::error!("local model not available: {e}");
@@ -87,17 +84,69 @@ impl Engine {
     }
 }
 
-fn work(model: &LoadedModel, jobs: &Mutex<Receiver<Job>>) {
-    // The worker's KV cache, grown to the largest sequence it has run.
-    let mut cache = None;
+/// Runs steps until the engine is dropped: admits waiting jobs while there
+/// is room (blocking only when idle), runs one step for every active
+/// sequence, and retires the finished ones, keeping their caches for the
+/// next.
+fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
+    let mut active: Vec<Sequence> = Vec::with_capacity(batch);
+    let mut free: Vec<Cache> = Vec::new();
     loop {
-        let job = match jobs.lock().unwrap_or_else(PoisonError::into_inner).recv() {
-            Ok(job) => job,
-            Err(_) => return, // the engine is gone
-        };
-        if job.events.is_closed() {
-            continue; // its client left while it waited
+        while active.len() < batch {
+            let job = if active.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return, // the engine is gone
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            if job.events.is_closed() {
+                continue; // its client left while it waited
+            }
+            active.extend(Sequence::start(model, job, &mut free));
         }
-        generate::run(model, &mut cache, job);
+        if active.is_empty() {
+            continue;
+        }
+        let limit = if active.len() > 1 {
+            PREFILL_CHUNK
+        } else {
+            usize::MAX
+        };
+        let mut segments: Vec<Segment<'_>> = active.iter_mut().map(|s| s.segment(limit)).collect();
+        let logits = model.llama.forward_batch(&mut segments);
+        drop(segments);
+        let going: Vec<bool> = match logits {
+            Ok(logits) => active
+                .iter_mut()
+                .enumerate()
+                .map(|(i, seq)| match logits.get(i) {
+                    Ok(row) => seq.advance(model, row),
+                    Err(e) => {
+                        seq.fail(generate::model_failure(e));
+                        false
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                let message = format!("local model failed: {e}");
+                for seq in &active {
+                    let err = BackendError::new(FailureKind::ServerError, message.clone());
+                    seq.fail(Event::Failed(err));
+                }
+                vec![false; active.len()]
+            }
+        };
+        for (seq, going) in std::mem::take(&mut active).into_iter().zip(going) {
+            if going {
+                active.push(seq);
+            } else {
+                free.push(seq.into_cache());
+            }
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! One sequence's generation: prompt fitting, prefill, sampling, stop
 //! sequences and UTF-8-safe streaming of text deltas.
 
-use crate::llama::Cache;
+use crate::llama::{Cache, Segment};
 use backstop_adapter::{BackendError, FailureKind};
+use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::utils::apply_repeat_penalty;
 use tokio::sync::mpsc;
@@ -81,7 +82,8 @@ fn failed(kind: FailureKind, message: String) -> Event {
     Event::Failed(BackendError::new(kind, message))
 }
 
-fn model_failure(e: candle_core::Error) -> Event {
+/// A failure of the model's computation.
+pub fn model_failure(e: candle_core::Error) -> Event {
     failed(FailureKind::ServerError, format!("local model failed: {e}"))
 }
 
@@ -188,22 +190,159 @@ fn sendable(text: &str, stops: &[String]) -> (usize, bool) {
     (end, false)
 }
 
-/// Runs one job to its end on this thread. `cache` is the worker's own KV
-/// cache, allocated (or grown) to hold this sequence before it starts.
-pub fn run(model: &LoadedModel, cache: &mut Option<Cache>, job: Job) {
-    let Job {
-        prompt,
-        prefill,
-        params,
-        events,
-    } = job;
-    // A prefill is answer the client already has: it comes out of
-    // max_tokens, and usage counts it as completion, not prompt.
-    let answered = match prefill.as_str() {
-        "" => 0,
-        text => model.tokenizer.encode(text).map_or(0, |ids| ids.len()),
-    };
-    let send = |event: Event| {
+/// Prompt tokens a sequence runs in one step while other sequences are
+/// decoding, so that a long prompt holds their next tokens back for one
+/// chunk's time at most. A sequence alone runs its whole prompt at once.
+pub const PREFILL_CHUNK: usize = 64;
+
+/// What one token did to a sequence.
+enum Step {
+    /// It goes on.
+    Going,
+    /// The answer is complete, for this reason (`stop` or `length`).
+    Finished(&'static str),
+    /// The client is gone: nothing more to send.
+    Left,
+}
+
+/// One job in the engine, from its prompt to its last event: the engine
+/// runs its [`Sequence::segment`] in each step and hands it the step's
+/// logits.
+pub struct Sequence {
+    events: mpsc::Sender<Event>,
+    params: Params,
+    sampler: LogitsProcessor,
+    /// Prefill tokens, counted as answer rather than prompt.
+    answered: usize,
+    prompt: Vec<u32>,
+    /// Prompt tokens run so far, and in the step under way.
+    fed: usize,
+    feeding: usize,
+    max_new: usize,
+    generated: Vec<u32>,
+    /// Bytes of the answer's text already sent.
+    sent: usize,
+    cache: Cache,
+}
+
+impl Sequence {
+    /// Fits the job's prompt, reports it started, and gives it a KV cache
+    /// big enough for prompt and answer: one of `free` if one is, else a new
+    /// one. `None` when the job ended here (its failure is sent, or its
+    /// client is gone).
+    pub fn start(model: &LoadedModel, job: Job, free: &mut Vec<Cache>) -> Option<Sequence> {
+        let Job {
+            prompt,
+            prefill,
+            params,
+            events,
+        } = job;
+        // A prefill is answer the client already has: it comes out of
+        // max_tokens, and usage counts it as completion, not prompt.
+        let answered = match prefill.as_str() {
+            "" => 0,
+            text => model.tokenizer.encode(text).map_or(0, |ids| ids.len()),
+        };
+        let fail = |event: Event| {
+            let _ = events.blocking_send(event);
+            None
+        };
+        let (ids, dropped_turns) = match fit_prompt(model, &prompt, &prefill) {
+            Ok(fitted) => fitted,
+            Err(event) => return fail(event),
+        };
+        let room = model.context - ids.len();
+        let max_new = params
+            .max_tokens
+            .map_or(room, |m| m.saturating_sub(answered).min(room));
+        let need = ids.len() + max_new;
+        let cache = match free.iter().position(|c| c.capacity() >= need) {
+            Some(i) => {
+                let mut cache = free.swap_remove(i);
+                cache.clear();
+                cache
+            }
+            None => match model
+                .llama
+                .cache(need.next_multiple_of(256).min(model.context))
+            {
+                Ok(cache) => cache,
+                Err(e) => return fail(model_failure(e)),
+            },
+        };
+        if events
+            .blocking_send(Event::Started { dropped_turns })
+            .is_err()
+        {
+            free.push(cache);
+            return None;
+        }
+        Some(Sequence {
+            sampler: sampler(&params),
+            events,
+            params,
+            answered,
+            prompt: ids,
+            fed: 0,
+            feeding: 0,
+            max_new,
+            generated: Vec::new(),
+            sent: 0,
+            cache,
+        })
+    }
+
+    /// What this sequence runs in the next step: the rest of its prompt (at
+    /// most `limit` tokens of it), then its last sampled token.
+    pub fn segment(&mut self, limit: usize) -> Segment<'_> {
+        let tokens = if self.fed < self.prompt.len() {
+            self.feeding = (self.prompt.len() - self.fed).min(limit.max(1));
+            &self.prompt[self.fed..self.fed + self.feeding]
+        } else {
+            let last = self.generated.len() - 1;
+            &self.generated[last..]
+        };
+        Segment {
+            tokens,
+            cache: &mut self.cache,
+        }
+    }
+
+    /// Takes the logits of this sequence's last step (`[vocab]`): samples
+    /// and sends the next piece of the answer. Whether it goes on; when it
+    /// does not, its last event is sent and its cache can be reused.
+    pub fn advance(&mut self, model: &LoadedModel, logits: Tensor) -> bool {
+        if self.feeding > 0 {
+            self.fed += std::mem::take(&mut self.feeding);
+            if self.fed < self.prompt.len() {
+                return !self.events.is_closed();
+            }
+        }
+        match self.next(model, logits) {
+            Ok(Step::Going) => true,
+            Ok(Step::Finished(reason)) => {
+                self.finish(model, reason);
+                false
+            }
+            Ok(Step::Left) => false,
+            Err(event) => {
+                self.send(event);
+                false
+            }
+        }
+    }
+
+    /// Ends the sequence with a failure of the step.
+    pub fn fail(&self, event: Event) {
+        self.send(event);
+    }
+
+    /// The KV cache, for the next sequence.
+    pub fn into_cache(self) -> Cache {
+        self.cache
+    }
+
+    fn send(&self, event: Event) -> bool {
         let event = match event {
             Event::Done {
                 finish_reason,
@@ -211,117 +350,86 @@ pub fn run(model: &LoadedModel, cache: &mut Option<Cache>, job: Job) {
                 completion_tokens,
             } => Event::Done {
                 finish_reason,
-                prompt_tokens: prompt_tokens.saturating_sub(answered),
-                completion_tokens: completion_tokens + answered.min(prompt_tokens),
+                prompt_tokens: prompt_tokens.saturating_sub(self.answered),
+                completion_tokens: completion_tokens + self.answered.min(prompt_tokens),
             },
             other => other,
         };
-        events.blocking_send(event).is_ok()
-    };
-    let (ids, dropped_turns) = match fit_prompt(model, &prompt, &prefill) {
-        Ok(fitted) => fitted,
-        Err(event) => {
-            send(event);
-            return;
-        }
-    };
-    if !send(Event::Started { dropped_turns }) {
-        return;
+        self.events.blocking_send(event).is_ok()
     }
-    let room = model.context - ids.len();
-    let max_new = params
-        .max_tokens
-        .map_or(room, |m| m.saturating_sub(answered).min(room));
-    let need = ids.len() + max_new;
-    let cache = match cache {
-        Some(c) if c.capacity() >= need => {
-            c.clear();
-            c
+
+    fn text(&self, model: &LoadedModel) -> Result<String, Event> {
+        model
+            .tokenizer
+            .decode(&self.generated)
+            .map_err(|e| failed(FailureKind::ServerError, e.to_string()))
+    }
+
+    /// One token, or the failure to end with.
+    fn next(&mut self, model: &LoadedModel, mut logits: Tensor) -> Result<Step, Event> {
+        if self.events.is_closed() {
+            return Ok(Step::Left);
         }
-        _ => match model
-            .llama
-            .cache(need.next_multiple_of(256).min(model.context))
-        {
-            Ok(c) => cache.insert(c),
-            Err(e) => {
-                send(model_failure(e));
+        if self.max_new == 0 {
+            return Ok(Step::Finished("length"));
+        }
+        if self.params.repetition_penalty != 1.0 {
+            let start = self.generated.len().saturating_sub(REPEAT_WINDOW);
+            logits = apply_repeat_penalty(
+                &logits,
+                self.params.repetition_penalty,
+                &self.generated[start..],
+            )
+            .map_err(model_failure)?;
+        }
+        let next = self.sampler.sample(&logits).map_err(model_failure)?;
+        if model.tokenizer.is_stop(next) {
+            return Ok(Step::Finished("stop"));
+        }
+        self.generated.push(next);
+        let text = self.text(model)?;
+        let (end, stopped) = sendable(&text, &self.params.stop);
+        if let Some(piece) = text.get(self.sent..end).filter(|p| !p.is_empty()) {
+            if !self.send(Event::Text(piece.to_string())) {
+                return Ok(Step::Left);
+            }
+            self.sent = end;
+        }
+        Ok(if stopped {
+            Step::Finished("stop")
+        } else if self.generated.len() >= self.max_new {
+            Step::Finished("length")
+        } else {
+            Step::Going
+        })
+    }
+
+    fn finish(&self, model: &LoadedModel, finish_reason: &'static str) {
+        // Text held back for a stop string that never completed belongs to
+        // the answer.
+        let text = match self.text(model) {
+            Ok(text) => text,
+            Err(event) => {
+                self.send(event);
                 return;
             }
-        },
-    };
-    if let Err(event) = generate(model, cache, &ids, max_new, &params, &send, &events) {
-        send(event);
+        };
+        let end = self
+            .params
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+            .unwrap_or(text.len());
+        if let Some(piece) = text.get(self.sent..end).filter(|p| !p.is_empty()) {
+            self.send(Event::Text(piece.to_string()));
+        }
+        self.send(Event::Done {
+            finish_reason,
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.generated.len(),
+        });
     }
-}
-
-fn generate(
-    model: &LoadedModel,
-    cache: &mut Cache,
-    prompt: &[u32],
-    max_new: usize,
-    params: &Params,
-    send: &impl Fn(Event) -> bool,
-    events: &mpsc::Sender<Event>,
-) -> Result<(), Event> {
-    let tok = &model.tokenizer;
-    let mut sampler = sampler(params);
-    let mut logits = model.llama.forward(prompt, cache).map_err(model_failure)?;
-    let mut generated: Vec<u32> = Vec::new();
-    let mut sent = 0;
-    let finish = loop {
-        if events.is_closed() {
-            return Ok(()); // the client is gone: free the slot
-        }
-        if max_new == 0 {
-            break "length";
-        }
-        if params.repetition_penalty != 1.0 {
-            let start = generated.len().saturating_sub(REPEAT_WINDOW);
-            logits = apply_repeat_penalty(&logits, params.repetition_penalty, &generated[start..])
-                .map_err(model_failure)?;
-        }
-        let next = sampler.sample(&logits).map_err(model_failure)?;
-        if tok.is_stop(next) {
-            break "stop";
-        }
-        generated.push(next);
-        let text = tok
-            .decode(&generated)
-            .map_err(|e| failed(FailureKind::ServerError, e.to_string()))?;
-        let (end, stopped) = sendable(&text, &params.stop);
-        if let Some(piece) = text.get(sent..end).filter(|p| !p.is_empty()) {
-            if !send(Event::Text(piece.to_string())) {
-                return Ok(());
-            }
-            sent = end;
-        }
-        if stopped {
-            break "stop";
-        }
-        if generated.len() >= max_new {
-            break "length";
-        }
-        logits = model.llama.forward(&[next], cache).map_err(model_failure)?;
-    };
-    // Text held back for a stop string that never completed belongs to the answer.
-    let text = tok
-        .decode(&generated)
-        .map_err(|e| failed(FailureKind::ServerError, e.to_string()))?;
-    let end = params
-        .stop
-        .iter()
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .unwrap_or(text.len());
-    if let Some(piece) = text.get(sent..end).filter(|p| !p.is_empty()) {
-        send(Event::Text(piece.to_string()));
-    }
-    send(Event::Done {
-        finish_reason: finish,
-        prompt_tokens: prompt.len(),
-        completion_tokens: generated.len(),
-    });
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! The in-process model: a quantized llama-family GGUF running on candle.
 //!
 //! [`LocalBackend`] serves the same schema as an upstream. Weights load once
-//! on a thread of their own; engine threads (never the async runtime) run the
-//! forward passes, one sequence each with its own KV cache, fed by a bounded
-//! queue that refuses at once when full. This is the only crate that sees
+//! on a thread of their own; the engine thread (never the async runtime) runs
+//! the forward passes, every active sequence batched into one step, each
+//! with its own KV cache, fed by a bounded queue that refuses at once when
+//! full. This is the only crate that sees
 //! candle.
 
 mod backend;
 mod engine;
 mod generate;
 mod hub;
+mod linear;
 pub mod llama;
 mod model;
 mod q4_1;
@@ -22,6 +24,22 @@ pub use backend::{LocalBackend, DROPPED_TURNS_HEADER};
 pub use hub::{fetch_from_hub, sha256_file};
 pub use model::LoadedModel;
 
+/// Fixes, for the whole process, how many threads candle's matrix products
+/// use. Call it first thing in `main`, before any other thread starts: it
+/// sets an environment variable.
+///
+/// candle 0.11 works that number out again on every f32 matrix product
+/// (attention has two per layer and sequence), by reading `/proc/cpuinfo`
+/// unless `RAYON_NUM_THREADS` is set: measured here, a fifth of the default
+/// model's decode time. This sets `RAYON_NUM_THREADS`, when it is not set,
+/// to the number candle works out, once.
+pub fn settle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 /// Where the local model is and how to run it.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -33,12 +51,11 @@ pub struct LocalConfig {
     pub model: PathBuf,
     /// A `tokenizer.json` to use instead of the GGUF's own vocabulary.
     pub tokenizer: Option<PathBuf>,
-    /// Sequences generated at once, one engine thread each. Default 1 on CPU:
-    /// candle already spreads every operation over all cores through one
-    /// global, spinning thread pool, so two sequences at once contend for it
-    /// rather than share it (batched decoding is the way to more throughput).
-    pub workers: usize,
-    /// Requests that may wait for a free engine thread.
+    /// Sequences generated at once, batched into one forward pass per step:
+    /// they share each step's weight reads, so more sequences add
+    /// throughput, and each one's pace slows less than in proportion.
+    pub batch: usize,
+    /// Requests that may wait for a place in the batch.
     pub queue: usize,
     /// Cap on the context window (prompt plus answer), below the model's own.
     pub context: Option<usize>,
@@ -52,7 +69,7 @@ impl LocalConfig {
             name: name.into(),
             model: model.into(),
             tokenizer: None,
-            workers: 1,
+            batch: 4,
             queue: 16,
             context: None,
         }

@@ -10,17 +10,25 @@
 //!   4,096 positions);
 //! - grouped-query attention groups the query heads of each KV head instead of
 //!   copying the keys and values once per query head;
-//! - Q4_1 weights use [`crate::q4_1::FastQ4_1`];
+//! - one step runs several sequences at once ([`Llama::forward_batch`]): the
+//!   projections and feed-forward over all their tokens together, attention
+//!   per sequence over its own cache;
+//! - a single token's attention (a decode step) is one fused pass over its
+//!   cache instead of about ten candle operations;
+//! - weights multiply through [`crate::linear::Linear`] (Q4_1 through
+//!   [`crate::q4_1::FastQ4_1`], a few rows of Q4_K through compact blocks);
 //! - the output projection reuses the token embeddings when the file has no
 //!   `output.weight` (tied embeddings).
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::quantized::gguf_file;
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{DType, Device, Layout, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use crate::q4_1::FastQ4_1;
+use crate::linear::Linear;
 
 /// The model's shape, from the GGUF metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,14 +49,14 @@ pub struct Shape {
 
 struct Layer {
     attn_norm: RmsNorm,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// The weights, shared by every sequence.
@@ -58,7 +66,7 @@ pub struct Llama {
     embeddings: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -100,12 +108,8 @@ fn matmul(
     name: &str,
     device: &Device,
     precision: Precision,
-) -> Result<QMatMul> {
-    let tensor: QTensor = ct.tensor(reader, name, device)?;
-    match precision {
-        Precision::Quantized => QMatMul::from_qtensor(FastQ4_1::adopt(tensor)?),
-        Precision::F32 => Ok(QMatMul::Tensor(tensor.dequantize(device)?)),
-    }
+) -> Result<Linear> {
+    Linear::new(ct.tensor(reader, name, device)?, device, precision)
 }
 
 fn metadata(ct: &gguf_file::Content, key: &str) -> Option<u32> {
@@ -210,6 +214,18 @@ impl Llama {
     /// Runs `tokens` at the cache's next positions and returns the logits
     /// after the last one (`[vocab]`).
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        self.forward_batch(&mut [Segment { tokens, cache }])?
+            .squeeze(0)
+    }
+
+    /// Runs one step for several sequences at once and returns the logits
+    /// after each one's last token (`[segments, vocab]`). Each segment's
+    /// tokens go at its own cache's next positions: a prompt (or a piece of
+    /// one) or a single decode token, in any mix. The projections and the
+    /// feed-forward run once over every token of the step, so the sequences
+    /// share each weight read; attention runs per sequence, over its own
+    /// cache.
+    pub fn forward_batch(&self, batch: &mut [Segment<'_>]) -> Result<Tensor> {
         let Shape {
             heads,
             kv_heads,
@@ -217,27 +233,42 @@ impl Llama {
             hidden,
             ..
         } = self.shape;
-        let (seq, at) = (tokens.len(), cache.filled);
-        let room = cache.capacity();
-        if seq == 0 || at + seq > room {
-            return Err(candle_core::Error::Msg(format!(
-                "{seq} tokens at position {at} do not fit a cache of {room}"
-            )));
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut last = Vec::with_capacity(batch.len());
+        for Segment { tokens: seg, cache } in batch.iter() {
+            let (seq, at, room) = (seg.len(), cache.filled, cache.capacity());
+            if seq == 0 || at + seq > room {
+                return Err(candle_core::Error::Msg(format!(
+                    "{seq} tokens at position {at} do not fit a cache of {room}"
+                )));
+            }
+            tokens.extend_from_slice(seg);
+            positions.extend(at as u32..(at + seq) as u32);
+            last.push(tokens.len() as u32 - 1);
         }
-        let len = at + seq;
+        let total = tokens.len();
         let group = heads / kv_heads;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self.embeddings.index_select(&ids, 0)?.unsqueeze(0)?;
-        let (cos, sin) = (self.cos.narrow(0, at, seq)?, self.sin.narrow(0, at, seq)?);
-        let mask = (seq > 1)
-            .then(|| causal_mask(seq, at, &self.device))
-            .transpose()?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let (cos, sin) = (
+            self.cos.index_select(&positions, 0)?,
+            self.sin.index_select(&positions, 0)?,
+        );
+        let masks = batch
+            .iter()
+            .map(|s| {
+                (s.tokens.len() > 1)
+                    .then(|| causal_mask(s.tokens.len(), s.cache.filled, &self.device))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        for (layer, (keys, values)) in self.layers.iter().zip(cache.keys.iter().zip(&cache.values))
-        {
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
             let heads_of = |t: Tensor, n: usize| -> Result<Tensor> {
-                t.reshape((1, seq, n, head_dim))?
+                t.reshape((1, total, n, head_dim))?
                     .transpose(1, 2)?
                     .contiguous()
             };
@@ -246,35 +277,200 @@ impl Llama {
             let v = heads_of(layer.wv.forward(&h)?, kv_heads)?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            keys.slice_set(&k, 2, at)?;
-            values.slice_set(&v, 2, at)?;
-            let (k, v) = (keys.narrow(2, 0, len)?, values.narrow(2, 0, len)?);
-            // Each KV head serves `group` query heads: stack their rows.
-            let q = q.reshape((1, kv_heads, group * seq, head_dim))?;
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(mask) = &mask {
-                att = att
-                    .reshape((1, kv_heads, group, seq, len))?
-                    .broadcast_add(mask)?
-                    .reshape((1, kv_heads, group * seq, len))?;
+            let mut from = 0;
+            for Segment { tokens, cache } in batch.iter() {
+                let (seq, at) = (tokens.len(), cache.filled);
+                // This sequence's rows of the step (a view when it is the
+                // only one).
+                let rows = |t: &Tensor| t.narrow(2, from, seq)?.contiguous();
+                cache.keys[l].slice_set(&rows(&k)?, 2, at)?;
+                cache.values[l].slice_set(&rows(&v)?, 2, at)?;
+                from += seq;
             }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att
-                .matmul(&v)?
-                .reshape((1, heads, seq, head_dim))?
-                .transpose(1, 2)?
-                .reshape((1, seq, hidden))?;
+            // Single tokens (decode steps) attend in one fused pass; pieces
+            // of prompts through candle's products.
+            let fused = self.attend_tokens(&q, batch, l, total)?;
+            let mut ys = Vec::with_capacity(batch.len());
+            let mut from = 0;
+            for ((Segment { tokens, cache }, mask), fused) in batch.iter().zip(&masks).zip(fused) {
+                let (seq, at) = (tokens.len(), cache.filled);
+                let len = at + seq;
+                if let Some(y) = fused {
+                    ys.push(y);
+                    from += seq;
+                    continue;
+                }
+                let rows = |t: &Tensor| t.narrow(2, from, seq)?.contiguous();
+                let (keys, values) = (&cache.keys[l], &cache.values[l]);
+                let (k, v) = (keys.narrow(2, 0, len)?, values.narrow(2, 0, len)?);
+                // Each KV head serves `group` query heads: stack their rows.
+                let q = rows(&q)?.reshape((1, kv_heads, group * seq, head_dim))?;
+                let mut att = (q.matmul(&k.t()?)? * scale)?;
+                if let Some(mask) = mask {
+                    att = att
+                        .reshape((1, kv_heads, group, seq, len))?
+                        .broadcast_add(mask)?
+                        .reshape((1, kv_heads, group * seq, len))?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                ys.push(
+                    att.matmul(&v)?
+                        .reshape((1, heads, seq, head_dim))?
+                        .transpose(1, 2)?
+                        .reshape((1, seq, hidden))?,
+                );
+                from += seq;
+            }
+            let y = match ys.len() {
+                1 => ys.swap_remove(0),
+                _ => Tensor::cat(&ys, 1)?,
+            };
             x = (x + layer.wo.forward(&y)?)?;
             let h = layer.ffn_norm.forward(&x)?;
             let gated =
                 (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
-        cache.filled = len;
-        let last = x.narrow(1, seq - 1, 1)?;
-        let logits = self.output.forward(&self.norm.forward(&last)?)?;
-        logits.flatten_all()
+        for Segment { tokens, cache } in batch.iter_mut() {
+            cache.filled += tokens.len();
+        }
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = x.squeeze(0)?.index_select(&last, 0)?;
+        self.output.forward(&self.norm.forward(&x)?)
     }
+}
+
+impl Llama {
+    /// Attention for the segments that run a single token (decode steps),
+    /// fused into one pass over each one's cache in place of candle's two
+    /// products, scaling, softmax and copies: `[1, 1, hidden]` for each such
+    /// segment, `None` for the others (and for every one off the CPU).
+    /// `q` is the step's queries, `[1, heads, total, head_dim]`, and each
+    /// cache already holds the token's keys and values at `filled`. Every
+    /// (segment, head) is a task on candle's pool.
+    fn attend_tokens(
+        &self,
+        q: &Tensor,
+        batch: &[Segment<'_>],
+        layer: usize,
+        total: usize,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let Shape {
+            heads,
+            kv_heads,
+            head_dim,
+            hidden,
+            ..
+        } = self.shape;
+        let mut out = vec![None; batch.len()];
+        // (segment, its row in the step, positions it attends to)
+        let mut singles = Vec::new();
+        let mut row = 0;
+        for (i, s) in batch.iter().enumerate() {
+            if s.tokens.len() == 1 {
+                singles.push((i, row, s.cache.filled + 1));
+            }
+            row += s.tokens.len();
+        }
+        if singles.is_empty() || !self.device.is_cpu() {
+            return Ok(out);
+        }
+        let group = heads / kv_heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let q = cpu_f32(&q_storage, q_layout)?;
+        let guards: Vec<_> = singles
+            .iter()
+            .map(|&(i, ..)| {
+                let cache = &batch[i].cache;
+                (
+                    cache.keys[layer].storage_and_layout(),
+                    cache.values[layer].storage_and_layout(),
+                    cache.capacity(),
+                )
+            })
+            .collect();
+        let caches = guards
+            .iter()
+            .map(|((ks, kl), (vs, vl), capacity)| {
+                Ok((cpu_f32(ks, kl)?, cpu_f32(vs, vl)?, *capacity))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut y = vec![0f32; singles.len() * hidden];
+        // Task `s · heads + h` writes head `h` of single `s`.
+        let tasks: Vec<Mutex<&mut [f32]>> = y.chunks_mut(head_dim).map(Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+            let mut scores = Vec::new();
+            for task in range {
+                let (s, h) = (task / heads, task % heads);
+                let (_, row, len) = singles[s];
+                let (keys, values, capacity) = caches[s];
+                let at = (h / group) * capacity * head_dim;
+                let keys = &keys[at..at + len * head_dim];
+                let values = &values[at..at + len * head_dim];
+                let q = &q[(h * total + row) * head_dim..][..head_dim];
+                scores.clear();
+                scores.extend(keys.chunks_exact(head_dim).map(|k| dot(q, k) * scale));
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for p in scores.iter_mut() {
+                    *p = (*p - max).exp();
+                    sum += *p;
+                }
+                let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
+                out.fill(0.0);
+                for (p, v) in scores.iter().zip(values.chunks_exact(head_dim)) {
+                    let p = p / sum;
+                    for (o, v) in out.iter_mut().zip(v) {
+                        *o = v.mul_add(p, *o);
+                    }
+                }
+            }
+        });
+        drop(tasks);
+        let y = Tensor::from_vec(y, (1, singles.len(), hidden), &self.device)?;
+        for (n, &(i, ..)) in singles.iter().enumerate() {
+            out[i] = Some(y.narrow(1, n, 1)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor, from its first.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) if layout.is_contiguous() => {
+            Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..])
+        }
+        _ => Err(candle_core::Error::Msg(
+            "fused attention needs contiguous CPU tensors".into(),
+        )),
+    }
+}
+
+/// `Σ a_i b_i`, in eight independent lanes (which the compiler keeps in one
+/// vector register).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for i in 0..8 {
+            lanes[i] = a[i].mul_add(b[i], lanes[i]);
+        }
+    }
+    let rest = a.chunks_exact(8).remainder().iter();
+    let tail: f32 = rest
+        .zip(b.chunks_exact(8).remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// One sequence's part of a step of [`Llama::forward_batch`].
+pub struct Segment<'a> {
+    /// Tokens to run, at the cache's next positions.
+    pub tokens: &'a [u32],
+    /// The sequence's keys and values so far.
+    pub cache: &'a mut Cache,
 }
 
 /// `[seq, len]`: 0 where query `i` (at position `at + i`) may see key `j`,

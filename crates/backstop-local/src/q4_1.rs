@@ -25,6 +25,8 @@ const QK: usize = 32;
 const BLOCK_BYTES: usize = 20;
 /// Output columns per parallel task.
 const COLUMNS_PER_TASK: usize = 32;
+/// Activation rows a task takes at a time.
+const ROW_TILE: usize = 64;
 
 /// One Q4_1 block: value `i` is `d · q_i + m`, `q_i` the low nibbles of
 /// `qs` for `i < 16` and the high ones for the rest.
@@ -113,20 +115,16 @@ mod avx2 {
         ])
     }
 
-    /// One block's `d_w · d_x · Σ q_w q_x`, added to `acc` lane-wise.
+    /// A weight block's 32 values, 0..16 the low nibbles and 16..32 the
+    /// high ones, one per byte.
     #[target_feature(enable = "avx2,fma")]
-    fn block(w: &Block, xv: __m256i, dx: f32, acc: __m256) -> __m256 {
+    fn nibbles(w: &Block) -> __m256i {
         let packed = _mm_set_epi64x(u64_at(&w.qs, 8), u64_at(&w.qs, 0));
         let low = _mm_set1_epi8(0x0F);
-        // Values 0..16 are the low nibbles, 16..32 the high ones.
-        let wv = _mm256_set_m128i(
+        _mm256_set_m128i(
             _mm_and_si128(_mm_srli_epi16(packed, 4), low),
             _mm_and_si128(packed, low),
-        );
-        // u8 × i8 pairs summed to i16 (at most 2 · 15 · 127), then to i32.
-        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), _mm256_set1_epi16(1));
-        let scale = _mm256_set1_ps(w.d.to_f32() * dx);
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc)
+        )
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -137,24 +135,44 @@ mod avx2 {
         _mm_cvtss_f32(half)
     }
 
-    /// Weight rows `rows` against one activation row. Four rows go together:
-    /// four independent accumulator chains, and each activation block is
-    /// loaded once for all of them.
+    /// Weight rows `rows` against activation rows `xs`, `R × M` independent
+    /// accumulator chains: each weight block is unpacked once for all the
+    /// activation rows, and each activation block loaded once for all the
+    /// weight rows.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_rows<const R: usize>(rows: [&[Block]; R], x: &[Q8]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
-        for (b, x) in x.iter().enumerate() {
-            let xv = _mm256_set_epi64x(x.packed[3], x.packed[2], x.packed[1], x.packed[0]);
+    pub(super) fn dot_tile<const R: usize, const M: usize>(
+        rows: [&[Block]; R],
+        xs: [&[Q8]; M],
+    ) -> [[f32; R]; M] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); R]; M];
+        let mut mins = [[0f32; R]; M];
+        let mut xv = [_mm256_setzero_si256(); M];
+        for b in 0..xs[0].len() {
+            for i in 0..M {
+                let p = &xs[i][b].packed;
+                xv[i] = _mm256_set_epi64x(p[3], p[2], p[1], p[0]);
+            }
             for r in 0..R {
                 let w = &rows[r][b];
-                acc[r] = block(w, xv, x.d, acc[r]);
-                mins[r] += w.m.to_f32() * x.sum;
+                let wv = nibbles(w);
+                let (d, m) = (w.d.to_f32(), w.m.to_f32());
+                for i in 0..M {
+                    let x = &xs[i][b];
+                    // u8 × i8 pairs summed to i16 (at most 2 · 15 · 127),
+                    // then to i32.
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[i]), ones);
+                    let scale = _mm256_set1_ps(d * x.d);
+                    acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i][r]);
+                    mins[i][r] += m * x.sum;
+                }
             }
         }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = total(acc[r]) + mins[r];
+        let mut out = [[0f32; R]; M];
+        for i in 0..M {
+            for r in 0..R {
+                out[i][r] = total(acc[i][r]) + mins[i][r];
+            }
         }
         out
     }
@@ -172,19 +190,25 @@ fn has_avx2() -> bool {
     }
 }
 
-/// Weight rows against one activation row, on the best path the CPU has.
+/// Weight rows against activation rows, on the best path the CPU has:
+/// `out[i][r]` is row `r` of the weights times activation row `i`.
 #[inline]
-fn dot<const R: usize>(rows: [&[Block]; R], x: &[Q8], avx2: bool) -> [f32; R] {
+fn dot<const R: usize, const M: usize>(
+    rows: [&[Block]; R],
+    xs: [&[Q8]; M],
+    avx2: bool,
+) -> [[f32; R]; M] {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: `avx2` is true only when the CPU was found to have AVX2 and
-        // FMA (`has_avx2`), the features `avx2::dot_rows` enables; it reads
-        // nothing but its slices, each as long as `x` (checked by the caller).
+        // FMA (`has_avx2`), the features `avx2::dot_tile` enables; it reads
+        // nothing but its slices, each as long as the first of `xs` (checked
+        // by the caller).
         #[allow(unsafe_code)]
-        return unsafe { avx2::dot_rows(rows, x) };
+        return unsafe { avx2::dot_tile(rows, xs) };
     }
     let _ = avx2;
-    rows.map(|w| dot_row(w, x))
+    xs.map(|x| rows.map(|w| dot_row(w, x)))
 }
 
 /// Q4_1 weights whose product with f32 activations is fast.
@@ -256,47 +280,75 @@ impl QuantizedType for FastQ4_1 {
         let per_row = k / QK;
         let avx2 = has_avx2();
         let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
-        // One task per run of columns of one row; each task's output slice
-        // is behind its own (never contended) lock, so workers write disjoint
-        // parts of `dst` without sharing it mutably.
-        let per_row_tasks = n.div_ceil(COLUMNS_PER_TASK);
-        let tasks: Vec<Mutex<&mut [f32]>> = dst
-            .chunks_exact_mut(n)
-            .take(m)
-            .flat_map(|row| row.chunks_mut(COLUMNS_PER_TASK))
+        // One task per run of output columns, for every activation row: the
+        // weights of four columns are read from memory once and stay in the
+        // first-level cache while each row is multiplied by them, so rows
+        // (a prompt's tokens, or a batch's sequences) share the weight reads.
+        // A task writes its columns of every row into its own part of
+        // `out`, behind its own (never contended) lock, which is `dst`
+        // itself for a single row, and laid out per task otherwise.
+        let mut scratch = Vec::new();
+        let out: &mut [f32] = if m == 1 {
+            &mut dst[..n]
+        } else {
+            scratch.resize(m * n, 0.0);
+            &mut scratch
+        };
+        let tasks: Vec<Mutex<&mut [f32]>> = out
+            .chunks_mut(m * COLUMNS_PER_TASK)
             .map(Mutex::new)
             .collect();
         candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
             for task in range {
-                let (row, first) = (
-                    task / per_row_tasks,
-                    (task % per_row_tasks) * COLUMNS_PER_TASK,
-                );
-                let x = &x[row * per_row..(row + 1) * per_row];
+                let first = task * COLUMNS_PER_TASK;
+                let cols = COLUMNS_PER_TASK.min(n - first);
                 let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
-                let row_of = |col: usize| &self.blocks[col * per_row..(col + 1) * per_row];
-                let mut quads = out.chunks_exact_mut(4);
-                let mut col = first;
-                for o in &mut quads {
-                    let [a, b, c, d] = dot(
-                        [
-                            row_of(col),
-                            row_of(col + 1),
-                            row_of(col + 2),
-                            row_of(col + 3),
-                        ],
-                        x,
-                        avx2,
-                    );
-                    o.copy_from_slice(&[a, b, c, d]);
-                    col += 4;
-                }
-                for o in quads.into_remainder() {
-                    [*o] = dot([row_of(col)], x, avx2);
-                    col += 1;
+                let column = |col: usize| &self.blocks[col * per_row..(col + 1) * per_row];
+                let x = |row: usize| &x[row * per_row..(row + 1) * per_row];
+                // Four weight columns at a time against two activation rows
+                // at a time, then the rows and columns left over; the rows
+                // in tiles, so that a long prompt's activations stay in the
+                // second-level cache while the task's columns pass over them.
+                for tile in (0..m).step_by(ROW_TILE) {
+                    let rows = tile..m.min(tile + ROW_TILE);
+                    let mut quad = 0;
+                    while quad < cols {
+                        let c = first + quad;
+                        if quad + 4 <= cols {
+                            let weights = [column(c), column(c + 1), column(c + 2), column(c + 3)];
+                            let mut row = rows.start;
+                            while row + 2 <= rows.end {
+                                let [a, b] = dot(weights, [x(row), x(row + 1)], avx2);
+                                out[row * cols + quad..][..4].copy_from_slice(&a);
+                                out[(row + 1) * cols + quad..][..4].copy_from_slice(&b);
+                                row += 2;
+                            }
+                            if row < rows.end {
+                                let [a] = dot(weights, [x(row)], avx2);
+                                out[row * cols + quad..][..4].copy_from_slice(&a);
+                            }
+                            quad += 4;
+                        } else {
+                            for row in rows.clone() {
+                                [[out[row * cols + quad]]] = dot([column(c)], [x(row)], avx2);
+                            }
+                            quad += 1;
+                        }
+                    }
                 }
             }
         });
+        drop(tasks);
+        if m > 1 {
+            // From per-task runs of `[row][column]` to `[row][n]`.
+            for (task, run) in scratch.chunks(m * COLUMNS_PER_TASK).enumerate() {
+                let first = task * COLUMNS_PER_TASK;
+                let cols = run.len() / m;
+                for (row, values) in run.chunks_exact(cols).enumerate() {
+                    dst[row * n + first..row * n + first + cols].copy_from_slice(values);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -388,7 +440,7 @@ mod tests {
 
     #[test]
     fn the_fast_product_matches_candles_q4_1_product() {
-        let (m, k, n) = (3, 576, 200);
+        let (m, k, n) = (3, 576, 202);
         let dev = Device::Cpu;
         let w = Tensor::from_vec(values(n * k, 7), (n, k), &dev).unwrap();
         let x = Tensor::from_vec(values(m * k, 11), (m, k), &dev).unwrap();

@@ -382,7 +382,7 @@ async fn a_long_conversation_drops_its_oldest_turns_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_at_once_and_a_gone_client_frees_its_slot() {
     let mut cfg = config();
-    cfg.workers = 1;
+    cfg.batch = 1;
     cfg.queue = 1;
     let backend = ready(cfg).await;
     let long = || {
@@ -393,7 +393,7 @@ async fn a_full_queue_answers_429_at_once_and_a_gone_client_frees_its_slot() {
         r.chat.stream = Some(true);
         r
     };
-    // The first occupies the engine thread; the second waits in the queue.
+    // The first takes the batch's one place; the second waits in the queue.
     let first = backend.stream(&long()).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let waiting = {
@@ -538,4 +538,138 @@ fn our_forward_pass_stays_as_close_to_f32_as_candles() {
         "ours {ours_worst}, candle's {candle_worst}"
     );
     eprintln!("largest logit error against f32: ours {ours_worst}, candle's {candle_worst}");
+}
+
+/// The largest difference between two logit vectors, as a fraction of the
+/// largest logit of the second.
+fn logit_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+        / scale
+}
+
+/// A batched step gives each sequence the logits it gets alone, whatever the
+/// mix: a prompt next to another prompt's first piece, then a decode token
+/// next to the rest of that prompt, at different positions.
+#[test]
+fn batched_steps_give_each_sequence_the_logits_it_gets_alone() {
+    use backstop_local::llama::Segment;
+
+    let llama = &model().llama;
+    let a = tokenizer().encode("The capital of France is").unwrap();
+    let b = tokenizer()
+        .encode("Write a long story about a dragon who learns to sail.")
+        .unwrap();
+    let vec = |t: candle_core::Tensor| t.to_vec1::<f32>().unwrap();
+    let (mut a_alone, mut b_alone) = (llama.cache(64).unwrap(), llama.cache(64).unwrap());
+    let a_prompt = vec(llama.forward(&a, &mut a_alone).unwrap());
+    llama.forward(&b[..5], &mut b_alone).unwrap();
+    let b_prompt = vec(llama.forward(&b[5..], &mut b_alone).unwrap());
+    let a_next = vec(llama.forward(&[42], &mut a_alone).unwrap());
+
+    let (mut a_cache, mut b_cache) = (llama.cache(64).unwrap(), llama.cache(64).unwrap());
+    let first = llama
+        .forward_batch(&mut [
+            Segment {
+                tokens: &a,
+                cache: &mut a_cache,
+            },
+            Segment {
+                tokens: &b[..5],
+                cache: &mut b_cache,
+            },
+        ])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let second = llama
+        .forward_batch(&mut [
+            Segment {
+                tokens: &[42],
+                cache: &mut a_cache,
+            },
+            Segment {
+                tokens: &b[5..],
+                cache: &mut b_cache,
+            },
+        ])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (got, want) in [
+        (&first[0], &a_prompt),
+        (&second[0], &a_next),
+        (&second[1], &b_prompt),
+    ] {
+        let off = logit_error(got, want);
+        assert!(off <= 1e-5, "off by {off}");
+    }
+}
+
+/// A prompt run in pieces, as the engine runs a long one beside other
+/// sequences, gives the logits of the whole prompt run at once: within f32
+/// rounding on the f32 reference, and within the quantized model's stated
+/// tolerance (its activations are rounded to 8 bits, so a last-bit
+/// difference can move a value by a step).
+#[test]
+fn a_prompt_run_in_pieces_gives_the_logits_of_the_whole() {
+    use backstop_local::llama::{Llama, Precision};
+    use candle_core::quantized::gguf_file;
+
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let exact = Llama::from_gguf(
+        &content,
+        &mut file,
+        &candle_core::Device::Cpu,
+        Precision::F32,
+    )
+    .unwrap();
+    let prompt = tokenizer()
+        .encode("Write a long story about a dragon who learns to sail.")
+        .unwrap();
+    for (llama, tolerance) in [(&exact, 1e-5), (&model().llama, 0.1)] {
+        let mut whole = llama.cache(64).unwrap();
+        let want = llama
+            .forward(&prompt, &mut whole)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for split in 1..prompt.len() {
+            let mut pieces = llama.cache(64).unwrap();
+            llama.forward(&prompt[..split], &mut pieces).unwrap();
+            let got = llama
+                .forward(&prompt[split..], &mut pieces)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let off = logit_error(&got, &want);
+            assert!(off <= tolerance, "split at {split}: off by {off}");
+        }
+    }
+}
+
+/// Sequences answered together in one batch answer exactly what each
+/// answers alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_answers_are_the_ones_each_gets_alone() {
+    let backend = shared().await;
+    let questions = [
+        "What is 2+2?",
+        "Name three colours.",
+        "Write a long story about a dragon who learns to sail.",
+        "What is the capital of France?",
+    ];
+    let reqs: Vec<Request> = questions
+        .iter()
+        .map(|q| ask(q, json!({"max_tokens": 24})))
+        .collect();
+    let mut alone = Vec::new();
+    for req in &reqs {
+        alone.push(answer(backend, req).await);
+    }
+    let together = futures_util::future::join_all(reqs.iter().map(|r| answer(backend, r))).await;
+    assert_eq!(together, alone);
 }

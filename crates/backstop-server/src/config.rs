@@ -147,7 +147,7 @@ struct RawLocal {
     name: Option<String>,
     model: Option<PathBuf>,
     tokenizer: Option<PathBuf>,
-    workers: Option<usize>,
+    batch: Option<usize>,
     queue: Option<usize>,
     context: Option<usize>,
     retry: Option<RawRetry>,
@@ -799,7 +799,7 @@ fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
         local.target = target;
     }
     local.tokenizer = raw.tokenizer;
-    local.workers = count(raw.workers, "local.workers", local.workers)?;
+    local.batch = count(raw.batch, "local.batch", local.batch)?;
     local.queue = count(raw.queue, "local.queue", local.queue)?;
     match raw.context {
         Some(n) if n < 16 => return Err(invalid("local.context", "must be at least 16 tokens")),

@@ -48,6 +48,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    backstop_local::settle_thread_count();
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { path }) = &cli.command {
         return match Config::load(path, env) {

@@ -46,8 +46,8 @@ fn the_documented_local_section_is_valid_once_uncommented() {
     let local = config.local.unwrap();
     assert_eq!(local.model, Path::new(DEFAULT_MODEL));
     assert_eq!(
-        (local.workers, local.queue, local.context),
-        (1, 16, Some(4096))
+        (local.batch, local.queue, local.context),
+        (4, 16, Some(4096))
     );
 }
 
@@ -119,13 +119,10 @@ fn no_key_means_offline_with_the_local_model() {
 #[test]
 fn a_local_section_joins_the_chain_last_and_is_checked() {
     let text = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n\
-                [local]\nmodel = \"m.gguf\"\nname = \"tiny\"\nworkers = 2\nqueue = 4\ncontext = 512\n";
+                [local]\nmodel = \"m.gguf\"\nname = \"tiny\"\nbatch = 2\nqueue = 4\ncontext = 512\n";
     let config = Config::parse(text, env).unwrap();
     let local = config.local.as_ref().unwrap();
-    assert_eq!(
-        (local.workers, local.queue, local.context),
-        (2, 4, Some(512))
-    );
+    assert_eq!((local.batch, local.queue, local.context), (2, 4, Some(512)));
     assert_eq!(chains(&config)[0].1, vec!["a", "local"]);
     let e = parse_err("[local]\nqueue = 0\n");
     assert!(e.starts_with("local.queue:"), "{e}");
