@@ -1,11 +1,14 @@
 //! The local model's speed on this machine, for side-by-side comparison with
 //! llama.cpp's `llama-bench` on the same GGUF file (see `local.sh`).
 //!
-//! Usage: bench-local MODEL_GGUF
+//! Usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
 //!
-//! Prints time to ready, prompt and decode tokens/s for one sequence and the
-//! aggregate decode rate of four concurrent ones, peak RSS, and the
-//! memory-bandwidth bound on decode (read bandwidth / model file size).
+//! Prints total prompt and decode tokens/s of 1, 2 and 4 concurrent
+//! sequences (PROMPT_TOKENS of prompt and DECODE_TOKENS of answer each, by
+//! default 64 and 128, as `llama-batched-bench -npp 64 -ntg 128 -npl 1,2,4`),
+//! time to first token for a TTFT_TOKENS prompt (default 512), time to a
+//! loaded model, peak RSS, and the memory-bandwidth bound on decode (read
+//! bandwidth of two threads over the model file's size).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,62 +31,118 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// Read bandwidth in bytes/s: summing a buffer far larger than the caches.
-fn read_bandwidth() -> f64 {
-    let words = 64 << 20; // 512 MiB of u64
+/// Read bandwidth in bytes/s of `threads` threads, each summing its part of
+/// a buffer far larger than the caches.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words: usize = 64 << 20; // 512 MiB of u64
     let buf: Vec<u64> = (0..words as u64).collect();
     let mut best = f64::MAX;
-    let mut sink = 0u64;
     for _ in 0..5 {
         let t = Instant::now();
-        sink = sink.wrapping_add(buf.iter().fold(0u64, |a, b| a.wrapping_add(*b)));
+        std::thread::scope(|s| {
+            for part in buf.chunks(words.div_ceil(threads)) {
+                s.spawn(|| std::hint::black_box(part.iter().fold(0u64, |a, b| a.wrapping_add(*b))));
+            }
+        });
         best = best.min(t.elapsed().as_secs_f64());
     }
-    std::hint::black_box(sink);
     (words * 8) as f64 / best
 }
 
-fn request(body: serde_json::Value) -> anyhow::Result<Request> {
-    Request::parse_chat(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))
+/// One streamed answer's timing.
+struct Timed {
+    /// When each piece of text came (a piece is a token, but for the rare
+    /// one held back to complete a character).
+    pieces: Vec<Instant>,
+    /// Prompt tokens.
+    prompt: u64,
 }
 
-/// Streams one answer; returns (prompt-phase seconds, decode tokens, decode seconds).
-async fn timed_stream(backend: &LocalBackend, req: &Request) -> anyhow::Result<(f64, u64, f64)> {
-    let started = Instant::now();
+/// Streams one answer to its end.
+async fn timed_stream(backend: &LocalBackend, req: &Request) -> anyhow::Result<Timed> {
     let mut body = backend
         .stream(req)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .body;
-    let (mut first, mut last, mut tokens) = (None, started, 0u64);
+    let (mut pieces, mut usage) = (Vec::new(), None);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let now = Instant::now();
         if chunk
             .choices
             .iter()
             .any(|c| c.delta.content.as_deref().is_some_and(|t| !t.is_empty()))
         {
-            first.get_or_insert(now);
-            last = now;
+            pieces.push(Instant::now());
         }
-        if let Some(u) = chunk.usage {
-            tokens = u.completion_tokens;
-        }
+        usage = usage.or(chunk.usage);
     }
-    let first = first.context("no text came")?;
+    let usage = usage.context("no usage came")?;
+    if pieces.is_empty() {
+        bail!("no text came");
+    }
+    Ok(Timed {
+        pieces,
+        prompt: usage.prompt_tokens,
+    })
+}
+
+/// A raw-text request whose prompt is `tokens` tokens long (for both
+/// vocabularies we ship: one word is one token) and whose answer is
+/// `max_tokens` long, sampled so that no end of text cuts it short.
+fn prompt_of(tokens: usize, max_tokens: usize, seed: usize) -> anyhow::Result<Request> {
+    let words: Vec<String> = (0..tokens)
+        .map(|i| ["the", "cat", "sat", "on", "a", "mat"][(i + seed) % 6].into())
+        .collect();
+    let body = serde_json::json!({"model": "m", "prompt": words.join(" "), "max_tokens": max_tokens,
+        "stream": true, "stream_options": {"include_usage": true}, "temperature": 0});
+    Request::parse_legacy(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `n` answers at once: total prompt tokens/s (all prompts, from the start
+/// to the last sequence's first token) and total decode tokens/s (from then
+/// to the last token, the tokens that came in between), as
+/// `llama-batched-bench` counts them.
+async fn concurrent(
+    backend: &LocalBackend,
+    n: usize,
+    prompt: usize,
+    decode: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let reqs: Vec<Request> = (0..n)
+        .map(|i| prompt_of(prompt, decode + 1, i))
+        .collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    let results =
+        futures_util::future::join_all(reqs.iter().map(|r| timed_stream(backend, r))).await;
+    let results: Vec<Timed> = results.into_iter().collect::<anyhow::Result<_>>()?;
+    let prompt_tokens: u64 = results.iter().map(|t| t.prompt).sum();
+    let all_started = results
+        .iter()
+        .map(|t| t.pieces[0])
+        .max()
+        .context("no answers")?;
+    let pieces = results.iter().flat_map(|t| &t.pieces);
+    let end = pieces.clone().max().context("no answers")?;
+    let decoded = pieces.filter(|at| **at > all_started).count();
     Ok((
-        (first - started).as_secs_f64(),
-        tokens.saturating_sub(1),
-        (last - first).as_secs_f64(),
+        prompt_tokens as f64 / (all_started - started).as_secs_f64(),
+        decoded as f64 / (*end - all_started).as_secs_f64(),
     ))
 }
 
 fn main() -> anyhow::Result<()> {
-    let model: PathBuf = std::env::args()
-        .nth(1)
-        .context("usage: bench-local MODEL_GGUF")?
+    backstop_local::settle_thread_count();
+    let mut args = std::env::args().skip(1);
+    let model: PathBuf = args
+        .next()
+        .context("usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]")?
         .into();
+    let mut number = |default: usize| -> anyhow::Result<usize> {
+        args.next()
+            .map_or(Ok(default), |a| a.parse().context("a token count"))
+    };
+    let (prompt, decode, ttft_tokens) = (number(64)?, number(128)?, number(512)?);
     if !model.exists() {
         bail!("{} is missing: run models/fetch", model.display());
     }
@@ -98,49 +157,26 @@ fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let ready = started.elapsed().as_secs_f64();
-
-        // Prompt processing: a 64-token prompt, answered with one token.
-        let words: Vec<String> = (0..64).map(|i| format!("w{i}")).collect();
-        let mut pp = 0.0f64;
-        for _ in 0..3 {
-            let req = Request::parse_legacy(
-                serde_json::json!({"model": "m", "prompt": words.join(" "), "max_tokens": 1,
-                                   "temperature": 0})
-                .to_string()
-                .as_bytes(),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let t = Instant::now();
-            let reply = backend.complete(&req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let n = reply.body.usage.map_or(0, |u| u.prompt_tokens) as f64;
-            pp = pp.max(n / t.elapsed().as_secs_f64());
-        }
-
-        let long = |seed: i64| {
-            request(serde_json::json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
-                "max_tokens": 128, "temperature": 0.8, "seed": seed,
-                "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to sail."}]}))
-        };
-        let (_, n, secs) = timed_stream(&backend, &long(1)?).await?;
-        let decode1 = n as f64 / secs;
+        // Warm up: the first pass pages every weight in.
+        concurrent(&backend, 1, 8, 2).await?;
 
         let t = Instant::now();
-        let reqs: Vec<Request> = (2..6).map(long).collect::<anyhow::Result<_>>()?;
-        let results = futures_util::future::join_all(reqs.iter().map(|r| timed_stream(&backend, r))).await;
-        let total: u64 = results.iter().filter_map(|r| r.as_ref().ok()).map(|(_, n, _)| n + 1).sum();
-        let decode4 = total as f64 / t.elapsed().as_secs_f64();
+        let one = timed_stream(&backend, &prompt_of(ttft_tokens, 1, 0)?).await?;
+        let ttft = (one.pieces[0] - t).as_secs_f64();
 
-        // Read the peak before the bandwidth test's own buffer raises it.
-        let peak = peak_rss_mib();
-        let bound = read_bandwidth() / model_bytes;
-        println!("| engine | ready (s) | prompt tok/s | decode tok/s (1 seq) | decode tok/s (4 seqs, total) | peak RSS (MiB) |");
-        println!("|---|---|---|---|---|---|");
-        println!(
-            "| backstop (candle) | {ready:.2} | {pp:.1} | {decode1:.1} | {decode4:.1} | {peak:.0} |"
-        );
+        println!("| sequences | prompt tok/s (total) | decode tok/s (total) |");
+        println!("|---|---|---|");
+        for n in [1, 2, 4] {
+            let (pp, tg) = concurrent(&backend, n, prompt, decode).await?;
+            println!("| {n} | {pp:.1} | {tg:.1} |");
+        }
         println!();
-        println!("memory-bandwidth bound on decode: {bound:.0} tok/s ({:.1} GB/s read, {:.1} MB of weights)",
-            bound * model_bytes / 1e9, model_bytes / 1e6);
+        let peak = peak_rss_mib();
+        let bandwidth = read_bandwidth(2);
+        println!("ready in {ready:.2} s; time to first token for a {} token prompt: {ttft:.2} s; peak RSS {peak:.0} MiB",
+            one.prompt);
+        println!("memory-bandwidth bound on decode: {:.1} tok/s ({:.1} GB/s read by 2 threads, {:.1} MB of weights)",
+            bandwidth / model_bytes, bandwidth / 1e9, model_bytes / 1e6);
         Ok(())
     })
 }
