@@ -13,7 +13,7 @@
 
 use candle_core::quantized::k_quants::{self, BlockQ4K};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor, D};
 
 use crate::llama::Precision;
 use crate::q4_1::FastQ4_1;
@@ -91,6 +91,59 @@ fn q4k_blocks(bytes: &[u8]) -> Result<&[BlockQ4K]> {
     #[allow(unsafe_code)]
     let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size) };
     Ok(blocks)
+}
+
+/// Matrices that multiply the same input (a layer's query, key and value
+/// projections; its gate and up projections): stacked into one matrix when
+/// their format allows, so the input is quantized once and the product is
+/// one hand-off to the worker pool instead of several.
+pub enum Parallel {
+    /// One matrix, and the width of each part's output in it.
+    Stacked(Linear, Vec<usize>),
+    /// Each apart.
+    Apart(Vec<Linear>),
+}
+
+impl Parallel {
+    /// The matrices from a file's tensors, as [`Linear::new`] takes them.
+    pub fn new(tensors: Vec<QTensor>, device: &Device, precision: Precision) -> Result<Self> {
+        if precision == Precision::Quantized {
+            if let Some(stacked) = FastQ4_1::stack(&tensors)? {
+                let widths = tensors
+                    .iter()
+                    .map(|t| t.shape().dims2().map(|(n, _)| n))
+                    .collect::<Result<_>>()?;
+                return Ok(Parallel::Stacked(
+                    Linear(QMatMul::from_qtensor(stacked)?),
+                    widths,
+                ));
+            }
+        }
+        tensors
+            .into_iter()
+            .map(|t| Linear::new(t, device, precision))
+            .collect::<Result<_>>()
+            .map(Parallel::Apart)
+    }
+
+    /// Each matrix's `x · Wᵀ`, in order.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Parallel::Stacked(linear, widths) => {
+                let y = linear.forward(x)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&width| {
+                        let part = y.narrow(D::Minus1, at, width);
+                        at += width;
+                        part
+                    })
+                    .collect()
+            }
+            Parallel::Apart(linears) => linears.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{DType, Device, Layout, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use crate::linear::Linear;
+use crate::linear::{Linear, Parallel};
 
 /// The model's shape, from the GGUF metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +49,12 @@ pub struct Shape {
 
 struct Layer {
     attn_norm: RmsNorm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Query, key and value projections.
+    qkv: Parallel,
     wo: Linear,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up projections.
+    gate_up: Parallel,
     down: Linear,
 }
 
@@ -112,6 +111,13 @@ fn matmul(
     Linear::new(ct.tensor(reader, name, device)?, device, precision)
 }
 
+/// The outputs of a [`Parallel`], as an array.
+fn parts<const N: usize>(outputs: Vec<Tensor>) -> Result<[Tensor; N]> {
+    outputs
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("expected {N} projections")))
+}
+
 fn metadata(ct: &gguf_file::Content, key: &str) -> Option<u32> {
     ct.metadata.get(key).and_then(|v| v.to_u32().ok())
 }
@@ -125,6 +131,13 @@ impl Llama {
         precision: Precision,
     ) -> Result<Self> {
         let matmul = |reader: &mut _, name: &str| matmul(ct, reader, name, device, precision);
+        let parallel = |reader: &mut _, names: &[&str]| -> Result<Parallel> {
+            let tensors = names
+                .iter()
+                .map(|name| ct.tensor(reader, name, device))
+                .collect::<Result<_>>()?;
+            Parallel::new(tensors, device, precision)
+        };
         let need = |key: &str| {
             metadata(ct, key)
                 .map(|v| v as usize)
@@ -172,13 +185,23 @@ impl Llama {
             let p = format!("blk.{i}");
             layers.push(Layer {
                 attn_norm: norm(reader, &format!("{p}.attn_norm.weight"))?,
-                wq: matmul(reader, &format!("{p}.attn_q.weight"))?,
-                wk: matmul(reader, &format!("{p}.attn_k.weight"))?,
-                wv: matmul(reader, &format!("{p}.attn_v.weight"))?,
+                qkv: parallel(
+                    reader,
+                    &[
+                        &format!("{p}.attn_q.weight"),
+                        &format!("{p}.attn_k.weight"),
+                        &format!("{p}.attn_v.weight"),
+                    ],
+                )?,
                 wo: matmul(reader, &format!("{p}.attn_output.weight"))?,
                 ffn_norm: norm(reader, &format!("{p}.ffn_norm.weight"))?,
-                gate: matmul(reader, &format!("{p}.ffn_gate.weight"))?,
-                up: matmul(reader, &format!("{p}.ffn_up.weight"))?,
+                gate_up: parallel(
+                    reader,
+                    &[
+                        &format!("{p}.ffn_gate.weight"),
+                        &format!("{p}.ffn_up.weight"),
+                    ],
+                )?,
                 down: matmul(reader, &format!("{p}.ffn_down.weight"))?,
             });
         }
@@ -272,9 +295,10 @@ impl Llama {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = heads_of(layer.wq.forward(&h)?, heads)?;
-            let k = heads_of(layer.wk.forward(&h)?, kv_heads)?;
-            let v = heads_of(layer.wv.forward(&h)?, kv_heads)?;
+            let [q, k, v] = parts(layer.qkv.forward(&h)?)?;
+            let q = heads_of(q, heads)?;
+            let k = heads_of(k, kv_heads)?;
+            let v = heads_of(v, kv_heads)?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             let mut from = 0;
@@ -327,8 +351,8 @@ impl Llama {
             };
             x = (x + layer.wo.forward(&y)?)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let [gate, up] = parts(layer.gate_up.forward(&h)?)?;
+            let gated = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
         for Segment { tokens, cache } in batch.iter_mut() {

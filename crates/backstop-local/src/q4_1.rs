@@ -235,6 +235,34 @@ impl FastQ4_1 {
         FastQ4_1 { blocks }
     }
 
+    /// Q4_1 CPU matrices with the same input width, stacked into one (their
+    /// rows one after the other) with the fast product; `None` when they
+    /// are not all such.
+    pub fn stack(tensors: &[QTensor]) -> Result<Option<QTensor>> {
+        let mut rows = 0;
+        let mut width = None;
+        for t in tensors {
+            let (n, k) = t.shape().dims2()?;
+            if t.dtype() != GgmlDType::Q4_1
+                || !matches!(t.device(), Device::Cpu)
+                || width.is_some_and(|w| w != k)
+            {
+                return Ok(None);
+            }
+            width = Some(k);
+            rows += n;
+        }
+        let Some(width) = width else {
+            return Ok(None);
+        };
+        let mut blocks = Vec::new();
+        for t in tensors {
+            blocks.extend(FastQ4_1::from_bytes(&t.data()?).blocks);
+        }
+        let fast = FastQ4_1 { blocks };
+        QTensor::new(QStorage::Cpu(Box::new(fast)), (rows, width)).map(Some)
+    }
+
     /// A Q4_1 CPU tensor with the fast product; other tensors as they are.
     pub fn adopt(tensor: QTensor) -> Result<QTensor> {
         if tensor.dtype() != GgmlDType::Q4_1 || !matches!(tensor.device(), Device::Cpu) {
