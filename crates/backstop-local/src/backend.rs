@@ -51,7 +51,11 @@ impl LocalBackend {
     }
 
     /// The job for a request, or why the local model cannot take it.
-    fn job(&self, req: &Request, events: mpsc::Sender<Event>) -> Result<Job, BackendError> {
+    fn job(
+        &self,
+        req: &Request,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Job, BackendError> {
         let chat = &req.chat;
         if chat.n.unwrap_or(1) > 1 {
             return Err(invalid(
@@ -119,8 +123,8 @@ impl LocalBackend {
     async fn start_job(
         &self,
         req: &Request,
-    ) -> Result<(mpsc::Receiver<Event>, Headers), BackendError> {
-        let (tx, mut rx) = mpsc::channel(64);
+    ) -> Result<(mpsc::UnboundedReceiver<Event>, Headers), BackendError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
         self.engine.submit(self.job(req, tx)?)?;
         match rx.recv().await {
             Some(Event::Started { dropped_turns }) => {
@@ -183,7 +187,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
 
 /// The stream's state: the event source and what is left to send.
 struct LocalStream {
-    events: mpsc::Receiver<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
     maker: ChunkMaker,
     include_usage: bool,
     pending_usage: Option<Usage>,

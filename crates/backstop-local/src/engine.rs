@@ -49,7 +49,7 @@ impl Engine {
                     let message = format!("the local model is not available: {e}");
                     while let Ok(job) = jobs.recv() {
                         let err = BackendError::new(FailureKind::ServerError, message.clone());
-                        let _ = job.events.blocking_send(Event::Failed(err));
+                        let _ = job.events.send(Event::Failed(err));
                     }
                 }
             });

@@ -74,8 +74,11 @@ pub struct Job {
     pub prefill: String,
     /// How.
     pub params: Params,
-    /// Where events go; when the receiver is gone the job stops.
-    pub events: mpsc::Sender<Event>,
+    /// Where events go; when the receiver is gone the job stops. Unbounded:
+    /// the engine steps every sequence together and must never wait for
+    /// one client that reads slowly (an answer is at most a context's
+    /// worth of small pieces).
+    pub events: mpsc::UnboundedSender<Event>,
 }
 
 fn failed(kind: FailureKind, message: String) -> Event {
@@ -103,6 +106,14 @@ fn fit_prompt(
     let mut turns = match prompt {
         Prompt::Raw(text) => {
             let ids = encode(&format!("{text}{prefill}"))?;
+            if ids.is_empty() {
+                let mut e = BackendError::new(
+                    FailureKind::ClientError,
+                    "`prompt` is empty: the local model needs text to continue",
+                );
+                e.status = Some(400);
+                return Err(Event::Failed(e));
+            }
             return if ids.len() <= limit {
                 Ok((ids, 0))
             } else {
@@ -209,7 +220,7 @@ enum Step {
 /// runs its [`Sequence::segment`] in each step and hands it the step's
 /// logits.
 pub struct Sequence {
-    events: mpsc::Sender<Event>,
+    events: mpsc::UnboundedSender<Event>,
     params: Params,
     sampler: LogitsProcessor,
     /// Prefill tokens, counted as answer rather than prompt.
@@ -244,7 +255,7 @@ impl Sequence {
             text => model.tokenizer.encode(text).map_or(0, |ids| ids.len()),
         };
         let fail = |event: Event| {
-            let _ = events.blocking_send(event);
+            let _ = events.send(event);
             None
         };
         let (ids, dropped_turns) = match fit_prompt(model, &prompt, &prefill) {
@@ -270,10 +281,7 @@ impl Sequence {
                 Err(e) => return fail(model_failure(e)),
             },
         };
-        if events
-            .blocking_send(Event::Started { dropped_turns })
-            .is_err()
-        {
+        if events.send(Event::Started { dropped_turns }).is_err() {
             free.push(cache);
             return None;
         }
@@ -299,7 +307,9 @@ impl Sequence {
             self.feeding = (self.prompt.len() - self.fed).min(limit.max(1));
             &self.prompt[self.fed..self.fed + self.feeding]
         } else {
-            let last = self.generated.len() - 1;
+            // A sequence goes on only with a token to feed (a prompt is
+            // never empty), so this is its last one.
+            let last = self.generated.len().saturating_sub(1);
             &self.generated[last..]
         };
         Segment {
@@ -355,7 +365,7 @@ impl Sequence {
             },
             other => other,
         };
-        self.events.blocking_send(event).is_ok()
+        self.events.send(event).is_ok()
     }
 
     fn text(&self, model: &LoadedModel) -> Result<String, Event> {

@@ -436,6 +436,11 @@ async fn legacy_prompts_are_continued_as_raw_text() {
     let (text, finish, n) = answer(backend, &req).await;
     assert_eq!((finish.as_str(), n), ("length", 5));
     assert!(!text.is_empty());
+    // Nothing to continue is the client's mistake, and the engine goes on.
+    let empty = Request::parse_legacy(br#"{"model":"local","prompt":"","max_tokens":5}"#).unwrap();
+    let e = backend.complete(&empty).await.unwrap_err();
+    assert_eq!((e.kind, e.http_status()), (FailureKind::ClientError, 400));
+    assert_eq!(answer(backend, &req).await.2, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,4 +677,23 @@ async fn concurrent_answers_are_the_ones_each_gets_alone() {
     }
     let together = futures_util::future::join_all(reqs.iter().map(|r| answer(backend, r))).await;
     assert_eq!(together, alone);
+}
+
+/// A client that stops reading holds nobody up: the engine steps every
+/// sequence together, so it never waits for one client's reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_nobody_up() {
+    let backend = shared().await;
+    let mut long = ask(
+        "Write a very long essay about the history of bridges.",
+        json!({"max_tokens": 400}),
+    );
+    long.chat.stream = Some(true);
+    let stalled = backend.stream(&long).await.unwrap(); // never read
+    let other = ask("Name three colours.", json!({"max_tokens": 200}));
+    let (_, _, n) = tokio::time::timeout(Duration::from_secs(120), answer(backend, &other))
+        .await
+        .expect("answered while the other client reads nothing");
+    assert!(n > 0);
+    drop(stalled);
 }
