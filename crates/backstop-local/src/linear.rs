@@ -10,6 +10,9 @@
 //! here: one row 0.70 ms against 1.18 (at the memory bandwidth), two rows
 //! 1.39 against 1.47; from three rows on the tiles win (4 rows: 2.06 against
 //! 3.31).
+//!
+//! [`Parallel`] stacks matrices that multiply the same input (q/k/v,
+//! gate/up) into one product when they are Q4_1.
 
 use candle_core::quantized::k_quants::{self, BlockQ4K};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -182,5 +185,42 @@ mod tests {
             assert!(worst < 1e-4, "{rows} rows: off by {worst}");
         }
         assert!(q4k_blocks(&[0u8; 7]).is_err());
+    }
+
+    #[test]
+    fn stacked_q4_1_matrices_give_what_each_gives_apart() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 64), &dev).unwrap();
+        let sizes = [64, 32, 32];
+        let weights: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| Tensor::randn(0f32, 0.1, (n, 64), &dev).unwrap())
+            .collect();
+        let matrices = |dtype| -> Vec<QTensor> {
+            weights
+                .iter()
+                .map(|w| QTensor::quantize(w, dtype).unwrap())
+                .collect()
+        };
+        let parts = matrices(GgmlDType::Q4_1);
+        let apart: Vec<Tensor> = matrices(GgmlDType::Q4_1)
+            .into_iter()
+            .map(|w| {
+                Linear::new(w, &dev, Precision::Quantized)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap()
+            })
+            .collect();
+        let stacked = Parallel::new(parts, &dev, Precision::Quantized).unwrap();
+        assert!(matches!(stacked, Parallel::Stacked(..)));
+        for ((got, want), n) in stacked.forward(&x).unwrap().iter().zip(&apart).zip(sizes) {
+            assert_eq!(got.dims(), &[1, 3, n]);
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(got), flat(want));
+        }
+        // Other formats multiply apart.
+        let q8 = Parallel::new(matrices(GgmlDType::Q8_0), &dev, Precision::Quantized);
+        assert!(matches!(q8.unwrap(), Parallel::Apart(..)));
     }
 }
