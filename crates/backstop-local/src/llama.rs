@@ -253,7 +253,6 @@ impl Llama {
             heads,
             kv_heads,
             head_dim,
-            hidden,
             ..
         } = self.shape;
         let mut tokens = Vec::new();
@@ -271,7 +270,6 @@ impl Llama {
             last.push(tokens.len() as u32 - 1);
         }
         let total = tokens.len();
-        let group = heads / kv_heads;
         let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self.embeddings.index_select(&ids, 0)?.unsqueeze(0)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
@@ -287,7 +285,6 @@ impl Llama {
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
             let heads_of = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -314,40 +311,26 @@ impl Llama {
             // Single tokens (decode steps) attend in one fused pass; pieces
             // of prompts through candle's products.
             let fused = self.attend_tokens(&q, batch, l, total)?;
-            let mut ys = Vec::with_capacity(batch.len());
-            let mut from = 0;
-            for ((Segment { tokens, cache }, mask), fused) in batch.iter().zip(&masks).zip(fused) {
-                let (seq, at) = (tokens.len(), cache.filled);
-                let len = at + seq;
-                if let Some(y) = fused {
-                    ys.push(y);
-                    from += seq;
-                    continue;
+            let y = match fused {
+                // A decode step: every sequence's attention came from the
+                // fused pass, in the step's order.
+                Some(y) if y.dim(1)? == total => y,
+                fused => {
+                    let mut ys = Vec::with_capacity(batch.len());
+                    let (mut from, mut single) = (0, 0);
+                    for (segment, mask) in batch.iter().zip(&masks) {
+                        let seq = segment.tokens.len();
+                        match &fused {
+                            Some(y) if seq == 1 => {
+                                ys.push(y.narrow(1, single, 1)?);
+                                single += 1;
+                            }
+                            _ => ys.push(self.attend(&q, from, segment, l, mask.as_ref())?),
+                        }
+                        from += seq;
+                    }
+                    Tensor::cat(&ys, 1)?
                 }
-                let rows = |t: &Tensor| t.narrow(2, from, seq)?.contiguous();
-                let (keys, values) = (&cache.keys[l], &cache.values[l]);
-                let (k, v) = (keys.narrow(2, 0, len)?, values.narrow(2, 0, len)?);
-                // Each KV head serves `group` query heads: stack their rows.
-                let q = rows(&q)?.reshape((1, kv_heads, group * seq, head_dim))?;
-                let mut att = (q.matmul(&k.t()?)? * scale)?;
-                if let Some(mask) = mask {
-                    att = att
-                        .reshape((1, kv_heads, group, seq, len))?
-                        .broadcast_add(mask)?
-                        .reshape((1, kv_heads, group * seq, len))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                ys.push(
-                    att.matmul(&v)?
-                        .reshape((1, heads, seq, head_dim))?
-                        .transpose(1, 2)?
-                        .reshape((1, seq, hidden))?,
-                );
-                from += seq;
-            }
-            let y = match ys.len() {
-                1 => ys.swap_remove(0),
-                _ => Tensor::cat(&ys, 1)?,
             };
             x = (x + layer.wo.forward(&y)?)?;
             let h = layer.ffn_norm.forward(&x)?;
@@ -367,8 +350,9 @@ impl Llama {
 impl Llama {
     /// Attention for the segments that run a single token (decode steps),
     /// fused into one pass over each one's cache in place of candle's two
-    /// products, scaling, softmax and copies: `[1, 1, hidden]` for each such
-    /// segment, `None` for the others (and for every one off the CPU).
+    /// products, scaling, softmax and copies: `[1, singles, hidden]`, the
+    /// single-token segments in the step's order; `None` when there are none
+    /// or off the CPU.
     /// `q` is the step's queries, `[1, heads, total, head_dim]`, and each
     /// cache already holds the token's keys and values at `filled`. Every
     /// (segment, head) is a task on candle's pool.
@@ -378,15 +362,9 @@ impl Llama {
         batch: &[Segment<'_>],
         layer: usize,
         total: usize,
-    ) -> Result<Vec<Option<Tensor>>> {
-        let Shape {
-            heads,
-            kv_heads,
-            head_dim,
-            hidden,
-            ..
-        } = self.shape;
-        let mut out = vec![None; batch.len()];
+    ) -> Result<Option<Tensor>> {
+        let shape = self.shape;
+        let (heads, head_dim) = (shape.heads, shape.head_dim);
         // (segment, its row in the step, positions it attends to)
         let mut singles = Vec::new();
         let mut row = 0;
@@ -397,9 +375,9 @@ impl Llama {
             row += s.tokens.len();
         }
         if singles.is_empty() || !self.device.is_cpu() {
-            return Ok(out);
+            return Ok(None);
         }
-        let group = heads / kv_heads;
+        let group = heads / shape.kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (q_storage, q_layout) = q.storage_and_layout();
         let q = cpu_f32(&q_storage, q_layout)?;
@@ -420,7 +398,7 @@ impl Llama {
                 Ok((cpu_f32(ks, kl)?, cpu_f32(vs, vl)?, *capacity))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut y = vec![0f32; singles.len() * hidden];
+        let mut y = vec![0f32; singles.len() * shape.hidden];
         // Task `s · heads + h` writes head `h` of single `s`.
         let tasks: Vec<Mutex<&mut [f32]>> = y.chunks_mut(head_dim).map(Mutex::new).collect();
         candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
@@ -452,11 +430,50 @@ impl Llama {
             }
         });
         drop(tasks);
-        let y = Tensor::from_vec(y, (1, singles.len(), hidden), &self.device)?;
-        for (n, &(i, ..)) in singles.iter().enumerate() {
-            out[i] = Some(y.narrow(1, n, 1)?);
+        Tensor::from_vec(y, (1, singles.len(), shape.hidden), &self.device).map(Some)
+    }
+
+    /// Attention of one segment's tokens (rows `from..` of the step's
+    /// queries `q`) over its cache, through candle's products, with its
+    /// causal mask when it has more than one token: `[1, tokens, hidden]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        from: usize,
+        segment: &Segment<'_>,
+        layer: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let Shape {
+            heads,
+            kv_heads,
+            head_dim,
+            hidden,
+            ..
+        } = self.shape;
+        let (seq, cache) = (segment.tokens.len(), &segment.cache);
+        let len = cache.filled + seq;
+        let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+        let (k, v) = (keys.narrow(2, 0, len)?, values.narrow(2, 0, len)?);
+        // Each KV head serves `group` query heads: stack their rows.
+        let group = heads / kv_heads;
+        let q =
+            q.narrow(2, from, seq)?
+                .contiguous()?
+                .reshape((1, kv_heads, group * seq, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            att = att
+                .reshape((1, kv_heads, group, seq, len))?
+                .broadcast_add(mask)?
+                .reshape((1, kv_heads, group * seq, len))?;
         }
-        Ok(out)
+        candle_nn::ops::softmax_last_dim(&att)?
+            .matmul(&v)?
+            .reshape((1, heads, seq, head_dim))?
+            .transpose(1, 2)?
+            .reshape((1, seq, hidden))
     }
 }
 
