@@ -689,11 +689,17 @@ async fn a_client_that_stops_reading_holds_nobody_up() {
         json!({"max_tokens": 400}),
     );
     long.chat.stream = Some(true);
-    let stalled = backend.stream(&long).await.unwrap(); // never read
+    let mut stalled = backend.stream(&long).await.unwrap().body; // not read yet
     let other = ask("Name three colours.", json!({"max_tokens": 200}));
     let (_, _, n) = tokio::time::timeout(Duration::from_secs(120), answer(backend, &other))
         .await
         .expect("answered while the other client reads nothing");
     assert!(n > 0);
-    drop(stalled);
+    // The premise: the unread answer is long (it ran beside the other one
+    // all along), far more than a small buffer of pieces would have held.
+    let mut pieces = 0;
+    while let Some(chunk) = stalled.next().await {
+        pieces += usize::from(chunk.unwrap().usage.is_none());
+    }
+    assert!(pieces > 100, "{pieces} pieces");
 }

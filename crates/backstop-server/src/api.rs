@@ -110,14 +110,19 @@ fn breaker_json(target: &str, b: &CircuitBreaker) -> serde_json::Value {
 
 /// `GET /admin/breakers`: every target's breaker.
 fn breakers(app: &App) -> Response<Body> {
-    let mut list: Vec<_> = app
+    let list = app
         .router
         .breakers()
         .iter()
         .map(|(t, b)| breaker_json(t, b))
         .collect();
+    per_target("breakers", list)
+}
+
+/// `{key: [...]}` of per-target objects, sorted by target, as a 200.
+fn per_target(key: &str, mut list: Vec<serde_json::Value>) -> Response<Body> {
     list.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
-    let body = serde_json::json!({ "breakers": list });
+    let body = serde_json::json!({ key: list });
     respond::json(
         200,
         body.to_string().into_bytes(),
@@ -135,7 +140,7 @@ fn status(app: &App) -> Response<Body> {
         .as_ref()
         .map(|(s, _)| s.status())
         .unwrap_or_default();
-    let mut list: Vec<_> = app
+    let list = app
         .router
         .breakers()
         .iter()
@@ -154,14 +159,7 @@ fn status(app: &App) -> Response<Body> {
             v
         })
         .collect();
-    list.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
-    let body = serde_json::json!({ "targets": list });
-    respond::json(
-        200,
-        body.to_string().into_bytes(),
-        Served::NONE,
-        &Headers::new(),
-    )
+    per_target("targets", list)
 }
 
 /// `POST /admin/breakers/{target}` with `{"force": "open" | "closed" | "auto"}`,
