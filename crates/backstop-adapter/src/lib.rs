@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod chat;
+pub mod continuation;
 pub mod error;
 pub mod legacy;
 pub mod request;

@@ -33,6 +33,13 @@ pub struct Request {
     /// Assistant text the answer must continue from: set when a stream that
     /// broke mid-answer is continued by another backend.
     pub prefill: Option<String>,
+    /// When the answer must be over: set by the router from the client's
+    /// budget, so a backend that generates (the local model) stops in time.
+    /// A point on the monotonic clock that tokio's `Instant` wraps (this
+    /// crate has no runtime): the router sets it from tokio's clock, so
+    /// paused-time tests stay in control.
+    #[allow(clippy::disallowed_types)]
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Request {
@@ -47,6 +54,7 @@ impl Request {
             chat,
             legacy: None,
             prefill: None,
+            deadline: None,
         })
     }
 
@@ -77,6 +85,7 @@ impl Request {
             chat,
             legacy: Some(Legacy { prompt, fields }),
             prefill: None,
+            deadline: None,
         })
     }
 
@@ -108,6 +117,28 @@ impl Request {
             (None, None) => {}
         }
         Ok(value)
+    }
+}
+
+impl Request {
+    /// What a target that cannot take a prefill gets instead: the answer so
+    /// far as an assistant turn, then [`CONTINUE_PROMPT`] as a user turn. A
+    /// legacy prompt continues its text either way, so it is unchanged.
+    ///
+    /// [`CONTINUE_PROMPT`]: crate::continuation::CONTINUE_PROMPT
+    pub fn as_continuation(&self) -> Request {
+        let mut req = self.clone();
+        if req.legacy.is_some() {
+            return req;
+        }
+        if let Some(said) = req.prefill.take() {
+            req.chat.messages.push(Message::text(Role::Assistant, said));
+            req.chat.messages.push(Message::text(
+                Role::User,
+                crate::continuation::CONTINUE_PROMPT.to_string(),
+            ));
+        }
+        req
     }
 }
 

@@ -47,8 +47,13 @@ pub struct UpstreamConfig {
     pub ca_bundle: Option<PathBuf>,
     /// Deadline for the TCP and TLS handshake.
     pub connect_timeout: Duration,
-    /// Deadline from sending the request to its response headers.
+    /// Deadline from sending a non-streamed request to its response
+    /// headers, which come only with the whole answer.
     pub first_byte_timeout: Duration,
+    /// Deadline from sending a streamed request (or a model listing) to its
+    /// response headers: a streaming upstream sends them at once, before
+    /// its first token, so silence here means it is not answering.
+    pub header_timeout: Duration,
     /// Longest silence allowed between two reads of a body or stream.
     pub idle_timeout: Duration,
     /// Largest non-streamed response body accepted.
@@ -79,6 +84,7 @@ impl UpstreamConfig {
             ca_bundle: None,
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
             prefill: false,
@@ -170,7 +176,14 @@ impl Upstream {
     /// Sends the request and waits, within the first-byte deadline, for the
     /// response headers. A non-2xx answer becomes the matching error.
     async fn send(&self, req: &Request, stream: bool) -> Result<reqwest::Response, BackendError> {
-        let mut body = req.upstream_body().map_err(|e| {
+        let continued;
+        let sent = if req.prefill.is_some() && !self.config.prefill {
+            continued = req.as_continuation();
+            &continued
+        } else {
+            req
+        };
+        let mut body = sent.upstream_body().map_err(|e| {
             BackendError::new(
                 FailureKind::ClientError,
                 format!("cannot encode request: {e}"),
@@ -266,7 +279,12 @@ impl Upstream {
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
-        let response = self.await_headers(request.send()).await?;
+        let wait = if stream {
+            self.config.header_timeout
+        } else {
+            self.config.first_byte_timeout
+        };
+        let response = self.await_headers(request.send(), wait).await?;
         self.limit.observe(
             &passthrough_headers(response.headers()),
             response.status().as_u16(),
@@ -302,14 +320,12 @@ impl Upstream {
     async fn await_headers(
         &self,
         send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+        wait: Duration,
     ) -> Result<reqwest::Response, BackendError> {
-        match timeout(self.config.first_byte_timeout, send).await {
+        match timeout(wait, send).await {
             Err(_) => Err(BackendError::new(
                 FailureKind::FirstByteTimeout,
-                format!(
-                    "no response headers within {} ms",
-                    self.config.first_byte_timeout.as_millis()
-                ),
+                format!("no response headers within {} ms", wait.as_millis()),
             )),
             Ok(Err(e)) => Err(response::transport_error(e)),
             Ok(Ok(response)) => Ok(response),
@@ -408,7 +424,9 @@ impl Backend for Upstream {
             if let Some(key) = &self.config.api_key {
                 request = request.bearer_auth(key);
             }
-            let response = self.await_headers(request.send()).await?;
+            let response = self
+                .await_headers(request.send(), self.config.header_timeout)
+                .await?;
             if !response.status().is_success() {
                 return Err(response::error_from_status(response, self.config.idle_timeout).await);
             }

@@ -65,26 +65,58 @@ pub(crate) fn unexpected_type(ct: &str) -> BackendError {
 
 /// Classifies a transport error from reqwest.
 pub(crate) fn transport_error(e: reqwest::Error) -> BackendError {
-    let kind = if e.is_connect() {
-        FailureKind::Connect
+    let (kind, what) = if e.is_connect() {
+        (FailureKind::Connect, "cannot connect to the upstream")
     } else if e.is_timeout() {
-        FailureKind::FirstByteTimeout
+        (
+            FailureKind::FirstByteTimeout,
+            "the upstream did not answer in time",
+        )
     } else if e.is_body() || e.is_decode() {
-        FailureKind::StreamBroken
+        (
+            FailureKind::StreamBroken,
+            "the upstream's answer was cut off",
+        )
     } else {
-        FailureKind::Connect
+        (
+            FailureKind::Connect,
+            "the upstream closed the connection without answering",
+        )
     };
-    // The error's source chain says why (refused, reset, TLS) without any URL
-    // query or body content.
+    // Clients get Backstop's words; the library's, without any URL, go to
+    // the log for operators.
     let e = e.without_url();
-    let mut message = format!("upstream request failed: {e}");
+    let mut detail = e.to_string();
+    let mut cause = None;
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            cause = cause.or(io_cause(io.kind()));
+        }
         source = s.source();
     }
+    tracing::debug!(kind = kind.as_str(), "upstream transport error: {detail}");
+    let message = match cause {
+        Some(cause) => format!("{what} ({cause})"),
+        None => what.to_string(),
+    };
     BackendError::new(kind, message)
+}
+
+/// A few words for the I/O failures worth telling apart.
+fn io_cause(kind: std::io::ErrorKind) -> Option<&'static str> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::ConnectionRefused => "connection refused",
+        K::ConnectionReset => "connection reset",
+        K::ConnectionAborted => "connection aborted",
+        K::UnexpectedEof => "connection closed early",
+        K::TimedOut => "timed out",
+        K::BrokenPipe => "connection closed",
+        _ => return None,
+    })
 }
 
 /// Reads a whole body, allowing at most `idle` between reads and `max` bytes.

@@ -465,8 +465,9 @@ async fn a_prefill_is_counted_as_answer_in_usage_and_comes_out_of_max_tokens() {
         // The echo's usage (words of the request and of the answer), with
         // the prefill's two tokens moved from prompt to completion.
         let (p, c, t) = seen[1];
+        // The target takes no prefill: it got the continuation prompt.
         let echo = |req: &Request| {
-            let sent = req.upstream_body().unwrap();
+            let sent = req.as_continuation().upstream_body().unwrap();
             let answer = echo_text(&sent);
             (
                 sent.to_string().split_whitespace().count() as u64,
