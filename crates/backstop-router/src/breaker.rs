@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use backstop_adapter::FailureKind;
@@ -180,7 +180,14 @@ pub struct CircuitBreaker {
     admitted: AtomicU64,
     /// Nanoseconds after `base` when it last opened.
     opened_at: AtomicU64,
+    /// The state last published to `listener` (forced states included).
+    published: AtomicU8,
+    /// Told of every change of state, whoever caused it.
+    listener: OnceLock<Listener>,
 }
+
+/// What a breaker tells of its changes of state.
+pub type Listener = Box<dyn Fn(BreakerState) + Send + Sync>;
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -210,6 +217,35 @@ impl CircuitBreaker {
             verified: AtomicBool::new(false),
             admitted: AtomicU64::new(0),
             opened_at: AtomicU64::new(0),
+            published: AtomicU8::new(CLOSED),
+            listener: OnceLock::new(),
+        }
+    }
+
+    /// Tells `listener` of every change of state from now on: trips,
+    /// probes, closes, verified recovery and operators' forcing alike. Only
+    /// the first listener set is kept.
+    pub fn on_transition(&self, listener: Listener) {
+        let _ = self.listener.set(listener);
+    }
+
+    /// The state as it acts: what an operator forced, else its own.
+    fn acting(&self) -> u8 {
+        match self.forced() {
+            Forced::Open => OPEN,
+            Forced::Closed => CLOSED,
+            Forced::No => self.state.load(Ordering::Acquire),
+        }
+    }
+
+    /// Publishes the state if it changed since last published; each change
+    /// is told once, however many threads saw it.
+    fn publish(&self) {
+        let now = self.acting();
+        if self.published.swap(now, Ordering::AcqRel) != now {
+            if let Some(listener) = self.listener.get() {
+                listener(BreakerState::from_u8(now));
+            }
         }
     }
 
@@ -267,11 +303,12 @@ impl CircuitBreaker {
     pub fn recover(&self, fraction: f64) {
         if fraction >= 1.0 {
             self.close();
-            return;
+        } else {
+            self.admitted
+                .store(fraction.max(0.0).to_bits(), Ordering::Release);
+            self.state.store(RECOVERING, Ordering::Release);
         }
-        self.admitted
-            .store(fraction.max(0.0).to_bits(), Ordering::Release);
-        self.state.store(RECOVERING, Ordering::Release);
+        self.publish();
     }
 
     /// While recovering, the fraction of calls admitted; 1 when closed, 0
@@ -317,6 +354,7 @@ impl CircuitBreaker {
             .store(self.nanos(Instant::now()), Ordering::Release);
         self.probing.store(false, Ordering::Release);
         self.state.store(OPEN, Ordering::Release);
+        self.publish();
     }
 
     /// What an operator forced.
@@ -340,6 +378,7 @@ impl CircuitBreaker {
         if forced == Forced::No {
             self.close();
         }
+        self.publish();
     }
 
     /// Whether a call may go to the target now. In half-open state only one
@@ -371,6 +410,7 @@ impl CircuitBreaker {
                     .is_ok()
                 {
                     self.state.store(HALF_OPEN, Ordering::Release);
+                    self.publish();
                     true
                 } else {
                     false
@@ -382,6 +422,11 @@ impl CircuitBreaker {
 
     /// Records how an admitted call ended.
     pub fn record(&self, outcome: Outcome) {
+        self.settle(outcome);
+        self.publish();
+    }
+
+    fn settle(&self, outcome: Outcome) {
         let failed = match outcome {
             Outcome::Success => false,
             Outcome::Failure(kind) if kind.trips_breaker() => true,
@@ -480,6 +525,40 @@ impl CircuitBreaker {
         }
         let until = self.open_until.load(Ordering::Acquire);
         Duration::from_nanos(until.saturating_sub(self.nanos(Instant::now())))
+    }
+}
+
+/// A call its breaker admitted, whose outcome is still to come: for a
+/// stream, when it ends. Dropped without an outcome (the client left), it
+/// counts as cancelled, which is neither success nor failure and frees a
+/// half-open probe's place.
+pub struct Attempt {
+    breaker: Arc<CircuitBreaker>,
+    settled: bool,
+}
+
+impl Attempt {
+    /// An admitted call on `breaker`.
+    pub fn new(breaker: Arc<CircuitBreaker>) -> Self {
+        Attempt {
+            breaker,
+            settled: false,
+        }
+    }
+
+    /// Records how the call ended: once, whatever happens after.
+    pub fn record(mut self, outcome: Outcome) {
+        self.settled = true;
+        self.breaker.record(outcome);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker
+                .record(Outcome::Failure(FailureKind::Cancelled));
+        }
     }
 }
 

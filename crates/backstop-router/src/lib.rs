@@ -24,7 +24,7 @@ use backstop_adapter::{
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::breaker::{BreakerConfig, CircuitBreaker, Outcome};
+use crate::breaker::{Attempt, BreakerConfig, CircuitBreaker, Outcome};
 use crate::retry::{Next, RetryPolicy};
 
 /// Takes requests routed past a target whose breaker refused them, to mirror
@@ -247,8 +247,16 @@ impl Router {
         }
     }
 
-    /// The same router, reporting its work to `observer`.
+    /// The same router, reporting its work to `observer`: every breaker
+    /// tells it of its own changes of state, whoever caused them (the walk,
+    /// a continuation, the shadow verifier, an operator).
     pub fn with_observer(mut self, observer: Arc<dyn observer::Observer>) -> Self {
+        for (name, breaker) in &self.breakers {
+            let (name, observer) = (name.clone(), observer.clone());
+            breaker.on_transition(Box::new(move |state| {
+                observer.transition(&name, state.as_str());
+            }));
+        }
         self.observer = observer;
         self
     }
@@ -258,28 +266,6 @@ impl Router {
     pub fn with_mirror(mut self, mirror: Arc<dyn Mirror>) -> Self {
         self.mirror = Some(mirror);
         self
-    }
-
-    /// Admits a call through `breaker`, reporting a move to half-open.
-    fn admit(&self, name: &str, breaker: &CircuitBreaker) -> bool {
-        let before = breaker.state();
-        let admitted = breaker.admit();
-        self.report(name, before, breaker);
-        admitted
-    }
-
-    /// Records an outcome on `breaker`, reporting any change of state.
-    fn record(&self, name: &str, breaker: &CircuitBreaker, outcome: Outcome) {
-        let before = breaker.state();
-        breaker.record(outcome);
-        self.report(name, before, breaker);
-    }
-
-    fn report(&self, name: &str, before: breaker::BreakerState, breaker: &CircuitBreaker) {
-        let after = breaker.state();
-        if after != before {
-            self.observer.transition(name, after.as_str());
-        }
     }
 
     /// Each target's breaker, by target name.
@@ -294,21 +280,29 @@ impl Router {
 
     /// Answers with one complete response.
     pub async fn complete(&self, req: &Request) -> Result<Served<ChatCompletion>, RouteError> {
-        self.walk(req, |hop, req| {
-            Box::pin(async move {
-                let reply = hop.backend.complete(req).await?;
-                let waited = reply.waited;
-                Ok((reply, waited))
+        let req = &self.timed(req)?;
+        let (served, attempt) = self
+            .walk(req, |hop, req| {
+                Box::pin(async move {
+                    let reply = hop.backend.complete(req).await?;
+                    let waited = reply.waited;
+                    Ok((reply, waited))
+                })
             })
-        })
-        .await
+            .await?;
+        if let Some(attempt) = attempt {
+            attempt.record(Outcome::Success);
+        }
+        Ok(served)
     }
 
     /// Answers with a stream. A target has committed only once its first chunk
     /// arrived: until then any failure moves on to the next target, so the
     /// client never sees a stream that breaks before it starts. After that, a
-    /// break mid-answer is continued by a later target that takes a prefill.
+    /// break mid-answer is continued by a later target of the route. The
+    /// attempt counts on the target's breaker when its stream ends.
     pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
+        let req = &self.timed(req)?;
         self.walk(req, |hop, req| {
             Box::pin(async move {
                 let started = Instant::now();
@@ -339,16 +333,15 @@ impl Router {
             })
         })
         .await
-        .map(|mut served| {
+        .map(|(mut served, attempt)| {
             let successors = self.successors(req, &served.backend);
             let body = std::mem::replace(
                 &mut served.reply.body,
                 Box::pin(futures_util::stream::empty()),
             );
-            let breaker = self.breakers.get(&served.backend).cloned();
             served.reply.body = continuation::continuing(
                 body,
-                breaker,
+                attempt,
                 req,
                 successors,
                 continuation::Reporter {
@@ -360,8 +353,9 @@ impl Router {
         })
     }
 
-    /// The targets after `serving` in the request's route that can continue
-    /// a partial answer.
+    /// The targets after `serving` in the request's route, to continue a
+    /// partial answer: as a prefill where they take one, otherwise through
+    /// a continuation prompt.
     fn successors(&self, req: &Request, serving: &str) -> Vec<continuation::Successor> {
         let Some(route) = self.table.resolve(&req.chat.model) else {
             return Vec::new();
@@ -372,7 +366,6 @@ impl Router {
             .map(|hop| &hop.backend)
             .skip_while(|t| t.name() != serving)
             .skip(1)
-            .filter(|t| t.continues())
             .map(|t| continuation::Successor {
                 backend: t.clone(),
                 breaker: self.breakers.get(t.name()).cloned(),
@@ -381,10 +374,24 @@ impl Router {
     }
 
     /// Tries each target of the request's route in turn. `call` answers with
-    /// the reply and the time it waited on the backend.
-    async fn walk<'a, T, F>(&'a self, req: &'a Request, call: F) -> Result<Served<T>, RouteError>
+    /// the reply and the time it waited on the backend. A failed attempt is
+    /// recorded on its target's breaker here; the serving one comes back
+    /// unsettled, for the caller to record once its answer is whole.
+    ///
+    /// The request's deadline is set by [`Router::timed`]. A target
+    /// with a usable target after it gets at most half the time left, so the
+    /// next one still has time to answer; and a failure that took longer
+    /// than [`RetryPolicy::retry_within`] moves on rather than waiting again.
+    async fn walk<'a, T, F>(
+        &'a self,
+        req: &'a Request,
+        call: F,
+    ) -> Result<(Served<T>, Option<Attempt>), RouteError>
     where
-        F: Fn(&'a Hop, &'a Request) -> BoxFuture<'a, Result<(Reply<T>, Duration), BackendError>>,
+        F: for<'r> Fn(
+            &'r Hop,
+            &'r Request,
+        ) -> BoxFuture<'r, Result<(Reply<T>, Duration), BackendError>>,
     {
         let route = self
             .table
@@ -393,15 +400,27 @@ impl Router {
         let mut failed = Vec::new();
         let mut mirrored = Vec::new();
         let mut backend_time = Duration::ZERO;
-        let deadline = Instant::now() + route.deadline;
-        'targets: for hop in &route.hops {
+        let started_walk = Instant::now();
+        let deadline = req
+            .deadline
+            .map_or(started_walk + route.deadline, Instant::from_std);
+        'targets: for (i, hop) in route.hops.iter().enumerate() {
             let name = hop.backend.name();
             let breaker = self.breakers.get(name);
+            let hop_deadline = if self.can_follow(&route.hops[i + 1..]) {
+                let now = Instant::now();
+                now + deadline.saturating_duration_since(now) / 2
+            } else {
+                deadline
+            };
             for attempt in 0.. {
-                if Instant::now() >= deadline {
-                    break 'targets; // the last failure says the deadline passed
+                if Instant::now() >= hop_deadline {
+                    if hop_deadline == deadline {
+                        break 'targets; // the last failure says the deadline passed
+                    }
+                    continue 'targets;
                 }
-                if breaker.is_some_and(|b| !self.admit(name, b)) {
+                if breaker.is_some_and(|b| !b.admit()) {
                     if let Some(tx) = self.mirror.as_ref().and_then(|m| m.offer(name, req)) {
                         mirrored.push(tx);
                     }
@@ -412,45 +431,55 @@ impl Router {
                     failed.push((name.to_string(), e));
                     continue 'targets;
                 }
+                let pending = breaker.cloned().map(Attempt::new);
                 let started = Instant::now();
-                let result = match tokio::time::timeout_at(deadline, call(hop, req)).await {
+                let result = match tokio::time::timeout_at(hop_deadline, call(hop, req)).await {
                     Ok(result) => result,
+                    Err(_) if hop_deadline < deadline => Err(BackendError::new(
+                        FailureKind::FirstByteTimeout,
+                        format!(
+                            "no answer within {} ms: the rest of the request's time is kept \
+                             for the next target",
+                            started.elapsed().as_millis()
+                        ),
+                    )),
                     Err(_) => Err(BackendError::new(
                         FailureKind::FirstByteTimeout,
                         format!(
-                            "the request's deadline of {} s passed",
-                            route.deadline.as_secs()
+                            "the request's deadline of {} ms passed",
+                            deadline.saturating_duration_since(started_walk).as_millis()
                         ),
                     )),
                 };
-                if let Some(b) = breaker {
-                    let outcome = match &result {
-                        Ok(_) => Outcome::Success,
-                        Err(e) => Outcome::Failure(e.kind),
-                    };
-                    self.record(name, b, outcome);
-                }
                 let e = match result {
                     Ok((reply, waited)) => {
                         let serving = Serving::new(name, attempts(&failed) + 1);
-                        return Ok(Served {
+                        let served = Served {
                             reply,
                             backend: name.to_string(),
                             failed,
                             backend_time: backend_time + waited,
                             serving,
                             mirrored,
-                        });
+                        };
+                        return Ok((served, pending));
                     }
                     Err(e) => e,
                 };
-                backend_time += started.elapsed();
-                let next = hop.retry.next(&e, attempt);
+                if let Some(pending) = pending {
+                    pending.record(Outcome::Failure(e.kind));
+                }
+                let took = started.elapsed();
+                backend_time += took;
+                let next = match hop.retry.next(&e, attempt) {
+                    Next::Retry(_) if took > hop.retry.retry_within => Next::MoveOn,
+                    next => next,
+                };
                 failed.push((name.to_string(), e));
                 match next {
                     Next::Stop => break 'targets,
                     Next::MoveOn => continue 'targets,
-                    Next::Retry(wait) if Instant::now() + wait < deadline => {
+                    Next::Retry(wait) if Instant::now() + wait < hop_deadline => {
                         tokio::time::sleep(wait).await;
                     }
                     Next::Retry(_) => continue 'targets,
@@ -458,6 +487,35 @@ impl Router {
             }
         }
         Err(RouteError::Failed(failed))
+    }
+
+    /// The request with its deadline: the route's, or the client's budget
+    /// when that is sooner. Backends see it in [`Request::deadline`], so
+    /// the local model stops generating in time.
+    fn timed(&self, req: &Request) -> Result<Request, RouteError> {
+        let route = self
+            .table
+            .resolve(&req.chat.model)
+            .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
+        let own = Instant::now() + route.deadline;
+        let deadline = req
+            .deadline
+            .map_or(own, |client| own.min(Instant::from_std(client)));
+        let mut req = req.clone();
+        req.deadline = Some(deadline.into_std());
+        Ok(req)
+    }
+
+    /// Whether any of `hops` could take the request now: it is ready, and
+    /// its breaker is not open.
+    fn can_follow(&self, hops: &[Hop]) -> bool {
+        hops.iter().any(|hop| {
+            hop.backend.ready()
+                && self
+                    .breakers
+                    .get(hop.backend.name())
+                    .is_none_or(|b| b.state() != breaker::BreakerState::Open)
+        })
     }
 
     /// The models every target reports, without duplicates; a target that

@@ -26,6 +26,10 @@ pub struct RetryPolicy {
     /// A streaming target that sends no first chunk within this is abandoned
     /// for the next target (and the miss counts against its breaker).
     pub first_token_timeout: Duration,
+    /// A failure that took longer than this (a timeout, a silent socket
+    /// closed at last) is not tried again on the same target: the next one
+    /// gets the time instead.
+    pub retry_within: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -36,6 +40,7 @@ impl Default for RetryPolicy {
             backoff_max: Duration::from_secs(2),
             max_retry_after: Duration::from_secs(5),
             first_token_timeout: Duration::from_secs(60),
+            retry_within: Duration::from_secs(3),
         }
     }
 }

@@ -296,11 +296,10 @@ async fn a_stream_broken_mid_answer_is_continued_by_a_target_that_takes_a_prefil
         vec![Ok("The answer"), Ok(" is"), Err(FailureKind::StreamBroken)],
         false,
     );
-    let plain = streaming("plain", None, vec![Ok("never")], false);
     let local = streaming("local", None, vec![Ok(" 4.")], true);
     let router = Router::new_default(RouteTable::new(vec![route(
         ModelMatch::Any,
-        &[first, plain.clone(), local.clone()],
+        &[first, local.clone()],
     )]));
     let (text, ids, err) = stream_text(&router).await;
     assert_eq!(err, None);
@@ -313,7 +312,72 @@ async fn a_stream_broken_mid_answer_is_continued_by_a_target_that_takes_a_prefil
         local.prefill.lock().unwrap().as_deref(),
         Some("The answer is")
     );
-    assert_eq!(plain.calls.load(Ordering::SeqCst), 0, "not prefill-capable");
+}
+
+#[tokio::test]
+async fn a_target_without_prefill_continues_and_its_repeat_is_cut_at_the_seam() {
+    let first = streaming(
+        "up",
+        None,
+        vec![
+            Ok("The quick brown fox"),
+            Ok(" jumps over"),
+            Err(FailureKind::StreamBroken),
+        ],
+        false,
+    );
+    // It repeats the last words, in pieces, before going on.
+    let plain = streaming(
+        "plain",
+        None,
+        vec![Ok("fox jum"), Ok("ps over"), Ok(" the lazy dog.")],
+        false,
+    );
+    let local = streaming("local", None, vec![Ok("never")], true);
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[first, plain.clone(), local.clone()],
+    )]));
+    let (text, _, err) = stream_text(&router).await;
+    assert_eq!(err, None);
+    assert_eq!(text, "The quick brown fox jumps over the lazy dog.");
+    assert_eq!(plain.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        local.calls.load(Ordering::SeqCst),
+        0,
+        "the first healthy target finished it"
+    );
+}
+
+#[tokio::test]
+async fn a_continuation_that_ends_at_once_mid_sentence_goes_to_the_next_target() {
+    let first = streaming(
+        "up",
+        None,
+        vec![Ok("The answer is"), Err(FailureKind::StreamBroken)],
+        false,
+    );
+    let quits = streaming("quits", None, vec![], false);
+    let local = streaming("local", None, vec![Ok(" 4.")], true);
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[first.clone(), quits.clone(), local],
+    )]));
+    assert_eq!(
+        stream_text(&router).await,
+        ("The answer is 4.".into(), vec!["up".into(); 3], None)
+    );
+    assert_eq!(quits.calls.load(Ordering::SeqCst), 1);
+    // Without anyone after it, the stream ends in an error, never `stop`.
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[first, quits],
+    )]));
+    let (text, _, err) = stream_text(&router).await;
+    assert_eq!(
+        (text.as_str(), err),
+        ("The answer is", Some(FailureKind::StreamBroken))
+    );
 }
 
 #[tokio::test]
@@ -345,6 +409,119 @@ async fn a_break_mid_answer_counts_against_the_breaker_of_the_target_that_broke(
     );
 }
 
+/// An upstream whose every stream breaks after one piece, with the local
+/// model next, under the default breaker.
+fn always_breaking() -> (Router, Arc<Fake>) {
+    let up = streaming(
+        "up",
+        None,
+        vec![Ok("a"), Err(FailureKind::StreamBroken)],
+        false,
+    );
+    let local = streaming("local", None, vec![Ok("b")], true);
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[up.clone(), local],
+    )]));
+    (router, up)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_always_breaking_upstream_opens_its_breaker_after_the_configured_count() {
+    let (router, up) = always_breaking();
+    let threshold = BreakerConfig::default().consecutive_failures;
+    for _ in 0..threshold {
+        assert_eq!(
+            stream_text(&router).await,
+            ("ab".into(), vec!["up".into(); 3], None)
+        );
+    }
+    assert_eq!(
+        router.breakers()["up"].state(),
+        crate::breaker::BreakerState::Open
+    );
+    // The next clients are served without the broken upstream.
+    for _ in 0..3 {
+        assert_eq!(stream_text(&router).await.0, "b");
+    }
+    assert_eq!(up.calls.load(Ordering::SeqCst), threshold);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_breaking_streams_open_the_breaker_too() {
+    let (router, up) = always_breaking();
+    let threshold = BreakerConfig::default().consecutive_failures;
+    // Every stream commits before any breaks: all count once, at the break.
+    let mut bodies = Vec::new();
+    for _ in 0..threshold {
+        bodies.push(router.stream(&req("m")).await.unwrap().reply.body);
+    }
+    assert_eq!(
+        router.breakers()["up"].state(),
+        crate::breaker::BreakerState::Closed
+    );
+    for mut body in bodies {
+        while body.next().await.is_some() {}
+    }
+    assert_eq!(
+        router.breakers()["up"].state(),
+        crate::breaker::BreakerState::Open
+    );
+    assert_eq!(stream_text(&router).await.0, "b");
+    assert_eq!(up.calls.load(Ordering::SeqCst), threshold);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_the_client_leaves_frees_a_half_open_probe() {
+    let up = streaming("up", None, vec![Ok("a"), Ok("b")], false);
+    let router = Router::new(RouteTable::new(vec![route(ModelMatch::Any, &[up])]), |_| {
+        BreakerConfig {
+            consecutive_failures: 1,
+            jitter: 0.0,
+            ..BreakerConfig::default()
+        }
+    });
+    let b = router.breakers()["up"].clone();
+    assert!(b.admit());
+    b.record(crate::breaker::Outcome::Failure(FailureKind::ServerError));
+    tokio::time::advance(BreakerConfig::default().open_for).await;
+    // The probe commits, then its client leaves before the end.
+    let body = router.stream(&req("m")).await.unwrap().reply.body;
+    assert_eq!(b.state(), crate::breaker::BreakerState::HalfOpen);
+    drop(body);
+    assert!(b.admit(), "a new probe may go");
+}
+
+/// Collects every published transition.
+#[derive(Default)]
+struct Transitions(std::sync::Mutex<Vec<(String, &'static str)>>);
+
+impl observer::Observer for Transitions {
+    fn continued(&self, _from: &str, _to: &str) {}
+    fn probe(&self, _target: &str, _ok: bool) {}
+    fn transition(&self, target: &str, state: &'static str) {
+        self.0.lock().unwrap().push((target.to_string(), state));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_change_of_state_is_published_whoever_made_it() {
+    let (router, _) = always_breaking();
+    let seen = Arc::new(Transitions::default());
+    let router = router.with_observer(seen.clone());
+    let threshold = BreakerConfig::default().consecutive_failures;
+    for _ in 0..threshold {
+        stream_text(&router).await; // opened by continuations
+    }
+    let b = router.breakers()["up"].clone();
+    b.force(crate::breaker::Forced::Closed); // an operator
+    b.force(crate::breaker::Forced::No);
+    b.recover(0.5); // a verifier
+    b.recover(1.0);
+    let seen: Vec<_> = seen.0.lock().unwrap().iter().map(|(_, s)| *s).collect();
+    assert_eq!(seen, ["open", "closed", "recovering", "closed"]);
+}
+
 #[tokio::test]
 async fn without_a_successor_a_broken_stream_ends_in_its_error() {
     let first = streaming(
@@ -353,11 +530,7 @@ async fn without_a_successor_a_broken_stream_ends_in_its_error() {
         vec![Ok("The"), Err(FailureKind::StreamStalled)],
         false,
     );
-    let plain = streaming("plain", None, vec![Ok("never")], false);
-    let router = Router::new_default(RouteTable::new(vec![route(
-        ModelMatch::Any,
-        &[first, plain],
-    )]));
+    let router = Router::new_default(RouteTable::new(vec![route(ModelMatch::Any, &[first])]));
     let (text, _, err) = stream_text(&router).await;
     assert_eq!(
         (text.as_str(), err),
