@@ -24,8 +24,16 @@ pub const DROPPED_TURNS_HEADER: &str = "x-backstop-context-dropped-turns";
 pub struct LocalBackend {
     name: String,
     model_name: String,
+    /// Caps on answers and sampling (see [`LocalConfig`]).
+    max_tokens: usize,
+    continuation_tokens: usize,
+    max_temperature: f64,
     engine: Engine,
 }
+
+/// New tokens for which the end of a turn is held back while a
+/// continuation ends mid-sentence.
+const HOLD_END: usize = 32;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -46,6 +54,9 @@ impl LocalBackend {
         LocalBackend {
             name: config.target.clone(),
             model_name: config.name.clone(),
+            max_tokens: config.max_tokens,
+            continuation_tokens: config.continuation_tokens,
+            max_temperature: config.max_temperature,
             engine: Engine::start(config),
         }
     }
@@ -90,15 +101,24 @@ impl LocalBackend {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0)
         });
+        let prefill = req.prefill.clone().unwrap_or_default();
+        let max_tokens = chat
+            .max_completion_tokens
+            .or(chat.max_tokens)
+            .map(|n| n as usize);
+        let cap = match (prefill.is_empty(), max_tokens) {
+            (false, _) => self.continuation_tokens,
+            (true, Some(asked)) => asked,
+            (true, None) => self.max_tokens,
+        };
         Ok(Job {
             prompt,
-            prefill: req.prefill.clone().unwrap_or_default(),
             params: Params {
-                max_tokens: chat
-                    .max_completion_tokens
-                    .or(chat.max_tokens)
-                    .map(|n| n as usize),
-                temperature,
+                max_tokens,
+                cap,
+                deadline: req.deadline.map(Instant::from_std),
+                hold_end: if prefill.is_empty() { 0 } else { HOLD_END },
+                temperature: temperature.min(self.max_temperature),
                 top_p,
                 top_k: extra_f64("top_k").filter(|k| *k >= 1.0).map(|k| k as usize),
                 seed,
@@ -115,6 +135,7 @@ impl LocalBackend {
                     })
                     .unwrap_or_default(),
             },
+            prefill,
             events,
         })
     }

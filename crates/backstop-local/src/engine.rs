@@ -107,6 +107,18 @@ fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
             if job.events.is_closed() {
                 continue; // its client left while it waited
             }
+            if job
+                .params
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+            {
+                let e = BackendError::new(
+                    FailureKind::FirstByteTimeout,
+                    "the request's deadline passed while it waited for the local model",
+                );
+                let _ = job.events.send(Event::Failed(e));
+                continue;
+            }
             active.extend(Sequence::start(model, job, &mut free));
         }
         if active.is_empty() {
@@ -147,6 +159,11 @@ fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
             } else {
                 free.push(seq.into_cache());
             }
+        }
+        // Keep the largest caches, as many as can run at once.
+        if free.len() > batch {
+            free.sort_by_key(|c| std::cmp::Reverse(c.capacity()));
+            free.truncate(batch);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! sequences and UTF-8-safe streaming of text deltas.
 
 use crate::llama::{Cache, Segment};
+use backstop_adapter::continuation::ends_a_thought;
 use backstop_adapter::{BackendError, FailureKind};
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -26,8 +27,18 @@ pub enum Prompt {
 /// Sampling and stopping settings.
 #[derive(Debug, Clone)]
 pub struct Params {
-    /// Cap on generated tokens; clamped to what fits in the context.
+    /// The client's cap on the whole answer (a prefill included).
     pub max_tokens: Option<usize>,
+    /// The local model's own cap on new tokens, whatever the client asked;
+    /// both are clamped to what fits in the context.
+    pub cap: usize,
+    /// When generation stops, the answer cut short (`length`); a job still
+    /// queued then fails.
+    pub deadline: Option<tokio::time::Instant>,
+    /// While the answer so far (a prefill included) ends mid-sentence, the
+    /// end of turn is held back for up to this many new tokens: a
+    /// continuation that would end at once must finish the sentence.
+    pub hold_end: usize,
     /// 0 means greedy.
     pub temperature: f64,
     /// Nucleus mass; 1 disables.
@@ -231,6 +242,14 @@ pub struct Sequence {
     feeding: usize,
     max_new: usize,
     generated: Vec<u32>,
+    /// The text of `generated`, decoded a token at a time (the window from
+    /// `prefix` to `read` is re-decoded with each new token, so that a
+    /// character or a word split across tokens comes out whole).
+    text: String,
+    prefix: usize,
+    read: usize,
+    /// Whether the prefill ends mid-sentence (see [`Params::hold_end`]).
+    prefill_open: bool,
     /// Bytes of the answer's text already sent.
     sent: usize,
     cache: Cache,
@@ -265,7 +284,9 @@ impl Sequence {
         let room = model.context - ids.len();
         let max_new = params
             .max_tokens
-            .map_or(room, |m| m.saturating_sub(answered).min(room));
+            .map_or(room, |m| m.saturating_sub(answered))
+            .min(params.cap)
+            .min(room);
         let need = ids.len() + max_new;
         let cache = match free.iter().position(|c| c.capacity() >= need) {
             Some(i) => {
@@ -295,6 +316,10 @@ impl Sequence {
             feeding: 0,
             max_new,
             generated: Vec::new(),
+            text: String::new(),
+            prefix: 0,
+            read: 0,
+            prefill_open: !ends_a_thought(&prefill),
             sent: 0,
             cache,
         })
@@ -368,11 +393,49 @@ impl Sequence {
         self.events.send(event).is_ok()
     }
 
-    fn text(&self, model: &LoadedModel) -> Result<String, Event> {
+    fn decode(&self, model: &LoadedModel, ids: &[u32]) -> Result<String, Event> {
         model
             .tokenizer
-            .decode(&self.generated)
+            .decode(ids)
             .map_err(|e| failed(FailureKind::ServerError, e.to_string()))
+    }
+
+    /// Adds a token's text to the answer once it decodes to whole
+    /// characters: the cost of a token does not grow with the answer.
+    fn push(&mut self, model: &LoadedModel, id: u32) -> Result<(), Event> {
+        self.generated.push(id);
+        let before = self.decode(model, &self.generated[self.prefix..self.read])?;
+        let all = self.decode(model, &self.generated[self.prefix..])?;
+        if let Some(new) = all.get(before.len()..) {
+            if !new.is_empty() && !new.ends_with('\u{FFFD}') && all.starts_with(&before) {
+                self.text.push_str(new);
+                self.prefix = self.read;
+                self.read = self.generated.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer's whole text, with any tokens not yet whole characters.
+    fn flush(&mut self, model: &LoadedModel) -> Result<(), Event> {
+        let before = self.decode(model, &self.generated[self.prefix..self.read])?;
+        let all = self.decode(model, &self.generated[self.prefix..])?;
+        if let Some(rest) = all.get(before.len()..) {
+            self.text.push_str(rest);
+        }
+        self.read = self.generated.len();
+        self.prefix = self.read;
+        Ok(())
+    }
+
+    /// Whether an end of turn now would leave a sentence unfinished.
+    fn holds_end(&self) -> bool {
+        self.generated.len() < self.params.hold_end
+            && if self.text.is_empty() {
+                self.prefill_open
+            } else {
+                !ends_a_thought(&self.text)
+            }
     }
 
     /// One token, or the failure to end with.
@@ -380,7 +443,12 @@ impl Sequence {
         if self.events.is_closed() {
             return Ok(Step::Left);
         }
-        if self.max_new == 0 {
+        if self.max_new == 0
+            || self
+                .params
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
             return Ok(Step::Finished("length"));
         }
         if self.params.repetition_penalty != 1.0 {
@@ -392,14 +460,21 @@ impl Sequence {
             )
             .map_err(model_failure)?;
         }
-        let next = self.sampler.sample(&logits).map_err(model_failure)?;
+        let mut next = self.sampler.sample(&logits).map_err(model_failure)?;
+        if model.tokenizer.is_stop(next) && self.holds_end() {
+            let masked = model
+                .tokenizer
+                .without_stops(&logits)
+                .map_err(model_failure)?;
+            next = self.sampler.sample(&masked).map_err(model_failure)?;
+        }
         if model.tokenizer.is_stop(next) {
             return Ok(Step::Finished("stop"));
         }
-        self.generated.push(next);
-        let text = self.text(model)?;
-        let (end, stopped) = sendable(&text, &self.params.stop);
-        if let Some(piece) = text.get(self.sent..end).filter(|p| !p.is_empty()) {
+        self.push(model, next)?;
+        let (end, stopped) = sendable(&self.text[self.sent..], &self.params.stop);
+        let end = self.sent + end;
+        if let Some(piece) = self.text.get(self.sent..end).filter(|p| !p.is_empty()) {
             if !self.send(Event::Text(piece.to_string())) {
                 return Ok(Step::Left);
             }
@@ -414,24 +489,22 @@ impl Sequence {
         })
     }
 
-    fn finish(&self, model: &LoadedModel, finish_reason: &'static str) {
+    fn finish(&mut self, model: &LoadedModel, finish_reason: &'static str) {
         // Text held back for a stop string that never completed belongs to
         // the answer.
-        let text = match self.text(model) {
-            Ok(text) => text,
-            Err(event) => {
-                self.send(event);
-                return;
-            }
-        };
+        if let Err(event) = self.flush(model) {
+            self.send(event);
+            return;
+        }
+        let rest = &self.text[self.sent..];
         let end = self
             .params
             .stop
             .iter()
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| rest.find(s.as_str()))
             .min()
-            .unwrap_or(text.len());
-        if let Some(piece) = text.get(self.sent..end).filter(|p| !p.is_empty()) {
+            .map_or(self.text.len(), |at| self.sent + at);
+        if let Some(piece) = self.text.get(self.sent..end).filter(|p| !p.is_empty()) {
             self.send(Event::Text(piece.to_string()));
         }
         self.send(Event::Done {

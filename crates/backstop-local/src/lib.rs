@@ -59,6 +59,16 @@ pub struct LocalConfig {
     pub queue: usize,
     /// Cap on the context window (prompt plus answer), below the model's own.
     pub context: Option<usize>,
+    /// New tokens for a request that gives no `max_tokens`: the last
+    /// resort answers within a client's deadline rather than rambling to
+    /// the end of its context.
+    pub max_tokens: usize,
+    /// New tokens for the continuation of an answer another target broke
+    /// off (a client's smaller `max_tokens` still wins).
+    pub continuation_tokens: usize,
+    /// Highest sampling temperature used, whatever the client asked: a
+    /// small fallback model must not be sampled as hot as a large one.
+    pub max_temperature: f64,
 }
 
 impl LocalConfig {
@@ -72,6 +82,9 @@ impl LocalConfig {
             batch: 4,
             queue: 16,
             context: None,
+            max_tokens: 512,
+            continuation_tokens: 256,
+            max_temperature: 0.7,
         }
     }
 }

@@ -170,6 +170,21 @@ impl TextTokenizer {
         self.stop_ids.contains(&id)
     }
 
+    /// `logits` (`[vocab]`) with every token that ends the answer made
+    /// impossible.
+    pub fn without_stops(
+        &self,
+        logits: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let mut values = logits.to_vec1::<f32>()?;
+        for id in &self.stop_ids {
+            if let Some(v) = values.get_mut(*id as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        candle_core::Tensor::new(values, logits.device())
+    }
+
     /// The BOS token's text, for templates (`bos_token`).
     pub fn bos_text(&self) -> &str {
         self.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("")
