@@ -311,6 +311,13 @@ async fn completion(
 ) -> Response<Body> {
     let mut flight = InFlight::new(app.clone(), endpoint);
     let trailers = accepts_trailers(&req);
+    let budget = match client_budget(req.headers()) {
+        Ok(budget) => budget,
+        Err(message) => {
+            flight.record(respond::NO_BACKEND, 400);
+            return respond::error(400, "invalid_request_error", message, None);
+        }
+    };
     let bytes = match Limited::new(req.into_body(), app.config.max_body_bytes)
         .collect()
         .await
@@ -342,19 +349,57 @@ async fn completion(
         Endpoint::Chat => Request::parse_chat(&bytes),
         Endpoint::Legacy => Request::parse_legacy(&bytes),
     };
-    let request = match parsed {
+    let mut request = match parsed {
         Ok(r) => r,
         Err(e) => {
             flight.record(respond::NO_BACKEND, 400);
             return respond::invalid_request(&e);
         }
     };
+    request.deadline = budget.map(|b| (flight.started + b).into_std());
     if request.chat.is_stream() {
         flight.stream = true;
         stream(&app, &request, flight, trailers).await
     } else {
         complete(&app, &request, flight).await
     }
+}
+
+/// The client's own deadline header: milliseconds for the whole answer.
+pub const DEADLINE_HEADER: &str = "x-backstop-deadline-ms";
+/// The read timeout the official OpenAI SDKs announce, in seconds.
+const SDK_TIMEOUT_HEADER: &str = "x-stainless-read-timeout";
+
+/// The time the client gives the whole answer, from [`DEADLINE_HEADER`] or
+/// the SDKs' read timeout (the sooner of the two), less a margin for the
+/// answer's way back: a tenth of it, at most a second. A malformed
+/// `x-backstop-deadline-ms` is the client's mistake; a malformed SDK
+/// header is ignored.
+fn client_budget(headers: &http::HeaderMap) -> Result<Option<Duration>, String> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let ours = match text(DEADLINE_HEADER) {
+        None => None,
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+            _ => {
+                return Err(format!(
+                    "`{DEADLINE_HEADER}` must be a whole number of milliseconds above 0"
+                ))
+            }
+        },
+    };
+    let sdk = text(SDK_TIMEOUT_HEADER)
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+        .map(Duration::from_secs_f64);
+    let budget = match (ours, sdk) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => match a.or(b) {
+            Some(d) => d,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(budget - (budget / 10).min(Duration::from_secs(1))))
 }
 
 fn failed(app: &App, e: &RouteError, flight: &InFlight) -> Response<Body> {

@@ -126,6 +126,7 @@ struct RawRetry {
     max_retry_after_ms: Option<u64>,
     deadline_ms: Option<u64>,
     first_token_timeout_ms: Option<u64>,
+    retry_within_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -150,6 +151,9 @@ struct RawLocal {
     batch: Option<usize>,
     queue: Option<usize>,
     context: Option<usize>,
+    max_tokens: Option<usize>,
+    continuation_tokens: Option<usize>,
+    max_temperature: Option<f64>,
     retry: Option<RawRetry>,
     breaker: Option<RawBreaker>,
 }
@@ -175,6 +179,7 @@ struct RawTarget {
     ca_bundle: Option<PathBuf>,
     connect_timeout_ms: Option<u64>,
     first_byte_timeout_ms: Option<u64>,
+    header_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     prefill: Option<bool>,
     context_window: Option<usize>,
@@ -454,6 +459,7 @@ impl RawConfig {
                 "first_byte_timeout_ms",
                 u.first_byte_timeout,
             )?;
+            u.header_timeout = ms(t.header_timeout_ms, "header_timeout_ms", u.header_timeout)?;
             u.idle_timeout = ms(t.idle_timeout_ms, "idle_timeout_ms", u.idle_timeout)?;
             targets.push(u);
         }
@@ -624,6 +630,12 @@ impl RawRetry {
             "first_token_timeout_ms",
             r.first_token_timeout,
             false,
+        )?;
+        r.retry_within = ms(
+            self.retry_within_ms,
+            "retry_within_ms",
+            r.retry_within,
+            true,
         )?;
         if r.backoff_max < r.backoff_base {
             return Err(invalid(
@@ -804,6 +816,19 @@ fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
     match raw.context {
         Some(n) if n < 16 => return Err(invalid("local.context", "must be at least 16 tokens")),
         other => local.context = other,
+    }
+    local.max_tokens = count(raw.max_tokens, "local.max_tokens", local.max_tokens)?;
+    local.continuation_tokens = count(
+        raw.continuation_tokens,
+        "local.continuation_tokens",
+        local.continuation_tokens,
+    )?;
+    match raw.max_temperature {
+        Some(t) if !(0.0..=2.0).contains(&t) => {
+            return Err(invalid("local.max_temperature", "must be between 0 and 2"))
+        }
+        Some(t) => local.max_temperature = t,
+        None => {}
     }
     Ok(local)
 }
