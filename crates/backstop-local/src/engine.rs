@@ -130,14 +130,16 @@ fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
             usize::MAX
         };
         let mut segments: Vec<Segment<'_>> = active.iter_mut().map(|s| s.segment(limit)).collect();
+        let started = tokio::time::Instant::now();
         let logits = model.llama.forward_batch(&mut segments);
+        let step = started.elapsed();
         drop(segments);
         let going: Vec<bool> = match logits {
             Ok(logits) => active
                 .iter_mut()
                 .enumerate()
                 .map(|(i, seq)| match logits.get(i) {
-                    Ok(row) => seq.advance(model, row),
+                    Ok(row) => seq.advance(model, row, step),
                     Err(e) => {
                         seq.fail(generate::model_failure(e));
                         false

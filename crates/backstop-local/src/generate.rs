@@ -346,14 +346,21 @@ impl Sequence {
     /// Takes the logits of this sequence's last step (`[vocab]`): samples
     /// and sends the next piece of the answer. Whether it goes on; when it
     /// does not, its last event is sent and its cache can be reused.
-    pub fn advance(&mut self, model: &LoadedModel, logits: Tensor) -> bool {
+    /// `step` is how long this step took: a sequence that could not run
+    /// another before its deadline ends now.
+    pub fn advance(
+        &mut self,
+        model: &LoadedModel,
+        logits: Tensor,
+        step: std::time::Duration,
+    ) -> bool {
         if self.feeding > 0 {
             self.fed += std::mem::take(&mut self.feeding);
             if self.fed < self.prompt.len() {
                 return !self.events.is_closed();
             }
         }
-        match self.next(model, logits) {
+        match self.next(model, logits, step) {
             Ok(Step::Going) => true,
             Ok(Step::Finished(reason)) => {
                 self.finish(model, reason);
@@ -439,7 +446,12 @@ impl Sequence {
     }
 
     /// One token, or the failure to end with.
-    fn next(&mut self, model: &LoadedModel, mut logits: Tensor) -> Result<Step, Event> {
+    fn next(
+        &mut self,
+        model: &LoadedModel,
+        mut logits: Tensor,
+        step: std::time::Duration,
+    ) -> Result<Step, Event> {
         if self.events.is_closed() {
             return Ok(Step::Left);
         }
@@ -447,7 +459,7 @@ impl Sequence {
             || self
                 .params
                 .deadline
-                .is_some_and(|d| tokio::time::Instant::now() >= d)
+                .is_some_and(|d| tokio::time::Instant::now() + step >= d)
         {
             return Ok(Step::Finished("length"));
         }

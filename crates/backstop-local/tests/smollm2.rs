@@ -703,3 +703,115 @@ async fn a_client_that_stops_reading_holds_nobody_up() {
     }
     assert!(pieces > 100, "{pieces} pieces");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_max_tokens_the_local_caps_bound_the_answer_and_its_sampling() {
+    let mut cfg = config();
+    cfg.max_tokens = 20;
+    cfg.continuation_tokens = 6;
+    let backend = ready(cfg).await;
+    // A hot, uncapped request for a long answer: the local cap holds.
+    let hot = ask(
+        "Write a very long story about a dragon.",
+        json!({"temperature": 2.0}),
+    );
+    let (_, finish, tokens) = answer(&backend, &hot).await;
+    assert!(tokens <= 20, "{tokens} tokens");
+    assert!(finish == "length" || finish == "stop");
+    // A continuation gets its own, smaller cap, on top of the prefill.
+    let mut continued = hot.clone();
+    continued.prefill = Some("Once upon a time, a dragon".into());
+    let prefill = tokenizer()
+        .encode("Once upon a time, a dragon")
+        .unwrap()
+        .len() as u64;
+    let (_, _, tokens) = answer(&backend, &continued).await;
+    assert!(tokens <= prefill + 6, "{tokens} tokens");
+    // The client's own, smaller cap still wins.
+    let small = ask("Write a long story.", json!({"max_tokens": 3}));
+    assert_eq!(answer(&backend, &small).await.2, 3);
+    // The temperature is capped: at 0 it is greedy, whatever the client asked.
+    let mut cfg = config();
+    cfg.max_temperature = 0.0;
+    let cold = ready(cfg).await;
+    let greedy = ask("Name a colour.", json!({"max_tokens": 12}));
+    let hot = ask(
+        "Name a colour.",
+        json!({"max_tokens": 12, "temperature": 2.0}),
+    );
+    assert_eq!(
+        answer(&cold, &hot).await.0,
+        answer(shared().await, &greedy).await.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_stops_at_the_request_deadline() {
+    let mut cfg = config();
+    cfg.max_tokens = 100_000; // the deadline alone stops it
+    let backend = ready(cfg).await;
+    let mut req = ask(
+        "Write a very long story about a dragon.",
+        json!({"temperature": 1.0}),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    req.deadline = Some(deadline.into_std());
+    let (chunks, err) = stream_all(&backend, &req).await;
+    assert!(err.is_none(), "{err:?}");
+    let finish = chunks
+        .iter()
+        .find_map(|c| c.choices.first()?.finish_reason.clone());
+    assert_eq!(finish.as_deref(), Some("length"), "cut short, and says so");
+    let pieces = chunks
+        .iter()
+        .filter(|c| c.choices.first().is_some_and(|c| c.delta.content.is_some()))
+        .count();
+    assert!(pieces < 2_000, "{pieces} pieces");
+    // A request whose deadline has passed is refused, not started.
+    req.deadline = Some(tokio::time::Instant::now().into_std());
+    let e = backend.complete(&req).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::FirstByteTimeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_mid_sentence_adds_words_before_it_ends() {
+    let backend = shared().await;
+    // Greedy, the model ends its turn right after each of these prefills
+    // (measured: an empty continuation with `stop`); held back, it must
+    // finish the sentence first.
+    for (question, prefill) in [
+        ("Reply with exactly one word: yes.", "yes"),
+        ("Answer with one word: what colour is the sky?", "Blue"),
+    ] {
+        let mut req = ask(question, json!({"max_tokens": 40}));
+        req.prefill = Some(prefill.into());
+        let (text, finish, _) = answer(backend, &req).await;
+        assert!(
+            !text.trim().is_empty(),
+            "{prefill:?} ended at once ({finish})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_pieces_add_up_to_the_answer_in_whole_characters() {
+    let backend = shared().await;
+    let body = json!({"temperature": 0, "max_tokens": 60});
+    let req = ask(
+        "Write three words in Japanese, then three emoji.",
+        body.clone(),
+    );
+    let whole = answer(backend, &req).await.0;
+    let mut streamed = req.clone();
+    streamed.chat = serde_json::from_value(json!({"model": "local", "stream": true,
+        "temperature": 0, "max_tokens": 60,
+        "messages": [{"role": "user", "content": "Write three words in Japanese, then three emoji."}]}))
+    .unwrap();
+    let (chunks, _) = stream_all(backend, &streamed).await;
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c.choices.first()?.delta.content.clone())
+        .collect();
+    assert_eq!(text, whole);
+    assert!(!text.contains('\u{FFFD}'));
+}
