@@ -62,4 +62,10 @@ pub trait Backend: Send + Sync {
     fn continues(&self) -> bool {
         false
     }
+
+    /// Whether a late first token elsewhere may be hedged to this backend
+    /// without asking: it costs no money or quota (the local model).
+    fn hedges_free(&self) -> bool {
+        false
+    }
 }

@@ -374,6 +374,10 @@ impl Backend for LocalBackend {
     fn continues(&self) -> bool {
         true
     }
+
+    fn hedges_free(&self) -> bool {
+        true
+    }
 }
 
 fn next_id() -> String {

@@ -37,6 +37,11 @@ pub struct BreakerConfig {
     pub max_open_for: Duration,
     /// Fraction of the open period added or taken at random (0..1).
     pub jitter: f64,
+    /// A streamed call still without its first token after this counts as
+    /// a failure at once (it may still serve its client): a silent
+    /// upstream trips the breaker without every caller waiting out its
+    /// deadline. `None` turns it off.
+    pub slow_call: Option<Duration>,
 }
 
 impl Default for BreakerConfig {
@@ -49,6 +54,7 @@ impl Default for BreakerConfig {
             open_for: Duration::from_secs(5),
             max_open_for: Duration::from_secs(120),
             jitter: 0.2,
+            slow_call: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -247,6 +253,11 @@ impl CircuitBreaker {
                 listener(BreakerState::from_u8(now));
             }
         }
+    }
+
+    /// After how long a pending streamed call counts as a failure.
+    pub fn slow_call(&self) -> Option<Duration> {
+        self.config.slow_call
     }
 
     /// Whether active health checks consider the target healthy.

@@ -163,7 +163,20 @@ impl State {
             if self.done {
                 return None;
             }
-            let item = self.stream.next().await;
+            let item = match self.stall_limit() {
+                Some(limit) => match tokio::time::timeout(limit, self.stream.next()).await {
+                    Ok(item) => item,
+                    Err(_) => Some(Err(BackendError::new(
+                        FailureKind::StreamStalled,
+                        format!(
+                            "the stream sent nothing for {} ms; the rest of the request's time \
+                             is kept for the next target",
+                            limit.as_millis()
+                        ),
+                    ))),
+                },
+                None => self.stream.next().await,
+            };
             match &item {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => self.settle(Outcome::Failure(e.kind)),
@@ -289,6 +302,19 @@ impl State {
             .iter()
             .any(|c| c.index == 0 && c.finish_reason.as_deref() == Some("stop"));
         stops && seam.added.trim().is_empty() && !ends_a_thought(&seam.said)
+    }
+
+    /// How long to wait for the next chunk before handing the answer on:
+    /// half the time left before the request's deadline, while a target
+    /// after this one could still finish it (the target's own idle
+    /// deadline applies as well).
+    fn stall_limit(&self) -> Option<std::time::Duration> {
+        if !self.continuable || self.finished || self.successors.is_empty() {
+            return None;
+        }
+        let deadline = tokio::time::Instant::from_std(self.request.deadline?);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        Some((left / 2).max(std::time::Duration::from_millis(1)))
     }
 
     /// Records how the current target's stream ended.

@@ -10,6 +10,7 @@ pub mod breaker;
 mod continuation;
 pub use continuation::Serving;
 pub mod health;
+pub mod hedge;
 pub mod observer;
 pub mod retry;
 
@@ -18,8 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop_adapter::{
-    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Reply,
-    Request,
+    Backend, BackendError, ChatCompletion, ChunkStream, FailureKind, Model, Reply, Request,
 };
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -179,6 +179,50 @@ fn attempts(failed: &[(String, BackendError)]) -> u32 {
     failed.iter().filter(|(_, e)| !e.kind.skipped()).count() as u32
 }
 
+/// Records a failed call on its breaker.
+fn settle(pending: Option<Attempt>, e: &BackendError) {
+    if let Some(pending) = pending {
+        pending.record(Outcome::Failure(e.kind));
+    }
+}
+
+/// A call that gives up at `until`: the hop's share of the time, or the
+/// request's `deadline` (set `started` into the walk).
+fn bounded<'r, T: 'r>(
+    call: hedge::Called<'r, T>,
+    until: Instant,
+    deadline: Instant,
+    started: Instant,
+) -> hedge::Called<'r, T> {
+    Box::pin(async move {
+        let began = Instant::now();
+        match tokio::time::timeout_at(until, call).await {
+            Ok(result) => result,
+            Err(_) if until < deadline => Err(BackendError::new(
+                FailureKind::FirstByteTimeout,
+                format!(
+                    "no answer within {} ms: the rest of the request's time is kept for the \
+                     next target",
+                    began.elapsed().as_millis()
+                ),
+            )),
+            Err(_) => Err(BackendError::new(
+                FailureKind::FirstByteTimeout,
+                format!(
+                    "the request's deadline of {} ms passed",
+                    deadline.saturating_duration_since(started).as_millis()
+                ),
+            )),
+        }
+    })
+}
+
+/// Locks a mutex, taking its data even if a panicking holder poisoned it:
+/// what these locks guard stays whole between statements.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Why no target served a request.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -221,6 +265,8 @@ impl RouteError {
 pub struct Router {
     table: RouteTable,
     breakers: HashMap<String, Arc<CircuitBreaker>>,
+    /// Each target's recent times to first token, for the hedge delay.
+    first_tokens: HashMap<String, Arc<hedge::FirstTokenTimes>>,
     observer: Arc<dyn observer::Observer>,
     mirror: Option<Arc<dyn Mirror>>,
 }
@@ -229,7 +275,7 @@ impl Router {
     /// A router over this table, with a breaker per target configured by
     /// `breaker_for(target name)`.
     pub fn new(table: RouteTable, breaker_for: impl Fn(&str) -> BreakerConfig) -> Self {
-        let breakers = table
+        let breakers: HashMap<String, Arc<CircuitBreaker>> = table
             .targets()
             .iter()
             .map(|t| {
@@ -239,9 +285,14 @@ impl Router {
                 )
             })
             .collect();
+        let first_tokens = breakers
+            .keys()
+            .map(|name| (name.clone(), Arc::default()))
+            .collect();
         Router {
             table,
             breakers,
+            first_tokens,
             observer: Arc::new(observer::Silent),
             mirror: None,
         }
@@ -280,9 +331,10 @@ impl Router {
 
     /// Answers with one complete response.
     pub async fn complete(&self, req: &Request) -> Result<Served<ChatCompletion>, RouteError> {
-        let req = &self.timed(req)?;
+        let (req, deadline) = self.timed(req)?;
+        let req = &req;
         let (served, attempt) = self
-            .walk(req, |hop, req| {
+            .walk(req, deadline, false, |hop, req| {
                 Box::pin(async move {
                     let reply = hop.backend.complete(req).await?;
                     let waited = reply.waited;
@@ -302,8 +354,9 @@ impl Router {
     /// break mid-answer is continued by a later target of the route. The
     /// attempt counts on the target's breaker when its stream ends.
     pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
-        let req = &self.timed(req)?;
-        self.walk(req, |hop, req| {
+        let (req, deadline) = self.timed(req)?;
+        let req = &req;
+        self.walk(req, deadline, true, |hop, req| {
             Box::pin(async move {
                 let started = Instant::now();
                 let mut reply = hop.backend.stream(req).await?;
@@ -378,20 +431,22 @@ impl Router {
     /// recorded on its target's breaker here; the serving one comes back
     /// unsettled, for the caller to record once its answer is whole.
     ///
-    /// The request's deadline is set by [`Router::timed`]. A target
+    /// `deadline` is the request's, from [`Router::timed`]. A target
     /// with a usable target after it gets at most half the time left, so the
     /// next one still has time to answer; and a failure that took longer
     /// than [`RetryPolicy::retry_within`] moves on rather than waiting again.
-    async fn walk<'a, T, F>(
+    /// With `first_tokens` (streams), a target's first attempt is hedged to
+    /// the next target (see [`hedge`]), and a wait past the breaker's
+    /// slow-call threshold counts as a failure there.
+    async fn walk<'a, T: 'a, F>(
         &'a self,
         req: &'a Request,
+        deadline: Instant,
+        first_tokens: bool,
         call: F,
     ) -> Result<(Served<T>, Option<Attempt>), RouteError>
     where
-        F: for<'r> Fn(
-            &'r Hop,
-            &'r Request,
-        ) -> BoxFuture<'r, Result<(Reply<T>, Duration), BackendError>>,
+        F: for<'r> Fn(&'r Hop, &'r Request) -> hedge::Called<'r, T> + Sync,
     {
         let route = self
             .table
@@ -401,18 +456,15 @@ impl Router {
         let mut mirrored = Vec::new();
         let mut backend_time = Duration::ZERO;
         let started_walk = Instant::now();
-        let deadline = req
-            .deadline
-            .map_or(started_walk + route.deadline, Instant::from_std);
+        // Hops before this were tried already, by a hedge.
+        let mut next_hop = 0;
         'targets: for (i, hop) in route.hops.iter().enumerate() {
+            if i < next_hop {
+                continue;
+            }
             let name = hop.backend.name();
             let breaker = self.breakers.get(name);
-            let hop_deadline = if self.can_follow(&route.hops[i + 1..]) {
-                let now = Instant::now();
-                now + deadline.saturating_duration_since(now) / 2
-            } else {
-                deadline
-            };
+            let hop_deadline = self.hop_deadline(route, i, deadline);
             for attempt in 0.. {
                 if Instant::now() >= hop_deadline {
                     if hop_deadline == deadline {
@@ -431,79 +483,167 @@ impl Router {
                     failed.push((name.to_string(), e));
                     continue 'targets;
                 }
-                let pending = breaker.cloned().map(Attempt::new);
                 let started = Instant::now();
-                let result = match tokio::time::timeout_at(hop_deadline, call(hop, req)).await {
-                    Ok(result) => result,
-                    Err(_) if hop_deadline < deadline => Err(BackendError::new(
-                        FailureKind::FirstByteTimeout,
-                        format!(
-                            "no answer within {} ms: the rest of the request's time is kept \
-                             for the next target",
-                            started.elapsed().as_millis()
-                        ),
-                    )),
-                    Err(_) => Err(BackendError::new(
-                        FailureKind::FirstByteTimeout,
-                        format!(
-                            "the request's deadline of {} ms passed",
-                            deadline.saturating_duration_since(started_walk).as_millis()
-                        ),
-                    )),
+                let primary = hedge::Call {
+                    future: bounded(call(hop, req), hop_deadline, deadline, started_walk),
+                    pending: breaker.cloned().map(Attempt::new),
+                    slow_at: breaker
+                        .and_then(|b| b.slow_call())
+                        .filter(|_| first_tokens)
+                        .map(|after| started + after),
                 };
-                let e = match result {
-                    Ok((reply, waited)) => {
-                        let serving = Serving::new(name, attempts(&failed) + 1);
-                        let served = Served {
-                            reply,
-                            backend: name.to_string(),
-                            failed,
-                            backend_time: backend_time + waited,
-                            serving,
-                            mirrored,
+                let hedge = if first_tokens && attempt == 0 {
+                    self.hedge(route, i, req, deadline, started_walk, &call)
+                } else {
+                    None
+                };
+                let raced = hedge::race(primary, hedge).await;
+                let hedge_name = route.hops.get(i + 1).map_or("", |h| h.backend.name());
+                let (served_by, reply, waited, pending) = match raced {
+                    hedge::Raced {
+                        primary: Some((Ok((reply, waited)), pending)),
+                        hedge,
+                    } => {
+                        if let Some(Some((Err(e), hedge_pending))) = hedge {
+                            settle(hedge_pending, &e);
+                            failed.push((hedge_name.to_string(), e));
+                        }
+                        (i, reply, waited, pending)
+                    }
+                    hedge::Raced {
+                        primary,
+                        hedge: Some(Some((Ok((reply, waited)), pending))),
+                    } => {
+                        if let Some((Err(e), primary_pending)) = primary {
+                            settle(primary_pending, &e);
+                            failed.push((name.to_string(), e));
+                        }
+                        self.observer.hedge_won(name, hedge_name);
+                        (i + 1, reply, waited, pending)
+                    }
+                    hedge::Raced { primary, hedge } => {
+                        if let Some(Some((Err(e), hedge_pending))) = hedge {
+                            // Both failed: the walk goes on after the hedge.
+                            if let Some((Err(first), primary_pending)) = primary {
+                                settle(primary_pending, &first);
+                                failed.push((name.to_string(), first));
+                            }
+                            settle(hedge_pending, &e);
+                            failed.push((hedge_name.to_string(), e));
+                            next_hop = i + 2;
+                            continue 'targets;
+                        }
+                        let Some((Err(e), primary_pending)) = primary else {
+                            continue 'targets; // not reached: someone answered
                         };
-                        return Ok((served, pending));
+                        settle(primary_pending, &e);
+                        let took = started.elapsed();
+                        backend_time += took;
+                        let next = match hop.retry.next(&e, attempt) {
+                            Next::Retry(_) if took > hop.retry.retry_within => Next::MoveOn,
+                            next => next,
+                        };
+                        failed.push((name.to_string(), e));
+                        match next {
+                            Next::Stop => break 'targets,
+                            Next::MoveOn => continue 'targets,
+                            Next::Retry(wait) if Instant::now() + wait < hop_deadline => {
+                                tokio::time::sleep(wait).await;
+                                continue;
+                            }
+                            Next::Retry(_) => continue 'targets,
+                        }
                     }
-                    Err(e) => e,
                 };
-                if let Some(pending) = pending {
-                    pending.record(Outcome::Failure(e.kind));
-                }
-                let took = started.elapsed();
-                backend_time += took;
-                let next = match hop.retry.next(&e, attempt) {
-                    Next::Retry(_) if took > hop.retry.retry_within => Next::MoveOn,
-                    next => next,
-                };
-                failed.push((name.to_string(), e));
-                match next {
-                    Next::Stop => break 'targets,
-                    Next::MoveOn => continue 'targets,
-                    Next::Retry(wait) if Instant::now() + wait < hop_deadline => {
-                        tokio::time::sleep(wait).await;
+                let backend = route.hops[served_by].backend.name();
+                if first_tokens {
+                    if let Some(times) = self.first_tokens.get(backend) {
+                        times.record(waited);
                     }
-                    Next::Retry(_) => continue 'targets,
                 }
+                let served = Served {
+                    reply,
+                    backend: backend.to_string(),
+                    serving: Serving::new(backend, attempts(&failed) + 1),
+                    failed,
+                    backend_time: backend_time + waited,
+                    mirrored,
+                };
+                return Ok((served, pending));
             }
         }
         Err(RouteError::Failed(failed))
     }
 
-    /// The request with its deadline: the route's, or the client's budget
-    /// when that is sooner. Backends see it in [`Request::deadline`], so
-    /// the local model stops generating in time.
-    fn timed(&self, req: &Request) -> Result<Request, RouteError> {
+    /// How long hop `i` may take: the rest of the request's time, or half
+    /// of it while a later target could still answer.
+    fn hop_deadline(&self, route: &Route, i: usize, deadline: Instant) -> Instant {
+        if self.can_follow(&route.hops[i + 1..]) {
+            let now = Instant::now();
+            now + deadline.saturating_duration_since(now) / 2
+        } else {
+            deadline
+        }
+    }
+
+    /// The hedge of hop `i`'s first attempt, where one is allowed: to the
+    /// next target, when hop `i` allows hedging ([`RetryPolicy::hedge`]) or
+    /// the next costs nothing to ask (the local model), after hop `i`'s
+    /// learned hedge delay.
+    fn hedge<'r, T: 'r, F>(
+        &'r self,
+        route: &'r Route,
+        i: usize,
+        req: &'r Request,
+        deadline: Instant,
+        started_walk: Instant,
+        call: &'r F,
+    ) -> Option<hedge::Hedge<'r, T>>
+    where
+        F: for<'c> Fn(&'c Hop, &'c Request) -> hedge::Called<'c, T> + Sync,
+    {
+        let hop = &route.hops[i];
+        let next = route.hops.get(i + 1)?;
+        if !(hop.retry.hedge || next.backend.hedges_free()) {
+            return None;
+        }
+        let delay = self.first_tokens.get(hop.backend.name())?.delay(&hop.retry);
+        let start = move || {
+            let breaker = self.breakers.get(next.backend.name());
+            if !next.backend.ready() || breaker.is_some_and(|b| !b.admit()) {
+                return None;
+            }
+            self.observer
+                .hedged(hop.backend.name(), next.backend.name());
+            let hop_deadline = self.hop_deadline(route, i + 1, deadline);
+            Some(hedge::Call {
+                future: bounded(call(next, req), hop_deadline, deadline, started_walk),
+                pending: breaker.cloned().map(Attempt::new),
+                slow_at: None,
+            })
+        };
+        Some((delay, Box::new(start)))
+    }
+
+    /// The request's deadline: the route's, or the client's budget when
+    /// that is sooner; and the request with the time its backends must be
+    /// done by, a little before it (a twentieth of the time, at most half a
+    /// second), so that an answer cut short by it still reaches the client
+    /// in time. The local model stops generating then.
+    fn timed(&self, req: &Request) -> Result<(Request, Instant), RouteError> {
         let route = self
             .table
             .resolve(&req.chat.model)
             .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
-        let own = Instant::now() + route.deadline;
+        let now = Instant::now();
+        let own = now + route.deadline;
         let deadline = req
             .deadline
             .map_or(own, |client| own.min(Instant::from_std(client)));
+        let margin = (deadline.saturating_duration_since(now) / 20).min(Duration::from_millis(500));
         let mut req = req.clone();
-        req.deadline = Some(deadline.into_std());
-        Ok(req)
+        req.deadline = Some((deadline - margin).into_std());
+        Ok((req, deadline))
     }
 
     /// Whether any of `hops` could take the request now: it is ready, and

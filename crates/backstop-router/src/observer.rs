@@ -10,6 +10,10 @@ pub trait Observer: Send + Sync {
     fn probe(&self, target: &str, ok: bool);
     /// The breaker of `target` moved to `state` (`closed`, `open`, `half_open`).
     fn transition(&self, target: &str, state: &'static str);
+    /// A late first token on `from` was hedged to `to`.
+    fn hedged(&self, from: &str, to: &str);
+    /// The hedge `to` answered before `from` did, and served.
+    fn hedge_won(&self, from: &str, to: &str);
 }
 
 /// Reports nothing.
@@ -19,4 +23,6 @@ impl Observer for Silent {
     fn continued(&self, _from: &str, _to: &str) {}
     fn probe(&self, _target: &str, _ok: bool) {}
     fn transition(&self, _target: &str, _state: &'static str) {}
+    fn hedged(&self, _from: &str, _to: &str) {}
+    fn hedge_won(&self, _from: &str, _to: &str) {}
 }

@@ -30,6 +30,15 @@ pub struct RetryPolicy {
     /// closed at last) is not tried again on the same target: the next one
     /// gets the time instead.
     pub retry_within: Duration,
+    /// Hedge a first token that is late to the next target in the route
+    /// even when that is an upstream (which costs quota); the local model
+    /// is always a hedge.
+    pub hedge: bool,
+    /// Bounds on the hedge delay, which is learned from the target's
+    /// recent times to first token (the upper bound before any is known).
+    pub hedge_min: Duration,
+    /// See `hedge_min`.
+    pub hedge_max: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -41,6 +50,9 @@ impl Default for RetryPolicy {
             max_retry_after: Duration::from_secs(5),
             first_token_timeout: Duration::from_secs(60),
             retry_within: Duration::from_secs(3),
+            hedge: false,
+            hedge_min: Duration::from_secs(3),
+            hedge_max: Duration::from_secs(10),
         }
     }
 }

@@ -492,7 +492,7 @@ async fn a_stream_the_client_leaves_frees_a_half_open_probe() {
     assert!(b.admit(), "a new probe may go");
 }
 
-/// Collects every published transition.
+/// Collects every published transition, and hedges.
 #[derive(Default)]
 struct Transitions(std::sync::Mutex<Vec<(String, &'static str)>>);
 
@@ -501,6 +501,12 @@ impl observer::Observer for Transitions {
     fn probe(&self, _target: &str, _ok: bool) {}
     fn transition(&self, target: &str, state: &'static str) {
         self.0.lock().unwrap().push((target.to_string(), state));
+    }
+    fn hedged(&self, from: &str, _to: &str) {
+        self.0.lock().unwrap().push((from.to_string(), "hedged"));
+    }
+    fn hedge_won(&self, _from: &str, to: &str) {
+        self.0.lock().unwrap().push((to.to_string(), "hedge_won"));
     }
 }
 
@@ -699,4 +705,254 @@ async fn an_unrouted_model_is_named() {
     )]));
     let err = router.complete(&req("other")).await.unwrap_err();
     assert!(matches!(err, RouteError::NoRoute(m) if m == "other"));
+}
+
+/// Streams one piece of text, then nothing, forever.
+struct Stalling;
+
+impl Backend for Stalling {
+    fn name(&self) -> &str {
+        "stalls"
+    }
+
+    fn complete<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+        Box::pin(async { Err(BackendError::new(FailureKind::ServerError, "streams only")) })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+        let first = futures_util::stream::iter([Ok(chunk("stalls", Some("Half an"), None))]);
+        let body: ChunkStream = Box::pin(first.chain(futures_util::stream::pending()));
+        Box::pin(async move {
+            Ok(Reply {
+                body,
+                headers: Headers::new(),
+                waited: Duration::ZERO,
+            })
+        })
+    }
+
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_is_handed_on_while_the_next_target_has_time_to_finish() {
+    let local = streaming("local", None, vec![Ok(" answer.")], true);
+    let stalls: Arc<dyn Backend> = Arc::new(Stalling);
+    let router = Router::new_default(RouteTable::new(vec![Route::new(
+        ModelMatch::Any,
+        [stalls, local.clone() as Arc<dyn Backend>],
+    )]));
+    let mut request = req("m");
+    let start = tokio::time::Instant::now();
+    request.deadline = Some((start + Duration::from_secs(20)).into_std());
+    let mut body = router.stream(&request).await.unwrap().reply.body;
+    let mut text = String::new();
+    while let Some(item) = body.next().await {
+        text.extend(
+            item.unwrap()
+                .choices
+                .iter()
+                .filter_map(|c| c.delta.content.clone()),
+        );
+    }
+    assert_eq!(text, "Half an answer.");
+    // Half the time left went to the stalled stream, the rest to the next.
+    let handed_on = start.elapsed();
+    assert!(handed_on < Duration::from_secs(10), "{handed_on:?}");
+    assert_eq!(local.prefill.lock().unwrap().as_deref(), Some("Half an"));
+}
+
+/// Answers `text` after `delay`; a hedge target for free when `free`.
+/// Counts the calls it was dropped from before answering (cancelled).
+struct Delayed {
+    name: &'static str,
+    delay: Duration,
+    text: &'static str,
+    free: bool,
+    calls: AtomicU32,
+    cancelled: Arc<AtomicU32>,
+}
+
+fn delayed(name: &'static str, delay_s: u64, text: &'static str, free: bool) -> Arc<Delayed> {
+    Arc::new(Delayed {
+        name,
+        delay: Duration::from_secs(delay_s),
+        text,
+        free,
+        calls: AtomicU32::new(0),
+        cancelled: Arc::default(),
+    })
+}
+
+/// Counts a cancellation when dropped unfinished.
+struct Unfinished(Arc<AtomicU32>, bool);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Backend for Delayed {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn complete<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+        Box::pin(async { Err(BackendError::new(FailureKind::ServerError, "streams only")) })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let mut guard = Unfinished(self.cancelled.clone(), false);
+            tokio::time::sleep(self.delay).await;
+            guard.1 = true;
+            let items = vec![
+                Ok(chunk(self.name, Some(self.text), None)),
+                Ok(chunk(self.name, None, Some("stop"))),
+            ];
+            Ok(Reply {
+                body: Box::pin(futures_util::stream::iter(items)) as ChunkStream,
+                headers: Headers::new(),
+                waited: Duration::ZERO,
+            })
+        })
+    }
+
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn hedges_free(&self) -> bool {
+        self.free
+    }
+}
+
+fn chain(targets: &[Arc<Delayed>]) -> (Router, Arc<Transitions>) {
+    let seen = Arc::new(Transitions::default());
+    let router = Router::new_default(RouteTable::new(vec![Route::new(
+        ModelMatch::Any,
+        targets.iter().map(|t| t.clone() as Arc<dyn Backend>),
+    )]))
+    .with_observer(seen.clone());
+    (router, seen)
+}
+
+async fn served_text(router: &Router) -> (String, String) {
+    let served = router.stream(&req("m")).await.unwrap();
+    let mut body = served.reply.body;
+    let mut text = String::new();
+    while let Some(item) = body.next().await {
+        text.extend(
+            item.unwrap()
+                .choices
+                .iter()
+                .filter_map(|c| c.delta.content.clone()),
+        );
+    }
+    (served.backend, text)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_first_token_is_hedged_to_the_local_model_and_the_loser_cancelled() {
+    let up = delayed("up", 30, "upstream", false);
+    let local = delayed("local", 0, "local", true);
+    let (router, seen) = chain(&[up.clone(), local.clone()]);
+    let start = tokio::time::Instant::now();
+    assert_eq!(served_text(&router).await, ("local".into(), "local".into()));
+    // Nothing known of `up` yet: the hedge waited the upper bound.
+    assert_eq!(start.elapsed(), RetryPolicy::default().hedge_max);
+    assert_eq!(
+        up.cancelled.load(Ordering::SeqCst),
+        1,
+        "the slow call was dropped"
+    );
+    let seen = seen.0.lock().unwrap().clone();
+    assert!(
+        seen.contains(&("up".into(), "hedged")) && seen.contains(&("local".into(), "hedge_won"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hedge_delay_follows_the_targets_recent_first_tokens() {
+    let fast = delayed("up", 0, "upstream", false);
+    let local = delayed("local", 0, "local", true);
+    let (router, _) = chain(&[fast.clone(), local.clone()]);
+    for _ in 0..5 {
+        assert_eq!(
+            served_text(&router).await.0,
+            "up",
+            "no hedge when the answer comes first"
+        );
+    }
+    assert_eq!(local.calls.load(Ordering::SeqCst), 0);
+    // The same target, now slow: hedged after the floor, not the ceiling.
+    let slow = delayed("up", 30, "upstream", false);
+    let mut router = router;
+    let table = RouteTable::new(vec![Route::new(
+        ModelMatch::Any,
+        [slow as Arc<dyn Backend>, local.clone() as Arc<dyn Backend>],
+    )]);
+    router.table = table;
+    let start = tokio::time::Instant::now();
+    assert_eq!(served_text(&router).await.0, "local");
+    assert_eq!(start.elapsed(), RetryPolicy::default().hedge_min);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_upstream_is_hedged_to_only_where_allowed() {
+    let up = delayed("up", 12, "upstream", false);
+    let other = delayed("other", 0, "other", false);
+    let (router, _) = chain(&[up.clone(), other.clone()]);
+    assert_eq!(
+        served_text(&router).await.0,
+        "up",
+        "it costs quota: not hedged"
+    );
+    assert_eq!(other.calls.load(Ordering::SeqCst), 0);
+    let routes = vec![Route::new(
+        ModelMatch::Any,
+        [up as Arc<dyn Backend>, other.clone() as Arc<dyn Backend>],
+    )
+    .with_retry(&RetryPolicy {
+        hedge: true,
+        ..RetryPolicy::default()
+    })];
+    let router = Router::new_default(RouteTable::new(routes));
+    assert_eq!(served_text(&router).await.0, "other");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_pending_past_the_slow_call_threshold_counts_against_its_breaker() {
+    let up = delayed("up", 25, "upstream", false);
+    let router = Router::new(
+        RouteTable::new(vec![Route::new(
+            ModelMatch::Any,
+            [up.clone() as Arc<dyn Backend>],
+        )]),
+        |_| BreakerConfig {
+            consecutive_failures: 1,
+            ..BreakerConfig::default()
+        },
+    );
+    // It answers at last, and its client is served; but it was slow.
+    assert_eq!(served_text(&router).await, ("up".into(), "upstream".into()));
+    assert_eq!(router.breakers()["up"].trips(), 1);
 }

@@ -127,6 +127,9 @@ struct RawRetry {
     deadline_ms: Option<u64>,
     first_token_timeout_ms: Option<u64>,
     retry_within_ms: Option<u64>,
+    hedge: Option<bool>,
+    hedge_min_ms: Option<u64>,
+    hedge_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -139,6 +142,7 @@ struct RawBreaker {
     open_ms: Option<u64>,
     max_open_ms: Option<u64>,
     jitter: Option<f64>,
+    slow_call_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -637,6 +641,17 @@ impl RawRetry {
             r.retry_within,
             true,
         )?;
+        if let Some(hedge) = self.hedge {
+            r.hedge = hedge;
+        }
+        r.hedge_min = ms(self.hedge_min_ms, "hedge_min_ms", r.hedge_min, true)?;
+        r.hedge_max = ms(self.hedge_max_ms, "hedge_max_ms", r.hedge_max, false)?;
+        if r.hedge_max < r.hedge_min {
+            return Err(invalid(
+                format!("{at}.hedge_max_ms"),
+                "must not be below hedge_min_ms",
+            ));
+        }
         if r.backoff_max < r.backoff_base {
             return Err(invalid(
                 format!("{at}.backoff_max_ms"),
@@ -677,6 +692,11 @@ impl RawBreaker {
             b.failure_rate,
         )?;
         b.jitter = fraction(self.jitter, &format!("{at}.jitter"), b.jitter)?;
+        match self.slow_call_ms {
+            Some(0) => b.slow_call = None,
+            Some(ms) => b.slow_call = Some(Duration::from_millis(ms)),
+            None => {}
+        }
         if b.failure_rate == 0.0 {
             return Err(invalid(
                 format!("{at}.failure_rate"),

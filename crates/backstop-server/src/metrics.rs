@@ -39,6 +39,10 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Streams broken mid-answer and continued by another target.
     pub continuations: IntCounterVec,
+    /// Late first tokens hedged to the next target, by pair.
+    pub hedges: IntCounterVec,
+    /// Hedges that answered first and served, by pair.
+    pub hedge_wins: IntCounterVec,
     /// Active health probes by target and outcome.
     pub probes: IntCounterVec,
     /// Breaker state changes by target and new state.
@@ -122,6 +126,20 @@ impl Metrics {
             ),
             &["target", "reason"],
         )?;
+        let hedges = IntCounterVec::new(
+            Opts::new(
+                "backstop_hedges_total",
+                "Streams whose first token was late on one target and were hedged to the next.",
+            ),
+            &["from", "to"],
+        )?;
+        let hedge_wins = IntCounterVec::new(
+            Opts::new(
+                "backstop_hedge_wins_total",
+                "Hedges whose target answered first and served the stream.",
+            ),
+            &["from", "to"],
+        )?;
         let continuations = IntCounterVec::new(
             Opts::new(
                 "backstop_stream_continuations_total",
@@ -176,6 +194,8 @@ impl Metrics {
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(continuations.clone()))?;
+        registry.register(Box::new(hedges.clone()))?;
+        registry.register(Box::new(hedge_wins.clone()))?;
         registry.register(Box::new(probes.clone()))?;
         registry.register(Box::new(transitions.clone()))?;
         registry.register(Box::new(ratelimit_remaining.clone()))?;
@@ -226,6 +246,8 @@ impl Metrics {
             failovers,
             retries,
             continuations,
+            hedges,
+            hedge_wins,
             probes,
             transitions,
             ratelimit_remaining,
@@ -254,7 +276,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 19] = [
+        let collectors: [&dyn prometheus::core::Collector; 21] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -267,6 +289,8 @@ impl Metrics {
             &self.failovers,
             &self.retries,
             &self.continuations,
+            &self.hedges,
+            &self.hedge_wins,
             &self.probes,
             &self.transitions,
             &self.ratelimit_remaining,
@@ -381,6 +405,14 @@ impl Observer for Metrics {
 
     fn transition(&self, target: &str, state: &'static str) {
         self.transitions.with_label_values(&[target, state]).inc();
+    }
+
+    fn hedged(&self, from: &str, to: &str) {
+        self.hedges.with_label_values(&[from, to]).inc();
+    }
+
+    fn hedge_won(&self, from: &str, to: &str) {
+        self.hedge_wins.with_label_values(&[from, to]).inc();
     }
 }
 

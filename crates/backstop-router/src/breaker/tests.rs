@@ -13,6 +13,7 @@ fn config() -> BreakerConfig {
         open_for: Duration::from_secs(5),
         max_open_for: Duration::from_secs(30),
         jitter: 0.0,
+        slow_call: None,
     }
 }
 
