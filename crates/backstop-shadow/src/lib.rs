@@ -77,25 +77,34 @@ pub struct ShadowConfig {
 }
 
 impl Default for ShadowConfig {
+    /// Chosen by measurement (`bench-outage 1 12`, benches/README.md): at
+    /// one live request a second, a recovered upstream serves again within
+    /// a few seconds and takes all its traffic back within about ten. While
+    /// it verifies, every request routed past it is mirrored (capped at
+    /// `max_tokens`, one at a time) and idle gaps are filled with probes; a
+    /// failing one is tried at most every two seconds, so a recovery is
+    /// seen within two; three clean answers in a row confirm it, and the
+    /// ramp starts at half the traffic, so a relapse is found by live calls
+    /// that fail over before their first byte.
     fn default() -> Self {
         ShadowConfig {
-            sample_rate: 0.1,
-            min_interval: Duration::from_secs(1),
-            max_interval: Duration::from_secs(10),
+            sample_rate: 1.0,
+            min_interval: Duration::from_millis(200),
+            max_interval: Duration::from_secs(2),
             max_tokens: 16,
             allowlist: Vec::new(),
             queue: 64,
             concurrency: 4,
-            probe_interval: Duration::from_secs(5),
+            probe_interval: Duration::from_millis(500),
             probes: vec!["Reply with the single word: ready".into()],
             probe_model: "gpt-4o-mini".into(),
             first_token_slo: Duration::from_secs(10),
             total_slo: Duration::from_secs(30),
-            window: 10,
-            last_k: 5,
-            threshold: 0.9,
-            ramp: vec![0.1, 0.5, 1.0],
-            ramp_step: Duration::from_secs(10),
+            window: 3,
+            last_k: 3,
+            threshold: 1.0,
+            ramp: vec![0.5, 1.0],
+            ramp_step: Duration::from_secs(5),
         }
     }
 }
