@@ -84,6 +84,9 @@ pub enum MockReply {
     Hang,
     /// Close the connection without a response, as a reset before headers.
     Reset,
+    /// Say nothing for this long, then close the connection without a
+    /// response: a silent socket that gives up at last.
+    CloseAfter(Duration),
 }
 
 impl MockReply {
@@ -346,6 +349,13 @@ async fn respond(
             steps,
         } => sse_response(status, &headers, steps),
         MockReply::Hang => std::future::pending().await,
+        MockReply::CloseAfter(wait) => {
+            tokio::time::sleep(wait).await;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "closed by the mock after a silence",
+            ));
+        }
         MockReply::Reset => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
