@@ -146,23 +146,14 @@ async fn a_malformed_deadline_header_is_the_clients_mistake() {
     assert!(h.mocks[0].requests().is_empty());
 }
 
-fn piece(text: &str) -> SseStep {
-    SseStep::Data(
-        json!({"id": "chatcmpl-up0", "object": "chat.completion.chunk", "created": 1,
-               "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text},
-               "finish_reason": null}]})
-        .to_string(),
-    )
-}
-
 #[tokio::test]
 async fn a_cut_stream_is_finished_by_an_upstream_that_takes_no_prefill() {
     let h = two("").await;
-    h.mocks[0].push([MockReply::Sse {
-        status: 200,
-        headers: vec![],
-        steps: vec![piece("The answer"), piece(" so far"), SseStep::Cut],
-    }]);
+    h.mocks[0].push([MockReply::sse(vec![
+        SseStep::text("The answer"),
+        SseStep::text(" so far"),
+        SseStep::Cut,
+    ])]);
     let resp = post(&h, &chat(true), &[], Duration::from_secs(10)).await;
     let raw = resp.text().await.unwrap();
     let payloads = sse_data(&raw);
@@ -186,11 +177,10 @@ async fn a_cut_stream_is_finished_by_an_upstream_that_takes_no_prefill() {
 #[tokio::test]
 async fn a_cut_stream_that_cannot_be_finished_ends_in_backstops_own_words() {
     let h = Harness::with_targets(1, "").await;
-    h.mock().push([MockReply::Sse {
-        status: 200,
-        headers: vec![],
-        steps: vec![piece("The answer"), SseStep::Cut],
-    }]);
+    h.mock().push([MockReply::sse(vec![
+        SseStep::text("The answer"),
+        SseStep::Cut,
+    ])]);
     let raw = post(&h, &chat(true), &[], Duration::from_secs(10))
         .await
         .text()

@@ -106,32 +106,6 @@ fn gaps(mock: &MockUpstream) -> Vec<Duration> {
     at.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
-fn piece(text: &str) -> SseStep {
-    SseStep::Data(
-        json!({"id": "chatcmpl-up0", "object": "chat.completion.chunk", "created": 1,
-               "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text},
-               "finish_reason": null}]})
-        .to_string(),
-    )
-}
-
-fn finish() -> SseStep {
-    SseStep::Data(
-        json!({"id": "chatcmpl-up0", "object": "chat.completion.chunk", "created": 1,
-               "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {},
-               "finish_reason": "stop"}]})
-        .to_string(),
-    )
-}
-
-fn sse(steps: Vec<SseStep>) -> MockReply {
-    MockReply::Sse {
-        status: 200,
-        headers: vec![],
-        steps,
-    }
-}
-
 #[tokio::test]
 async fn a_429_with_retry_after_is_retried_after_that_wait() {
     let h = faulty("").await;
@@ -214,9 +188,9 @@ async fn no_response_at_all_is_abandoned_at_the_first_byte_deadline() {
 #[tokio::test]
 async fn a_slow_first_token_is_abandoned_for_the_next_target() {
     let h = faulty("").await;
-    h.mocks[0].push([sse(vec![
+    h.mocks[0].push([MockReply::sse(vec![
         SseStep::Sleep(Duration::from_secs(3)),
-        piece("late"),
+        SseStep::text("late"),
     ])]);
     let a = ask(&h, true).await;
     assert_complete(&a, "up1");
@@ -228,7 +202,7 @@ async fn a_slow_first_token_is_abandoned_for_the_next_target() {
 /// the partial answer as a prefill: the client sees one answer, one id.
 async fn assert_continued(steps: Vec<SseStep>) {
     let h = faulty("").await;
-    h.mocks[0].push([sse(steps)]);
+    h.mocks[0].push([MockReply::sse(steps)]);
     let a = ask(&h, true).await;
     assert_eq!((a.status, a.backend.as_str()), (200, "up0"));
     assert_eq!(a.payloads.last().map(String::as_str), Some("[DONE]"));
@@ -257,7 +231,7 @@ async fn assert_continued(steps: Vec<SseStep>) {
 
 #[tokio::test]
 async fn a_stream_cut_mid_answer_is_continued() {
-    assert_continued(vec![piece("Hello, "), SseStep::Cut]).await;
+    assert_continued(vec![SseStep::text("Hello, "), SseStep::Cut]).await;
 }
 
 /// Streams a chat request over HTTP/1.1 with `TE: trailers`; returns the
@@ -289,7 +263,7 @@ async fn stream_with_trailers(h: &Harness) -> (http::HeaderMap, String, http::He
 #[tokio::test]
 async fn trailers_name_the_target_that_finished_a_continued_stream() {
     let h = faulty("").await;
-    h.mocks[0].push([sse(vec![piece("Hello, "), SseStep::Cut])]);
+    h.mocks[0].push([MockReply::sse(vec![SseStep::text("Hello, "), SseStep::Cut])]);
     let (headers, body, trailers) = stream_with_trailers(&h).await;
     assert_eq!(headers["x-backstop-backend"], "up0");
     assert_eq!(headers["x-backstop-attempts"], "1");
@@ -307,22 +281,26 @@ async fn trailers_name_the_target_that_finished_a_continued_stream() {
 #[tokio::test]
 async fn a_stalled_stream_is_continued() {
     assert_continued(vec![
-        piece("Hello, "),
+        SseStep::text("Hello, "),
         SseStep::Sleep(Duration::from_secs(5)),
-        piece("never"),
+        SseStep::text("never"),
     ])
     .await;
 }
 
 #[tokio::test]
 async fn a_malformed_chunk_is_continued() {
-    assert_continued(vec![piece("Hello, "), SseStep::Data("{\"id\": tru".into())]).await;
+    assert_continued(vec![
+        SseStep::text("Hello, "),
+        SseStep::Data("{\"id\": tru".into()),
+    ])
+    .await;
 }
 
 #[tokio::test]
 async fn an_error_event_mid_stream_is_continued() {
     assert_continued(vec![
-        piece("Hello, "),
+        SseStep::text("Hello, "),
         SseStep::Data(
             json!({"error": {"message": "overloaded", "type": "server_error"}}).to_string(),
         ),
@@ -334,9 +312,9 @@ async fn an_error_event_mid_stream_is_continued() {
 async fn a_finished_stream_without_done_is_finalised_promptly() {
     let h = faulty("").await;
     // The upstream finishes its answer but neither says [DONE] nor closes.
-    h.mocks[0].push([sse(vec![
-        piece("You said: hello there"),
-        finish(),
+    h.mocks[0].push([MockReply::sse(vec![
+        SseStep::text("You said: hello there"),
+        SseStep::finish("stop"),
         SseStep::Sleep(Duration::from_secs(60)),
     ])]);
     let a = ask(&h, true).await;

@@ -29,32 +29,6 @@ use tokio::time::Instant;
 const DEADLINE: Duration = Duration::from_secs(20);
 const LOCAL: &str = "smollm2-135m-instruct";
 
-fn piece(text: &str) -> SseStep {
-    SseStep::Data(
-        json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
-               "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text},
-               "finish_reason": null}]})
-        .to_string(),
-    )
-}
-
-fn finish(reason: &str) -> SseStep {
-    SseStep::Data(
-        json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
-               "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {},
-               "finish_reason": reason}]})
-        .to_string(),
-    )
-}
-
-fn sse(steps: Vec<SseStep>) -> MockReply {
-    MockReply::Sse {
-        status: 200,
-        headers: vec![],
-        steps,
-    }
-}
-
 fn raw(status: u16, content_type: &str, body: &'static str) -> MockReply {
     MockReply::Raw {
         status,
@@ -66,8 +40,8 @@ fn raw(status: u16, content_type: &str, body: &'static str) -> MockReply {
 /// The start of an answer that then breaks.
 fn begun() -> Vec<SseStep> {
     vec![
-        piece("Here are three tips for sleeping"),
-        piece(" better: keep a regular"),
+        SseStep::text("Here are three tips for sleeping"),
+        SseStep::text(" better: keep a regular"),
     ]
 }
 
@@ -96,14 +70,14 @@ fn faults() -> Vec<(&'static str, Fault)> {
         b"data: {\"choices\": [oops\n\n",
     )));
     let mut no_done = begun();
-    no_done.push(piece(" schedule."));
-    no_done.push(finish("stop"));
+    no_done.push(SseStep::text(" schedule."));
+    no_done.push(SseStep::finish("stop"));
     no_done.push(SseStep::Sleep(Duration::from_secs(120)));
     let mut slow = vec![SseStep::Sleep(Duration::from_secs(30))];
     slow.extend(begun());
-    slow.push(finish("stop"));
+    slow.push(SseStep::finish("stop"));
     let mut filtered = begun();
-    filtered.push(finish("content_filter"));
+    filtered.push(SseStep::finish("content_filter"));
     vec![
         (
             "429 with Retry-After 1 s",
@@ -120,11 +94,17 @@ fn faults() -> Vec<(&'static str, Fault)> {
         ),
         ("reset", Fault::Always(MockReply::Reset)),
         ("no response", Fault::Always(MockReply::Hang)),
-        ("slow first token (30 s)", Fault::Always(sse(slow))),
-        ("cut mid-answer", Fault::Always(sse(cut))),
-        ("stall mid-answer", Fault::Always(sse(stall))),
-        ("malformed chunk", Fault::Always(sse(malformed))),
-        ("finished, no [DONE]", Fault::Always(sse(no_done))),
+        (
+            "slow first token (30 s)",
+            Fault::Always(MockReply::sse(slow)),
+        ),
+        ("cut mid-answer", Fault::Always(MockReply::sse(cut))),
+        ("stall mid-answer", Fault::Always(MockReply::sse(stall))),
+        ("malformed chunk", Fault::Always(MockReply::sse(malformed))),
+        (
+            "finished, no [DONE]",
+            Fault::Always(MockReply::sse(no_done)),
+        ),
         (
             "HTML with a 200",
             Fault::Always(raw(
@@ -150,7 +130,7 @@ fn faults() -> Vec<(&'static str, Fault)> {
                 headers: vec![],
             }),
         ),
-        ("content filter", Fault::Always(sse(filtered))),
+        ("content filter", Fault::Always(MockReply::sse(filtered))),
         ("flap (2 s down, 2 s up)", Fault::Flap),
     ]
 }

@@ -707,45 +707,13 @@ async fn an_unrouted_model_is_named() {
     assert!(matches!(err, RouteError::NoRoute(m) if m == "other"));
 }
 
-/// Streams one piece of text, then nothing, forever.
-struct Stalling;
-
-impl Backend for Stalling {
-    fn name(&self) -> &str {
-        "stalls"
-    }
-
-    fn complete<'a>(
-        &'a self,
-        _req: &'a Request,
-    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
-        Box::pin(async { Err(BackendError::new(FailureKind::ServerError, "streams only")) })
-    }
-
-    fn stream<'a>(
-        &'a self,
-        _req: &'a Request,
-    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
-        let first = futures_util::stream::iter([Ok(chunk("stalls", Some("Half an"), None))]);
-        let body: ChunkStream = Box::pin(first.chain(futures_util::stream::pending()));
-        Box::pin(async move {
-            Ok(Reply {
-                body,
-                headers: Headers::new(),
-                waited: Duration::ZERO,
-            })
-        })
-    }
-
-    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_stall_is_handed_on_while_the_next_target_has_time_to_finish() {
     let local = streaming("local", None, vec![Ok(" answer.")], true);
-    let stalls: Arc<dyn Backend> = Arc::new(Stalling);
+    let stalls: Arc<dyn Backend> = Arc::new(Delayed {
+        stall: true,
+        ..Arc::into_inner(delayed("stalls", 0, "Half an", false)).unwrap()
+    });
     let router = Router::new_default(RouteTable::new(vec![Route::new(
         ModelMatch::Any,
         [stalls, local.clone() as Arc<dyn Backend>],
@@ -770,12 +738,14 @@ async fn a_stall_is_handed_on_while_the_next_target_has_time_to_finish() {
     assert_eq!(local.prefill.lock().unwrap().as_deref(), Some("Half an"));
 }
 
-/// Answers `text` after `delay`; a hedge target for free when `free`.
-/// Counts the calls it was dropped from before answering (cancelled).
+/// Answers `text` after `delay`, then finishes (or, with `stall`, sends
+/// nothing more, ever); a hedge target for free when `free`. Counts the
+/// calls it was dropped from before answering (cancelled).
 struct Delayed {
     name: &'static str,
     delay: Duration,
     text: &'static str,
+    stall: bool,
     free: bool,
     calls: AtomicU32,
     cancelled: Arc<AtomicU32>,
@@ -786,6 +756,7 @@ fn delayed(name: &'static str, delay_s: u64, text: &'static str, free: bool) -> 
         name,
         delay: Duration::from_secs(delay_s),
         text,
+        stall: false,
         free,
         calls: AtomicU32::new(0),
         cancelled: Arc::default(),
@@ -824,12 +795,15 @@ impl Backend for Delayed {
             let mut guard = Unfinished(self.cancelled.clone(), false);
             tokio::time::sleep(self.delay).await;
             guard.1 = true;
-            let items = vec![
-                Ok(chunk(self.name, Some(self.text), None)),
-                Ok(chunk(self.name, None, Some("stop"))),
-            ];
+            let text = futures_util::stream::iter([Ok(chunk(self.name, Some(self.text), None))]);
+            let end = Ok(chunk(self.name, None, Some("stop")));
+            let body: ChunkStream = if self.stall {
+                Box::pin(text.chain(futures_util::stream::pending()))
+            } else {
+                Box::pin(text.chain(futures_util::stream::iter([end])))
+            };
             Ok(Reply {
-                body: Box::pin(futures_util::stream::iter(items)) as ChunkStream,
+                body,
                 headers: Headers::new(),
                 waited: Duration::ZERO,
             })

@@ -1,12 +1,19 @@
 //! The `backstop` binary itself: `check-config`, `--listen` from the
-//! environment, and a clean exit on SIGTERM.
+//! environment, a clean exit on SIGTERM, and failover as a new user meets
+//! it: no config file, only `OPENAI_BASE_URL` and `OPENAI_API_KEY`, so the
+//! default local model is last in the chain, and an ordinary streaming
+//! client (no `max_tokens`, the default temperature, a 20 s timeout that
+//! its SDK announces).
 
 // Test helpers panic to report failure, as the tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use backstop_testkit::{MockReply, MockUpstream, SseStep};
+use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 
@@ -45,15 +52,12 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
     assert!(text.contains("server.max_body"), "{text}");
 }
 
-#[test]
-fn runs_from_the_environment_and_exits_cleanly_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .env("BACKSTOP_LISTEN", "127.0.0.1:0")
-        .env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-        .env_remove("OPENAI_API_KEY")
+/// Starts the binary and waits for it to say where it listens.
+fn listening(mut command: Command) -> (Child, String) {
+    let mut child = command
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
@@ -66,6 +70,17 @@ fn runs_from_the_environment_and_exits_cleanly_on_sigterm() {
                 .map(|a| a.trim().to_string())
         })
         .expect("the binary says where it listens");
+    (child, addr)
+}
+
+#[test]
+fn runs_from_the_environment_and_exits_cleanly_on_sigterm() {
+    let mut command = Command::new(BIN);
+    command
+        .env("BACKSTOP_LISTEN", "127.0.0.1:0")
+        .env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+        .env_remove("OPENAI_API_KEY");
+    let (mut child, addr) = listening(command);
     let health = std::net::TcpStream::connect(&addr);
     assert!(health.is_ok(), "listening on {addr}");
     let killed = Command::new("kill")
@@ -82,4 +97,85 @@ fn runs_from_the_environment_and_exits_cleanly_on_sigterm() {
     }
     child.kill().unwrap();
     panic!("backstop did not exit within 5 s of SIGTERM");
+}
+
+struct Stop(Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_answer_is_finished_by_the_local_model_within_the_clients_deadline() {
+    let up = MockUpstream::start().await.unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .env("BACKSTOP_LISTEN", "127.0.0.1:0")
+        .env("OPENAI_BASE_URL", up.url())
+        .env("OPENAI_API_KEY", "sk-test")
+        .env_remove("BACKSTOP_MODEL");
+    let (child, addr) = listening(command);
+    let _stop = Stop(child);
+    let http = reqwest::Client::new();
+    // The local model loads in the background: wait until it is listed.
+    let mut loaded = false;
+    for _ in 0..1200 {
+        let models = http.get(format!("http://{addr}/v1/models")).send().await;
+        if let Ok(r) = models {
+            let text = r.text().await.unwrap_or_default();
+            if text.contains("smollm2") {
+                loaded = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(loaded, "the default local model is there");
+    let cut = vec![
+        SseStep::text("Here are three tips for sleeping"),
+        SseStep::text(" better: keep a regular"),
+        SseStep::Cut,
+    ];
+    up.set_default(MockReply::sse(cut));
+    let resp = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("x-stainless-read-timeout", "20")
+        .json(&json!({"model": "gpt-4o-mini", "stream": true,
+            "messages": [{"role": "user", "content": "Give me three tips for sleeping better."}]}))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let raw = resp.text().await.expect("the whole answer within 20 s");
+    assert!(raw.ends_with("data: [DONE]\n\n"), "{raw}");
+    assert!(!raw.contains("\"error\""), "{raw}");
+    let events: Vec<Value> = raw
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let finish: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.pointer("/choices/0/finish_reason")?.as_str())
+        .collect();
+    assert_eq!(finish.len(), 1, "{raw}");
+    assert!(finish[0] == "stop" || finish[0] == "length");
+    let text: String = events
+        .iter()
+        .filter_map(|e| e.pointer("/choices/0/delta/content")?.as_str())
+        .collect();
+    assert!(text.starts_with("Here are three tips for sleeping better: keep a regular"));
+    assert!(
+        text.len() > "Here are three tips for sleeping better: keep a regular".len(),
+        "{text}"
+    );
+    assert!(
+        events.iter().any(|e| e["model"] == "smollm2-135m-instruct"),
+        "the local model finished it"
+    );
 }

@@ -42,6 +42,27 @@ pub enum SseStep {
     Cut,
 }
 
+impl SseStep {
+    /// A chat chunk carrying this piece of the answer.
+    pub fn text(text: &str) -> Self {
+        Self::chunk(serde_json::json!({"content": text}), None)
+    }
+
+    /// The chat chunk that ends an answer for this reason.
+    pub fn finish(reason: &str) -> Self {
+        Self::chunk(serde_json::json!({}), Some(reason))
+    }
+
+    fn chunk(delta: Value, finish: Option<&str>) -> Self {
+        SseStep::Data(
+            serde_json::json!({"id": "chatcmpl-up0", "object": "chat.completion.chunk",
+                "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            .to_string(),
+        )
+    }
+}
+
 /// How the mock answers one request.
 #[derive(Debug, Clone)]
 pub enum MockReply {
@@ -90,6 +111,15 @@ pub enum MockReply {
 }
 
 impl MockReply {
+    /// A 200 event stream of these steps.
+    pub fn sse(steps: Vec<SseStep>) -> Self {
+        MockReply::Sse {
+            status: 200,
+            headers: Vec::new(),
+            steps,
+        }
+    }
+
     /// An echo without delays.
     pub fn echo() -> Self {
         MockReply::Echo {
