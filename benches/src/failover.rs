@@ -11,8 +11,9 @@
 //!
 //! Per fault and chain, prints: clients answered whole within the deadline
 //! (`[DONE]`, a finish reason, no error event), time to the whole answer
-//! (p50 / p99), attempts the faulty upstream saw per request, and who
-//! finished the answers (by the last chunk's model).
+//! (p50 / p99), completion calls the faulty upstream saw per request (and,
+//! apart, the capped shadow calls of its verification), and who finished
+//! the answers (by the last chunk's model).
 //!
 //! Usage: bench-failover MODEL_GGUF [ROUNDS]   (ROUNDS of 8 clients, default 1;
 //! the single client makes 3 × ROUNDS requests in turn)
@@ -287,7 +288,16 @@ async fn cell(
     if let Some(task) = flap {
         task.abort();
     }
-    let attempts = up.requests().len();
+    // Completions only (not health checks); the clients send no
+    // max_tokens, so a capped one is a shadow copy or a synthetic probe.
+    let calls: Vec<bool> = up
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .map(|r| r.body.get("max_tokens").is_some())
+        .collect();
+    let attempts = calls.iter().filter(|shadow| !**shadow).count();
+    let shadows = calls.len() - attempts;
     let _ = stop.send(());
     running.wait().await;
     let whole = outcomes.iter().filter(|o| o.whole).count();
@@ -303,7 +313,7 @@ async fn cell(
     }
     let by: Vec<String> = by.iter().map(|(name, n)| format!("{name} {n}")).collect();
     Ok(format!(
-        "{whole}/{} | {:.1} / {:.1} s | {:.1} | {}",
+        "{whole}/{} | {:.1} / {:.1} s | {:.1} (+{shadows}) | {}",
         outcomes.len(),
         pick(0.5),
         pick(0.99),
@@ -324,7 +334,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        println!("| fault | chain | clients | answered whole in 20 s | whole answer p50 / p99 | faulty upstream's attempts per request | finished by |");
+        println!("| fault | chain | clients | answered whole in 20 s | whole answer p50 / p99 | faulty upstream's attempts per request (+ shadow calls) | finished by |");
         println!("|---|---|---|---|---|---|---|");
         for (name, fault) in faults() {
             for (chain, second) in [("up→local", false), ("up→up2→local", true)] {

@@ -55,6 +55,7 @@ async fn scenario(
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[shadow]\nenabled = {shadow}\n\
          [[targets]]\nname = \"primary\"\nbase_url = \"{}\"\nfirst_byte_timeout_ms = {first_byte_ms}\n\
+         header_timeout_ms = {first_byte_ms}\n\
          [[targets]]\nname = \"fallback\"\nbase_url = \"{}\"\n",
         primary.url(),
         fallback.url()

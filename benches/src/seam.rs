@@ -16,7 +16,8 @@
 //!   (from the start of the previous sentence) and then gives the
 //!   reference's rest, the case the cut exists for.
 //!
-//! A seam is counted seamless when the continuation adds text, repeats none
+//! As in the router, only continuations without prefill are cut. A seam is
+//! counted seamless when the continuation adds text, repeats none
 //! of the last three words across the seam nor starts the answer over, and
 //! neither joins two words nor doubles a space.
 
@@ -164,7 +165,12 @@ async fn main() -> anyhow::Result<()> {
                     repeating(said, &answer[at..]),
                 ];
                 for (m, out) in outputs.iter().enumerate() {
-                    let cut = overlap(said, out, true).unwrap_or(0);
+                    // As the router does: a prefill's continuation is its
+                    // own answer, and only the others are cut at the seam.
+                    let cut = match m {
+                        0 => 0,
+                        _ => overlap(said, out, true).unwrap_or(0),
+                    };
                     let more = &out[cut..];
                     seams[m] += 1;
                     trimmed[m] += usize::from(cut > 0);

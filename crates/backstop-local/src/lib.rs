@@ -84,7 +84,7 @@ impl LocalConfig {
             context: None,
             max_tokens: 512,
             continuation_tokens: 256,
-            max_temperature: 0.7,
+            max_temperature: 0.5,
         }
     }
 }

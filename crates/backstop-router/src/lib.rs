@@ -331,10 +331,8 @@ impl Router {
 
     /// Answers with one complete response.
     pub async fn complete(&self, req: &Request) -> Result<Served<ChatCompletion>, RouteError> {
-        let (req, deadline) = self.timed(req)?;
-        let req = &req;
         let (served, attempt) = self
-            .walk(req, deadline, false, |hop, req| {
+            .walk(req, false, |hop, req| {
                 Box::pin(async move {
                     let reply = hop.backend.complete(req).await?;
                     let waited = reply.waited;
@@ -354,9 +352,7 @@ impl Router {
     /// break mid-answer is continued by a later target of the route. The
     /// attempt counts on the target's breaker when its stream ends.
     pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
-        let (req, deadline) = self.timed(req)?;
-        let req = &req;
-        self.walk(req, deadline, true, |hop, req| {
+        self.walk(req, true, |hop, req| {
             Box::pin(async move {
                 let started = Instant::now();
                 let mut reply = hop.backend.stream(req).await?;
@@ -431,7 +427,8 @@ impl Router {
     /// recorded on its target's breaker here; the serving one comes back
     /// unsettled, for the caller to record once its answer is whole.
     ///
-    /// `deadline` is the request's, from [`Router::timed`]. A target
+    /// The request's deadline is its route's, or sooner where the client
+    /// gave one ([`Request::deadline`], which backends see too). A target
     /// with a usable target after it gets at most half the time left, so the
     /// next one still has time to answer; and a failure that took longer
     /// than [`RetryPolicy::retry_within`] moves on rather than waiting again.
@@ -441,7 +438,6 @@ impl Router {
     async fn walk<'a, T: 'a, F>(
         &'a self,
         req: &'a Request,
-        deadline: Instant,
         first_tokens: bool,
         call: F,
     ) -> Result<(Served<T>, Option<Attempt>), RouteError>
@@ -456,6 +452,7 @@ impl Router {
         let mut mirrored = Vec::new();
         let mut backend_time = Duration::ZERO;
         let started_walk = Instant::now();
+        let deadline = self.deadline(route, req, started_walk);
         // Hops before this were tried already, by a hedge.
         let mut next_hop = 0;
         'targets: for (i, hop) in route.hops.iter().enumerate() {
@@ -625,25 +622,21 @@ impl Router {
         Some((delay, Box::new(start)))
     }
 
-    /// The request's deadline: the route's, or the client's budget when
-    /// that is sooner; and the request with the time its backends must be
-    /// done by, a little before it (a twentieth of the time, at most half a
-    /// second), so that an answer cut short by it still reaches the client
-    /// in time. The local model stops generating then.
-    fn timed(&self, req: &Request) -> Result<(Request, Instant), RouteError> {
-        let route = self
-            .table
-            .resolve(&req.chat.model)
-            .ok_or_else(|| RouteError::NoRoute(req.chat.model.clone()))?;
-        let now = Instant::now();
+    /// When the walk gives up: the route's deadline, or the client's
+    /// ([`Request::deadline`]) when sooner, plus a grace of a twentieth of
+    /// the time (at most half a second). The grace lets an answer that a
+    /// backend cut short at the client's deadline (the local model stops
+    /// generating then) still be taken; the client's own margin covers it.
+    fn deadline(&self, route: &Route, req: &Request, now: Instant) -> Instant {
         let own = now + route.deadline;
-        let deadline = req
-            .deadline
-            .map_or(own, |client| own.min(Instant::from_std(client)));
-        let margin = (deadline.saturating_duration_since(now) / 20).min(Duration::from_millis(500));
-        let mut req = req.clone();
-        req.deadline = Some((deadline - margin).into_std());
-        Ok((req, deadline))
+        match req.deadline.map(Instant::from_std) {
+            Some(client) => {
+                let grace =
+                    (client.saturating_duration_since(now) / 20).min(Duration::from_millis(500));
+                own.min(client + grace)
+            }
+            None => own,
+        }
     }
 
     /// Whether any of `hops` could take the request now: it is ready, and

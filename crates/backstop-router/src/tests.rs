@@ -734,7 +734,7 @@ async fn a_stall_is_handed_on_while_the_next_target_has_time_to_finish() {
     assert_eq!(text, "Half an answer.");
     // Half the time left went to the stalled stream, the rest to the next.
     let handed_on = start.elapsed();
-    assert!(handed_on < Duration::from_secs(10), "{handed_on:?}");
+    assert!(handed_on <= Duration::from_secs(10), "{handed_on:?}");
     assert_eq!(local.prefill.lock().unwrap().as_deref(), Some("Half an"));
 }
 
