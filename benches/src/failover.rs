@@ -10,7 +10,8 @@
 //!   API) between them, everything else default.
 //!
 //! Per fault and chain, prints: clients answered whole within the deadline
-//! (`[DONE]`, a finish reason, no error event), time to the whole answer
+//! (`[DONE]`, a finish reason, no error event) and the finish reasons (`length`
+//! where a cap or the deadline cut the answer short), time to the whole answer
 //! (p50 / p99), completion calls the faulty upstream saw per request (and,
 //! apart, the capped shadow calls of its verification), and who finished
 //! the answers (by the last chunk's model).
@@ -141,6 +142,8 @@ struct Outcome {
     whole: bool,
     took: Duration,
     by: String,
+    /// The answer's finish reason, if it had one.
+    finish: Option<String>,
 }
 
 async fn ask(client: &reqwest::Client, url: &str, question: &str) -> Outcome {
@@ -164,10 +167,11 @@ async fn ask(client: &reqwest::Client, url: &str, question: &str) -> Outcome {
         .filter_map(|e| e.strip_prefix("data: "))
         .filter_map(|d| serde_json::from_str(d).ok())
         .collect();
-    let finished = events.iter().any(|e| {
-        e.pointer("/choices/0/finish_reason")
-            .is_some_and(|f| !f.is_null())
-    });
+    let finish = events
+        .iter()
+        .find_map(|e| e.pointer("/choices/0/finish_reason")?.as_str())
+        .map(str::to_string);
+    let finished = finish.is_some();
     let error = events.iter().any(|e| e.get("error").is_some());
     let by = events
         .iter()
@@ -183,6 +187,7 @@ async fn ask(client: &reqwest::Client, url: &str, question: &str) -> Outcome {
         whole: finished && !error && text.ends_with("data: [DONE]\n\n") && took <= DEADLINE,
         took,
         by,
+        finish,
     }
 }
 
@@ -312,9 +317,18 @@ async fn cell(
         }
     }
     let by: Vec<String> = by.iter().map(|(name, n)| format!("{name} {n}")).collect();
+    let mut finishes: Vec<(String, usize)> = Vec::new();
+    for o in outcomes.iter().filter_map(|o| o.finish.as_ref()) {
+        match finishes.iter_mut().find(|(reason, _)| reason == o) {
+            Some((_, n)) => *n += 1,
+            None => finishes.push((o.clone(), 1)),
+        }
+    }
+    let finishes: Vec<String> = finishes.iter().map(|(r, n)| format!("{r} {n}")).collect();
     Ok(format!(
-        "{whole}/{} | {:.1} / {:.1} s | {:.1} (+{shadows}) | {}",
+        "{whole}/{} | {} | {:.1} / {:.1} s | {:.1} (+{shadows}) | {}",
         outcomes.len(),
+        finishes.join(", "),
         pick(0.5),
         pick(0.99),
         attempts as f64 / outcomes.len() as f64,
@@ -334,8 +348,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        println!("| fault | chain | clients | answered whole in 20 s | whole answer p50 / p99 | faulty upstream's attempts per request (+ shadow calls) | finished by |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| fault | chain | clients | answered whole in 20 s | finish reasons | whole answer p50 / p99 | faulty upstream's attempts per request (+ shadow calls) | finished by |");
+        println!("|---|---|---|---|---|---|---|---|");
         for (name, fault) in faults() {
             for (chain, second) in [("up→local", false), ("up→up2→local", true)] {
                 for clients in [1, 8] {
