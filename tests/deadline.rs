@@ -18,7 +18,7 @@ async fn two(up0_extra: &str) -> Harness {
         MockUpstream::start().await.unwrap(),
     );
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nprobe = \"off\"\n[shadow]\nenabled = false\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[health]\nprobe = \"off\"\n[shadow]\nenabled = false\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n{up0_extra}\n\
          [[targets]]\nname = \"up1\"\nbase_url = \"{}\"\n",
         up0.url(),

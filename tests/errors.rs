@@ -213,7 +213,7 @@ async fn an_unreachable_upstream_is_a_502_naming_the_target() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let toml = format!("[server]\nlisten = \"127.0.0.1:0\"\n[[targets]]\nname = \"gone\"\nbase_url = \"http://{closed}/v1\"\n");
+    let toml = format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[[targets]]\nname = \"gone\"\nbase_url = \"http://{closed}/v1\"\n");
     let h = Harness::with_config(Vec::new(), &toml).await;
     let resp = h.post("/v1/chat/completions", &chat(true)).await;
     assert_eq!(resp.headers()["x-backstop-backend"], "gone");

@@ -22,7 +22,7 @@ async fn faulty(up0_extra: &str) -> Harness {
         MockUpstream::start().await.unwrap(),
     );
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [retry]\nmax_retries = 1\nbackoff_base_ms = 100\nbackoff_max_ms = 100\n\
          [health]\nprobe = \"off\"\n[shadow]\nenabled = false\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
@@ -379,7 +379,7 @@ async fn a_content_filter_rejection_reaches_the_client_untouched() {
     // Not retried, not shopped around to another model, and no breaker trips.
     assert_eq!(h.mocks[0].requests().len(), 2);
     assert_eq!(h.mocks[1].requests().len(), 0);
-    let breakers: Value = h.get("/admin/breakers").await.json().await.unwrap();
+    let breakers: Value = h.admin_get("/admin/breakers").await.json().await.unwrap();
     assert_eq!(breakers["breakers"][0]["state"], "closed", "{breakers}");
 }
 

@@ -52,7 +52,7 @@ async fn chat_legacy_and_models_are_served_by_the_local_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_model_is_not_ready_and_answers_cleanly() {
-    let toml = "[server]\nlisten = \"127.0.0.1:0\"\n[local]\nmodel = \"/nonexistent/model.gguf\"\n";
+    let toml = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[local]\nmodel = \"/nonexistent/model.gguf\"\n";
     let h = Harness::with_config(Vec::new(), toml).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(h.get("/readyz").await.status(), 503);

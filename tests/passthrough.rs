@@ -140,7 +140,7 @@ async fn streamed_tool_call_fragments_pass_through() {
 async fn legacy_completions_go_to_the_legacy_endpoint_both_ways() {
     let h = Harness::start().await;
     let body = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test",
-                      "max_tokens": 7, "echo": false});
+                      "max_tokens": 16, "echo": false});
     let resp = h.post("/v1/completions", &body).await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();

@@ -16,7 +16,7 @@ async fn an_open_breaker_sends_traffic_past_the_failing_target() {
     }
     mocks[0].set_default(MockReply::error(500, "server_error", "boom"));
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [breaker]\nconsecutive_failures = 3\nopen_ms = 60000\n[retry]\nmax_retries = 0\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
          [[targets]]\nname = \"up1\"\nbase_url = \"{}\"\n",
@@ -54,7 +54,7 @@ async fn when_every_breaker_is_open_the_client_gets_a_clean_503() {
     let mock = backstop_testkit::MockUpstream::start().await.unwrap();
     mock.set_default(MockReply::error(502, "server_error", "bad gateway"));
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[breaker]\nconsecutive_failures = 2\n[retry]\nmax_retries = 0\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[breaker]\nconsecutive_failures = 2\n[retry]\nmax_retries = 0\n\
          [[targets]]\nname = \"only\"\nbase_url = \"{}\"\n",
         mock.url()
     );
@@ -91,7 +91,7 @@ async fn a_stream_cut_mid_answer_is_finished_by_the_local_model() {
         steps: vec![piece("2 + 2"), piece(" equals"), SseStep::Cut],
     }]);
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n\
          [local]\nmodel = \"{}\"\n",
         mock.url(),
@@ -176,7 +176,7 @@ async fn operators_force_a_breaker_open_and_hand_it_back() {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
     let force = |how: &'static str| {
         h.http
-            .post(h.url("/admin/breakers/up0"))
+            .post(h.admin_url("/admin/breakers/up0"))
             .json(&json!({"force": how}))
             .send()
     };
@@ -185,7 +185,7 @@ async fn operators_force_a_breaker_open_and_hand_it_back() {
     let resp = h.post("/v1/chat/completions", &body).await;
     assert_eq!(resp.headers()["x-backstop-backend"], "up1");
     assert!(h.mocks[0].requests().is_empty());
-    let list: serde_json::Value = h.get("/admin/breakers").await.json().await.unwrap();
+    let list: serde_json::Value = h.admin_get("/admin/breakers").await.json().await.unwrap();
     assert_eq!(list["breakers"][0]["target"], "up0");
     assert_eq!(list["breakers"][0]["forced"], "open");
     force("auto").await.unwrap();
@@ -193,7 +193,7 @@ async fn operators_force_a_breaker_open_and_hand_it_back() {
     assert_eq!(resp.headers()["x-backstop-backend"], "up0");
     let bad = h
         .http
-        .post(h.url("/admin/breakers/up0"))
+        .post(h.admin_url("/admin/breakers/up0"))
         .json(&json!({"force": "sideways"}))
         .send()
         .await
@@ -201,7 +201,7 @@ async fn operators_force_a_breaker_open_and_hand_it_back() {
     assert_eq!(bad.status(), 400);
     let unknown = h
         .http
-        .post(h.url("/admin/breakers/nope"))
+        .post(h.admin_url("/admin/breakers/nope"))
         .json(&json!({"force": "open"}))
         .send()
         .await
@@ -218,7 +218,7 @@ async fn a_failed_attempt_is_retried_on_the_same_upstream_after_the_wait_it_aske
         headers: vec![("retry-after-ms".into(), "200".into())],
     }]);
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[retry]\nmax_retries = 1\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[retry]\nmax_retries = 1\n\
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\n",
         mock.url()
     );
@@ -245,7 +245,7 @@ async fn health_checks_take_a_failing_upstream_out_of_service_and_bring_it_back(
     }
     mocks[0].set_default(MockReply::error(500, "server_error", "down"));
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[retry]\nmax_retries = 0\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[retry]\nmax_retries = 0\n\
          [health]\nprobe = \"completion\"\nprobe_model = \"probe-model\"\ninterval_ms = 30\n\
          timeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\n\
          [breaker]\nconsecutive_failures = 1000\nmin_calls = 1000\n\
@@ -294,7 +294,7 @@ async fn health_checks_take_a_failing_upstream_out_of_service_and_bring_it_back(
 }
 
 async fn unhealthy(h: &Harness) -> bool {
-    let v: serde_json::Value = h.get("/admin/breakers").await.json().await.unwrap();
+    let v: serde_json::Value = h.admin_get("/admin/breakers").await.json().await.unwrap();
     v["breakers"][0]["healthy"] == json!(false)
 }
 
@@ -305,7 +305,7 @@ async fn a_prompt_too_big_for_a_target_skips_it_and_one_that_fits_none_is_a_clea
         mocks.push(backstop_testkit::MockUpstream::start().await.unwrap());
     }
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nprobe = \"off\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[health]\nprobe = \"off\"\n\
          [[targets]]\nname = \"small\"\nbase_url = \"{}\"\ncontext_window = 32\n\
          [[targets]]\nname = \"large\"\nbase_url = \"{}\"\ncontext_window = 200\n",
         mocks[0].url(),

@@ -30,7 +30,7 @@ async fn verified() -> Harness {
     );
     up0.set_default(MockReply::error(503, "server_error", "down"));
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n\
          [shadow]\nsample_rate = 1.0\nmin_interval_ms = 50\nmax_interval_ms = 200\nmax_tokens = {CAP}\nprobe_interval_ms = 100\n\
          first_token_slo_ms = 300\ntotal_slo_ms = 1000\nwindow = 6\nlast_k = 3\nthreshold = 0.8\n\
          ramp = [0.5, 1.0]\nramp_step_ms = 400\n\
@@ -67,7 +67,7 @@ async fn steady_traffic(h: Arc<Harness>, run: Duration) -> Vec<String> {
 }
 
 async fn status_of(h: &Harness, target: &str) -> Value {
-    let status: Value = h.get("/admin/status").await.json().await.unwrap();
+    let status: Value = h.admin_get("/admin/status").await.json().await.unwrap();
     status["targets"]
         .as_array()
         .unwrap()
@@ -235,7 +235,7 @@ async fn operators_restart_verification() {
     }
     let restart = |target: &'static str| {
         h.http
-            .post(h.url(&format!("/admin/breakers/{target}")))
+            .post(h.admin_url(&format!("/admin/breakers/{target}")))
             .json(&json!({"verification": "restart"}))
             .send()
     };

@@ -49,7 +49,7 @@ async fn the_grace_period_bounds_shutdown() {
         chunk_delay: Duration::from_secs(2),
     });
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 300\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 300\n\
          [[targets]]\nname = \"slow\"\nbase_url = \"{}\"\n",
         mock.url()
     );

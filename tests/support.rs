@@ -17,6 +17,8 @@ pub struct Harness {
     pub mocks: Vec<MockUpstream>,
     /// Where Backstop listens.
     pub addr: SocketAddr,
+    /// Where its admin endpoints are.
+    pub admin_addr: SocketAddr,
     /// A plain HTTP client.
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -35,7 +37,7 @@ impl Harness {
         let mut mocks = Vec::new();
         // One attempt per target: these tests watch exactly what passes through.
         let mut toml = String::from(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n[retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n[retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n",
         );
         for i in 0..n {
             let mock = MockUpstream::start().await.expect("mock starts");
@@ -62,6 +64,7 @@ impl Harness {
         Harness {
             mocks,
             addr: running.addr,
+            admin_addr: running.admin_addr,
             http: reqwest::Client::new(),
             stop: Some(stop),
             running: Some(running),
@@ -76,6 +79,20 @@ impl Harness {
     /// Backstop's URL for a path, e.g. `/v1/chat/completions`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The URL of an admin endpoint, e.g. `/admin/breakers`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// GETs an admin endpoint.
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .expect("backstop answers")
     }
 
     /// POSTs a JSON body to Backstop.
@@ -100,7 +117,7 @@ impl Harness {
     /// Backstop offline: every request served by the default local model.
     pub async fn offline(extra: &str) -> Self {
         let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[local]\nmodel = \"{}\"\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[local]\nmodel = \"{}\"\n{extra}\n",
             model_path()
         );
         let h = Self::with_config(Vec::new(), &toml).await;

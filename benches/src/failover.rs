@@ -227,12 +227,14 @@ async fn cell(
         })?
     };
     config.listen = "127.0.0.1:0".parse()?;
+    config.admin_listen = "127.0.0.1:0".parse()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = run(App::new(config)?, async {
         let _ = stopped.await;
     })
     .await?;
     let base = format!("http://{}", running.addr);
+    let admin = format!("http://{}", running.admin_addr);
     let client = reqwest::Client::new();
     for _ in 0..1200 {
         if client
@@ -241,7 +243,7 @@ async fn cell(
             .await
             .is_ok_and(|r| r.status() == 200)
             && client
-                .get(format!("{base}/admin/status"))
+                .get(format!("{admin}/admin/status"))
                 .send()
                 .await
                 .is_ok()

@@ -53,7 +53,7 @@ async fn scenario(
     let primary = MockUpstream::start().await?;
     let fallback = MockUpstream::start().await?;
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[shadow]\nenabled = {shadow}\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[shadow]\nenabled = {shadow}\n\
          [[targets]]\nname = \"primary\"\nbase_url = \"{}\"\nfirst_byte_timeout_ms = {first_byte_ms}\n\
          header_timeout_ms = {first_byte_ms}\n\
          [[targets]]\nname = \"fallback\"\nbase_url = \"{}\"\n",

@@ -78,6 +78,12 @@ pub enum FailureKind {
     /// The target's rate limit (ours, kept in step with its headers) is
     /// spent: it was not tried.
     Throttled,
+    /// Backstop itself ran out of a local resource (file descriptors, memory
+    /// for buffers): not the target's failure.
+    Exhausted,
+    /// The request's deadline passed while its answer was still streaming:
+    /// the answer was cut, and is not complete.
+    DeadlinePassed,
 }
 
 impl FailureKind {
@@ -85,7 +91,10 @@ impl FailureKind {
     pub fn retryable(self) -> bool {
         !matches!(
             self,
-            FailureKind::ClientError | FailureKind::Auth | FailureKind::Cancelled
+            FailureKind::ClientError
+                | FailureKind::Auth
+                | FailureKind::Cancelled
+                | FailureKind::DeadlinePassed
         )
     }
 
@@ -106,6 +115,8 @@ impl FailureKind {
                 | FailureKind::Overloaded
                 | FailureKind::Unavailable
                 | FailureKind::Throttled
+                | FailureKind::Exhausted
+                | FailureKind::DeadlinePassed
         )
     }
 
@@ -113,12 +124,14 @@ impl FailureKind {
     /// error body of its own (a 5xx HTML page becomes a clean 502).
     pub fn default_status(self) -> u16 {
         match self {
-            FailureKind::FirstByteTimeout | FailureKind::StreamStalled => 504,
+            FailureKind::FirstByteTimeout
+            | FailureKind::StreamStalled
+            | FailureKind::DeadlinePassed => 504,
             FailureKind::RateLimited | FailureKind::Overloaded | FailureKind::Throttled => 429,
             FailureKind::Auth => 401,
             FailureKind::ClientError => 400,
             FailureKind::Cancelled => 499,
-            FailureKind::Unavailable => 503,
+            FailureKind::Unavailable | FailureKind::Exhausted => 503,
             FailureKind::ServerError
             | FailureKind::Connect
             | FailureKind::StreamBroken
@@ -135,6 +148,8 @@ impl FailureKind {
             FailureKind::RateLimited | FailureKind::Overloaded | FailureKind::Throttled => {
                 "rate_limit_error"
             }
+            FailureKind::Exhausted => "server_error",
+            FailureKind::DeadlinePassed => "timeout_error",
             _ => "upstream_error",
         }
     }
@@ -156,6 +171,8 @@ impl FailureKind {
             FailureKind::Cancelled => "cancelled",
             FailureKind::Unavailable => "circuit_open",
             FailureKind::Throttled => "rate_limit_held",
+            FailureKind::Exhausted => "local_resources",
+            FailureKind::DeadlinePassed => "deadline_passed",
         }
     }
 

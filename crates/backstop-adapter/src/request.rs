@@ -81,6 +81,7 @@ impl Request {
         let chat: ChatRequest =
             serde_path_to_error::deserialize(Value::Object(map)).map_err(from_path)?;
         validate(&chat)?;
+        validate_legacy(&fields, chat.n.unwrap_or(1))?;
         Ok(Request {
             chat,
             legacy: Some(Legacy { prompt, fields }),
@@ -168,6 +169,17 @@ fn from_path(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidRequest
     invalid(message, param)
 }
 
+/// The largest `n` OpenAI takes, and the most stop sequences.
+const MAX_N: u32 = 128;
+const MAX_STOPS: usize = 4;
+/// Entries of `logit_bias` accepted: every one costs work on each token.
+const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Checks what every backend would otherwise reject in its own way (or,
+/// worse, fail on): the request's shape and each sampling parameter, the
+/// ones the schema models and the common extensions (`top_k`,
+/// `repetition_penalty`, `min_p`, `logit_bias`, ...), each with a 400
+/// naming it.
 fn validate(chat: &ChatRequest) -> Result<(), InvalidRequest> {
     if chat.model.is_empty() {
         return Err(invalid(
@@ -181,10 +193,137 @@ fn validate(chat: &ChatRequest) -> Result<(), InvalidRequest> {
             Some("messages".into()),
         ));
     }
-    if chat.n == Some(0) {
-        return Err(invalid("`n` must be at least 1".into(), Some("n".into())));
+    if let Some(n) = chat.n {
+        check(
+            (1..=MAX_N).contains(&n),
+            "n",
+            format!("must be between 1 and {MAX_N}"),
+        )?;
+    }
+    if let Some(t) = chat.temperature {
+        check(
+            (0.0..=2.0).contains(&t),
+            "temperature",
+            "must be between 0 and 2",
+        )?;
+    }
+    if let Some(p) = chat.top_p {
+        check(
+            p > 0.0 && p <= 1.0,
+            "top_p",
+            "must be above 0 and at most 1",
+        )?;
+    }
+    for (name, cap) in [
+        ("max_tokens", chat.max_tokens),
+        ("max_completion_tokens", chat.max_completion_tokens),
+    ] {
+        if let Some(cap) = cap {
+            check(cap >= 1, name, "must be at least 1")?;
+        }
+    }
+    if let Some(stop) = &chat.stop {
+        check(
+            stop.sequences().len() <= MAX_STOPS,
+            "stop",
+            format!("takes at most {MAX_STOPS} sequences"),
+        )?;
+    }
+    let extra = |name: &str| chat.extra.get(name).filter(|v| !v.is_null());
+    for name in ["presence_penalty", "frequency_penalty"] {
+        if let Some(v) = extra(name) {
+            let ok = v.as_f64().is_some_and(|p| (-2.0..=2.0).contains(&p));
+            check(ok, name, "must be a number between -2 and 2")?;
+        }
+    }
+    if let Some(v) = extra("top_k") {
+        let ok = v.as_u64().is_some_and(|k| k >= 1);
+        check(ok, "top_k", "must be a whole number of at least 1")?;
+    }
+    if let Some(v) = extra("repetition_penalty") {
+        let ok = v.as_f64().is_some_and(|p| p > 0.0 && p <= 10.0);
+        check(
+            ok,
+            "repetition_penalty",
+            "must be a number above 0 and at most 10",
+        )?;
+    }
+    if let Some(v) = extra("min_p") {
+        let ok = v.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p));
+        check(ok, "min_p", "must be a number between 0 and 1")?;
+    }
+    if let Some(v) = extra("logprobs") {
+        check(v.is_boolean(), "logprobs", "must be true or false")?;
+    }
+    if let Some(v) = extra("top_logprobs") {
+        let ok = v.as_u64().is_some_and(|k| k <= 20);
+        check(
+            ok,
+            "top_logprobs",
+            "must be a whole number between 0 and 20",
+        )?;
+    }
+    if let Some(v) = extra("logit_bias") {
+        validate_logit_bias(v)?;
     }
     Ok(())
+}
+
+/// `logit_bias`: token ids (as JSON object keys) to a bias from -100 to 100.
+fn validate_logit_bias(v: &Value) -> Result<(), InvalidRequest> {
+    let Value::Object(map) = v else {
+        return Err(invalid(
+            "`logit_bias` must be an object of token ids to numbers".into(),
+            Some("logit_bias".into()),
+        ));
+    };
+    check(
+        map.len() <= MAX_LOGIT_BIAS,
+        "logit_bias",
+        format!("takes at most {MAX_LOGIT_BIAS} tokens"),
+    )?;
+    for (token, bias) in map {
+        let param = format!("logit_bias.{token}");
+        check(
+            token.parse::<u32>().is_ok(),
+            &param,
+            "is not a token id (a whole number)",
+        )?;
+        let ok = bias.as_f64().is_some_and(|b| (-100.0..=100.0).contains(&b));
+        check(ok, &param, "must be a number between -100 and 100")?;
+    }
+    Ok(())
+}
+
+/// The legacy API's own fields.
+fn validate_legacy(fields: &Extra, n: u32) -> Result<(), InvalidRequest> {
+    let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
+    if let Some(v) = field("logprobs") {
+        let ok = v.as_u64().is_some_and(|k| k <= 5);
+        check(ok, "logprobs", "must be a whole number between 0 and 5")?;
+    }
+    if let Some(v) = field("best_of") {
+        let ok = v.as_u64().is_some_and(|k| k >= u64::from(n) && k <= 20);
+        check(ok, "best_of", "must be a whole number from `n` to 20")?;
+    }
+    if let Some(v) = field("echo") {
+        check(v.is_boolean(), "echo", "must be true or false")?;
+    }
+    if let Some(v) = field("suffix") {
+        check(v.is_string(), "suffix", "must be a string")?;
+    }
+    Ok(())
+}
+
+/// A 400 for `param` unless `ok`.
+fn check(ok: bool, param: &str, rule: impl std::fmt::Display) -> Result<(), InvalidRequest> {
+    if ok {
+        return Ok(());
+    }
+    Err(invalid(
+        format!("`{param}` {rule}"),
+        Some(param.to_string()),
+    ))
 }
 
 /// The chat view of a legacy prompt: the text of a string or of strings; token

@@ -7,6 +7,8 @@
 //! NUL; `retry:` takes ASCII digits only; a blank line dispatches; an event still
 //! unterminated when the stream ends is dropped. Bytes are buffered up to a line
 //! end before decoding, so a multibyte character split across reads is whole.
+//! What is buffered is bounded: a line, or an event's data, longer than the
+//! decoder's limit is an error ([`TooLarge`]), never an unbounded buffer.
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,9 +38,20 @@ impl SseEvent {
 const DEFAULT_EVENT: &str = "message";
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// The default bound on one line or one event's data: 1 MiB, far above any
+/// chunk an upstream sends.
+pub const DEFAULT_MAX_EVENT: usize = 1 << 20;
+
+/// A line or an event's data grew past the decoder's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an event-stream line or event is larger than {0} bytes")]
+pub struct TooLarge(pub usize);
+
 /// Incremental decoder: feed it bytes as they arrive, collect events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseDecoder {
+    /// Largest line, and largest event data, accepted.
+    max: usize,
     /// Bytes of the current, unfinished line.
     line: Vec<u8>,
     /// Whether the start of the stream has been checked for a BOM.
@@ -52,31 +65,53 @@ pub struct SseDecoder {
     last_id: String,
 }
 
+impl Default for SseDecoder {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_EVENT)
+    }
+}
+
 impl SseDecoder {
-    /// A decoder at the start of a stream.
+    /// A decoder at the start of a stream, bounded by [`DEFAULT_MAX_EVENT`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Feeds the next bytes of the stream, appending the events they complete.
-    pub fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) {
+    /// A decoder whose lines and event data may hold at most `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        SseDecoder {
+            max,
+            line: Vec::new(),
+            bom_checked: false,
+            after_cr: false,
+            data: String::new(),
+            has_data: false,
+            event: String::new(),
+            retry: None,
+            last_id: String::new(),
+        }
+    }
+
+    /// Feeds the next bytes of the stream, appending the events they
+    /// complete. Past the limit the stream cannot be decoded further.
+    pub fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) -> Result<(), TooLarge> {
         if !self.bom_checked {
             // Hold back up to three bytes until they prove to be, or not be, a BOM.
             let wanted = BOM.len().saturating_sub(self.line.len()).min(bytes.len());
             self.line.extend_from_slice(&bytes[..wanted]);
             bytes = &bytes[wanted..];
             if self.line.len() < BOM.len() && BOM.starts_with(&self.line) {
-                return;
+                return Ok(());
             }
             self.bom_checked = true;
             let held = std::mem::take(&mut self.line);
             let held = held.strip_prefix(BOM).unwrap_or(&held);
-            self.scan(held, out);
+            self.scan(held, out)?;
         }
-        self.scan(bytes, out);
+        self.scan(bytes, out)
     }
 
-    fn scan(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) {
+    fn scan(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) -> Result<(), TooLarge> {
         if self.after_cr && !bytes.is_empty() {
             self.after_cr = false;
             if bytes[0] == b'\n' {
@@ -84,9 +119,12 @@ impl SseDecoder {
             }
         }
         while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+            if self.line.len() + end > self.max {
+                return Err(TooLarge(self.max));
+            }
             self.line.extend_from_slice(&bytes[..end]);
             let line = std::mem::take(&mut self.line);
-            self.process_line(&line, out);
+            self.process_line(&line, out)?;
             self.line = line;
             self.line.clear();
             let mut next = end + 1;
@@ -99,16 +137,20 @@ impl SseDecoder {
             }
             bytes = &bytes[next..];
         }
+        if self.line.len() + bytes.len() > self.max {
+            return Err(TooLarge(self.max));
+        }
         self.line.extend_from_slice(bytes);
+        Ok(())
     }
 
-    fn process_line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) {
+    fn process_line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) -> Result<(), TooLarge> {
         if line.is_empty() {
             self.dispatch(out);
-            return;
+            return Ok(());
         }
         if line[0] == b':' {
-            return;
+            return Ok(());
         }
         let (field, value) = match line.iter().position(|&b| b == b':') {
             Some(colon) => {
@@ -118,6 +160,9 @@ impl SseDecoder {
             None => (line, &b""[..]),
         };
         match field {
+            b"data" if self.data.len() + value.len() + 1 > self.max => {
+                return Err(TooLarge(self.max))
+            }
             b"data" => {
                 self.data.push_str(&String::from_utf8_lossy(value));
                 self.data.push('\n');
@@ -132,6 +177,7 @@ impl SseDecoder {
             }
             _ => {}
         }
+        Ok(())
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {

@@ -120,9 +120,16 @@ impl LocalBackend {
                 hold_end: if prefill.is_empty() { 0 } else { HOLD_END },
                 temperature: temperature.min(self.max_temperature),
                 top_p,
-                top_k: extra_f64("top_k").filter(|k| *k >= 1.0).map(|k| k as usize),
+                top_k: chat
+                    .extra
+                    .get("top_k")
+                    .and_then(serde_json::Value::as_u64)
+                    .filter(|k| *k >= 1)
+                    .map(|k| k as usize),
                 seed,
-                repetition_penalty: extra_f64("repetition_penalty").unwrap_or(1.0) as f32,
+                repetition_penalty: extra_f64("repetition_penalty")
+                    .filter(|p| *p > 0.0 && p.is_finite())
+                    .unwrap_or(1.0) as f32,
                 stop: chat
                     .stop
                     .as_ref()

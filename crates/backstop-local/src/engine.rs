@@ -46,7 +46,10 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::error!("local model not available: {e}");
-                    let message = format!("the local model is not available: {e}");
+                    let message = format!(
+                        "the local model is not available: {}",
+                        generate::describe(&e)
+                    );
                     while let Ok(job) = jobs.recv() {
                         let err = BackendError::new(FailureKind::ServerError, message.clone());
                         let _ = job.events.send(Event::Failed(err));
@@ -147,7 +150,7 @@ fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
                 })
                 .collect(),
             Err(e) => {
-                let message = format!("local model failed: {e}");
+                let message = format!("local model failed: {}", generate::describe(&e));
                 for seq in &active {
                     let err = BackendError::new(FailureKind::ServerError, message.clone());
                     seq.fail(Event::Failed(err));

@@ -96,9 +96,34 @@ fn failed(kind: FailureKind, message: String) -> Event {
     Event::Failed(BackendError::new(kind, message))
 }
 
+/// An error's own words, without the backtrace candle appends when
+/// `RUST_BACKTRACE` is set: what reaches a client is one line.
+pub fn describe(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// A failure of the model's computation.
 pub fn model_failure(e: candle_core::Error) -> Event {
-    failed(FailureKind::ServerError, format!("local model failed: {e}"))
+    failed(
+        FailureKind::ServerError,
+        format!("local model failed: {}", describe(&e)),
+    )
+}
+
+/// Sampling failed on logits the model computed soundly: the client's
+/// parameters are at fault, not the model (a 400, not retried, and not
+/// counted against the target).
+fn sampling_failure(e: candle_core::Error) -> Event {
+    let mut e = BackendError::new(
+        FailureKind::ClientError,
+        format!(
+            "the local model cannot sample with these parameters (temperature, top_p, top_k, \
+             repetition_penalty): {}",
+            describe(&e)
+        ),
+    );
+    e.status = Some(400);
+    Event::Failed(e)
 }
 
 /// Token ids of the prompt, dropping the oldest non-system turns until it
@@ -186,6 +211,16 @@ fn sampler(params: &Params) -> LogitsProcessor {
         }
     };
     LogitsProcessor::from_sampling(params.seed, sampling)
+}
+
+/// Whether every logit is a finite number.
+fn finite(logits: &candle_core::Tensor) -> candle_core::Result<bool> {
+    Ok(logits
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|x| x.is_finite()))
 }
 
 /// Where the text that may be sent ends: before any stop string, and before a
@@ -463,6 +498,17 @@ impl Sequence {
         {
             return Ok(Step::Finished("length"));
         }
+        let raw = logits.clone();
+        // A sampling failure is the parameters' fault when the model's own
+        // logits are sound.
+        let sampling = |e: candle_core::Error| match finite(&raw) {
+            Ok(true) => sampling_failure(e),
+            Ok(false) => failed(
+                FailureKind::ServerError,
+                "local model failed: its logits are not finite".into(),
+            ),
+            Err(e) => model_failure(e),
+        };
         if self.params.repetition_penalty != 1.0 {
             let start = self.generated.len().saturating_sub(REPEAT_WINDOW);
             logits = apply_repeat_penalty(
@@ -472,13 +518,13 @@ impl Sequence {
             )
             .map_err(model_failure)?;
         }
-        let mut next = self.sampler.sample(&logits).map_err(model_failure)?;
+        let mut next = self.sampler.sample(&logits).map_err(sampling)?;
         if model.tokenizer.is_stop(next) && self.holds_end() {
             let masked = model
                 .tokenizer
                 .without_stops(&logits)
                 .map_err(model_failure)?;
-            next = self.sampler.sample(&masked).map_err(model_failure)?;
+            next = self.sampler.sample(&masked).map_err(sampling)?;
         }
         if model.tokenizer.is_stop(next) {
             return Ok(Step::Finished("stop"));

@@ -377,6 +377,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether the target may take calls now (or soon, as a probe): not
+    /// forced open, and healthy with its breaker not open; or forced closed.
+    pub fn may_serve(&self) -> bool {
+        match self.forced() {
+            Forced::Open => false,
+            Forced::Closed => true,
+            Forced::No => self.healthy() && self.state() != BreakerState::Open,
+        }
+    }
+
     /// Forces the breaker open or closed, or hands it back to its own rules
     /// (closed, with a clean history).
     pub fn force(&self, forced: Forced) {

@@ -217,6 +217,34 @@ fn bounded<'r, T: 'r>(
     })
 }
 
+/// A stream that ends at `deadline` if it has not ended before: with an
+/// error, as the answer is not complete. The deadline wins over chunks that
+/// are ready, so an upstream that never stops is cut all the same.
+fn cut_at(stream: ChunkStream, deadline: Instant, started: Instant) -> ChunkStream {
+    let sleep = Box::pin(tokio::time::sleep_until(deadline));
+    Box::pin(futures_util::stream::unfold(
+        Some((stream, sleep)),
+        move |state| async move {
+            let (mut stream, mut sleep) = state?;
+            tokio::select! {
+                biased;
+                () = &mut sleep => {
+                    let allowed = deadline.saturating_duration_since(started).as_millis();
+                    let e = BackendError::new(
+                        FailureKind::DeadlinePassed,
+                        format!(
+                            "the answer was still streaming at the request's deadline of \
+                             {allowed} ms and was cut: it is not complete"
+                        ),
+                    );
+                    Some((Err(e), None))
+                }
+                item = stream.next() => item.map(|item| (item, Some((stream, sleep)))),
+            }
+        },
+    ))
+}
+
 /// Locks a mutex, taking its data even if a panicking holder poisoned it:
 /// what these locks guard stays whole between statements.
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -351,7 +379,12 @@ impl Router {
     /// client never sees a stream that breaks before it starts. After that, a
     /// break mid-answer is continued by a later target of the route. The
     /// attempt counts on the target's breaker when its stream ends.
+    ///
+    /// The whole stream is bounded by the request's deadline (the route's,
+    /// or the client's when sooner): a stream still going then is cut with
+    /// a [`FailureKind::DeadlinePassed`] error, never ended as if complete.
     pub async fn stream(&self, req: &Request) -> Result<Served<ChunkStream>, RouteError> {
+        let started = Instant::now();
         self.walk(req, true, |hop, req| {
             Box::pin(async move {
                 let started = Instant::now();
@@ -388,7 +421,7 @@ impl Router {
                 &mut served.reply.body,
                 Box::pin(futures_util::stream::empty()),
             );
-            served.reply.body = continuation::continuing(
+            let body = continuation::continuing(
                 body,
                 attempt,
                 req,
@@ -398,6 +431,10 @@ impl Router {
                     serving: served.serving.clone(),
                 },
             );
+            served.reply.body = match self.table.resolve(&req.chat.model) {
+                Some(route) => cut_at(body, self.deadline(route, req, started), started),
+                None => body,
+            };
             served
         })
     }
@@ -642,13 +679,17 @@ impl Router {
     /// Whether any of `hops` could take the request now: it is ready, and
     /// its breaker is not open.
     fn can_follow(&self, hops: &[Hop]) -> bool {
-        hops.iter().any(|hop| {
-            hop.backend.ready()
-                && self
-                    .breakers
-                    .get(hop.backend.name())
-                    .is_none_or(|b| b.state() != breaker::BreakerState::Open)
-        })
+        hops.iter().any(|hop| self.may_serve(&hop.backend))
+    }
+
+    /// Whether `target` could take a request now: it is ready, and its
+    /// breaker lets calls through (see [`CircuitBreaker::may_serve`]).
+    pub fn may_serve(&self, target: &Arc<dyn Backend>) -> bool {
+        target.ready()
+            && self
+                .breakers
+                .get(target.name())
+                .is_none_or(|b| b.may_serve())
     }
 
     /// The models every target reports, without duplicates; a target that

@@ -930,3 +930,59 @@ async fn a_call_pending_past_the_slow_call_threshold_counts_against_its_breaker(
     assert_eq!(served_text(&router).await, ("up".into(), "upstream".into()));
     assert_eq!(router.breakers()["up"].trips(), 1);
 }
+
+/// A backend whose stream never ends: a chunk every 10 ms.
+struct Endless;
+
+impl Backend for Endless {
+    fn name(&self) -> &str {
+        "endless"
+    }
+
+    fn complete<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+        Box::pin(async { Err(BackendError::new(FailureKind::ServerError, "streams only")) })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+        let body = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((Ok(chunk("endless", Some("la "), None)), ()))
+        });
+        Box::pin(async move {
+            Ok(Reply {
+                body: Box::pin(body) as ChunkStream,
+                headers: Headers::new(),
+                waited: Duration::ZERO,
+            })
+        })
+    }
+
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_never_ends_is_cut_at_the_deadline_with_an_error() {
+    let route = Route::new(ModelMatch::Any, [Arc::new(Endless) as Arc<dyn Backend>])
+        .with_deadline(Duration::from_secs(5));
+    let router = Router::new_default(RouteTable::new(vec![route]));
+    let started = tokio::time::Instant::now();
+    let (text, _, failed) = stream_text(&router).await;
+    assert_eq!(failed, Some(FailureKind::DeadlinePassed));
+    assert!(text.len() > 100, "{}", text.len());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    // The cut is the deadline's doing, not the target's failure.
+    let breaker = &router.breakers()["endless"];
+    assert!(breaker.recent_failures().is_empty());
+}

@@ -17,6 +17,8 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::time::Instant;
 
+use crate::limits::BODY_RATE_GRACE;
+use crate::listener::Surface;
 use crate::metrics::{status_class, Metrics};
 use crate::respond::{self, Body, Served};
 use crate::App;
@@ -37,12 +39,39 @@ impl Endpoint {
     }
 }
 
-/// Routes one HTTP request to its endpoint.
+/// Routes one HTTP request to its endpoint. The admin endpoints answer on
+/// the admin listener, or with the admin token.
 pub async fn handle(
     req: hyper::Request<Incoming>,
     app: Arc<App>,
+    surface: Surface,
 ) -> Result<Response<Body>, Infallible> {
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > app.config.limits.max_header_bytes {
+        app.metrics
+            .rejected
+            .with_label_values(&["header_size"])
+            .inc();
+        return Ok(respond::error(
+            431,
+            "invalid_request_error",
+            format!(
+                "the request's headers are {header_bytes} bytes; at most {} are accepted",
+                app.config.limits.max_header_bytes
+            ),
+            Some("headers_too_large"),
+        ));
+    }
     let path = req.uri().path();
+    if path.starts_with("/admin/") {
+        if let Err(refused) = admin_allowed(&req, &app, surface) {
+            return Ok(refused);
+        }
+    }
     let resp = match (req.method(), path) {
         (&Method::POST, "/v1/chat/completions") => completion(req, app, Endpoint::Chat).await,
         (&Method::POST, "/v1/completions") => completion(req, app, Endpoint::Legacy).await,
@@ -87,6 +116,81 @@ pub async fn handle(
         ),
     };
     Ok(resp)
+}
+
+/// Whether an admin request may go on: on the admin listener, or with the
+/// admin token (required on both when one is configured); never from a web
+/// page (a browser sends `Origin` or `Sec-Fetch-Site` with a cross-site
+/// request); and a POST only with a JSON body, which a page cannot send
+/// without a preflight.
+#[allow(clippy::result_large_err)]
+fn admin_allowed(
+    req: &hyper::Request<Incoming>,
+    app: &App,
+    surface: Surface,
+) -> Result<(), Response<Body>> {
+    let headers = req.headers();
+    let forbidden = |message: &str| {
+        respond::error(
+            403,
+            "permission_error",
+            message.to_string(),
+            Some("forbidden"),
+        )
+    };
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match (&app.config.admin_token, token) {
+        (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => {}
+        (Some(_), _) => {
+            return Err(respond::error(
+                401,
+                "authentication_error",
+                "the admin endpoints need the admin token as a bearer token",
+                Some("invalid_admin_token"),
+            ))
+        }
+        (None, _) if surface == Surface::Admin => {}
+        (None, _) => {
+            return Err(forbidden(
+                "the admin endpoints are served on the admin listener (server.admin_listen), \
+                 or here with server.admin_token_env set",
+            ))
+        }
+    }
+    let cross_site = headers.contains_key(http::header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|site| site != "none" && site != "same-origin");
+    if cross_site {
+        return Err(forbidden(
+            "the admin endpoints do not take requests from web pages",
+        ));
+    }
+    if req.method() == Method::POST {
+        let json = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(respond::error(
+                415,
+                "invalid_request_error",
+                "admin requests must have Content-Type: application/json",
+                Some("unsupported_media_type"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn plain_json(body: &'static [u8]) -> Response<Body> {
@@ -173,9 +277,13 @@ async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -
             Some("unknown_target"),
         );
     };
-    let bytes = match Limited::new(req.into_body(), 4096).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        Limited::new(req.into_body(), 4096).collect(),
+    );
+    let bytes = match read.await {
+        Ok(Ok(c)) => c.to_bytes(),
+        _ => {
             return respond::error(
                 400,
                 "invalid_request_error",
@@ -227,21 +335,16 @@ async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -
 }
 
 /// Ready while any target can serve: loaded (the local model), healthy by its
-/// health checks, and its breaker not open.
+/// health checks, and its breaker neither open nor forced open.
 fn ready(app: &App) -> Response<Body> {
-    let serving = |t: &std::sync::Arc<dyn backstop_adapter::Backend>| {
-        t.ready()
-            && app.router.breakers().get(t.name()).is_none_or(|b| {
-                b.healthy() && b.state() != backstop_router::breaker::BreakerState::Open
-            })
-    };
-    if app.router.table().targets().iter().any(serving) {
+    let targets = app.router.table().targets();
+    if targets.iter().any(|t| app.router.may_serve(t)) {
         plain_json(br#"{"status":"ready"}"#)
     } else {
         respond::error(
             503,
             "server_error",
-            "no target can serve yet (is the local model still loading?)",
+            "no target can serve (is the local model still loading, or is every breaker open?)",
             Some("not_ready"),
         )
     }
@@ -260,23 +363,28 @@ async fn models(app: &App) -> Response<Body> {
     )
 }
 
-/// Counts the request in flight until dropped, and its duration then.
+/// Counts the request in flight until dropped, and its duration then; holds
+/// its place among `max_in_flight`.
 struct InFlight {
     app: Arc<App>,
     started: Instant,
     endpoint: Endpoint,
     stream: bool,
+    _place: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl InFlight {
-    fn new(app: Arc<App>, endpoint: Endpoint) -> Self {
+    /// The request's place in flight, or none when `max_in_flight` are.
+    fn new(app: Arc<App>, endpoint: Endpoint) -> Option<Self> {
+        let place = app.in_flight.clone().try_acquire_owned().ok()?;
         app.metrics.in_flight.inc();
-        InFlight {
+        Some(InFlight {
             app,
             started: Instant::now(),
             endpoint,
             stream: false,
-        }
+            _place: place,
+        })
     }
 
     fn metrics(&self) -> &Metrics {
@@ -309,7 +417,23 @@ async fn completion(
     app: Arc<App>,
     endpoint: Endpoint,
 ) -> Response<Body> {
-    let mut flight = InFlight::new(app.clone(), endpoint);
+    let Some(mut flight) = InFlight::new(app.clone(), endpoint) else {
+        app.metrics.rejected.with_label_values(&["in_flight"]).inc();
+        let mut resp = respond::error(
+            503,
+            "server_error",
+            format!(
+                "Backstop is serving its limit of {} requests; retry shortly",
+                app.config.limits.max_in_flight
+            ),
+            Some("overloaded"),
+        );
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        return resp;
+    };
     let trailers = accepts_trailers(&req);
     let budget = match client_budget(req.headers()) {
         Ok(budget) => budget,
@@ -318,33 +442,33 @@ async fn completion(
             return respond::error(400, "invalid_request_error", message, None);
         }
     };
-    let bytes = match Limited::new(req.into_body(), app.config.max_body_bytes)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            flight.record(respond::NO_BACKEND, 413);
-            return respond::error(
-                413,
-                "invalid_request_error",
-                format!(
-                    "request body is larger than {} bytes",
-                    app.config.max_body_bytes
-                ),
-                Some("request_too_large"),
-            );
-        }
-        Err(e) => {
-            flight.record(respond::NO_BACKEND, 400);
-            return respond::error(
-                400,
-                "invalid_request_error",
-                format!("cannot read request body: {e}"),
-                None,
-            );
+    let bytes = match read_body(req.into_body(), &app).await {
+        Ok(bytes) => bytes,
+        Err((status, reason, message)) => {
+            app.metrics.rejected.with_label_values(&[reason]).inc();
+            flight.record(respond::NO_BACKEND, status);
+            let code = (status == 413).then_some("request_too_large");
+            return respond::error(status, "invalid_request_error", message, code);
         }
     };
+    let limits = &app.config.limits;
+    let values = crate::limits::json_values(&bytes);
+    if values > limits.max_json_values {
+        app.metrics
+            .rejected
+            .with_label_values(&["json_values"])
+            .inc();
+        flight.record(respond::NO_BACKEND, 413);
+        return respond::error(
+            413,
+            "invalid_request_error",
+            format!(
+                "the request body holds {values} JSON values; at most {} are accepted",
+                limits.max_json_values
+            ),
+            Some("request_too_large"),
+        );
+    }
     let parsed = match endpoint {
         Endpoint::Chat => Request::parse_chat(&bytes),
         Endpoint::Legacy => Request::parse_legacy(&bytes),
@@ -356,6 +480,19 @@ async fn completion(
             return respond::invalid_request(&e);
         }
     };
+    drop(bytes);
+    if request.chat.messages.len() > limits.max_messages {
+        app.metrics.rejected.with_label_values(&["messages"]).inc();
+        flight.record(respond::NO_BACKEND, 400);
+        return respond::invalid_request(&backstop_adapter::InvalidRequest {
+            message: format!(
+                "`messages` holds {} messages; at most {} are accepted",
+                request.chat.messages.len(),
+                limits.max_messages
+            ),
+            param: Some("messages".into()),
+        });
+    }
     request.deadline = budget.map(|b| (flight.started + b).into_std());
     if request.chat.is_stream() {
         flight.stream = true;
@@ -363,6 +500,82 @@ async fn completion(
     } else {
         complete(&app, &request, flight).await
     }
+}
+
+/// Reads a request body within the limits: its size, the time for the
+/// whole of it, and (after [`BODY_RATE_GRACE`]) its average rate. A
+/// failure is the status, the rejection's metric label, and the message.
+async fn read_body(mut body: Incoming, app: &App) -> Result<Bytes, (u16, &'static str, String)> {
+    let limits = &app.config.limits;
+    let too_large = || {
+        (
+            413,
+            "body_size",
+            format!(
+                "request body is larger than {} bytes",
+                limits.max_body_bytes
+            ),
+        )
+    };
+    let started = Instant::now();
+    let until = started + limits.body_read_timeout;
+    let mut out = bytes::BytesMut::new();
+    loop {
+        // Look at the rate at least every second while the body trickles.
+        let wake = until.min(Instant::now() + Duration::from_secs(1));
+        let frame = match tokio::time::timeout_at(wake, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                return Err((
+                    400,
+                    "body_error",
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
+            Ok(None) => return Ok(out.freeze()),
+            Err(_) if Instant::now() >= until => {
+                return Err((
+                    408,
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive within {} ms",
+                        limits.body_read_timeout.as_millis()
+                    ),
+                ))
+            }
+            Err(_) => {
+                check_rate(out.len(), started, limits.min_body_rate)?;
+                continue;
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limits.max_body_bytes {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&data);
+        }
+        check_rate(out.len(), started, limits.min_body_rate)?;
+    }
+}
+
+/// A body slower on average than `min_rate` bytes a second, after the
+/// grace, is refused.
+fn check_rate(
+    read: usize,
+    started: Instant,
+    min_rate: u64,
+) -> Result<(), (u16, &'static str, String)> {
+    let Some(past) = started.elapsed().checked_sub(BODY_RATE_GRACE) else {
+        return Ok(());
+    };
+    if (read as f64) < min_rate as f64 * past.as_secs_f64() {
+        return Err((
+            408,
+            "body_rate",
+            format!("the request body is arriving slower than {min_rate} bytes a second"),
+        ));
+    }
+    Ok(())
 }
 
 /// The client's own deadline header: milliseconds for the whole answer.

@@ -16,12 +16,16 @@ use backstop_router::retry::RetryPolicy;
 use backstop_router::{ModelMatch, DEFAULT_DEADLINE};
 use backstop_shadow::ShadowConfig;
 use backstop_upstream::UpstreamConfig;
+
+use crate::limits::Limits;
 use serde::Deserialize;
 
 /// The public OpenAI API, used when `OPENAI_BASE_URL` is not set.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 /// Where Backstop listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the admin endpoints are served unless told otherwise: loopback.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 /// The local model file used when none is configured (`models/fetch` gets it).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The name clients see for the default local model.
@@ -166,8 +170,20 @@ struct RawLocal {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    admin_listen: Option<String>,
+    admin_token_env: Option<String>,
     max_body_bytes: Option<usize>,
     shutdown_grace_ms: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    min_body_rate: Option<u64>,
+    send_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    max_in_flight: Option<usize>,
+    max_json_values: Option<usize>,
+    max_messages: Option<usize>,
+    max_header_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +201,8 @@ struct RawTarget {
     first_byte_timeout_ms: Option<u64>,
     header_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    max_body_bytes: Option<usize>,
+    max_event_bytes: Option<usize>,
     prefill: Option<bool>,
     context_window: Option<usize>,
     requests_per_minute: Option<u64>,
@@ -219,8 +237,13 @@ pub struct RouteConfig {
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Largest request body accepted.
-    pub max_body_bytes: usize,
+    /// Where the admin endpoints are served (loopback by default).
+    pub admin_listen: SocketAddr,
+    /// The bearer token that opens the admin endpoints on the client
+    /// listener too (and is then required on both).
+    pub admin_token: Option<String>,
+    /// Bounds on clients: time, connections, requests, memory.
+    pub limits: Limits,
     /// How long in-flight requests may finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// The upstream targets.
@@ -343,10 +366,8 @@ impl RawConfig {
                 format!("`{listen_text}` is not an address: {e}"),
             )
         })?;
-        let max_body_bytes = self.server.max_body_bytes.unwrap_or(4 << 20);
-        if max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
-        }
+        let (admin_listen, admin_token) = self.server.admin(env)?;
+        let limits = self.server.limits()?;
         let breaker = self.breaker.apply(&BreakerConfig::default(), "breaker")?;
         let retry = self.retry.apply(&RetryPolicy::default(), "retry")?;
         let deadline = millis(
@@ -465,6 +486,12 @@ impl RawConfig {
             )?;
             u.header_timeout = ms(t.header_timeout_ms, "header_timeout_ms", u.header_timeout)?;
             u.idle_timeout = ms(t.idle_timeout_ms, "idle_timeout_ms", u.idle_timeout)?;
+            let size = |value: Option<usize>, field: &str, default: usize| match value {
+                Some(0) => Err(invalid(at(field), "must be greater than 0")),
+                other => Ok(other.unwrap_or(default)),
+            };
+            u.max_body_bytes = size(t.max_body_bytes, "max_body_bytes", u.max_body_bytes)?;
+            u.max_event_bytes = size(t.max_event_bytes, "max_event_bytes", u.max_event_bytes)?;
             targets.push(u);
         }
         if let Some(l) = &local {
@@ -525,7 +552,9 @@ impl RawConfig {
         }
         Ok(Config {
             listen,
-            max_body_bytes,
+            admin_listen,
+            admin_token,
+            limits,
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms.unwrap_or(30_000)),
             targets,
             local,
@@ -533,6 +562,80 @@ impl RawConfig {
             health: checks,
             routes,
             shadow: self.shadow.validate()?,
+        })
+    }
+}
+
+impl RawServer {
+    /// The admin listener and token. An admin listener off loopback needs
+    /// a token: the endpoints can force breakers open.
+    fn admin(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(SocketAddr, Option<String>), ConfigError> {
+        let text = self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let addr: SocketAddr = text.parse().map_err(|e| {
+            invalid(
+                "server.admin_listen",
+                format!("`{text}` is not an address: {e}"),
+            )
+        })?;
+        let token = match &self.admin_token_env {
+            None => None,
+            Some(var) => match env(var) {
+                Some(t) if t.len() >= 16 => Some(t),
+                _ => {
+                    return Err(invalid(
+                        "server.admin_token_env",
+                        format!("`{var}` must hold a token of at least 16 characters"),
+                    ))
+                }
+            },
+        };
+        if !addr.ip().is_loopback() && token.is_none() {
+            return Err(invalid(
+                "server.admin_listen",
+                "is not a loopback address: set server.admin_token_env too",
+            ));
+        }
+        Ok((addr, token))
+    }
+
+    /// The client-side bounds, each the default unless set.
+    fn limits(&self) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let count = |value: Option<usize>, field: &str, default: usize| match value {
+            Some(0) => Err(invalid(format!("server.{field}"), "must be greater than 0")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let time =
+            |value, field: &str, default| millis(value, &format!("server.{field}"), default, false);
+        Ok(Limits {
+            header_read_timeout: time(
+                self.header_read_timeout_ms,
+                "header_read_timeout_ms",
+                d.header_read_timeout,
+            )?,
+            idle_timeout: time(self.idle_timeout_ms, "idle_timeout_ms", d.idle_timeout)?,
+            body_read_timeout: time(
+                self.body_read_timeout_ms,
+                "body_read_timeout_ms",
+                d.body_read_timeout,
+            )?,
+            min_body_rate: self.min_body_rate.unwrap_or(d.min_body_rate),
+            send_timeout: time(self.send_timeout_ms, "send_timeout_ms", d.send_timeout)?,
+            max_connections: count(self.max_connections, "max_connections", d.max_connections)?,
+            max_connections_set: self.max_connections.is_some(),
+            max_in_flight: count(self.max_in_flight, "max_in_flight", d.max_in_flight)?,
+            max_body_bytes: count(self.max_body_bytes, "max_body_bytes", d.max_body_bytes)?,
+            max_json_values: count(self.max_json_values, "max_json_values", d.max_json_values)?,
+            max_messages: count(self.max_messages, "max_messages", d.max_messages)?,
+            max_header_bytes: count(
+                self.max_header_bytes,
+                "max_header_bytes",
+                d.max_header_bytes,
+            )?,
         })
     }
 }

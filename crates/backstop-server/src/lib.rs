@@ -4,26 +4,24 @@
 mod api;
 pub mod catalogue;
 pub mod config;
+pub mod limits;
+mod listener;
 pub mod metrics;
 mod respond;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use backstop_adapter::Backend;
 use backstop_local::LocalBackend;
 use backstop_router::{Hop, Route, RouteTable, Router};
 use backstop_shadow::{Jobs, Shadows};
 use backstop_upstream::{Upstream, UpstreamError};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 pub use config::{Config, ConfigError};
+pub use limits::Limits;
 pub use metrics::Metrics;
 pub use respond::{ATTEMPTS_HEADER, BACKEND_HEADER};
 
@@ -32,6 +30,8 @@ pub struct App {
     config: Config,
     router: Router,
     metrics: Metrics,
+    /// Completion requests in flight, up to `max_in_flight`.
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// The shadow verifier, when on; its queue until the server starts it.
     shadows: Option<(Arc<Shadows>, Mutex<Option<Jobs>>)>,
 }
@@ -121,6 +121,7 @@ impl App {
         Ok(App {
             router,
             metrics,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
             config,
             shadows,
         })
@@ -132,10 +133,12 @@ impl App {
     }
 }
 
-/// A running server's address and handle.
+/// A running server's addresses and handle.
 pub struct Running {
     /// The address it listens on (the real port when bound to port 0).
     pub addr: SocketAddr,
+    /// The address of the admin endpoints.
+    pub admin_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -146,30 +149,27 @@ impl Running {
     }
 }
 
-/// Binds the configured address and serves until `shutdown` resolves, then
-/// stops accepting and lets in-flight requests finish within the grace period.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Binds the configured addresses and serves until `shutdown` resolves,
+/// then stops accepting and lets in-flight requests finish within the
+/// grace period.
 pub async fn run(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
-    let addr = app.config.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Listen { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Listen { addr, source })?;
+    let (client, addr) = bind(app.config.listen).await?;
+    let (admin, admin_addr) = bind(app.config.admin_listen).await?;
     let grace = app.config.shutdown_grace;
-    let task = tokio::spawn(serve(listener, Arc::new(app), shutdown, grace));
-    Ok(Running { addr, task })
-}
-
-async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) {
+    let app = Arc::new(app);
     let mut checks = app.router.spawn_health_checks(&app.config.health);
     if let Some((shadows, jobs)) = &app.shadows {
         let jobs = jobs.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -177,49 +177,15 @@ async fn serve(
             checks.extend(shadows.spawn(jobs));
         }
     }
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let service = hyper::service::service_fn(move |req| api::handle(req, app.clone()));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                connections.spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("connection ended with an error: {e}");
-                    }
-                });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            () = &mut shutdown => break,
+    let task = tokio::spawn(async move {
+        listener::serve(client, admin, app, shutdown, grace).await;
+        for check in checks {
+            check.abort();
         }
-    }
-    drop(listener);
-    for check in checks {
-        check.abort();
-    }
-    tracing::info!(
-        "shutting down: waiting up to {} s for in-flight requests",
-        grace.as_secs()
-    );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over: closing the remaining connections");
-    }
+    });
+    Ok(Running {
+        addr,
+        admin_addr,
+        task,
+    })
 }

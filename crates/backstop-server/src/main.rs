@@ -18,6 +18,10 @@ struct Cli {
     /// Address to listen on, e.g. 127.0.0.1:8080.
     #[arg(long, env = "BACKSTOP_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Address of the admin endpoints, e.g. 127.0.0.1:9091 (loopback unless
+    /// an admin token is configured).
+    #[arg(long, env = "BACKSTOP_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Serve every request from the local model, whatever the config or keys.
     #[arg(long)]
     offline: bool,
@@ -93,6 +97,16 @@ fn main() -> anyhow::Result<()> {
     if let Some(listen) = cli.listen {
         config.listen = listen;
     }
+    if let Some(admin) = cli.admin_listen {
+        if !admin.ip().is_loopback() && config.admin_token.is_none() {
+            anyhow::bail!(
+                "--admin-listen {admin} is not a loopback address: set server.admin_token_env too"
+            );
+        }
+        config.admin_listen = admin;
+    }
+    let nofile = config.limits.fit_descriptors();
+    tracing::debug!("file-descriptor limit: {nofile:?}");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -122,6 +136,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = App::new(config)?;
     let running = run(app, shutdown_signal()).await?;
     tracing::info!("backstop listening on http://{}", running.addr);
+    tracing::info!("admin endpoints on http://{}", running.admin_addr);
     running.wait().await;
     Ok(())
 }

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub shadow_ramp: prometheus::GaugeVec,
     /// Shadow answers compared with served ones, by target and measure.
     pub shadow_similarity: HistogramVec,
+    /// Client connections open now.
+    pub connections: IntGauge,
+    /// Connections and requests turned away at a bound, by which.
+    pub rejected: IntCounterVec,
+    /// Connections closed by a deadline, by which.
+    pub closed: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -228,6 +234,25 @@ impl Metrics {
             .buckets(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
             &["target", "measure"],
         )?;
+        let connections =
+            IntGauge::new("backstop_open_connections", "Client connections open now.")?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "backstop_rejected_total",
+                "Connections and requests turned away at a bound, by reason (connections, in_flight, body_timeout, body_rate, body_size, json_values, messages, header_size).",
+            ),
+            &["reason"],
+        )?;
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "backstop_connections_closed_total",
+                "Client connections closed by a deadline, by reason (header_timeout, idle_timeout, send_timeout).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(closed.clone()))?;
         registry.register(Box::new(shadow_requests.clone()))?;
         registry.register(Box::new(shadow_confirmations.clone()))?;
         registry.register(Box::new(shadow_ramp.clone()))?;
@@ -255,6 +280,9 @@ impl Metrics {
             shadow_confirmations,
             shadow_ramp,
             shadow_similarity,
+            connections,
+            rejected,
+            closed,
         })
     }
 

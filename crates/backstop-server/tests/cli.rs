@@ -78,6 +78,7 @@ fn runs_from_the_environment_and_exits_cleanly_on_sigterm() {
     let mut command = Command::new(BIN);
     command
         .env("BACKSTOP_LISTEN", "127.0.0.1:0")
+        .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
         .env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
         .env_remove("OPENAI_API_KEY");
     let (mut child, addr) = listening(command);
@@ -115,6 +116,7 @@ async fn a_stream_cut_mid_answer_is_finished_by_the_local_model_within_the_clien
     command
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
         .env("BACKSTOP_LISTEN", "127.0.0.1:0")
+        .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
         .env("OPENAI_BASE_URL", up.url())
         .env("OPENAI_API_KEY", "sk-test")
         .env_remove("BACKSTOP_MODEL");

@@ -24,7 +24,7 @@ use tokio::time::{timeout, Instant};
 
 use reqwest::header as http_header;
 
-use crate::response::{passthrough_headers, ChunkReader};
+use crate::response::{passthrough_headers, ChunkReader, StreamBounds};
 
 /// How to reach and bound one OpenAI-compatible upstream.
 #[derive(Debug, Clone)]
@@ -58,6 +58,8 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Largest non-streamed response body accepted.
     pub max_body_bytes: usize,
+    /// Largest event-stream line, or event, accepted in a stream.
+    pub max_event_bytes: usize,
     /// The upstream continues a final partial assistant message (a prefill),
     /// so it may finish a stream another target started.
     pub prefill: bool,
@@ -87,6 +89,7 @@ impl UpstreamConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
+            max_event_bytes: backstop_adapter::sse::DEFAULT_MAX_EVENT,
             prefill: false,
             context_window: None,
             requests_per_minute: None,
@@ -292,8 +295,14 @@ impl Upstream {
         if response.status().is_success() {
             Ok(response)
         } else {
-            Err(response::error_from_status(response, self.config.idle_timeout).await)
+            Err(self.error_from_status(response).await)
         }
+    }
+
+    /// The error for a non-2xx answer, with this target's key scrubbed.
+    async fn error_from_status(&self, response: reqwest::Response) -> BackendError {
+        let secrets: Vec<&str> = self.config.api_key.as_deref().into_iter().collect();
+        response::error_from_status(response, self.config.idle_timeout, &secrets).await
     }
 
     /// The error for a prompt this target's model cannot hold: a 400
@@ -376,7 +385,24 @@ impl Backend for Upstream {
             let legacy = req.legacy.is_some();
             let body: ChunkStream = match response::content_type(&response) {
                 response::Kind::EventStream => {
-                    ChunkReader::new(response, legacy, self.config.idle_timeout).into_stream()
+                    let bounds = StreamBounds {
+                        choices: req.chat.n.unwrap_or(1),
+                        max_tokens: req.chat.max_completion_tokens.or(req.chat.max_tokens).map(
+                            |cap| {
+                                u64::from(cap)
+                                    .saturating_sub(self.prefill_tokens(req))
+                                    .max(1)
+                            },
+                        ),
+                        model: self
+                            .config
+                            .model
+                            .clone()
+                            .unwrap_or_else(|| req.chat.model.clone()),
+                        max_event_bytes: self.config.max_event_bytes,
+                    };
+                    ChunkReader::new(response, legacy, self.config.idle_timeout, bounds)
+                        .into_stream()
                 }
                 // Some servers ignore `stream`: replay their whole answer as chunks.
                 response::Kind::Json => {
@@ -428,7 +454,7 @@ impl Backend for Upstream {
                 .await_headers(request.send(), self.config.header_timeout)
                 .await?;
             if !response.status().is_success() {
-                return Err(response::error_from_status(response, self.config.idle_timeout).await);
+                return Err(self.error_from_status(response).await);
             }
             let list: backstop_adapter::ModelList = response::read_json(
                 response,

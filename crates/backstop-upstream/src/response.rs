@@ -63,6 +63,14 @@ pub(crate) fn unexpected_type(ct: &str) -> BackendError {
     )
 }
 
+/// Whether an I/O error means this process is out of file descriptors (or
+/// the system is): Backstop's own exhaustion, not the upstream's failure.
+fn out_of_descriptors(io: &std::io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    matches!(io.raw_os_error(), Some(EMFILE | ENFILE))
+}
+
 /// Classifies a transport error from reqwest.
 pub(crate) fn transport_error(e: reqwest::Error) -> BackendError {
     let (kind, what) = if e.is_connect() {
@@ -88,14 +96,23 @@ pub(crate) fn transport_error(e: reqwest::Error) -> BackendError {
     let e = e.without_url();
     let mut detail = e.to_string();
     let mut cause = None;
+    let mut exhausted = false;
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         detail.push_str(": ");
         detail.push_str(&s.to_string());
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             cause = cause.or(io_cause(io.kind()));
+            exhausted |= out_of_descriptors(io);
         }
         source = s.source();
+    }
+    if exhausted {
+        tracing::warn!("out of file descriptors connecting to an upstream: {detail}");
+        return BackendError::new(
+            FailureKind::Exhausted,
+            "Backstop is out of file descriptors; the upstream was not reached",
+        );
     }
     tracing::debug!(kind = kind.as_str(), "upstream transport error: {detail}");
     let message = match cause {
@@ -216,9 +233,35 @@ fn embedded_error(value: &Value) -> Option<BackendError> {
     })
 }
 
+/// Replaces every occurrence of each secret in `body` (an upstream that
+/// echoes the `Authorization` header must not hand the key to a client).
+fn scrub(body: &mut BytesMut, secrets: &[&str]) {
+    const REDACTED: &[u8] = b"[redacted]";
+    for secret in secrets
+        .iter()
+        .map(|s| s.as_bytes())
+        .filter(|s| !s.is_empty())
+    {
+        let mut at = 0;
+        while let Some(i) = body[at..].windows(secret.len()).position(|w| w == secret) {
+            let start = at + i;
+            let tail = body.split_off(start + secret.len());
+            body.truncate(start);
+            body.extend_from_slice(REDACTED);
+            at = body.len();
+            body.unsplit(tail);
+        }
+    }
+}
+
 /// Turns a non-2xx response into its error: the upstream's own OpenAI error
-/// body and status when it sent one, a clean error of the status's kind otherwise.
-pub(crate) async fn error_from_status(response: reqwest::Response, idle: Duration) -> BackendError {
+/// body and status when it sent one, a clean error of the status's kind
+/// otherwise. `secrets` (the target's keys) are scrubbed from the body.
+pub(crate) async fn error_from_status(
+    response: reqwest::Response,
+    idle: Duration,
+    secrets: &[&str],
+) -> BackendError {
     let status = response.status().as_u16();
     let headers = passthrough_headers(response.headers());
     let kind = FailureKind::from_status(status);
@@ -228,7 +271,10 @@ pub(crate) async fn error_from_status(response: reqwest::Response, idle: Duratio
         Kind::Other(ct) if ct.is_empty() => (false, "none".to_string()),
         Kind::Other(ct) => (false, ct),
     };
-    let body = read_body(response, idle, 1 << 20).await.ok();
+    let mut body = read_body(response, idle, 1 << 20).await.ok();
+    if let Some(body) = &mut body {
+        scrub(body, secrets);
+    }
     let parsed = body
         .filter(|_| is_json)
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
@@ -254,9 +300,25 @@ pub(crate) async fn error_from_status(response: reqwest::Response, idle: Duratio
 /// deadline.
 const AFTER_FINISH: Duration = Duration::from_millis(500);
 
+/// What a stream may hold: the choices the client asked for, the tokens
+/// each may have, and the size of one event.
+pub(crate) struct StreamBounds {
+    /// `n`: a chunk for a choice index at or past it is malformed.
+    pub choices: u32,
+    /// The client's token cap on each choice, after what a prefill already
+    /// said; none when the client set none.
+    pub max_tokens: Option<u64>,
+    /// The model whose tokenizer counts them.
+    pub model: String,
+    /// Largest event-stream line or event.
+    pub max_event_bytes: usize,
+}
+
 /// Decodes an upstream event stream into chunks, bounded by the idle deadline
 /// once the first chunk has come (until then the router's first-token
-/// deadline decides, since a long prompt may take a while).
+/// deadline decides, since a long prompt may take a while), and by
+/// [`StreamBounds`]: an upstream that sends past the client's `max_tokens`
+/// has the choice ended there with `finish_reason: "length"`.
 pub(crate) struct ChunkReader {
     response: reqwest::Response,
     decoder: SseDecoder,
@@ -264,23 +326,37 @@ pub(crate) struct ChunkReader {
     scratch: Vec<SseEvent>,
     legacy: bool,
     idle: Duration,
+    bounds: StreamBounds,
     /// Per choice index: whether it has sent its finish reason.
     finished: Vec<bool>,
+    /// Per choice index: tokens passed on so far.
+    tokens: Vec<u64>,
+    /// Every choice has reached the client's cap.
+    capped: bool,
     /// A chunk has been read.
     started: bool,
     done: bool,
 }
 
 impl ChunkReader {
-    pub(crate) fn new(response: reqwest::Response, legacy: bool, idle: Duration) -> Self {
+    pub(crate) fn new(
+        response: reqwest::Response,
+        legacy: bool,
+        idle: Duration,
+        bounds: StreamBounds,
+    ) -> Self {
+        let choices = bounds.choices.max(1) as usize;
         ChunkReader {
             response,
-            decoder: SseDecoder::new(),
+            decoder: SseDecoder::with_limit(bounds.max_event_bytes),
             events: VecDeque::new(),
             scratch: Vec::new(),
             legacy,
             idle,
-            finished: Vec::new(),
+            bounds,
+            finished: Vec::with_capacity(choices),
+            tokens: vec![0; choices],
+            capped: false,
             started: false,
             done: false,
         }
@@ -312,8 +388,21 @@ impl ChunkReader {
             }
             if let Some(event) = self.events.pop_front() {
                 match self.parse(event) {
-                    Some(Ok(chunk)) => {
+                    Some(Ok(mut chunk)) => {
                         self.started = true;
+                        if self.capped {
+                            // Past the cap only the usage may still come.
+                            self.done = true;
+                            let usage = chunk.choices.is_empty() && chunk.usage.is_some();
+                            return usage.then_some(Ok(chunk));
+                        }
+                        let had_choices = !chunk.choices.is_empty();
+                        if self.bounds.max_tokens.is_some() {
+                            self.capped = self.cap(&mut chunk);
+                        }
+                        if had_choices && chunk.choices.is_empty() && chunk.usage.is_none() {
+                            continue; // only text past a choice's cap
+                        }
                         return Some(Ok(chunk));
                     }
                     Some(Err(e)) => {
@@ -364,11 +453,70 @@ impl ChunkReader {
                     )
                 }
                 Ok(Ok(Some(bytes))) => {
-                    self.decoder.feed(&bytes, &mut self.scratch);
+                    if let Err(e) = self.decoder.feed(&bytes, &mut self.scratch) {
+                        // What came before the oversized event is dropped
+                        // with it: the answer breaks where the client is.
+                        self.scratch.clear();
+                        return self.fail(FailureKind::BadResponse, format!("upstream sent {e}"));
+                    }
                     self.events.extend(self.scratch.drain(..));
                 }
             }
         }
+    }
+
+    /// Holds each choice of `chunk` to the client's token cap: text past it
+    /// is cut, the choice ends there with `finish_reason: "length"`, and
+    /// what the upstream sends for it afterwards is dropped. Whether every
+    /// choice has now reached its cap.
+    fn cap(&mut self, chunk: &mut ChatChunk) -> bool {
+        let Some(cap) = self.bounds.max_tokens else {
+            return false;
+        };
+        let model = &self.bounds.model;
+        let tokens = &mut self.tokens;
+        chunk.choices.retain_mut(|choice| {
+            let used = &mut tokens[choice.index as usize];
+            if *used >= cap {
+                return false; // already ended here
+            }
+            let delta = &mut choice.delta;
+            let count = |t: &str| super::tokens::text_tokens(t, model) as u64;
+            let arguments = delta
+                .tool_calls
+                .iter()
+                .flatten()
+                .filter_map(|c| c.function.as_ref()?.arguments.as_deref());
+            let texts: Vec<&str> = delta
+                .content
+                .as_deref()
+                .into_iter()
+                .chain(arguments)
+                .collect();
+            if texts.iter().all(|t| t.is_empty()) {
+                return true;
+            }
+            // A piece of text is at least a token, whatever it encodes to.
+            let added = texts.into_iter().map(count).sum::<u64>().max(1);
+            let room = cap - *used;
+            *used += added;
+            if *used > cap {
+                if let Some(content) = &mut delta.content {
+                    *content = super::tokens::first_tokens(content, model, room as usize);
+                }
+                delta.tool_calls = None;
+                *used = cap;
+            }
+            if *used >= cap && choice.finish_reason.is_none() {
+                tracing::warn!(
+                    index = choice.index,
+                    "upstream streamed past the client's max_tokens ({cap}): the choice ends there"
+                );
+                choice.finish_reason = Some("length".into());
+            }
+            true
+        });
+        tokens.iter().all(|used| *used >= cap)
     }
 
     /// Whether every choice that appeared has finished.
@@ -418,6 +566,16 @@ impl ChunkReader {
         match chunk {
             Ok(chunk) => {
                 for choice in &chunk.choices {
+                    if choice.index >= self.bounds.choices.max(1) {
+                        return Some(Err(BackendError::new(
+                            FailureKind::BadResponse,
+                            format!(
+                                "upstream sent choice index {} for a request of {} choice(s)",
+                                choice.index,
+                                self.bounds.choices.max(1)
+                            ),
+                        )));
+                    }
                     let i = choice.index as usize;
                     if self.finished.len() <= i {
                         self.finished.resize(i + 1, false);

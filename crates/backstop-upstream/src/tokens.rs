@@ -16,6 +16,20 @@ pub fn text_tokens(text: &str, model: &str) -> usize {
     encoding(model).encode_with_special_tokens(text).len()
 }
 
+/// The start of `text` that holds at most `n` of `model`'s tokens (a cut
+/// that would split a character moves back to the one before).
+pub fn first_tokens(text: &str, model: &str, n: usize) -> String {
+    let bpe = encoding(model);
+    let ids = bpe.encode_with_special_tokens(text);
+    if ids.len() <= n {
+        return text.to_string();
+    }
+    (0..=n)
+        .rev()
+        .find_map(|k| bpe.decode(&ids[..k]).ok())
+        .unwrap_or_default()
+}
+
 /// Prompt tokens of `req` for `model`.
 pub fn prompt_tokens(req: &Request, model: &str) -> usize {
     let bpe = encoding(model);

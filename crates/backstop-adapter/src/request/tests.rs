@@ -110,3 +110,83 @@ fn a_prefill_is_a_final_partial_assistant_turn_or_the_end_of_a_text_prompt() {
     req.prefill = Some(" a time".into());
     assert_eq!(req.upstream_body().unwrap()["prompt"], "Once upon a time");
 }
+
+#[test]
+fn every_sampling_parameter_is_checked_and_named() {
+    let with = |field: &str, value: Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        body[field] = value;
+        Request::parse_chat(body.to_string().as_bytes())
+    };
+    let bad = [
+        ("temperature", json!(2.5)),
+        ("temperature", json!(-0.1)),
+        ("top_p", json!(0)),
+        ("top_p", json!(1.5)),
+        ("top_k", json!(-1)),
+        ("top_k", json!(0)),
+        ("top_k", json!(2.5)),
+        ("repetition_penalty", json!(0)),
+        ("repetition_penalty", json!("x")),
+        ("repetition_penalty", json!(-1)),
+        ("min_p", json!(2)),
+        ("presence_penalty", json!(3)),
+        ("frequency_penalty", json!("high")),
+        ("n", json!(0)),
+        ("n", json!(129)),
+        ("max_tokens", json!(0)),
+        ("max_completion_tokens", json!(0)),
+        ("stop", json!(["a", "b", "c", "d", "e"])),
+        ("seed", json!("s")),
+        ("seed", json!(1.5)),
+        ("logprobs", json!(3)),
+        ("top_logprobs", json!(21)),
+        ("logit_bias", json!([1])),
+    ];
+    for (field, value) in bad {
+        let e = with(field, value.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(field), "{field} = {value}: {e:?}");
+        assert!(e.message.contains(field), "{e:?}");
+    }
+    let e = with("logit_bias", json!({"50256": -101})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("logit_bias.50256"));
+    let e = with("logit_bias", json!({"word": 1})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("logit_bias.word"));
+
+    let good = [
+        ("temperature", json!(0)),
+        ("temperature", json!(2)),
+        ("top_p", json!(1e-308)),
+        ("top_k", json!(40)),
+        ("repetition_penalty", json!(1.1)),
+        ("n", json!(2)),
+        ("stop", json!(["a", "b", "c", "d"])),
+        ("seed", json!(-7)),
+        ("logit_bias", json!({"50256": -100, "11": 2.5})),
+        ("presence_penalty", json!(null)),
+    ];
+    for (field, value) in good {
+        assert!(with(field, value.clone()).is_ok(), "{field} = {value}");
+    }
+}
+
+#[test]
+fn legacy_only_fields_are_checked() {
+    let with = |field: &str, value: Value| {
+        let mut body = json!({"model": "m", "prompt": "x"});
+        body[field] = value;
+        Request::parse_legacy(body.to_string().as_bytes())
+    };
+    for (field, value) in [
+        ("logprobs", json!(6)),
+        ("best_of", json!(0)),
+        ("best_of", json!(21)),
+        ("echo", json!("yes")),
+        ("suffix", json!(3)),
+        ("temperature", json!(9)),
+    ] {
+        let e = with(field, value.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(field), "{field} = {value}: {e:?}");
+    }
+    assert!(with("best_of", json!(3)).is_ok());
+}

@@ -6,9 +6,29 @@ fn decode_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
     let mut dec = SseDecoder::new();
     let mut out = Vec::new();
     for c in chunks {
-        dec.feed(c, &mut out);
+        assert_eq!(dec.feed(c, &mut out), Ok(()));
     }
     out
+}
+
+#[test]
+fn a_line_or_event_past_the_limit_is_an_error_not_a_buffer() {
+    let mut out = Vec::new();
+    // A line that never ends, fed in small reads.
+    let mut dec = SseDecoder::with_limit(64);
+    let long = [b'x'; 16];
+    let fed: Vec<_> = (0..5).map(|_| dec.feed(&long, &mut out)).collect();
+    assert_eq!(fed[..4], [Ok(()), Ok(()), Ok(()), Ok(())]);
+    assert_eq!(fed[4], Err(TooLarge(64)));
+    // Short lines that add up to one event too big.
+    let mut dec = SseDecoder::with_limit(64);
+    let line = b"data: 0123456789012345678901234567890123456789\n";
+    assert_eq!(dec.feed(line, &mut out), Ok(()));
+    assert_eq!(dec.feed(line, &mut out), Err(TooLarge(64)));
+    // At the limit, an event still goes through.
+    let mut dec = SseDecoder::with_limit(64);
+    assert_eq!(dec.feed(b"data: 0123456789\n\n", &mut out), Ok(()));
+    assert_eq!(out, vec![SseEvent::message("0123456789")]);
 }
 
 fn ev(event: &str, data: &str, id: Option<&str>, retry: Option<u64>) -> SseEvent {
