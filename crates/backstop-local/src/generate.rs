@@ -202,7 +202,9 @@ fn sampler(params: &Params) -> LogitsProcessor {
     let sampling = if temperature <= 1e-7 {
         Sampling::ArgMax
     } else {
-        let top_p = (params.top_p < 1.0).then_some(params.top_p);
+        // Below f32's range a mass keeps nothing; any mass under the most likely
+        // token's probability (at least 1/vocabulary) keeps just that token.
+        let top_p = (params.top_p < 1.0).then_some(params.top_p.max(1e-6));
         match (params.top_k, top_p) {
             (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
             (Some(k), None) => Sampling::TopK { k, temperature },

@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::limits::Limits;
+use crate::respond::Body;
 use crate::{api, App};
 
 /// Which listener a connection came in on: the admin endpoints are served
@@ -150,13 +151,9 @@ impl Connection {
                 async move {
                     let resp = api::handle(req, app, surface).await?;
                     // The request is busy until its body is sent, or dropped.
-                    Ok::<_, std::convert::Infallible>(resp.map(|body| {
-                        body.map_frame(move |frame| {
-                            let _ = &busy;
-                            frame
-                        })
-                        .boxed_unsync()
-                    }))
+                    Ok::<_, std::convert::Infallible>(
+                        resp.map(|body| Guarded { body, _busy: busy }.boxed_unsync()),
+                    )
                 }
             })
         };
@@ -164,7 +161,7 @@ impl Connection {
         tokio::pin!(conn);
         let mut shutting = false;
         loop {
-            let (due, why) = watch.due(&self.limits);
+            let (due, _) = watch.due(&self.limits);
             let wake = due.min(Instant::now() + CHECK_EVERY);
             tokio::select! {
                 result = conn.as_mut() => {
@@ -174,6 +171,8 @@ impl Connection {
                     return;
                 }
                 () = tokio::time::sleep_until(wake) => {
+                    // What was due may have moved while asleep (a request came).
+                    let (due, why) = watch.due(&self.limits);
                     if Instant::now() >= due {
                         tracing::debug!("closing a connection: {why}");
                         self.app.metrics.closed.with_label_values(&[why.label()]).inc();
@@ -320,6 +319,34 @@ impl Watch {
             }
         }
         due
+    }
+}
+
+/// A response body that keeps its request [`Busy`] until it is dropped;
+/// otherwise the body itself (its size hint too, so that a whole body keeps
+/// its Content-Length).
+struct Guarded {
+    body: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
