@@ -7,6 +7,7 @@
 //! parsed, defensively, and anything else becomes a classified [`BackendError`],
 //! never a partial body handed on.
 
+pub mod decode;
 pub mod ratelimit;
 mod response;
 pub mod tokens;
@@ -24,7 +25,8 @@ use tokio::time::{timeout, Instant};
 
 use reqwest::header as http_header;
 
-use crate::response::{passthrough_headers, ChunkReader, StreamBounds};
+use crate::decode::StreamBounds;
+use crate::response::{passthrough_headers, ChunkReader};
 
 /// How to reach and bound one OpenAI-compatible upstream.
 #[derive(Debug, Clone)]

@@ -1,18 +1,18 @@
 //! Reading upstream responses defensively: content types, bodies, error bodies
 //! and event streams, each failure classified.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use backstop_adapter::sse::{SseDecoder, SseEvent};
 use backstop_adapter::{
-    BackendError, ChatChunk, ChatCompletion, ChunkStream, FailureKind, Headers, TextCompletion,
+    BackendError, ChatChunk, ChatCompletion, ChunkStream, FailureKind, Headers,
 };
 use bytes::BytesMut;
 use reqwest::header::{HeaderMap, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::time::timeout;
+
+use crate::decode::{self, ChunkDecoder, StreamBounds};
 
 /// Headers passed back to the client: rate limits, retry hints, request ids.
 fn is_passthrough(name: &str) -> bool {
@@ -182,21 +182,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
         Kind::Other(ct) => return Err(unexpected_type(&ct)),
     }
     let body = read_body(response, idle, max).await?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        BackendError::new(
-            FailureKind::BadResponse,
-            format!("upstream sent malformed JSON: {e}"),
-        )
-    })?;
-    if let Some(err) = embedded_error(&value) {
-        return Err(err);
-    }
-    serde_json::from_value(value).map_err(|e| {
-        BackendError::new(
-            FailureKind::BadResponse,
-            format!("upstream JSON is not in the OpenAI format: {e}"),
-        )
-    })
+    decode::json(&body)
 }
 
 /// Reads a completion in the one schema, from a chat or a legacy response.
@@ -206,31 +192,13 @@ pub(crate) async fn read_completion(
     idle: Duration,
     max: usize,
 ) -> Result<ChatCompletion, BackendError> {
-    if legacy {
-        let text: TextCompletion = read_json(response, idle, max).await?;
-        Ok(text.into())
-    } else {
-        read_json(response, idle, max).await
+    match content_type(&response) {
+        Kind::Json => {}
+        Kind::EventStream => return Err(unexpected_type("text/event-stream")),
+        Kind::Other(ct) => return Err(unexpected_type(&ct)),
     }
-}
-
-/// An OpenAI error object inside a successful response or stream.
-fn embedded_error(value: &Value) -> Option<BackendError> {
-    let error = value.get("error")?;
-    if error.is_null() {
-        return None;
-    }
-    let message = error
-        .get("message")
-        .and_then(Value::as_str)
-        .unwrap_or("error without message");
-    Some(BackendError {
-        kind: FailureKind::StreamError,
-        message: format!("upstream sent an error inside a successful response: {message}"),
-        status: Some(502),
-        body: Some(serde_json::json!({ "error": error })),
-        headers: Headers::new(),
-    })
+    let body = read_body(response, idle, max).await?;
+    decode::completion(&body, legacy)
 }
 
 /// Replaces every occurrence of each secret in `body` (an upstream that
@@ -300,42 +268,16 @@ pub(crate) async fn error_from_status(
 /// deadline.
 const AFTER_FINISH: Duration = Duration::from_millis(500);
 
-/// What a stream may hold: the choices the client asked for, the tokens
-/// each may have, and the size of one event.
-pub(crate) struct StreamBounds {
-    /// `n`: a chunk for a choice index at or past it is malformed.
-    pub choices: u32,
-    /// The client's token cap on each choice, after what a prefill already
-    /// said; none when the client set none.
-    pub max_tokens: Option<u64>,
-    /// The model whose tokenizer counts them.
-    pub model: String,
-    /// Largest event-stream line or event.
-    pub max_event_bytes: usize,
-}
-
-/// Decodes an upstream event stream into chunks, bounded by the idle deadline
-/// once the first chunk has come (until then the router's first-token
-/// deadline decides, since a long prompt may take a while), and by
-/// [`StreamBounds`]: an upstream that sends past the client's `max_tokens`
-/// has the choice ended there with `finish_reason: "length"`.
+/// Reads an upstream event stream into chunks (decoded and bounded by
+/// [`ChunkDecoder`]), within the idle deadline once the first chunk has
+/// come (until then the router's first-token deadline decides, since a long
+/// prompt may take a while).
 pub(crate) struct ChunkReader {
     response: reqwest::Response,
-    decoder: SseDecoder,
-    events: VecDeque<SseEvent>,
-    scratch: Vec<SseEvent>,
-    legacy: bool,
+    decoder: ChunkDecoder,
     idle: Duration,
-    bounds: StreamBounds,
-    /// Per choice index: whether it has sent its finish reason.
-    finished: Vec<bool>,
-    /// Per choice index: tokens passed on so far.
-    tokens: Vec<u64>,
-    /// Every choice has reached the client's cap.
-    capped: bool,
     /// A chunk has been read.
     started: bool,
-    done: bool,
 }
 
 impl ChunkReader {
@@ -345,20 +287,11 @@ impl ChunkReader {
         idle: Duration,
         bounds: StreamBounds,
     ) -> Self {
-        let choices = bounds.choices.max(1) as usize;
         ChunkReader {
             response,
-            decoder: SseDecoder::with_limit(bounds.max_event_bytes),
-            events: VecDeque::new(),
-            scratch: Vec::new(),
-            legacy,
+            decoder: ChunkDecoder::new(legacy, bounds),
             idle,
-            bounds,
-            finished: Vec::with_capacity(choices),
-            tokens: vec![0; choices],
-            capped: false,
             started: false,
-            done: false,
         }
     }
 
@@ -377,42 +310,20 @@ impl ChunkReader {
         kind: FailureKind,
         message: String,
     ) -> Option<Result<ChatChunk, BackendError>> {
-        self.done = true;
+        self.decoder.end();
         Some(Err(BackendError::new(kind, message)))
     }
 
     async fn next(&mut self) -> Option<Result<ChatChunk, BackendError>> {
         loop {
-            if self.done {
+            if let Some(item) = self.decoder.next_chunk() {
+                self.started |= item.is_ok();
+                return Some(item);
+            }
+            if self.decoder.is_done() {
                 return None;
             }
-            if let Some(event) = self.events.pop_front() {
-                match self.parse(event) {
-                    Some(Ok(mut chunk)) => {
-                        self.started = true;
-                        if self.capped {
-                            // Past the cap only the usage may still come.
-                            self.done = true;
-                            let usage = chunk.choices.is_empty() && chunk.usage.is_some();
-                            return usage.then_some(Ok(chunk));
-                        }
-                        let had_choices = !chunk.choices.is_empty();
-                        if self.bounds.max_tokens.is_some() {
-                            self.capped = self.cap(&mut chunk);
-                        }
-                        if had_choices && chunk.choices.is_empty() && chunk.usage.is_none() {
-                            continue; // only text past a choice's cap
-                        }
-                        return Some(Ok(chunk));
-                    }
-                    Some(Err(e)) => {
-                        self.done = true;
-                        return Some(Err(e));
-                    }
-                    None => continue,
-                }
-            }
-            let finished = self.all_finished();
+            let finished = self.decoder.all_finished();
             let wait = if finished {
                 self.idle.min(AFTER_FINISH)
             } else {
@@ -427,7 +338,7 @@ impl ChunkReader {
             match read {
                 Err(_) if finished => {
                     // The answer is complete; the upstream just never said `[DONE]`.
-                    self.done = true;
+                    self.decoder.end();
                     return None;
                 }
                 Err(_) => {
@@ -443,7 +354,7 @@ impl ChunkReader {
                 }
                 Ok(Ok(None)) if finished => {
                     // A finish reason was sent; only the `[DONE]` marker is missing.
-                    self.done = true;
+                    self.decoder.end();
                     return None;
                 }
                 Ok(Ok(None)) => {
@@ -453,141 +364,11 @@ impl ChunkReader {
                     )
                 }
                 Ok(Ok(Some(bytes))) => {
-                    if let Err(e) = self.decoder.feed(&bytes, &mut self.scratch) {
-                        // What came before the oversized event is dropped
-                        // with it: the answer breaks where the client is.
-                        self.scratch.clear();
-                        return self.fail(FailureKind::BadResponse, format!("upstream sent {e}"));
+                    if let Err(e) = self.decoder.feed(&bytes) {
+                        return Some(Err(e));
                     }
-                    self.events.extend(self.scratch.drain(..));
                 }
             }
-        }
-    }
-
-    /// Holds each choice of `chunk` to the client's token cap: text past it
-    /// is cut, the choice ends there with `finish_reason: "length"`, and
-    /// what the upstream sends for it afterwards is dropped. Whether every
-    /// choice has now reached its cap.
-    fn cap(&mut self, chunk: &mut ChatChunk) -> bool {
-        let Some(cap) = self.bounds.max_tokens else {
-            return false;
-        };
-        let model = &self.bounds.model;
-        let tokens = &mut self.tokens;
-        chunk.choices.retain_mut(|choice| {
-            let used = &mut tokens[choice.index as usize];
-            if *used >= cap {
-                return false; // already ended here
-            }
-            let delta = &mut choice.delta;
-            let count = |t: &str| super::tokens::text_tokens(t, model) as u64;
-            let arguments = delta
-                .tool_calls
-                .iter()
-                .flatten()
-                .filter_map(|c| c.function.as_ref()?.arguments.as_deref());
-            let texts: Vec<&str> = delta
-                .content
-                .as_deref()
-                .into_iter()
-                .chain(arguments)
-                .collect();
-            if texts.iter().all(|t| t.is_empty()) {
-                return true;
-            }
-            // A piece of text is at least a token, whatever it encodes to.
-            let added = texts.into_iter().map(count).sum::<u64>().max(1);
-            let room = cap - *used;
-            *used += added;
-            if *used > cap {
-                if let Some(content) = &mut delta.content {
-                    *content = super::tokens::first_tokens(content, model, room as usize);
-                }
-                delta.tool_calls = None;
-                *used = cap;
-            }
-            if *used >= cap && choice.finish_reason.is_none() {
-                tracing::warn!(
-                    index = choice.index,
-                    "upstream streamed past the client's max_tokens ({cap}): the choice ends there"
-                );
-                choice.finish_reason = Some("length".into());
-            }
-            true
-        });
-        tokens.iter().all(|used| *used >= cap)
-    }
-
-    /// Whether every choice that appeared has finished.
-    fn all_finished(&self) -> bool {
-        !self.finished.is_empty() && self.finished.iter().all(|f| *f)
-    }
-
-    /// One event: a chunk, the end (`[DONE]`, returned as `None` with `done`
-    /// set), or an error. Non-data events are skipped.
-    fn parse(&mut self, event: SseEvent) -> Option<Result<ChatChunk, BackendError>> {
-        let data = event.data.trim();
-        if data == "[DONE]" {
-            self.done = true;
-            return None;
-        }
-        // The common case parses straight into the schema; only a chunk that
-        // does not fit is looked at again as an error or a malformed event.
-        let parsed = if self.legacy {
-            serde_json::from_str::<TextCompletion>(data).map(ChatChunk::from)
-        } else {
-            serde_json::from_str::<ChatChunk>(data)
-        };
-        let chunk = match parsed {
-            Ok(chunk) if event.event != "error" && !chunk.extra.contains_key("error") => Ok(chunk),
-            other => {
-                let value: Value = match serde_json::from_str(data) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        return Some(Err(BackendError::new(
-                            FailureKind::BadResponse,
-                            format!("upstream sent a malformed stream chunk: {e}"),
-                        )))
-                    }
-                };
-                if let Some(err) = embedded_error(&value) {
-                    return Some(Err(err));
-                }
-                if event.event == "error" {
-                    return Some(Err(BackendError::new(
-                        FailureKind::StreamError,
-                        "upstream sent an error event".to_string(),
-                    )));
-                }
-                other
-            }
-        };
-        match chunk {
-            Ok(chunk) => {
-                for choice in &chunk.choices {
-                    if choice.index >= self.bounds.choices.max(1) {
-                        return Some(Err(BackendError::new(
-                            FailureKind::BadResponse,
-                            format!(
-                                "upstream sent choice index {} for a request of {} choice(s)",
-                                choice.index,
-                                self.bounds.choices.max(1)
-                            ),
-                        )));
-                    }
-                    let i = choice.index as usize;
-                    if self.finished.len() <= i {
-                        self.finished.resize(i + 1, false);
-                    }
-                    self.finished[i] |= choice.finish_reason.is_some();
-                }
-                Some(Ok(chunk))
-            }
-            Err(e) => Some(Err(BackendError::new(
-                FailureKind::BadResponse,
-                format!("upstream stream chunk is not in the OpenAI format: {e}"),
-            ))),
         }
     }
 }

@@ -478,3 +478,76 @@ async fn a_prefill_is_counted_as_answer_in_usage_and_comes_out_of_max_tokens() {
         assert_eq!((p, c, t), (ep - 2, ec + 2, ep + ec));
     }
 }
+
+fn decoded(bounds: decode::StreamBounds, input: &str) -> Vec<Result<String, FailureKind>> {
+    let mut d = decode::ChunkDecoder::new(false, bounds);
+    let mut out = Vec::new();
+    if let Err(e) = d.feed(input.as_bytes()) {
+        out.push(Err(e.kind));
+    }
+    while let Some(item) = d.next_chunk() {
+        out.push(
+            item.map(|c| {
+                c.choices
+                    .iter()
+                    .map(|ch| {
+                        let text = ch.delta.content.clone().unwrap_or_default();
+                        match &ch.finish_reason {
+                            Some(r) => format!("{text}|{r}"),
+                            None => text,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    + if c.usage.is_some() { "+usage" } else { "" }
+            })
+            .map_err(|e| e.kind),
+        );
+    }
+    out
+}
+
+fn bounds(max_tokens: Option<u64>) -> decode::StreamBounds {
+    decode::StreamBounds {
+        choices: 1,
+        max_tokens,
+        model: "gpt-4o-mini".into(),
+        max_event_bytes: 4096,
+    }
+}
+
+fn sse_chunk(index: u64, text: &str, finish: Option<&str>) -> String {
+    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": index, "delta": {"content": text}, "finish_reason": finish}]});
+    format!("data: {chunk}\n\n")
+}
+
+#[test]
+fn the_decoder_holds_a_stream_to_max_tokens_and_keeps_the_usage() {
+    let mut input: String = (0..50)
+        .map(|i| sse_chunk(0, &format!(" w{i}"), None))
+        .collect();
+    input.push_str(&sse_chunk(0, "", Some("stop")));
+    input.push_str(&format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 100, "total_tokens": 101}})
+    ));
+    let out = decoded(bounds(Some(5)), &input);
+    let said: Vec<_> = out.iter().map(|r| r.clone().unwrap()).collect();
+    // Each " wN" is two tokens: two whole pieces, then one token of the third.
+    assert_eq!(said, [" w0", " w1", " w|length", "+usage"], "{said:?}");
+    // Without a cap, all of it.
+    assert_eq!(decoded(bounds(None), &input).len(), 52);
+}
+
+#[test]
+fn the_decoder_refuses_a_choice_index_past_n_and_an_oversized_event() {
+    let out = decoded(bounds(None), &sse_chunk(4_000_000_000, "hi", None));
+    assert_eq!(out, [Err(FailureKind::BadResponse)]);
+    let huge = format!("data: {}\n\n", "a".repeat(5000));
+    assert_eq!(
+        decoded(bounds(None), &huge),
+        [Err(FailureKind::BadResponse)]
+    );
+}

@@ -273,3 +273,66 @@ fn shadow_settings_are_checked() {
         assert!(e.starts_with(&format!("{field}:")), "{bad}: {e}");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+    /// Any text, and any value in any known field, is a config or an error
+    /// naming what is wrong: never a panic.
+    #[test]
+    fn config_parsing_never_panics(
+        junk in ".{0,200}",
+        section in proptest::sample::select(vec!["server", "retry", "breaker", "health", "shadow", "local"]),
+        field in proptest::sample::select(vec![
+            "listen", "admin_listen", "max_body_bytes", "max_connections", "max_in_flight",
+            "header_read_timeout_ms", "idle_timeout_ms", "deadline_ms", "max_retries",
+            "consecutive_failures", "probe", "enabled", "sample", "model", "batch", "max_tokens",
+            "max_json_values", "max_messages", "min_body_rate", "send_timeout_ms",
+        ]),
+        value in proptest::sample::select(vec![
+            "0", "-1", "18446744073709551615", "1e308", "\"\"", "\"x\"", "true", "[]", "{}",
+            "\"127.0.0.1:0\"", "\"0.0.0.0:1\"", "nan", "inf",
+        ]),
+    ) {
+        let _ = Config::parse(&junk, |_| None);
+        let text = format!("[{section}]\n{field} = {value}\n");
+        let _ = Config::parse(&text, |_| Some("sk-0123456789abcdef".into()));
+        let target = format!(
+            "[[targets]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n{field} = {value}\n"
+        );
+        let _ = Config::parse(&target, |_| None);
+    }
+}
+
+#[test]
+fn every_bound_has_a_default_and_can_be_set() {
+    let target = "\n[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n";
+    let config = Config::parse(target, |_| None).unwrap();
+    assert_eq!(config.limits, Limits::default());
+    assert_eq!(config.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert!(config.admin_token.is_none());
+    let text = "[server]\nheader_read_timeout_ms = 2000\nmax_connections = 10\nmax_in_flight = 3\n\
+                max_messages = 7\nmax_json_values = 100\nmin_body_rate = 1\n";
+    let limits = Config::parse(&format!("{text}{target}"), |_| None)
+        .unwrap()
+        .limits;
+    assert_eq!(limits.header_read_timeout, Duration::from_secs(2));
+    assert_eq!((limits.max_connections, limits.max_in_flight), (10, 3));
+    assert!(limits.max_connections_set);
+    assert_eq!((limits.max_messages, limits.max_json_values), (7, 100));
+    assert!(parse_err("[server]\nmax_in_flight = 0\n").contains("server.max_in_flight"));
+    assert!(parse_err("[server]\nidle_timeout_ms = 0\n").contains("server.idle_timeout_ms"));
+}
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token() {
+    let open = "[server]\nadmin_listen = \"0.0.0.0:9091\"\n";
+    assert!(parse_err(open).contains("server.admin_listen"));
+    let with = format!(
+        "{open}admin_token_env = \"ADMIN\"\n[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n"
+    );
+    let short = Config::parse(&with, |_| Some("short".into())).unwrap_err();
+    assert!(short.to_string().contains("at least 16"), "{short}");
+    let config = Config::parse(&with, |_| Some("0123456789abcdef".into())).unwrap();
+    assert_eq!(config.admin_token.as_deref(), Some("0123456789abcdef"));
+}

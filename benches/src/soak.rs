@@ -1,0 +1,146 @@
+//! A soak: Backstop with its default bounds in front of a mock upstream,
+//! under a steady mixed load (half JSON completions, half streams, a few
+//! with large bodies), for a long time. Samples the process's resident
+//! memory and open file descriptors every 10 s, counts errors, and reports
+//! p50/p99 latency and RSS growth after warm-up (the first fifth of the run).
+//!
+//! Usage: bench-soak [SECONDS] [RATE_PER_S]   (default 1800 and 100; 120 for a quick run)
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_server::{run, App, Config};
+use backstop_testkit::{MockReply, MockUpstream};
+use tokio::time::Instant;
+
+/// Resident memory in MiB and open descriptors of this process.
+fn sample() -> (f64, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    (rss_kb / 1024.0, fds)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1800);
+    let rate: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(100);
+    let mock = MockUpstream::start().await?;
+    mock.set_default(MockReply::Echo {
+        delay: Duration::from_millis(5),
+        chunk_delay: Duration::from_millis(1),
+    });
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [[targets]]\nname = \"up\"\nbase_url = \"{}\"\n",
+        mock.url()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = run(App::new(Config::parse(&toml, |_| None)?)?, async {
+        let _ = stopped.await;
+    })
+    .await?;
+    let url = format!("http://{}/v1/chat/completions", running.addr);
+    let client = reqwest::Client::new();
+    let big = "lorem ipsum dolor sit amet ".repeat(20_000); // ~540 KB
+    let errors = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut samples: Vec<(u64, f64, usize)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    let mut next_sample = started;
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        if Instant::now() >= next_sample {
+            let (rss, fds) = sample();
+            samples.push((started.elapsed().as_secs(), rss, fds));
+            next_sample += Duration::from_secs(10);
+        }
+        sent += 1;
+        let content = if sent % 50 == 0 {
+            big.as_str()
+        } else {
+            "Say something short."
+        };
+        let body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "stream": sent % 2 == 0,
+            "messages": [{"role": "user", "content": content}],
+        });
+        let (client, url, errors, latencies) = (
+            client.clone(),
+            url.clone(),
+            errors.clone(),
+            latencies.clone(),
+        );
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let sent = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let ok = match sent {
+                Ok(r) if r.status() == 200 => {
+                    r.text().await.is_ok_and(|t| !t.contains("\"error\""))
+                }
+                _ => false,
+            };
+            if ok {
+                if let Ok(mut l) = latencies.lock() {
+                    l.push(t.elapsed());
+                }
+            } else {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, fds) = sample();
+    samples.push((started.elapsed().as_secs(), rss, fds));
+    let _ = stop.send(());
+    running.wait().await;
+    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort();
+    let warm = samples
+        .iter()
+        .find(|s| s.0 >= seconds / 5)
+        .map_or(0.0, |s| s.1);
+    let last = samples.last().map_or(0.0, |s| s.1);
+    println!("| t (s) | RSS (MiB) | open fds |");
+    println!("|---|---|---|");
+    let every = (samples.len() / 12).max(1);
+    for s in samples.iter().step_by(every).chain(samples.last()) {
+        println!("| {} | {:.1} | {} |", s.0, s.1, s.2);
+    }
+    println!();
+    println!(
+        "{seconds} s at {rate}/s: {sent} requests, {} errors, p50 {:.1} ms, p99 {:.1} ms; \
+         RSS {warm:.1} MiB after warm-up, {last:.1} MiB at the end ({:+.1}%)",
+        errors.load(Ordering::Relaxed),
+        percentile(&l, 0.5).as_secs_f64() * 1e3,
+        percentile(&l, 0.99).as_secs_f64() * 1e3,
+        if warm > 0.0 {
+            (last - warm) / warm * 100.0
+        } else {
+            0.0
+        },
+    );
+    Ok(())
+}
