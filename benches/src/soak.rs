@@ -1,8 +1,9 @@
-//! A soak: Backstop with its default bounds in front of a mock upstream,
-//! under a steady mixed load (half JSON completions, half streams, a few
-//! with large bodies), for a long time. Samples the process's resident
-//! memory and open file descriptors every 10 s, counts errors, and reports
-//! p50/p99 latency and RSS growth after warm-up (the first fifth of the run).
+//! A soak: the `backstop` binary (built next to this one) with its default
+//! bounds in front of a mock upstream, under a steady mixed load (half JSON
+//! completions, half streams, one in fifty with a 540 KB body), for a long
+//! time. Samples the binary's resident memory and open file descriptors
+//! every 10 s, counts errors, and reports p50/p99 latency and RSS growth
+//! after warm-up (the first fifth of the run).
 //!
 //! Usage: bench-soak [SECONDS] [RATE_PER_S]   (default 1800 and 100; 120 for a quick run)
 
@@ -10,20 +11,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop_server::{run, App, Config};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
 use backstop_testkit::{MockReply, MockUpstream};
 use tokio::time::Instant;
 
-/// Resident memory in MiB and open descriptors of this process.
-fn sample() -> (f64, usize) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Resident memory in MiB and open descriptors of process `pid`.
+fn sample(pid: u32) -> (f64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb: f64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     (rss_kb / 1024.0, fds)
 }
 
@@ -49,12 +52,26 @@ async fn main() -> anyhow::Result<()> {
          [[targets]]\nname = \"up\"\nbase_url = \"{}\"\n",
         mock.url()
     );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = run(App::new(Config::parse(&toml, |_| None)?)?, async {
-        let _ = stopped.await;
-    })
-    .await?;
-    let url = format!("http://{}/v1/chat/completions", running.addr);
+    let config = std::env::temp_dir().join(format!("backstop-soak-{}.toml", std::process::id()));
+    std::fs::write(&config, toml)?;
+    let binary = std::env::current_exe()?.with_file_name("backstop");
+    let mut child = Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", binary.display()))?;
+    let pid = child.id();
+    let stdout = BufReader::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?);
+    let mut lines = stdout.lines().map_while(Result::ok);
+    let addr = lines
+        .find_map(|l| l.split("listening on http://").nth(1).map(|a| a.trim().to_string()))
+        .ok_or_else(|| anyhow::anyhow!("backstop did not say where it listens"))?;
+    // Keep draining the log so the binary never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = format!("http://{addr}/v1/chat/completions");
     let client = reqwest::Client::new();
     let big = "lorem ipsum dolor sit amet ".repeat(20_000); // ~540 KB
     let errors = Arc::new(AtomicU64::new(0));
@@ -67,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     while started.elapsed() < Duration::from_secs(seconds) {
         tick.tick().await;
         if Instant::now() >= next_sample {
-            let (rss, fds) = sample();
+            let (rss, fds) = sample(pid);
             samples.push((started.elapsed().as_secs(), rss, fds));
             next_sample += Duration::from_secs(10);
         }
@@ -80,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         let body = serde_json::json!({
             "model": "gpt-4o-mini",
             "stream": sent % 2 == 0,
+            "max_tokens": 32,
             "messages": [{"role": "user", "content": content}],
         });
         let (client, url, errors, latencies) = (
@@ -112,10 +130,11 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss, fds) = sample();
+    let (rss, fds) = sample(pid);
     samples.push((started.elapsed().as_secs(), rss, fds));
-    let _ = stop.send(());
-    running.wait().await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&config);
     let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     l.sort();
     let warm = samples
@@ -126,7 +145,11 @@ async fn main() -> anyhow::Result<()> {
     println!("| t (s) | RSS (MiB) | open fds |");
     println!("|---|---|---|");
     let every = (samples.len() / 12).max(1);
-    for s in samples.iter().step_by(every).chain(samples.last()) {
+    let mut shown: Vec<_> = samples.iter().step_by(every).collect();
+    if let Some(last) = samples.last().filter(|l| shown.last().is_none_or(|s| s.0 != l.0)) {
+        shown.push(last);
+    }
+    for s in shown {
         println!("| {} | {:.1} | {} |", s.0, s.1, s.2);
     }
     println!();
