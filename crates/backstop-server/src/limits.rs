@@ -47,7 +47,7 @@ impl Default for Limits {
         Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
-            body_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
             min_body_rate: 4096,
             send_timeout: Duration::from_secs(60),
             max_connections: 4096,

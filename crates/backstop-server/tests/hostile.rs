@@ -119,9 +119,12 @@ impl Backstop {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
-    /// The process is up and answers its health check at once.
-    async fn assert_up(&mut self) {
+    /// The process is up, answers its health check at once, and has never
+    /// held more than `peak_mib` of memory.
+    async fn assert_up(&mut self, peak_mib: u64) {
         assert!(self.child.try_wait().unwrap().is_none(), "backstop exited");
+        let (_, peak) = self.memory();
+        assert!(peak < peak_mib, "peak RSS {peak} MiB, over {peak_mib}");
         let started = Instant::now();
         let health = reqwest::get(self.url("/healthz")).await.unwrap();
         assert_eq!(health.status(), 200);
@@ -304,7 +307,7 @@ async fn slow_headers_silent_sockets_and_trickled_bodies_are_cut_off() {
     assert_eq!(exchange(&mut idle, &get("/healthz")).await.unwrap().0, 200);
     closed_within(&mut idle, Duration::from_secs(5)).await;
 
-    b.assert_up().await;
+    b.assert_up(100).await;
     let metrics = reqwest::get(b.url("/metrics"))
         .await
         .unwrap()
@@ -380,6 +383,22 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
     }
     drop(http);
+    // Until the server has seen those connections close (the admin's own
+    // connection is the one left open).
+    for _ in 0..100 {
+        let metrics = reqwest::get(format!("http://{}/metrics", b.admin))
+            .await
+            .unwrap();
+        if metrics
+            .text()
+            .await
+            .unwrap()
+            .contains("backstop_open_connections 1\n")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Six idle connections hold every place: the seventh is answered 503.
     let mut held = Vec::new();
@@ -398,7 +417,7 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
     assert!(body.contains("connection limit"), "{body}");
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    b.assert_up().await;
+    b.assert_up(100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,7 +471,7 @@ async fn huge_deep_and_many_valued_bodies_are_refused_within_a_memory_ceiling() 
     // a few times their size.
     assert!(peak < 600, "peak RSS {peak} MiB");
     assert!(rss < 400, "RSS after {rss} MiB");
-    b.assert_up().await;
+    b.assert_up(600).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,7 +553,7 @@ async fn an_upstream_that_never_stops_is_held_to_max_tokens_and_the_deadline() {
         .unwrap();
     let v: Value = admin.json().await.unwrap();
     assert_eq!(v["breakers"][0]["state"], "closed", "{v}");
-    b.assert_up().await;
+    b.assert_up(150).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,7 +590,7 @@ async fn a_huge_sse_line_or_choice_index_is_a_bad_response_not_a_buffer() {
     assert!(started.elapsed() < Duration::from_secs(1));
     let (_, peak) = b.memory();
     assert!(peak < 200, "peak RSS {peak} MiB");
-    b.assert_up().await;
+    b.assert_up(200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,6 +612,8 @@ async fn an_upstream_error_that_echoes_the_key_is_scrubbed() {
     let text = resp.text().await.unwrap();
     assert!(!text.contains(KEY), "{text}");
     assert!(text.contains("[redacted]"), "{text}");
+    let mut b = b;
+    b.assert_up(100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,6 +634,8 @@ async fn protocol_errors_are_openai_shaped() {
     let (status, body) = exchange(&mut big, header.as_bytes()).await.unwrap();
     assert_eq!(status, 431);
     assert_eq!(error_code(&body), "headers_too_large");
+    let mut b = b;
+    b.assert_up(100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,6 +690,8 @@ async fn the_admin_surface_refuses_web_pages_and_the_client_listener() {
         &format!("authorization: Bearer {ADMIN_TOKEN}\r\n"),
     );
     assert_eq!(once(&b.addr, &with).await.0, 200);
+    let mut b = b;
+    b.assert_up(100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -741,7 +766,7 @@ async fn bad_sampling_parameters_offline_are_400s_and_never_open_the_breaker() {
         http.get(b.url("/readyz")).send().await.unwrap().status(),
         200
     );
-    b.assert_up().await;
+    b.assert_up(400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,5 +813,5 @@ async fn running_out_of_file_descriptors_is_backstops_own_failure() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, text) = exchange(&mut client, &request).await.expect("an answer");
     assert_eq!(status, 200, "{text}");
-    b.assert_up().await;
+    b.assert_up(100).await;
 }

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use backstop_adapter::sse::{SseDecoder, SseEvent};
 use backstop_adapter::{
-    BackendError, ChatChunk, ChatCompletion, FailureKind, Headers, TextCompletion,
+    BackendError, ChatChunk, ChatCompletion, Content, FailureKind, Headers, TextCompletion,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -285,6 +285,30 @@ pub fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, BackendError> {
             format!("upstream JSON is not in the OpenAI format: {e}"),
         )
     })
+}
+
+/// Holds each choice of a whole completion to the client's token cap: text
+/// past it is cut and the choice ends with `finish_reason: "length"`, as a
+/// stream's would ([`ChunkDecoder`]).
+pub fn cap_completion(completion: &mut ChatCompletion, max_tokens: u64, model: &str) {
+    for choice in &mut completion.choices {
+        let Some(Content::Text(text)) = &mut choice.message.content else {
+            continue;
+        };
+        // A token is at least a byte: a text this short is within the cap.
+        if (text.len() as u64) <= max_tokens {
+            continue;
+        }
+        let cut = crate::tokens::first_tokens(text, model, max_tokens as usize);
+        if cut.len() < text.len() {
+            tracing::warn!(
+                index = choice.index,
+                "upstream answered past the client's max_tokens ({max_tokens}): cut there"
+            );
+            *text = cut;
+            choice.finish_reason = Some("length".into());
+        }
+    }
 }
 
 /// A completion in the one schema from a chat or a legacy JSON body.

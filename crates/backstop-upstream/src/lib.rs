@@ -169,6 +169,25 @@ impl Upstream {
         &self.config
     }
 
+    /// The model this target is asked for.
+    fn model(&self, req: &Request) -> String {
+        self.config
+            .model
+            .clone()
+            .unwrap_or_else(|| req.chat.model.clone())
+    }
+
+    /// The client's token cap on what this target adds: its `max_tokens`
+    /// less what a prefill already said.
+    fn client_cap(&self, req: &Request) -> Option<u64> {
+        let cap = req.chat.max_completion_tokens.or(req.chat.max_tokens)?;
+        Some(
+            u64::from(cap)
+                .saturating_sub(self.prefill_tokens(req))
+                .max(1),
+        )
+    }
+
     /// Tokens of the request's prefill (answer the client already has), as
     /// this target's model counts them.
     fn prefill_tokens(&self, req: &Request) -> u64 {
@@ -368,6 +387,9 @@ impl Backend for Upstream {
             if let Some(usage) = &mut completion.usage {
                 usage.count_prefill_as_answer(self.prefill_tokens(req));
             }
+            if let Some(cap) = self.client_cap(req) {
+                decode::cap_completion(&mut completion, cap, &self.model(req));
+            }
             Ok(Reply {
                 body: completion,
                 headers,
@@ -389,18 +411,8 @@ impl Backend for Upstream {
                 response::Kind::EventStream => {
                     let bounds = StreamBounds {
                         choices: req.chat.n.unwrap_or(1),
-                        max_tokens: req.chat.max_completion_tokens.or(req.chat.max_tokens).map(
-                            |cap| {
-                                u64::from(cap)
-                                    .saturating_sub(self.prefill_tokens(req))
-                                    .max(1)
-                            },
-                        ),
-                        model: self
-                            .config
-                            .model
-                            .clone()
-                            .unwrap_or_else(|| req.chat.model.clone()),
+                        max_tokens: self.client_cap(req),
+                        model: self.model(req),
                         max_event_bytes: self.config.max_event_bytes,
                     };
                     ChunkReader::new(response, legacy, self.config.idle_timeout, bounds)

@@ -551,3 +551,17 @@ fn the_decoder_refuses_a_choice_index_past_n_and_an_oversized_event() {
         [Err(FailureKind::BadResponse)]
     );
 }
+
+#[tokio::test]
+async fn a_whole_answer_past_max_tokens_is_cut_there() {
+    let mock = MockUpstream::start().await.unwrap();
+    let up = upstream(&mock);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 3,
+                      "messages": [{"role": "user", "content": "one two three four five six"}]});
+    let req = Request::parse_chat(body.to_string().as_bytes()).unwrap();
+    let reply = up.complete(&req).await.unwrap();
+    let choice = &reply.body.choices[0];
+    let text = choice.message.content.as_ref().unwrap().to_text();
+    assert_eq!(tokens::text_tokens(&text, "gpt-4o-mini"), 3, "{text}");
+    assert_eq!(choice.finish_reason.as_deref(), Some("length"));
+}

@@ -28,6 +28,12 @@ fn the_documented_default_config_is_valid() {
     assert_eq!(config.targets[0].api_key.as_deref(), Some("sk-from-env"));
     assert_eq!(config.targets[0].base_url, OPENAI_BASE_URL);
     assert_eq!(chains(&config), vec![(ModelMatch::Any, vec!["openai"])]);
+    // The bounds it spells out are the defaults.
+    assert_eq!(config.limits, Limits::default());
+    assert_eq!(config.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    let target = &config.targets[0];
+    assert_eq!(target.max_body_bytes, 16 << 20);
+    assert_eq!(target.max_event_bytes, 1 << 20);
 }
 
 #[test]
