@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use backstop_adapter::FailureKind;
@@ -347,9 +347,7 @@ impl CircuitBreaker {
     /// long ago each was.
     pub fn recent_failures(&self) -> Vec<(FailureKind, Duration)> {
         let now = Instant::now();
-        self.stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        crate::lock(&self.stats)
             .recent
             .iter()
             .map(|(at, kind)| (*kind, now.saturating_duration_since(*at)))
@@ -461,7 +459,7 @@ impl CircuitBreaker {
             }
         };
         let now = Instant::now();
-        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats = crate::lock(&self.stats);
         if let Outcome::Failure(kind) = outcome {
             if stats.recent.len() == RECENT {
                 stats.recent.pop_front();
@@ -502,7 +500,7 @@ impl CircuitBreaker {
 
     /// Opens the breaker for the next, longer period.
     fn trip(&self, now: Instant) {
-        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats = crate::lock(&self.stats);
         stats.trips = stats.trips.saturating_add(1);
         stats.consecutive = 0;
         stats.window.clear();
@@ -523,7 +521,7 @@ impl CircuitBreaker {
     }
 
     fn close(&self) {
-        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats = crate::lock(&self.stats);
         stats.trips = 0;
         stats.consecutive = 0;
         stats.window.clear();
@@ -533,10 +531,7 @@ impl CircuitBreaker {
 
     /// How often it has tripped since it last closed.
     pub fn trips(&self) -> u32 {
-        self.stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .trips
+        crate::lock(&self.stats).trips
     }
 
     /// How long until an open breaker may probe (zero when not open).

@@ -12,7 +12,7 @@
 //! breaker: a success when it completes, a failure when it breaks.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use backstop_adapter::continuation::{ends_a_thought, overlap};
 use backstop_adapter::{Backend, BackendError, ChatChunk, ChunkStream, FailureKind, Request};
@@ -39,7 +39,7 @@ impl Serving {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (String, u32)> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock(&self.0)
     }
 
     /// The target streaming now (the last one, once the stream has ended).

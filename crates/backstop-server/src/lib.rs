@@ -11,7 +11,7 @@ mod respond;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use backstop_adapter::Backend;
 use backstop_local::LocalBackend;
@@ -172,7 +172,7 @@ pub async fn run(
     let app = Arc::new(app);
     let mut checks = app.router.spawn_health_checks(&app.config.health);
     if let Some((shadows, jobs)) = &app.shadows {
-        let jobs = jobs.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let jobs = backstop_router::lock(jobs).take();
         if let Some(jobs) = jobs {
             checks.extend(shadows.spawn(jobs));
         }

@@ -21,12 +21,12 @@ mod score;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backstop_adapter::{Backend, Request};
 use backstop_router::breaker::{BreakerState, CircuitBreaker};
-use backstop_router::Mirror;
+use backstop_router::{lock, Mirror};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -172,10 +172,6 @@ impl Target {
             _ => Phase::Cooling,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The queue of shadow calls, handed to [`Shadows::spawn`].
