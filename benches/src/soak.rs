@@ -136,9 +136,9 @@ async fn memory(mock: &MockUpstream) -> anyhow::Result<()> {
             serde_json::json!({"model": "m", "messages": vec![message("x"); 100_000]}),
         ),
         (
-            "39,000 content parts",
+            "9,900 content parts",
             serde_json::json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user",
-                "content": vec![serde_json::json!({"type": "text", "text": "ab"}); 39_000]}]}),
+                "content": vec![serde_json::json!({"type": "text", "text": "ab"}); 9_900]}]}),
         ),
     ];
     println!("| 16 bodies at once | total | answers | RSS idle (MiB) | peak (MiB) | peak over idle / total | RSS after (MiB) |");

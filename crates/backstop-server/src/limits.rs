@@ -54,7 +54,7 @@ impl Default for Limits {
             max_connections_set: false,
             max_in_flight: 512,
             max_body_bytes: 4 << 20,
-            max_json_values: 200_000,
+            max_json_values: 50_000,
             max_messages: 4096,
             max_header_bytes: 32 << 10,
         }

@@ -156,7 +156,8 @@ impl ChunkDecoder {
                 return false; // already ended here
             }
             let delta = &mut choice.delta;
-            let count = |t: &str| crate::tokens::text_tokens(t, model) as u64;
+            let room = cap - *used;
+            let count = |t: &str| crate::tokens::tokens_up_to(t, model, room as usize) as u64;
             let arguments = delta
                 .tool_calls
                 .iter()
@@ -173,7 +174,6 @@ impl ChunkDecoder {
             }
             // A piece of text is at least a token, whatever it encodes to.
             let added = texts.into_iter().map(count).sum::<u64>().max(1);
-            let room = cap - *used;
             *used += added;
             if *used > cap {
                 if let Some(content) = &mut delta.content {

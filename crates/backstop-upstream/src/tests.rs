@@ -565,3 +565,17 @@ async fn a_whole_answer_past_max_tokens_is_cut_there() {
     assert_eq!(tokens::text_tokens(&text, "gpt-4o-mini"), 3, "{text}");
     assert_eq!(choice.finish_reason.as_deref(), Some("length"));
 }
+
+#[test]
+fn a_huge_text_costs_only_its_start_to_cap() {
+    let huge = "a".repeat(4 << 20);
+    let cut = tokens::first_tokens(&huge, "gpt-4o-mini", 5);
+    assert!(!cut.is_empty() && cut.len() < 5 * 256, "{}", cut.len());
+    assert_eq!(tokens::text_tokens(&cut, "gpt-4o-mini"), 5);
+    assert!(tokens::tokens_up_to(&huge, "gpt-4o-mini", 5) > 5);
+    assert_eq!(tokens::tokens_up_to("Hello there", "gpt-4o-mini", 5), 2);
+    assert_eq!(
+        tokens::first_tokens("Hello there", "gpt-4o-mini", 5),
+        "Hello there"
+    );
+}

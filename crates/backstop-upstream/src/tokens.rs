@@ -16,15 +16,42 @@ pub fn text_tokens(text: &str, model: &str) -> usize {
     encoding(model).encode_with_special_tokens(text).len()
 }
 
+/// Bytes a token spans at most, with room to spare: what is looked at to
+/// find `n` tokens, so that a huge text costs no more than its start.
+const TOKEN_BYTES: usize = 256;
+
+/// The start of `text` of at most `bytes` bytes, cut at a character boundary.
+fn head(text: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Tokens of `text` for `model`, counted up to `limit`: past that, `limit`
+/// or more (only the start of a long text is encoded).
+pub fn tokens_up_to(text: &str, model: &str, limit: usize) -> usize {
+    let start = head(text, limit.saturating_add(1).saturating_mul(TOKEN_BYTES));
+    let counted = text_tokens(start, model);
+    if start.len() < text.len() {
+        counted.max(limit + 1)
+    } else {
+        counted
+    }
+}
+
 /// The start of `text` that holds at most `n` of `model`'s tokens (a cut
-/// that would split a character moves back to the one before).
+/// that would split a character moves back to the one before). Only the
+/// start of a long text is encoded.
 pub fn first_tokens(text: &str, model: &str, n: usize) -> String {
     let bpe = encoding(model);
-    let ids = bpe.encode_with_special_tokens(text);
-    if ids.len() <= n {
+    let start = head(text, n.saturating_add(1).saturating_mul(TOKEN_BYTES));
+    let ids = bpe.encode_with_special_tokens(start);
+    if ids.len() <= n && start.len() == text.len() {
         return text.to_string();
     }
-    (0..=n)
+    (0..=n.min(ids.len()))
         .rev()
         .find_map(|k| bpe.decode(&ids[..k]).ok())
         .unwrap_or_default()
