@@ -642,36 +642,24 @@ async fn protocol_errors_are_openai_shaped() {
 async fn the_admin_surface_refuses_web_pages_and_the_client_listener() {
     let mock = MockUpstream::start().await.unwrap();
     let b = Backstop::start(&config(&mock, "", ""), None);
-    let force = post(
-        "/admin/breakers/up0",
-        "application/json",
-        r#"{"force":"open"}"#,
-        "",
-    );
+    let open_with = |content_type: &str, extra: &str| {
+        post(
+            "/admin/breakers/up0",
+            content_type,
+            r#"{"force":"open"}"#,
+            extra,
+        )
+    };
+    let force = open_with("application/json", "");
     // On the client listener: not served without the admin token.
     let (status, body) = once(&b.addr, &force).await;
     assert_eq!(status, 403, "{body}");
-    // A web page's simple POST, even to the admin listener.
-    let page = post(
-        "/admin/breakers/up0",
-        "text/plain",
-        r#"{"force":"open"}"#,
-        "origin: http://evil.example\r\n",
-    );
+    // A web page's simple POST, even to the admin listener; a POST that is
+    // not JSON; a fetch from another site.
+    let page = open_with("text/plain", "origin: http://evil.example\r\n");
     assert_eq!(once(&b.admin, &page).await.0, 403);
-    let plain = post(
-        "/admin/breakers/up0",
-        "text/plain",
-        r#"{"force":"open"}"#,
-        "",
-    );
-    assert_eq!(once(&b.admin, &plain).await.0, 415);
-    let fetched = post(
-        "/admin/breakers/up0",
-        "application/json",
-        r#"{"force":"open"}"#,
-        "sec-fetch-site: cross-site\r\n",
-    );
+    assert_eq!(once(&b.admin, &open_with("text/plain", "")).await.0, 415);
+    let fetched = open_with("application/json", "sec-fetch-site: cross-site\r\n");
     assert_eq!(once(&b.admin, &fetched).await.0, 403);
     // The operator, on the admin listener: served, and /readyz tells the truth.
     assert_eq!(reqwest::get(b.url("/readyz")).await.unwrap().status(), 200);
@@ -683,10 +671,8 @@ async fn the_admin_surface_refuses_web_pages_and_the_client_listener() {
     let toml = config(&mock, "admin_token_env = \"ADMIN_TOKEN\"", "");
     let b = Backstop::start(&toml, None);
     assert_eq!(once(&b.addr, &force).await.0, 401);
-    let with = post(
-        "/admin/breakers/up0",
+    let with = open_with(
         "application/json",
-        r#"{"force":"open"}"#,
         &format!("authorization: Bearer {ADMIN_TOKEN}\r\n"),
     );
     assert_eq!(once(&b.addr, &with).await.0, 200);
