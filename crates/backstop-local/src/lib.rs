@@ -6,22 +6,38 @@
 //! with its own KV cache, fed by a bounded queue that refuses at once when
 //! full. This is the only crate that sees
 //! candle.
+//!
+//! Without the default `engine` feature the crate is only [`LocalConfig`]
+//! and [`LocalError`]: what the config crate needs, without candle.
 
+#[cfg(feature = "engine")]
 mod backend;
+#[cfg(feature = "engine")]
 mod engine;
+#[cfg(feature = "engine")]
 mod generate;
+#[cfg(feature = "engine")]
 mod hub;
+#[cfg(feature = "engine")]
 mod linear;
+#[cfg(feature = "engine")]
 pub mod llama;
+#[cfg(feature = "engine")]
 mod model;
+#[cfg(feature = "engine")]
 mod q4_1;
+#[cfg(feature = "engine")]
 pub mod template;
+#[cfg(feature = "engine")]
 pub mod tokenizer;
 
 use std::path::PathBuf;
 
+#[cfg(feature = "engine")]
 pub use backend::{LocalBackend, DROPPED_TURNS_HEADER};
+#[cfg(feature = "engine")]
 pub use hub::{fetch_from_hub, sha256_file};
+#[cfg(feature = "engine")]
 pub use model::LoadedModel;
 
 /// Fixes, for the whole process, how many threads candle's matrix products
@@ -33,6 +49,7 @@ pub use model::LoadedModel;
 /// unless `RAYON_NUM_THREADS` is set: measured here, a fifth of the default
 /// model's decode time. This sets `RAYON_NUM_THREADS`, when it is not set,
 /// to the number candle works out, once.
+#[cfg(feature = "engine")]
 pub fn settle_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();

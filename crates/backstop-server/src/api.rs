@@ -17,11 +17,11 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::time::Instant;
 
-use crate::limits::BODY_RATE_GRACE;
 use crate::listener::Surface;
 use crate::metrics::{status_class, Metrics};
 use crate::respond::{self, Body, Served};
 use crate::App;
+use backstop_config::limits::BODY_RATE_GRACE;
 
 /// Which completion API a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,7 +452,7 @@ async fn completion(
         }
     };
     let limits = &app.config.limits;
-    let values = crate::limits::json_values(&bytes);
+    let values = backstop_config::limits::json_values(&bytes);
     if values > limits.max_json_values {
         app.metrics
             .rejected

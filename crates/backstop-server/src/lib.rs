@@ -3,8 +3,6 @@
 
 mod api;
 pub mod catalogue;
-pub mod config;
-pub mod limits;
 mod listener;
 pub mod metrics;
 mod respond;
@@ -20,8 +18,7 @@ use backstop_shadow::{Jobs, Shadows};
 use backstop_upstream::{Upstream, UpstreamError};
 use tokio::net::TcpListener;
 
-pub use config::{Config, ConfigError};
-pub use limits::Limits;
+pub use backstop_config::{Config, ConfigError, Limits};
 pub use metrics::Metrics;
 pub use respond::{ATTEMPTS_HEADER, BACKEND_HEADER};
 

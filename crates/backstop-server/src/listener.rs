@@ -28,9 +28,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::limits::Limits;
 use crate::respond::Body;
 use crate::{api, App};
+use backstop_config::Limits;
 
 /// Which listener a connection came in on: the admin endpoints are served
 /// on the admin one (or with the admin token).

@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod limits;
+pub use limits::Limits;
+
 use backstop_local::LocalConfig;
 use backstop_router::breaker::BreakerConfig;
 use backstop_router::health::{HealthConfig, Probe};
@@ -17,7 +20,6 @@ use backstop_router::{ModelMatch, DEFAULT_DEADLINE};
 use backstop_shadow::ShadowConfig;
 use backstop_upstream::UpstreamConfig;
 
-use crate::limits::Limits;
 use serde::Deserialize;
 
 /// The public OpenAI API, used when `OPENAI_BASE_URL` is not set.
@@ -58,6 +60,13 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -268,11 +277,7 @@ impl Config {
     /// Loads and validates a TOML file. `env` looks up environment variables
     /// (API keys), so tests need not touch the process environment.
     pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, env)
+        Self::parse(&read(path)?, env)
     }
 
     /// Parses and validates TOML text.
@@ -306,11 +311,16 @@ impl Config {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        parse_raw(&text)?.offline(&env)
+        Self::parse_offline(&read(path)?, env)
+    }
+
+    /// Parses and validates TOML text for `--offline`: its local model
+    /// serves every request, whatever targets it names.
+    pub fn parse_offline(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        parse_raw(text)?.offline(&env)
     }
 
     /// Whether every request is served by the local model.
