@@ -3,14 +3,18 @@
 //! Every struct keeps the fields it does not know in `extra`, so a request or a
 //! response passes through Backstop without losing what a newer API version added.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+
+mod fields;
+use fields::Fields;
 
 /// Fields a type does not model, kept verbatim for the round trip.
 pub type Extra = Map<String, Value>;
 
 /// A `POST /v1/chat/completions` request body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatRequest {
     /// The model the client asked for.
     pub model: String,
@@ -55,6 +59,62 @@ pub struct ChatRequest {
     /// Every other field, passed to the upstream untouched.
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+impl<'de> Deserialize<'de> for ChatRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fields::deserialize(d)
+    }
+}
+
+impl Fields for ChatRequest {
+    const EXPECTING: &'static str = "a chat completion request";
+    const REQUIRED: &'static [&'static str] = &["model", "messages"];
+
+    fn empty() -> Self {
+        ChatRequest {
+            model: String::new(),
+            messages: Vec::new(),
+            stream: None,
+            stream_options: None,
+            max_tokens: None,
+            max_completion_tokens: None,
+            n: None,
+            stop: None,
+            temperature: None,
+            top_p: None,
+            seed: None,
+            response_format: None,
+            tools: None,
+            tool_choice: None,
+            extra: Extra::new(),
+        }
+    }
+
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        match key {
+            "model" => self.model = map.next_value()?,
+            "messages" => self.messages = map.next_value()?,
+            "stream" => self.stream = map.next_value()?,
+            "stream_options" => self.stream_options = map.next_value()?,
+            "max_tokens" => self.max_tokens = map.next_value()?,
+            "max_completion_tokens" => self.max_completion_tokens = map.next_value()?,
+            "n" => self.n = map.next_value()?,
+            "stop" => self.stop = map.next_value()?,
+            "temperature" => self.temperature = map.next_value()?,
+            "top_p" => self.top_p = map.next_value()?,
+            "seed" => self.seed = map.next_value()?,
+            "response_format" => self.response_format = map.next_value()?,
+            "tools" => self.tools = map.next_value()?,
+            "tool_choice" => self.tool_choice = map.next_value()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        &mut self.extra
+    }
 }
 
 impl ChatRequest {
@@ -122,7 +182,7 @@ pub enum Role {
 }
 
 /// One message of a conversation, or the message of a response choice.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
@@ -150,8 +210,15 @@ impl Message {
     /// A message with plain text content.
     pub fn text(role: Role, text: impl Into<String>) -> Self {
         Message {
-            role,
             content: Some(Content::Text(text.into())),
+            ..Message::empty_as(role)
+        }
+    }
+
+    fn empty_as(role: Role) -> Self {
+        Message {
+            role,
+            content: None,
             name: None,
             tool_calls: None,
             tool_call_id: None,
@@ -161,14 +228,74 @@ impl Message {
     }
 }
 
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fields::deserialize(d)
+    }
+}
+
+impl Fields for Message {
+    const EXPECTING: &'static str = "a message";
+    const REQUIRED: &'static [&'static str] = &["role"];
+
+    fn empty() -> Self {
+        Message::empty_as(Role::User)
+    }
+
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        match key {
+            "role" => self.role = map.next_value()?,
+            "content" => self.content = map.next_value()?,
+            "name" => self.name = map.next_value()?,
+            "tool_calls" => self.tool_calls = map.next_value()?,
+            "tool_call_id" => self.tool_call_id = map.next_value()?,
+            "refusal" => self.refusal = map.next_value()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        &mut self.extra
+    }
+}
+
 /// Message content: a string or a list of typed parts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Content {
     /// Plain text.
     Text(String),
     /// Typed parts (`text`, `image_url`, `input_audio`, ...).
     Parts(Vec<ContentPart>),
+}
+
+/// Read by the JSON type it finds, not as `untagged` would (buffering the
+/// whole content to try each variant in turn).
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+        impl<'de> Visitor<'de> for ContentVisitor {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Content, E> {
+                Ok(Content::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Content, E> {
+                Ok(Content::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(part) = seq.next_element()? {
+                    parts.push(part);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+        d.deserialize_any(ContentVisitor)
+    }
 }
 
 impl Content {

@@ -20,5 +20,5 @@ pub use chat::{
 };
 pub use error::{ApiError, BackendError, ErrorBody, FailureKind, Headers, InvalidRequest};
 pub use legacy::{TextChoice, TextCompletion};
-pub use request::{Legacy, Request};
+pub use request::{Legacy, Outgoing, Request};
 pub use sse::{SseDecoder, SseEvent};

@@ -6,6 +6,8 @@
 //! speaks the legacy API upstream rebuilds the exact legacy body from both
 //! ([`Request::upstream_body`]); the others see a chat.
 
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::chat::{ChatRequest, Extra, Message, Role};
@@ -90,34 +92,130 @@ impl Request {
         })
     }
 
-    /// The body to send to an OpenAI-compatible upstream: the legacy body for a
-    /// legacy request, the chat body otherwise. A prefill becomes a final,
-    /// partial assistant message (or the end of a legacy text prompt).
-    pub fn upstream_body(&self) -> Result<Value, serde_json::Error> {
-        let mut value = serde_json::to_value(&self.chat)?;
-        let Value::Object(map) = &mut value else {
-            return Ok(value);
-        };
-        match (&self.legacy, &self.prefill) {
-            (Some(legacy), prefill) => {
-                map.remove("messages");
-                let prompt = match (&legacy.prompt, prefill) {
-                    (Value::String(p), Some(more)) => Value::String(format!("{p}{more}")),
-                    (prompt, _) => prompt.clone(),
-                };
-                map.insert("prompt".into(), prompt);
-                for (k, v) in &legacy.fields {
-                    map.insert(k.clone(), v.clone());
-                }
+    /// The body to send to an OpenAI-compatible upstream, with `changes`:
+    /// the legacy body for a legacy request, the chat body otherwise. A
+    /// prefill becomes a final, partial assistant message (or the end of a
+    /// legacy text prompt).
+    ///
+    /// Written straight from the typed request: no `Value` tree of the
+    /// whole body is built on the way.
+    pub fn upstream_body(&self, changes: &Outgoing) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&Body { req: self, changes })
+    }
+}
+
+/// What the sender changes in a request's body on its way upstream.
+pub struct Outgoing<'a> {
+    /// The model name the upstream knows, instead of the client's.
+    pub model: Option<&'a str>,
+    /// Whether to ask for a stream, instead of what the client asked;
+    /// `stream_options` goes only with a stream.
+    pub stream: Option<bool>,
+    /// Applied to whichever token caps (`max_tokens`,
+    /// `max_completion_tokens`) the client gave.
+    pub cap: &'a dyn Fn(u32) -> u32,
+}
+
+impl Outgoing<'_> {
+    /// The body as the client sent it.
+    pub const AS_SENT: Outgoing<'static> = Outgoing {
+        model: None,
+        stream: None,
+        cap: &|n| n,
+    };
+}
+
+/// A request's upstream body, serialized field by field.
+struct Body<'a> {
+    req: &'a Request,
+    changes: &'a Outgoing<'a>,
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Taken apart in full: a field added to `ChatRequest` does not
+        // compile here until it is sent.
+        let ChatRequest {
+            model,
+            messages,
+            stream,
+            stream_options,
+            max_tokens,
+            max_completion_tokens,
+            n,
+            stop,
+            temperature,
+            top_p,
+            seed,
+            response_format,
+            tools,
+            tool_choice,
+            extra,
+        } = &self.req.chat;
+        let changes = self.changes;
+        let stream = changes.stream.or(*stream);
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("model", changes.model.unwrap_or(model))?;
+        match (&self.req.legacy, &self.req.prefill) {
+            (Some(legacy), Some(more)) if legacy.prompt.is_string() => {
+                let prompt = legacy.prompt.as_str().unwrap_or_default();
+                m.serialize_entry("prompt", &format!("{prompt}{more}"))?;
             }
-            (None, Some(prefill)) => {
-                if let Some(Value::Array(messages)) = map.get_mut("messages") {
-                    messages.push(serde_json::json!({"role": "assistant", "content": prefill}));
-                }
-            }
-            (None, None) => {}
+            (Some(legacy), _) => m.serialize_entry("prompt", &legacy.prompt)?,
+            (None, prefill) => m.serialize_entry(
+                "messages",
+                &Messages {
+                    messages,
+                    prefill: prefill.as_deref(),
+                },
+            )?,
         }
-        Ok(value)
+        if let Some(stream) = stream {
+            m.serialize_entry("stream", &stream)?;
+        }
+        if stream != Some(false) {
+            entry(&mut m, "stream_options", stream_options)?;
+        }
+        entry(&mut m, "max_tokens", &max_tokens.map(changes.cap))?;
+        let max_completion_tokens = max_completion_tokens.map(changes.cap);
+        entry(&mut m, "max_completion_tokens", &max_completion_tokens)?;
+        entry(&mut m, "n", n)?;
+        entry(&mut m, "stop", stop)?;
+        entry(&mut m, "temperature", temperature)?;
+        entry(&mut m, "top_p", top_p)?;
+        entry(&mut m, "seed", seed)?;
+        entry(&mut m, "response_format", response_format)?;
+        entry(&mut m, "tools", tools)?;
+        entry(&mut m, "tool_choice", tool_choice)?;
+        let legacy = self.req.legacy.as_ref().map(|l| &l.fields);
+        for (key, value) in extra.iter().chain(legacy.into_iter().flatten()) {
+            m.serialize_entry(key, value)?;
+        }
+        m.end()
+    }
+}
+
+fn entry<M: SerializeMap, T: Serialize>(
+    m: &mut M,
+    key: &str,
+    value: &Option<T>,
+) -> Result<(), M::Error> {
+    match value {
+        Some(value) => m.serialize_entry(key, value),
+        None => Ok(()),
+    }
+}
+
+/// A conversation's messages, then the prefill as a partial assistant turn.
+struct Messages<'a> {
+    messages: &'a [Message],
+    prefill: Option<&'a str>,
+}
+
+impl Serialize for Messages<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let said = self.prefill.map(|p| Message::text(Role::Assistant, p));
+        s.collect_seq(self.messages.iter().chain(said.as_ref()))
     }
 }
 

@@ -16,11 +16,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backstop_adapter::{
-    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Reply,
-    Request,
+    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Outgoing,
+    Reply, Request,
 };
 use futures_util::StreamExt;
-use serde_json::Value;
 use tokio::time::{timeout, Instant};
 
 use reqwest::header as http_header;
@@ -207,65 +206,43 @@ impl Upstream {
         } else {
             req
         };
-        let mut body = sent.upstream_body().map_err(|e| {
-            BackendError::new(
-                FailureKind::ClientError,
-                format!("cannot encode request: {e}"),
-            )
-        })?;
-        if let (Some(window), Value::Object(map)) = (self.config.context_window, &mut body) {
+        // Whichever token cap the client gave fits the room the context
+        // window leaves, and the prefill (part of the answer the client
+        // asked for) comes out of it.
+        let mut room = u32::MAX;
+        if let Some(window) = self.config.context_window {
             let model = self.config.model.as_deref().unwrap_or(&req.chat.model);
             let prompt = tokens::prompt_tokens(req, model);
             if prompt >= window {
                 return Err(self.too_long(prompt, window));
             }
-            // Clamp whichever cap the client gave to the room left.
-            let room = (window - prompt) as u64;
-            for field in ["max_completion_tokens", "max_tokens"] {
-                if map
-                    .get(field)
-                    .and_then(Value::as_u64)
-                    .is_some_and(|n| n > room)
-                {
-                    map.insert(field.into(), Value::from(room));
-                }
-            }
+            room = u32::try_from(window - prompt).unwrap_or(u32::MAX);
         }
-        if let Value::Object(map) = &mut body {
-            // The prefill is part of the answer the client asked for: it
-            // comes out of the answer's token cap.
-            let answered = self.prefill_tokens(req);
-            for field in ["max_completion_tokens", "max_tokens"] {
-                if let Some(n) = map
-                    .get(field)
-                    .and_then(Value::as_u64)
-                    .filter(|_| answered > 0)
-                {
-                    map.insert(field.into(), Value::from(n.saturating_sub(answered).max(1)));
-                }
-            }
-            map.insert("stream".into(), Value::Bool(stream));
-            if !stream {
-                map.remove("stream_options");
-            }
-            if let Some(model) = &self.config.model {
-                map.insert("model".into(), Value::String(model.clone()));
-            }
-        }
-        let bytes = serde_json::to_vec(&body).map_err(|e| {
-            BackendError::new(
-                FailureKind::ClientError,
-                format!("cannot encode request: {e}"),
-            )
-        })?;
+        let answered = u32::try_from(self.prefill_tokens(req)).unwrap_or(u32::MAX);
+        let cap = move |n: u32| match n.min(room) {
+            n if answered > 0 => n.saturating_sub(answered).max(1),
+            n => n,
+        };
+        let bytes = sent
+            .upstream_body(&Outgoing {
+                model: self.config.model.as_deref(),
+                stream: Some(stream),
+                cap: &cap,
+            })
+            .map_err(|e| {
+                BackendError::new(
+                    FailureKind::ClientError,
+                    format!("cannot encode request: {e}"),
+                )
+            })?;
         let tokens = if self.limit.counts_tokens() {
             let model = self.config.model.as_deref().unwrap_or(&req.chat.model);
-            let answer = body
-                .get("max_completion_tokens")
-                .or_else(|| body.get("max_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            tokens::prompt_tokens(req, model) as u64 + answer
+            let chat = &sent.chat;
+            let answer = chat
+                .max_completion_tokens
+                .or(chat.max_tokens)
+                .map_or(0, cap);
+            tokens::prompt_tokens(req, model) as u64 + u64::from(answer)
         } else {
             0
         };

@@ -4,7 +4,7 @@ use backstop_adapter::{Backend, BackendError, ChatChunk, FailureKind, Request};
 use backstop_testkit::{echo_text, MockReply, MockUpstream, SseStep};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::*;
 
@@ -467,7 +467,9 @@ async fn a_prefill_is_counted_as_answer_in_usage_and_comes_out_of_max_tokens() {
         let (p, c, t) = seen[1];
         // The target takes no prefill: it got the continuation prompt.
         let echo = |req: &Request| {
-            let sent = req.as_continuation().upstream_body().unwrap();
+            let sent = req.as_continuation();
+            let sent = sent.upstream_body(&Outgoing::AS_SENT).unwrap();
+            let sent: Value = serde_json::from_slice(&sent).unwrap();
             let answer = echo_text(&sent);
             (
                 sent.to_string().split_whitespace().count() as u64,

@@ -2,6 +2,11 @@ use serde_json::{json, Value};
 
 use super::*;
 
+/// The upstream body of `req`, unchanged, as JSON.
+fn sent(req: &Request) -> Value {
+    serde_json::from_slice(&req.upstream_body(&Outgoing::AS_SENT).unwrap()).unwrap()
+}
+
 fn err(body: &str) -> InvalidRequest {
     Request::parse_chat(body.as_bytes()).unwrap_err()
 }
@@ -26,6 +31,13 @@ fn bad_bodies_name_the_parameter() {
 
     let e = err(r#"{"model":"m","messages":[{"content":"x"}]}"#);
     assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+
+    let e = err(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+    assert!(e.message.contains("content parts"), "{e:?}");
+
+    let e = err(r#"{"model":"m","messages":[{"role":"user","content":[{"text":"x"}]}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
 
     let e = err(r#"[1,2]"#);
     assert_eq!(e.param, None);
@@ -63,7 +75,7 @@ fn legacy_request_maps_to_chat_and_back_unchanged() {
     assert!(!req.chat.extra.contains_key("echo"));
     let mut expected = body;
     expected["temperature"] = json!(0.0);
-    assert_eq!(req.upstream_body().unwrap(), expected);
+    assert_eq!(sent(&req), expected);
 }
 
 #[test]
@@ -76,7 +88,7 @@ fn legacy_prompts_of_every_shape() {
     ] {
         let body = json!({"model": "m", "prompt": prompt});
         let req = Request::parse_legacy(body.to_string().as_bytes()).unwrap();
-        assert_eq!(req.upstream_body().unwrap()["prompt"], prompt);
+        assert_eq!(sent(&req)["prompt"], prompt);
     }
     let e = Request::parse_legacy(br#"{"model":"m","prompt":{"a":1}}"#).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("prompt"));
@@ -90,8 +102,39 @@ fn legacy_prompts_of_every_shape() {
 fn chat_request_body_is_the_chat_body() {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": 1});
     let req = Request::parse_chat(body.to_string().as_bytes()).unwrap();
-    let sent: Value = req.upstream_body().unwrap();
-    assert_eq!(sent, body);
+    assert_eq!(sent(&req), body);
+
+    // Every field the schema knows, and unknown ones, go through as sent.
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}], "x": [1]}],
+        "stream": true, "stream_options": {"include_usage": true},
+        "max_tokens": 9, "max_completion_tokens": 8, "n": 2, "stop": ["a", "b"],
+        "temperature": 0.5, "top_p": 0.25, "seed": 7,
+        "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": "auto", "metadata": {"k": "v"}
+    });
+    let req = Request::parse_chat(body.to_string().as_bytes()).unwrap();
+    assert_eq!(sent(&req), body);
+
+    // The sender's changes: the upstream's model name, no stream (so no
+    // stream options), and both token caps through its function.
+    let changed = req
+        .upstream_body(&Outgoing {
+            model: Some("upstream-model"),
+            stream: Some(false),
+            cap: &|n| n - 5,
+        })
+        .unwrap();
+    let changed: Value = serde_json::from_slice(&changed).unwrap();
+    let mut expected = body;
+    expected["model"] = json!("upstream-model");
+    expected["stream"] = json!(false);
+    expected.as_object_mut().unwrap().remove("stream_options");
+    expected["max_tokens"] = json!(4);
+    expected["max_completion_tokens"] = json!(3);
+    assert_eq!(changed, expected);
 }
 
 #[test]
@@ -100,7 +143,7 @@ fn a_prefill_is_a_final_partial_assistant_turn_or_the_end_of_a_text_prompt() {
         Request::parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
             .unwrap();
     req.prefill = Some("Hello th".into());
-    let body = req.upstream_body().unwrap();
+    let body = sent(&req);
     assert_eq!(
         body["messages"][1],
         json!({"role": "assistant", "content": "Hello th"})
@@ -108,7 +151,7 @@ fn a_prefill_is_a_final_partial_assistant_turn_or_the_end_of_a_text_prompt() {
 
     let mut req = Request::parse_legacy(br#"{"model":"m","prompt":"Once upon"}"#).unwrap();
     req.prefill = Some(" a time".into());
-    assert_eq!(req.upstream_body().unwrap()["prompt"], "Once upon a time");
+    assert_eq!(sent(&req)["prompt"], "Once upon a time");
 }
 
 #[test]
