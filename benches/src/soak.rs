@@ -7,8 +7,9 @@
 //!
 //! `bench-soak memory` measures what request bodies cost instead: for each
 //! shape (the most messages accepted, one huge string, 100k tiny messages,
-//! content parts), a fresh binary takes 16 such bodies at once; prints the
-//! bodies' total size, the answers, and the binary's peak and remaining RSS.
+//! content parts), a fresh binary takes 16 such bodies at once, and then 96
+//! huge ones, past `max_request_memory`; prints the bodies' total size, the
+//! answers, and the binary's peak and remaining RSS.
 //!
 //! Usage: bench-soak [SECONDS] [RATE_PER_S]   (default 1800 and 100; 120 for a quick run)
 //!        bench-soak memory
@@ -117,56 +118,68 @@ fn peak(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// Sixteen bodies of each shape at once, each shape on a fresh binary.
+/// Sixteen bodies of each shape at once (96 of the last, past
+/// `max_request_memory`), each shape on a fresh binary.
 async fn memory(mock: &MockUpstream) -> anyhow::Result<()> {
     let message = |content: &str| serde_json::json!({"role": "user", "content": content});
-    let shapes: Vec<(&str, serde_json::Value)> = vec![
+    let shapes: Vec<(&str, serde_json::Value, usize)> = vec![
         (
             "4,096 messages of 850 bytes (the most accepted)",
             serde_json::json!({"model": "m", "max_tokens": 1,
                 "messages": vec![message(&"a".repeat(850)); 4096]}),
+            16,
         ),
         (
             "one 4 MB string",
             serde_json::json!({"model": "m", "max_tokens": 1,
                 "messages": [message(&"a".repeat(4_000_000))]}),
+            16,
         ),
         (
             "100,000 tiny messages",
             serde_json::json!({"model": "m", "messages": vec![message("x"); 100_000]}),
+            16,
         ),
         (
             "9,900 content parts",
             serde_json::json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user",
                 "content": vec![serde_json::json!({"type": "text", "text": "ab"}); 9_900]}]}),
+            16,
+        ),
+        (
+            "one 4 MB string, 96 at once (past the request memory budget)",
+            serde_json::json!({"model": "m", "max_tokens": 1,
+                "messages": [message(&"a".repeat(4_000_000))]}),
+            96,
         ),
     ];
-    println!("| 16 bodies at once | total | answers | RSS idle (MiB) | peak (MiB) | peak over idle / total | RSS after (MiB) |");
+    println!("| bodies at once | total | answers | RSS idle (MiB) | peak (MiB) | peak over idle / total | RSS after (MiB) |");
     println!("|---|---|---|---|---|---|---|");
-    for (name, body) in shapes {
+    for (name, body, count) in shapes {
         let binary = Binary::start(mock)?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = sample(binary.pid()).0;
         let body = body.to_string();
         let client = reqwest::Client::new();
-        let calls = (0..16).map(|_| {
+        let calls = (0..count).map(|_| {
             client
                 .post(&binary.url)
                 .header("content-type", "application/json")
                 .body(body.clone())
                 .send()
         });
-        let mut answers: Vec<u16> = futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .map(|r| r.map_or(0, |r| r.status().as_u16()))
-            .collect();
-        answers.sort_unstable();
-        answers.dedup();
-        let total = body.len() as f64 * 16.0 / (1 << 20) as f64;
+        let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+        for r in futures_util::future::join_all(calls).await {
+            *answers
+                .entry(r.map_or(0, |r| r.status().as_u16()))
+                .or_default() += 1;
+        }
+        let answers: Vec<String> = answers.iter().map(|(s, n)| format!("{n}× {s}")).collect();
+        let answers = answers.join(", ");
+        let total = body.len() as f64 * count as f64 / (1 << 20) as f64;
         let top = peak(binary.pid());
         println!(
-            "| {name} | {total:.1} MiB | {answers:?} | {idle:.1} | {top:.1} | {:.1}× | {:.1} |",
+            "| {name} | {total:.1} MiB | {answers} | {idle:.1} | {top:.1} | {:.1}× | {:.1} |",
             (top - idle) / total,
             sample(binary.pid()).0
         );

@@ -192,6 +192,7 @@ struct RawServer {
     max_in_flight: Option<usize>,
     max_json_values: Option<usize>,
     max_messages: Option<usize>,
+    max_request_memory: Option<usize>,
     max_header_bytes: Option<usize>,
 }
 
@@ -641,6 +642,11 @@ impl RawServer {
             max_body_bytes: count(self.max_body_bytes, "max_body_bytes", d.max_body_bytes)?,
             max_json_values: count(self.max_json_values, "max_json_values", d.max_json_values)?,
             max_messages: count(self.max_messages, "max_messages", d.max_messages)?,
+            max_request_memory: count(
+                self.max_request_memory,
+                "max_request_memory",
+                d.max_request_memory,
+            )?,
             max_header_bytes: count(
                 self.max_header_bytes,
                 "max_header_bytes",

@@ -35,6 +35,9 @@ pub struct Limits {
     pub max_json_values: usize,
     /// Messages in one request.
     pub max_messages: usize,
+    /// What all requests in flight may hold of memory together, as
+    /// [`request_memory`] estimates it; past it a fast 503.
+    pub max_request_memory: usize,
     /// Bytes of request headers (names and values).
     pub max_header_bytes: usize,
 }
@@ -56,6 +59,7 @@ impl Default for Limits {
             max_body_bytes: 4 << 20,
             max_json_values: 50_000,
             max_messages: 4096,
+            max_request_memory: 256 << 20,
             max_header_bytes: 32 << 10,
         }
     }
@@ -89,6 +93,19 @@ impl Limits {
         }
         Some(nofile)
     }
+}
+
+/// Memory one parsed JSON value holds, at most, in a request (measured
+/// with `bench-soak memory`: about 100 bytes for tiny content parts, the
+/// costliest shape).
+pub const VALUE_BYTES: usize = 128;
+
+/// What parsing a body of `body` bytes holding `values` JSON values builds,
+/// as charged against [`Limits::max_request_memory`] before it does: the
+/// body's text again, and each value. (The body itself is charged as it
+/// arrives.)
+pub fn request_memory(body: usize, values: usize) -> usize {
+    body.saturating_add(values.saturating_mul(VALUE_BYTES))
 }
 
 /// Counts the JSON values in `body` without parsing it: every object,

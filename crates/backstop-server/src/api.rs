@@ -80,6 +80,9 @@ pub async fn handle(
         (&Method::GET, "/readyz") => ready(&app),
         (&Method::GET, "/metrics") => {
             app.metrics.observe_breakers(&app.router);
+            app.metrics
+                .request_memory
+                .set(app.request_memory_held() as i64);
             respond::response(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -364,13 +367,14 @@ async fn models(app: &App) -> Response<Body> {
 }
 
 /// Counts the request in flight until dropped, and its duration then; holds
-/// its place among `max_in_flight`.
+/// its place among `max_in_flight` and its share of `max_request_memory`.
 struct InFlight {
     app: Arc<App>,
     started: Instant,
     endpoint: Endpoint,
     stream: bool,
     _place: tokio::sync::OwnedSemaphorePermit,
+    memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl InFlight {
@@ -384,7 +388,35 @@ impl InFlight {
             endpoint,
             stream: false,
             _place: place,
+            memory: None,
         })
+    }
+
+    /// Charges `bytes` more to the request's share of `max_request_memory`;
+    /// past it, the 503 to answer.
+    fn hold(&mut self, bytes: usize) -> Result<(), Rejection> {
+        let more = u32::try_from(bytes).ok().and_then(|n| {
+            self.app
+                .request_memory
+                .clone()
+                .try_acquire_many_owned(n)
+                .ok()
+        });
+        match (more, &mut self.memory) {
+            (Some(more), Some(held)) => held.merge(more),
+            (Some(more), held) => *held = Some(more),
+            (None, _) => {
+                return Err(Rejection {
+                    status: 503,
+                    reason: "request_memory",
+                    message: format!(
+                        "Backstop holds its limit of {} bytes of requests; retry shortly",
+                        self.app.config.limits.max_request_memory
+                    ),
+                })
+            }
+        }
+        Ok(())
     }
 
     fn metrics(&self) -> &Metrics {
@@ -419,20 +451,15 @@ async fn completion(
 ) -> Response<Body> {
     let Some(mut flight) = InFlight::new(app.clone(), endpoint) else {
         app.metrics.rejected.with_label_values(&["in_flight"]).inc();
-        let mut resp = respond::error(
-            503,
-            "server_error",
-            format!(
+        return Rejection {
+            status: 503,
+            reason: "in_flight",
+            message: format!(
                 "Backstop is serving its limit of {} requests; retry shortly",
                 app.config.limits.max_in_flight
             ),
-            Some("overloaded"),
-        );
-        resp.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            http::HeaderValue::from_static("1"),
-        );
-        return resp;
+        }
+        .response();
     };
     let trailers = accepts_trailers(&req);
     let budget = match client_budget(req.headers()) {
@@ -442,32 +469,26 @@ async fn completion(
             return respond::error(400, "invalid_request_error", message, None);
         }
     };
-    let bytes = match read_body(req.into_body(), &app).await {
+    let bytes = match read_body(req.into_body(), &mut flight).await {
         Ok(bytes) => bytes,
-        Err((status, reason, message)) => {
-            app.metrics.rejected.with_label_values(&[reason]).inc();
-            flight.record(respond::NO_BACKEND, status);
-            let code = (status == 413).then_some("request_too_large");
-            return respond::error(status, "invalid_request_error", message, code);
-        }
+        Err(rejection) => return flight.reject(rejection),
     };
     let limits = &app.config.limits;
     let values = backstop_config::limits::json_values(&bytes);
     if values > limits.max_json_values {
-        app.metrics
-            .rejected
-            .with_label_values(&["json_values"])
-            .inc();
-        flight.record(respond::NO_BACKEND, 413);
-        return respond::error(
-            413,
-            "invalid_request_error",
-            format!(
+        return flight.reject(Rejection {
+            status: 413,
+            reason: "json_values",
+            message: format!(
                 "the request body holds {values} JSON values; at most {} are accepted",
                 limits.max_json_values
             ),
-            Some("request_too_large"),
-        );
+        });
+    }
+    // The body was charged as it arrived; what parsing builds is, before it does.
+    let parsed = backstop_config::limits::request_memory(bytes.len(), values);
+    if let Err(rejection) = flight.hold(parsed) {
+        return flight.reject(rejection);
     }
     let parsed = match endpoint {
         Endpoint::Chat => Request::parse_chat(&bytes),
@@ -502,21 +523,51 @@ async fn completion(
     }
 }
 
+/// Why a request was refused before it reached a backend: the status, the
+/// label of `backstop_rejected_total`, and the message.
+struct Rejection {
+    status: u16,
+    reason: &'static str,
+    message: String,
+}
+
+impl Rejection {
+    /// The answer: a 503 with `Retry-After` when Backstop is at a bound of
+    /// its own, the client's error otherwise.
+    fn response(self) -> Response<Body> {
+        if self.status == 503 {
+            let mut resp = respond::error(503, "server_error", self.message, Some("overloaded"));
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+            return resp;
+        }
+        let code = (self.status == 413).then_some("request_too_large");
+        respond::error(self.status, "invalid_request_error", self.message, code)
+    }
+}
+
+impl InFlight {
+    /// Counts and answers a refused request.
+    fn reject(&self, rejection: Rejection) -> Response<Body> {
+        let metrics = self.metrics();
+        metrics
+            .rejected
+            .with_label_values(&[rejection.reason])
+            .inc();
+        self.record(respond::NO_BACKEND, rejection.status);
+        rejection.response()
+    }
+}
+
 /// Reads a request body within the limits: its size, the time for the
-/// whole of it, and (after [`BODY_RATE_GRACE`]) its average rate. A
-/// failure is the status, the rejection's metric label, and the message.
-async fn read_body(mut body: Incoming, app: &App) -> Result<Bytes, (u16, &'static str, String)> {
+/// whole of it, (after [`BODY_RATE_GRACE`]) its average rate, and the
+/// memory of all requests in flight, to which each part is charged as it
+/// arrives.
+async fn read_body(mut body: Incoming, flight: &mut InFlight) -> Result<Bytes, Rejection> {
+    let app = flight.app.clone();
     let limits = &app.config.limits;
-    let too_large = || {
-        (
-            413,
-            "body_size",
-            format!(
-                "request body is larger than {} bytes",
-                limits.max_body_bytes
-            ),
-        )
-    };
     let started = Instant::now();
     let until = started + limits.body_read_timeout;
     let mut out = bytes::BytesMut::new();
@@ -526,22 +577,22 @@ async fn read_body(mut body: Incoming, app: &App) -> Result<Bytes, (u16, &'stati
         let frame = match tokio::time::timeout_at(wake, body.frame()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(e))) => {
-                return Err((
-                    400,
-                    "body_error",
-                    format!("cannot read the request body: {e}"),
-                ))
+                return Err(Rejection {
+                    status: 400,
+                    reason: "body_error",
+                    message: format!("cannot read the request body: {e}"),
+                })
             }
             Ok(None) => return Ok(out.freeze()),
             Err(_) if Instant::now() >= until => {
-                return Err((
-                    408,
-                    "body_timeout",
-                    format!(
+                return Err(Rejection {
+                    status: 408,
+                    reason: "body_timeout",
+                    message: format!(
                         "the request body did not arrive within {} ms",
                         limits.body_read_timeout.as_millis()
                     ),
-                ))
+                })
             }
             Err(_) => {
                 check_rate(out.len(), started, limits.min_body_rate)?;
@@ -550,8 +601,16 @@ async fn read_body(mut body: Incoming, app: &App) -> Result<Bytes, (u16, &'stati
         };
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > limits.max_body_bytes {
-                return Err(too_large());
+                return Err(Rejection {
+                    status: 413,
+                    reason: "body_size",
+                    message: format!(
+                        "request body is larger than {} bytes",
+                        limits.max_body_bytes
+                    ),
+                });
             }
+            flight.hold(data.len())?;
             out.extend_from_slice(&data);
         }
         check_rate(out.len(), started, limits.min_body_rate)?;
@@ -560,20 +619,16 @@ async fn read_body(mut body: Incoming, app: &App) -> Result<Bytes, (u16, &'stati
 
 /// A body slower on average than `min_rate` bytes a second, after the
 /// grace, is refused.
-fn check_rate(
-    read: usize,
-    started: Instant,
-    min_rate: u64,
-) -> Result<(), (u16, &'static str, String)> {
+fn check_rate(read: usize, started: Instant, min_rate: u64) -> Result<(), Rejection> {
     let Some(past) = started.elapsed().checked_sub(BODY_RATE_GRACE) else {
         return Ok(());
     };
     if (read as f64) < min_rate as f64 * past.as_secs_f64() {
-        return Err((
-            408,
-            "body_rate",
-            format!("the request body is arriving slower than {min_rate} bytes a second"),
-        ));
+        return Err(Rejection {
+            status: 408,
+            reason: "body_rate",
+            message: format!("the request body is arriving slower than {min_rate} bytes a second"),
+        });
     }
     Ok(())
 }

@@ -29,6 +29,8 @@ pub struct App {
     metrics: Metrics,
     /// Completion requests in flight, up to `max_in_flight`.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bytes the requests in flight hold, up to `max_request_memory`.
+    request_memory: Arc<tokio::sync::Semaphore>,
     /// The shadow verifier, when on; its queue until the server starts it.
     shadows: Option<(Arc<Shadows>, Mutex<Option<Jobs>>)>,
 }
@@ -119,9 +121,21 @@ impl App {
             router,
             metrics,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
+            request_memory: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .limits
+                    .max_request_memory
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             config,
             shadows,
         })
+    }
+
+    /// Bytes charged now to the requests in flight.
+    pub fn request_memory_held(&self) -> usize {
+        let budget = self.config.limits.max_request_memory;
+        budget.min(tokio::sync::Semaphore::MAX_PERMITS) - self.request_memory.available_permits()
     }
 
     /// The configuration the app runs.

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Connections closed by a deadline, by which.
     pub closed: IntCounterVec,
+    /// Memory charged to the requests in flight, against
+    /// `max_request_memory` (set at scrape time).
+    pub request_memory: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -239,7 +242,7 @@ impl Metrics {
         let rejected = IntCounterVec::new(
             Opts::new(
                 "backstop_rejected_total",
-                "Connections and requests turned away at a bound, by reason (connections, in_flight, body_timeout, body_rate, body_size, json_values, messages, header_size).",
+                "Connections and requests turned away at a bound, by reason (connections, in_flight, body_timeout, body_rate, body_size, json_values, request_memory, messages, header_size).",
             ),
             &["reason"],
         )?;
@@ -250,7 +253,12 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let request_memory = IntGauge::new(
+            "backstop_request_memory_bytes",
+            "Memory charged to the requests in flight (each body, twice, plus 128 bytes per JSON value), against server.max_request_memory.",
+        )?;
         registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(request_memory.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(closed.clone()))?;
         registry.register(Box::new(shadow_requests.clone()))?;
@@ -283,6 +291,7 @@ impl Metrics {
             connections,
             rejected,
             closed,
+            request_memory,
         })
     }
 
@@ -304,7 +313,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 21] = [
+        let collectors: [&dyn prometheus::core::Collector; 25] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -326,6 +335,10 @@ impl Metrics {
             &self.shadow_confirmations,
             &self.shadow_ramp,
             &self.shadow_similarity,
+            &self.connections,
+            &self.rejected,
+            &self.closed,
+            &self.request_memory,
         ];
         collectors
             .iter()

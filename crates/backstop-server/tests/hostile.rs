@@ -308,12 +308,7 @@ async fn slow_headers_silent_sockets_and_trickled_bodies_are_cut_off() {
     closed_within(&mut idle, Duration::from_secs(5)).await;
 
     b.assert_up(100).await;
-    let metrics = reqwest::get(b.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&b).await;
     assert!(metrics.contains("backstop_connections_closed_total{reason=\"header_timeout\"}"));
     assert!(metrics.contains("backstop_rejected_total{reason=\"body_timeout\"}"));
 }
@@ -386,15 +381,7 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
     // Until the server has seen those connections close (the admin's own
     // connection is the one left open).
     for _ in 0..100 {
-        let metrics = reqwest::get(format!("http://{}/metrics", b.admin))
-            .await
-            .unwrap();
-        if metrics
-            .text()
-            .await
-            .unwrap()
-            .contains("backstop_open_connections 1\n")
-        {
+        if metrics(&b).await.contains("backstop_open_connections 1\n") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -472,6 +459,85 @@ async fn huge_deep_and_many_valued_bodies_are_refused_within_a_memory_ceiling() 
     assert!(peak < 600, "peak RSS {peak} MiB");
     assert!(rss < 400, "RSS after {rss} MiB");
     b.assert_up(600).await;
+}
+
+/// The metrics page from the admin listener.
+async fn metrics(b: &Backstop) -> String {
+    reqwest::get(format!("http://{}/metrics", b.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// `backstop_request_memory_bytes` from the admin listener.
+async fn request_memory(b: &Backstop) -> u64 {
+    let text = metrics(b).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("backstop_request_memory_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request memory gauge in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_memory_budget_get_a_fast_503_and_the_budget_comes_back() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut b = Backstop::start(&config(&mock, "max_request_memory = 2097152", ""), None);
+    let body = |size: usize| {
+        let text = "a".repeat(size);
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": text}]})
+            .to_string()
+    };
+    // A client sends most of a 1 MB body and stops: what has arrived is
+    // charged (the gauge shows it).
+    let slow = body(1_000_000);
+    let request = post("/v1/chat/completions", "application/json", &slow, "");
+    let (first, rest) = request.split_at(request.len() - 100_000);
+    let mut conn = TcpStream::connect(&b.addr).await.unwrap();
+    conn.write_all(first).await.unwrap();
+    let mut held = 0;
+    for _ in 0..200 {
+        held = request_memory(&b).await;
+        if held >= 890_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held >= 890_000, "{held}");
+    // A small request still fits; a 700 KB one (1.4 MB once parsed) does
+    // not, and is told to come back.
+    let http = reqwest::Client::new();
+    let send = |body: String| {
+        http.post(b.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(send(body(10)).await.unwrap().status(), 200);
+    let resp = send(body(700_000)).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(error_code(&resp.text().await.unwrap()), "overloaded");
+    // The slow body ends and is answered (2 MB once parsed); its share
+    // comes back, and the 700 KB request goes through.
+    let (status, _) = exchange(&mut conn, rest).await.expect("an answer");
+    assert_eq!(status, 200);
+    drop(conn);
+    for _ in 0..200 {
+        if request_memory(&b).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(request_memory(&b).await, 0);
+    assert_eq!(send(body(700_000)).await.unwrap().status(), 200);
+    let text = metrics(&b).await;
+    assert!(
+        text.contains("backstop_rejected_total{reason=\"request_memory\"} 1\n"),
+        "{text}"
+    );
+    b.assert_up(100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
