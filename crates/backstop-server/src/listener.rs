@@ -13,7 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -64,7 +64,7 @@ pub async fn serve(
     let client_slots = Arc::new(Semaphore::new(limits.max_connections));
     let admin_slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let rejecting = Arc::new(Semaphore::new(REJECTING));
-    let builder = builder();
+    let builder = builder(&limits);
     let mut accept_log = AcceptLog::default();
     tokio::pin!(shutdown);
     loop {
@@ -115,12 +115,16 @@ pub async fn serve(
     }
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Header count is bounded here; their size by `Limits::max_header_bytes`,
-    // which `api` answers with an OpenAI-shaped 431.
+    // which `api` answers with an OpenAI-shaped 431. HTTP/2 announces the
+    // same size to its clients (hyper's own default is 16 KiB).
     builder.http1().max_headers(128);
-    builder.http2().max_concurrent_streams(256);
+    builder
+        .http2()
+        .max_concurrent_streams(256)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
 
@@ -256,6 +260,10 @@ struct Watch {
     first_byte: AtomicU64,
     /// One past when a write began to wait on the client; 0 when none waits.
     blocked: AtomicU64,
+    /// The connection speaks HTTP/2 (it opened with the preface). Its
+    /// idle bytes are frames (window updates, pings, acks), not the start
+    /// of a request, so its idle time runs on.
+    h2: AtomicBool,
 }
 
 impl Watch {
@@ -267,6 +275,7 @@ impl Watch {
             idle_since: AtomicU64::new(0),
             first_byte: AtomicU64::new(0),
             blocked: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
         }
     }
 
@@ -278,8 +287,14 @@ impl Watch {
         self.active.load(Ordering::Acquire)
     }
 
-    fn read(&self) {
-        if self.active() == 0 && self.first_byte.load(Ordering::Relaxed) == 0 {
+    fn read(&self, data: &[u8]) {
+        if self.served.load(Ordering::Relaxed) == 0 && data.starts_with(b"PRI * HTTP/2") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if self.active() == 0
+            && self.first_byte.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+        {
             self.first_byte.store(self.now() + 1, Ordering::Relaxed);
         }
     }
@@ -390,7 +405,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.watch.read();
+            self.watch.read(&buf.filled()[before..]);
         }
         polled
     }

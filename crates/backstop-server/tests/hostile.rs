@@ -408,6 +408,70 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_meet_the_same_bounds() {
+    let mock = MockUpstream::start().await.unwrap();
+    mock.set_default(MockReply::Echo {
+        delay: Duration::from_millis(1500),
+        chunk_delay: Duration::ZERO,
+    });
+    let server = "max_in_flight = 2\nheader_read_timeout_ms = 1000\nidle_timeout_ms = 1000";
+    let mut b = Backstop::start(&config(&mock, server, ""), None);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // Three streams at once on one connection: in-flight requests are
+    // counted across streams, so one of them gets the fast 503.
+    let body = chat(json!({}));
+    let calls = (0..3).map(|_| h2.post(b.url("/v1/chat/completions")).json(&body).send());
+    let mut statuses = Vec::new();
+    for resp in futures_util::future::join_all(calls).await {
+        let resp = resp.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        statuses.push(resp.status().as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 503]);
+    // Headers past `max_header_bytes` are refused on HTTP/2 too.
+    let big = "x".repeat(40_000);
+    let resp = h2.get(b.url("/healthz")).header("x-big", &big).send().await;
+    assert!(resp.is_err() || resp.unwrap().status() == 431);
+    // A connection that sends the HTTP/2 preface and then nothing is
+    // closed at the header deadline; an idle one at the idle deadline.
+    let mut silent = TcpStream::connect(&b.addr).await.unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    closed_within(&mut silent, Duration::from_secs(5)).await;
+    drop(h2);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    assert_eq!(
+        h2.get(b.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    for _ in 0..100 {
+        if metrics(&b)
+            .await
+            .contains("backstop_connections_closed_total{reason=\"idle_timeout\"}")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = metrics(&b).await;
+    assert!(
+        text.contains("backstop_connections_closed_total{reason=\"idle_timeout\"}"),
+        "{text}"
+    );
+    assert!(text.contains("backstop_connections_closed_total{reason=\"header_timeout\"}"));
+    b.assert_up(100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_deep_and_many_valued_bodies_are_refused_within_a_memory_ceiling() {
     let mock = MockUpstream::start().await.unwrap();
     let mut b = Backstop::start(&config(&mock, "", ""), None);
