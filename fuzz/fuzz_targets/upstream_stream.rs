@@ -4,11 +4,12 @@
 //! first bytes pick `n`, the token cap and the read size.
 #![no_main]
 
+use backstop_adapter::Wire;
 use backstop_upstream::decode::{ChunkDecoder, StreamBounds};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let [n, cap, step, legacy, rest @ ..] = data else {
+    let [n, cap, step, dialect, rest @ ..] = data else {
         return;
     };
     let bounds = StreamBounds {
@@ -18,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
         max_event_bytes: 512,
     };
     let choices = bounds.choices;
-    let mut decoder = ChunkDecoder::new(legacy % 2 == 1, bounds);
+    let wire = [Wire::Chat, Wire::Legacy][usize::from(dialect % 2)];
+    let mut decoder = ChunkDecoder::new(wire, bounds);
     let mut said = vec![0usize; choices as usize];
     for piece in rest.chunks(usize::from(*step).max(1)) {
         if decoder.feed(piece).is_err() {

@@ -5,6 +5,7 @@
 //! except by the model name and headers. The crate also holds the SSE codec and
 //! the [`Backend`] trait. It has no async runtime and no HTTP dependency.
 
+pub mod api;
 pub mod backend;
 pub mod chat;
 pub mod continuation;
@@ -13,6 +14,7 @@ pub mod legacy;
 pub mod request;
 pub mod sse;
 
+pub use api::{Api, Wire};
 pub use backend::{Backend, BoxFuture, ChunkStream, Reply};
 pub use chat::{
     ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content, Delta, Message, Model,

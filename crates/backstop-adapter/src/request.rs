@@ -1,8 +1,9 @@
 //! A client's request in the one schema, parsed from either endpoint.
 //!
 //! A legacy `POST /v1/completions` body becomes a [`ChatRequest`] whose single
-//! user message is the prompt, plus a [`Legacy`] record of what only that API has
-//! (`prompt` as sent, `echo`, `suffix`, `logprobs`, `best_of`). A backend that
+//! user message is the prompt, and its [`Api`] is [`Api::Legacy`] with a record
+//! of what only that API has (`prompt` as sent, `echo`, `suffix`, `logprobs`,
+//! `best_of`). A backend that
 //! speaks the legacy API upstream rebuilds the exact legacy body from both
 //! ([`Request::upstream_body`]); the others see a chat.
 
@@ -10,6 +11,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use crate::api::Api;
 use crate::chat::{ChatRequest, Extra, Message, Role};
 use crate::error::InvalidRequest;
 
@@ -30,8 +32,8 @@ pub struct Legacy {
 pub struct Request {
     /// The request as a chat.
     pub chat: ChatRequest,
-    /// Set when the client used `POST /v1/completions`.
-    pub legacy: Option<Legacy>,
+    /// The dialect the client spoke.
+    pub api: Api,
     /// Assistant text the answer must continue from: set when a stream that
     /// broke mid-answer is continued by another backend.
     pub prefill: Option<String>,
@@ -54,7 +56,7 @@ impl Request {
         validate(&chat)?;
         Ok(Request {
             chat,
-            legacy: None,
+            api: Api::Chat,
             prefill: None,
             deadline: None,
         })
@@ -86,7 +88,7 @@ impl Request {
         validate_legacy(&fields, chat.n.unwrap_or(1))?;
         Ok(Request {
             chat,
-            legacy: Some(Legacy { prompt, fields }),
+            api: Api::Legacy(Legacy { prompt, fields }),
             prefill: None,
             deadline: None,
         })
@@ -156,7 +158,7 @@ impl Serialize for Body<'_> {
         let stream = changes.stream.or(*stream);
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("model", changes.model.unwrap_or(model))?;
-        match (&self.req.legacy, &self.req.prefill) {
+        match (self.req.api.legacy(), &self.req.prefill) {
             (Some(legacy), Some(more)) if legacy.prompt.is_string() => {
                 let prompt = legacy.prompt.as_str().unwrap_or_default();
                 m.serialize_entry("prompt", &format!("{prompt}{more}"))?;
@@ -187,7 +189,7 @@ impl Serialize for Body<'_> {
         entry(&mut m, "response_format", response_format)?;
         entry(&mut m, "tools", tools)?;
         entry(&mut m, "tool_choice", tool_choice)?;
-        let legacy = self.req.legacy.as_ref().map(|l| &l.fields);
+        let legacy = self.req.api.legacy().map(|l| &l.fields);
         for (key, value) in extra.iter().chain(legacy.into_iter().flatten()) {
             m.serialize_entry(key, value)?;
         }
@@ -227,7 +229,7 @@ impl Request {
     /// [`CONTINUE_PROMPT`]: crate::continuation::CONTINUE_PROMPT
     pub fn as_continuation(&self) -> Request {
         let mut req = self.clone();
-        if req.legacy.is_some() {
+        if req.api != Api::Chat {
             return req;
         }
         if let Some(said) = req.prefill.take() {

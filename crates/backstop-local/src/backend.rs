@@ -73,7 +73,7 @@ impl LocalBackend {
                 "the local model generates one choice: `n` must be 1",
             ));
         }
-        let prompt = match &req.legacy {
+        let prompt = match req.api.legacy() {
             Some(legacy) if !legacy.prompt.is_string() && !legacy.prompt.is_array() => {
                 return Err(invalid("`prompt` must be text for the local model"))
             }

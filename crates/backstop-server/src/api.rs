@@ -4,9 +4,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop_adapter::sse;
 use backstop_adapter::{
-    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, TextCompletion,
+    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, Wire,
 };
 use backstop_router::breaker::{CircuitBreaker, Forced};
 use backstop_router::{RouteError, Serving};
@@ -701,11 +700,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
     if let Some(usage) = &completion.usage {
         app.metrics.count_usage(&served.backend, usage);
     }
-    let body = if request.legacy.is_some() {
-        serde_json::to_vec(&TextCompletion::from(completion))
-    } else {
-        serde_json::to_vec(&completion)
-    };
+    let body = request.api.wire().encode_completion(completion);
     let resp = match body {
         Ok(body) => respond::json(
             200,
@@ -761,7 +756,7 @@ async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) 
     let attempts = served.attempts();
     let events = ClientStream {
         chunks: served.reply.body,
-        legacy: request.legacy.is_some(),
+        wire: request.api.wire(),
         serving: served.serving.clone(),
         trailers,
         mirrored: served.mirrored,
@@ -805,7 +800,8 @@ const MAX_FRAME: usize = 64 << 10;
 /// or an error event if the backend fails after the stream started.
 struct ClientStream {
     chunks: ChunkStream,
-    legacy: bool,
+    /// The client's dialect.
+    wire: Wire,
     /// Who serves now (changes when a broken stream is continued).
     serving: Serving,
     /// The client takes trailers: end with them.
@@ -894,11 +890,7 @@ impl ClientStream {
                     let target = self.serving.backend();
                     self.flight.metrics().count_usage(&target, usage);
                 }
-                let encoded = if self.legacy {
-                    sse::encode_json(&TextCompletion::from(chunk), out)
-                } else {
-                    sse::encode_json(&chunk, out)
-                };
+                let encoded = self.wire.encode_chunk(chunk, out);
                 if let Err(e) = encoded {
                     let message = format!("cannot encode chunk: {e}");
                     self.fail(BackendError::new(FailureKind::BadResponse, message), out);

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backstop_adapter::{Backend, Request};
+use backstop_adapter::{Api, Backend, Request};
 use backstop_router::breaker::{BreakerState, CircuitBreaker};
 use backstop_router::{lock, Mirror};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -396,7 +396,7 @@ impl Mirror for Shadows {
         // Legacy bodies go upstream as they came, so their answers could not
         // be capped: only chat requests are mirrored.
         if t.phase() != Phase::Verifying
-            || req.legacy.is_some()
+            || req.api != Api::Chat
             || rand::random::<f64>() >= self.config.sample_rate
             || !self.allowed(req)
         {

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use backstop_adapter::sse::{SseDecoder, SseEvent};
 use backstop_adapter::{
-    BackendError, ChatChunk, ChatCompletion, Content, FailureKind, Headers, TextCompletion,
+    BackendError, ChatChunk, ChatCompletion, Content, FailureKind, Headers, Wire,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -35,7 +35,7 @@ pub struct ChunkDecoder {
     decoder: SseDecoder,
     events: VecDeque<SseEvent>,
     scratch: Vec<SseEvent>,
-    legacy: bool,
+    wire: Wire,
     bounds: StreamBounds,
     /// Per choice index: whether it has sent its finish reason.
     finished: Vec<bool>,
@@ -53,14 +53,14 @@ pub struct ChunkDecoder {
 const AFTER_CAP: u32 = 64;
 
 impl ChunkDecoder {
-    /// A decoder for a chat stream, or a legacy one (`legacy`).
-    pub fn new(legacy: bool, bounds: StreamBounds) -> Self {
+    /// A decoder for a stream in `wire`'s dialect.
+    pub fn new(wire: Wire, bounds: StreamBounds) -> Self {
         let choices = bounds.choices.max(1) as usize;
         ChunkDecoder {
             decoder: SseDecoder::with_limit(bounds.max_event_bytes),
             events: VecDeque::new(),
             scratch: Vec::new(),
-            legacy,
+            wire,
             bounds,
             finished: Vec::with_capacity(choices),
             tokens: vec![0; choices],
@@ -209,11 +209,7 @@ impl ChunkDecoder {
         }
         // The common case parses straight into the schema; only a chunk that
         // does not fit is looked at again as an error or a malformed event.
-        let parsed = if self.legacy {
-            serde_json::from_str::<TextCompletion>(data).map(ChatChunk::from)
-        } else {
-            serde_json::from_str::<ChatChunk>(data)
-        };
+        let parsed = self.wire.decode_chunk(data);
         let chunk = match parsed {
             Ok(chunk) if event.event != "error" && !chunk.extra.contains_key("error") => Ok(chunk),
             other => {
@@ -311,13 +307,15 @@ pub fn cap_completion(completion: &mut ChatCompletion, max_tokens: u64, model: &
     }
 }
 
-/// A completion in the one schema from a chat or a legacy JSON body.
-pub fn completion(body: &[u8], legacy: bool) -> Result<ChatCompletion, BackendError> {
-    if legacy {
-        json::<TextCompletion>(body).map(Into::into)
-    } else {
-        json(body)
-    }
+/// A completion in the one schema from a JSON body in `wire`'s dialect.
+pub fn completion(body: &[u8], wire: Wire) -> Result<ChatCompletion, BackendError> {
+    let value = json::<Value>(body)?;
+    wire.decode_completion(value).map_err(|e| {
+        BackendError::new(
+            FailureKind::BadResponse,
+            format!("upstream JSON is not in the OpenAI format: {e}"),
+        )
+    })
 }
 
 /// An OpenAI error object inside a successful response or stream.

@@ -121,9 +121,8 @@ pub struct Upstream {
     config: UpstreamConfig,
     limit: ratelimit::RateLimit,
     client: reqwest::Client,
-    chat_url: String,
-    completions_url: String,
-    models_url: String,
+    /// The base URL without a trailing `/`; a dialect's path follows it.
+    base: String,
 }
 
 impl Upstream {
@@ -152,11 +151,8 @@ impl Upstream {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let base = config.base_url.trim_end_matches('/');
         Ok(Upstream {
-            chat_url: format!("{base}/chat/completions"),
-            completions_url: format!("{base}/completions"),
-            models_url: format!("{base}/models"),
+            base: config.base_url.trim_end_matches('/').to_string(),
             client: builder.build()?,
             limit: ratelimit::RateLimit::new(config.requests_per_minute, config.tokens_per_minute),
             config,
@@ -259,11 +255,7 @@ impl Upstream {
                 .push(("retry-after-ms".into(), wait.as_millis().to_string()));
             return Err(e);
         }
-        let url = if req.legacy.is_some() {
-            &self.completions_url
-        } else {
-            &self.chat_url
-        };
+        let url = format!("{}{}", self.base, req.api.wire().path());
         let mut request = self
             .client
             .post(url)
@@ -355,7 +347,7 @@ impl Backend for Upstream {
             let headers = passthrough_headers(response.headers());
             let mut completion = response::read_completion(
                 response,
-                req.legacy.is_some(),
+                req.api.wire(),
                 self.config.idle_timeout,
                 self.config.max_body_bytes,
             )
@@ -383,7 +375,7 @@ impl Backend for Upstream {
             let started = Instant::now();
             let response = self.send(req, true).await?;
             let headers = passthrough_headers(response.headers());
-            let legacy = req.legacy.is_some();
+            let wire = req.api.wire();
             let body: ChunkStream = match response::content_type(&response) {
                 response::Kind::EventStream => {
                     let bounds = StreamBounds {
@@ -392,14 +384,13 @@ impl Backend for Upstream {
                         model: self.model(req),
                         max_event_bytes: self.config.max_event_bytes,
                     };
-                    ChunkReader::new(response, legacy, self.config.idle_timeout, bounds)
-                        .into_stream()
+                    ChunkReader::new(response, wire, self.config.idle_timeout, bounds).into_stream()
                 }
                 // Some servers ignore `stream`: replay their whole answer as chunks.
                 response::Kind::Json => {
                     let completion = response::read_completion(
                         response,
-                        legacy,
+                        wire,
                         self.config.idle_timeout,
                         self.config.max_body_bytes,
                     )
@@ -437,7 +428,7 @@ impl Backend for Upstream {
 
     fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
         Box::pin(async move {
-            let mut request = self.client.get(&self.models_url);
+            let mut request = self.client.get(format!("{}/models", self.base));
             if let Some(key) = &self.config.api_key {
                 request = request.bearer_auth(key);
             }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use backstop_adapter::{
-    BackendError, ChatChunk, ChatCompletion, ChunkStream, FailureKind, Headers,
+    BackendError, ChatChunk, ChatCompletion, ChunkStream, FailureKind, Headers, Wire,
 };
 use bytes::BytesMut;
 use reqwest::header::{HeaderMap, CONTENT_TYPE};
@@ -185,10 +185,10 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     decode::json(&body)
 }
 
-/// Reads a completion in the one schema, from a chat or a legacy response.
+/// Reads a completion in the one schema, from a response in `wire`'s dialect.
 pub(crate) async fn read_completion(
     response: reqwest::Response,
-    legacy: bool,
+    wire: Wire,
     idle: Duration,
     max: usize,
 ) -> Result<ChatCompletion, BackendError> {
@@ -198,7 +198,7 @@ pub(crate) async fn read_completion(
         Kind::Other(ct) => return Err(unexpected_type(&ct)),
     }
     let body = read_body(response, idle, max).await?;
-    decode::completion(&body, legacy)
+    decode::completion(&body, wire)
 }
 
 /// Replaces every occurrence of each secret in `body` (an upstream that
@@ -283,13 +283,13 @@ pub(crate) struct ChunkReader {
 impl ChunkReader {
     pub(crate) fn new(
         response: reqwest::Response,
-        legacy: bool,
+        wire: Wire,
         idle: Duration,
         bounds: StreamBounds,
     ) -> Self {
         ChunkReader {
             response,
-            decoder: ChunkDecoder::new(legacy, bounds),
+            decoder: ChunkDecoder::new(wire, bounds),
             idle,
             started: false,
         }

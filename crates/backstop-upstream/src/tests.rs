@@ -482,7 +482,7 @@ async fn a_prefill_is_counted_as_answer_in_usage_and_comes_out_of_max_tokens() {
 }
 
 fn decoded(bounds: decode::StreamBounds, input: &str) -> Vec<Result<String, FailureKind>> {
-    let mut d = decode::ChunkDecoder::new(false, bounds);
+    let mut d = decode::ChunkDecoder::new(backstop_adapter::Wire::Chat, bounds);
     let mut out = Vec::new();
     if let Err(e) = d.feed(input.as_bytes()) {
         out.push(Err(e.kind));

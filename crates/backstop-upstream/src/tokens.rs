@@ -61,7 +61,7 @@ pub fn first_tokens(text: &str, model: &str, n: usize) -> String {
 pub fn prompt_tokens(req: &Request, model: &str) -> usize {
     let bpe = encoding(model);
     let count = |text: &str| bpe.encode_with_special_tokens(text).len();
-    if let Some(legacy) = &req.legacy {
+    if let Some(legacy) = req.api.legacy() {
         let text = legacy
             .prompt
             .as_str()
