@@ -163,6 +163,68 @@ async fn legacy_completions_go_to_the_legacy_endpoint_both_ways() {
 }
 
 #[tokio::test]
+async fn legacy_completions_reach_a_chat_only_target_as_chats() {
+    let h = Harness::start().await;
+    // OpenAI's own answer for a chat model on the legacy endpoint.
+    h.mock().push([MockReply::error(
+        404,
+        "invalid_request_error",
+        "This is a chat model and not supported in the v1/completions endpoint. \
+         Did you mean to use v1/chat/completions?",
+    )]);
+    let mut body = json!({"model": "gpt-4o-mini", "prompt": "Say this is a test",
+                          "max_tokens": 16, "echo": true});
+    let resp = h.post("/v1/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backstop-attempts"], "1");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    // The echo is Backstop's: the prompt, then the answer.
+    let echoed = "Say this is a testYou said: Say this is a test";
+    assert_eq!(v["choices"][0]["text"], echoed);
+    let sent = h.mock().requests();
+    assert_eq!(sent[0].path, "/v1/completions");
+    assert_eq!(sent[1].path, "/v1/chat/completions");
+    assert_eq!(
+        sent[1].body["messages"],
+        json!([{"role": "user", "content": "Say this is a test"}])
+    );
+    assert!(sent[1].body.get("prompt").is_none() && sent[1].body.get("echo").is_none());
+
+    // Later legacy requests go as chats at once, streams too.
+    body["stream"] = json!(true);
+    let resp = h.post("/v1/completions", &body).await;
+    let payloads = sse_data(&resp.text().await.unwrap());
+    assert_eq!(streamed_text(&payloads), echoed);
+    let first: Value = serde_json::from_str(&payloads[0]).unwrap();
+    assert_eq!(first["object"], "text_completion");
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(h.mock().requests()[2].path, "/v1/chat/completions");
+
+    // A legacy field a chat cannot carry is a 400 naming it.
+    let resp = h
+        .post(
+            "/v1/completions",
+            &json!({"model": "m", "prompt": "x", "suffix": "!"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "suffix");
+    assert_eq!(h.mock().requests().len(), 3);
+
+    // A target set `completions = false` gets chats from the first request.
+    let h = Harness::with_targets(1, "completions = false").await;
+    let resp = h
+        .post("/v1/completions", &json!({"model": "m", "prompt": "hi"}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["text"], "You said: hi");
+    assert_eq!(h.mocks[0].requests()[0].path, "/v1/chat/completions");
+}
+
+#[tokio::test]
 async fn models_are_listed_from_the_upstream() {
     let h = Harness::start().await;
     let v: Value = h.get("/v1/models").await.json().await.unwrap();

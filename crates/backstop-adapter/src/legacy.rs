@@ -166,5 +166,47 @@ impl From<ChatChunk> for TextCompletion {
     }
 }
 
+/// A legacy `echo` done by Backstop, for an answer that came from a chat:
+/// the prompt goes before each choice's text, once.
+pub struct Echo {
+    prompt: String,
+    /// The choices whose text has the prompt already.
+    echoed: Vec<u32>,
+}
+
+impl Echo {
+    /// An echo of `prompt`.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Echo {
+            prompt: prompt.into(),
+            echoed: Vec::new(),
+        }
+    }
+
+    /// Puts the prompt before each choice's text of a whole answer.
+    pub fn completion(&mut self, completion: &mut ChatCompletion) {
+        for choice in &mut completion.choices {
+            let text = choice
+                .message
+                .content
+                .as_ref()
+                .map(Content::to_text)
+                .unwrap_or_default();
+            choice.message.content = Some(Content::Text(format!("{}{text}", self.prompt)));
+        }
+    }
+
+    /// Puts the prompt before the first text of each choice in a stream.
+    pub fn chunk(&mut self, chunk: &mut ChatChunk) {
+        for choice in &mut chunk.choices {
+            if !self.echoed.contains(&choice.index) {
+                self.echoed.push(choice.index);
+                let text = choice.delta.content.take().unwrap_or_default();
+                choice.delta.content = Some(format!("{}{text}", self.prompt));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -21,6 +21,6 @@ pub use chat::{
     ModelList, Role, Usage,
 };
 pub use error::{ApiError, BackendError, ErrorBody, FailureKind, Headers, InvalidRequest};
-pub use legacy::{TextChoice, TextCompletion};
+pub use legacy::{Echo, TextChoice, TextCompletion};
 pub use request::{Legacy, Outgoing, Request};
 pub use sse::{SseDecoder, SseEvent};

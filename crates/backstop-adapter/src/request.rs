@@ -11,7 +11,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use crate::api::Api;
+use crate::api::{Api, Wire};
 use crate::chat::{ChatRequest, Extra, Message, Role};
 use crate::error::InvalidRequest;
 
@@ -25,6 +25,34 @@ pub struct Legacy {
     pub prompt: Value,
     /// Legacy-only fields (`echo`, `suffix`, `logprobs`, `best_of`).
     pub fields: Extra,
+}
+
+impl Legacy {
+    /// The first field a chat cannot carry, when this request goes to a
+    /// target that serves chat only: a prompt that is not one text, an
+    /// insertion `suffix`, legacy `logprobs`, or `best_of` above `n`.
+    /// (`echo` is done by Backstop: see [`Legacy::echo`].)
+    pub fn untranslatable(&self, n: u32) -> Option<&'static str> {
+        let set = |key: &str| self.fields.get(key).filter(|v| !v.is_null());
+        if !self.prompt.is_string() {
+            Some("prompt")
+        } else if set("suffix").is_some() {
+            Some("suffix")
+        } else if set("logprobs").is_some() {
+            Some("logprobs")
+        } else if set("best_of").and_then(Value::as_u64).unwrap_or(1) > u64::from(n) {
+            Some("best_of")
+        } else {
+            None
+        }
+    }
+
+    /// The prompt to put before the answer, when the client asked for an
+    /// `echo` and the target that answers (a chat) does not give it.
+    pub fn echo(&self) -> Option<&str> {
+        let echo = self.fields.get("echo").and_then(Value::as_bool);
+        self.prompt.as_str().filter(|_| echo == Some(true))
+    }
 }
 
 /// A request in the one schema, whichever endpoint it came from.
@@ -108,6 +136,9 @@ impl Request {
 
 /// What the sender changes in a request's body on its way upstream.
 pub struct Outgoing<'a> {
+    /// The dialect the target is sent, instead of the client's: a legacy
+    /// request goes to a chat-only target as a chat.
+    pub wire: Option<Wire>,
     /// The model name the upstream knows, instead of the client's.
     pub model: Option<&'a str>,
     /// Whether to ask for a stream, instead of what the client asked;
@@ -121,6 +152,7 @@ pub struct Outgoing<'a> {
 impl Outgoing<'_> {
     /// The body as the client sent it.
     pub const AS_SENT: Outgoing<'static> = Outgoing {
+        wire: None,
         model: None,
         stream: None,
         cap: &|n| n,
@@ -158,7 +190,11 @@ impl Serialize for Body<'_> {
         let stream = changes.stream.or(*stream);
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("model", changes.model.unwrap_or(model))?;
-        match (self.req.api.legacy(), &self.req.prefill) {
+        // A legacy request sent as a chat is its chat view: the prompt's
+        // text as the user's message, the prefill after it.
+        let wire = changes.wire.unwrap_or(self.req.api.wire());
+        let legacy = self.req.api.legacy().filter(|_| wire == Wire::Legacy);
+        match (legacy, &self.req.prefill) {
             (Some(legacy), Some(more)) if legacy.prompt.is_string() => {
                 let prompt = legacy.prompt.as_str().unwrap_or_default();
                 m.serialize_entry("prompt", &format!("{prompt}{more}"))?;
@@ -189,7 +225,7 @@ impl Serialize for Body<'_> {
         entry(&mut m, "response_format", response_format)?;
         entry(&mut m, "tools", tools)?;
         entry(&mut m, "tool_choice", tool_choice)?;
-        let legacy = self.req.api.legacy().map(|l| &l.fields);
+        let legacy = legacy.map(|l| &l.fields);
         for (key, value) in extra.iter().chain(legacy.into_iter().flatten()) {
             m.serialize_entry(key, value)?;
         }

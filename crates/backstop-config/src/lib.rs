@@ -214,6 +214,7 @@ struct RawTarget {
     max_body_bytes: Option<usize>,
     max_event_bytes: Option<usize>,
     prefill: Option<bool>,
+    completions: Option<bool>,
     context_window: Option<usize>,
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
@@ -462,6 +463,7 @@ impl RawConfig {
             u.model = t.model;
             u.http2 = t.http2.unwrap_or(false);
             u.prefill = t.prefill.unwrap_or(false);
+            u.completions = t.completions.unwrap_or(true);
             u.context_window = match t.context_window {
                 Some(n) if n < 16 => {
                     return Err(invalid(at("context_window"), "must be at least 16 tokens"))

@@ -13,11 +13,12 @@ mod response;
 pub mod tokens;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backstop_adapter::{
-    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, FailureKind, Model, Outgoing,
-    Reply, Request,
+    Backend, BackendError, BoxFuture, ChatCompletion, ChunkStream, Echo, FailureKind, Model,
+    Outgoing, Reply, Request, Wire,
 };
 use futures_util::StreamExt;
 use tokio::time::{timeout, Instant};
@@ -64,6 +65,10 @@ pub struct UpstreamConfig {
     /// The upstream continues a final partial assistant message (a prefill),
     /// so it may finish a stream another target started.
     pub prefill: bool,
+    /// The upstream serves legacy `/v1/completions`. When it does not (or
+    /// once it answers one 404), legacy requests go to it as chats and their
+    /// answers come back as legacy completions.
+    pub completions: bool,
     /// The model's context window in tokens: a prompt that does not fit is
     /// not sent, and `max_tokens` is clamped to the room left.
     pub context_window: Option<usize>,
@@ -92,11 +97,19 @@ impl UpstreamConfig {
             max_body_bytes: 16 << 20,
             max_event_bytes: backstop_adapter::sse::DEFAULT_MAX_EVENT,
             prefill: false,
+            completions: true,
             context_window: None,
             requests_per_minute: None,
             tokens_per_minute: None,
         }
     }
+}
+
+/// The legacy `echo` Backstop does for a legacy request answered as a
+/// chat (`wire`); not for a continuation, whose answer started elsewhere.
+fn echo(req: &Request, wire: Wire) -> Option<Echo> {
+    let prompt = req.api.legacy()?.echo()?;
+    (wire == Wire::Chat && req.prefill.is_none()).then(|| Echo::new(prompt))
 }
 
 /// Why an upstream could not be set up.
@@ -123,6 +136,8 @@ pub struct Upstream {
     client: reqwest::Client,
     /// The base URL without a trailing `/`; a dialect's path follows it.
     base: String,
+    /// Legacy requests go to it as chats (see [`UpstreamConfig::completions`]).
+    chat_only: AtomicBool,
 }
 
 impl Upstream {
@@ -153,6 +168,7 @@ impl Upstream {
         }
         Ok(Upstream {
             base: config.base_url.trim_end_matches('/').to_string(),
+            chat_only: AtomicBool::new(!config.completions),
             client: builder.build()?,
             limit: ratelimit::RateLimit::new(config.requests_per_minute, config.tokens_per_minute),
             config,
@@ -192,9 +208,54 @@ impl Upstream {
             .map_or(0, |p| tokens::text_tokens(p, model) as u64)
     }
 
-    /// Sends the request and waits, within the first-byte deadline, for the
-    /// response headers. A non-2xx answer becomes the matching error.
-    async fn send(&self, req: &Request, stream: bool) -> Result<reqwest::Response, BackendError> {
+    /// The dialect `req` goes to this target in.
+    fn wire(&self, req: &Request) -> Wire {
+        match req.api.wire() {
+            Wire::Legacy if self.chat_only.load(Ordering::Relaxed) => Wire::Chat,
+            wire => wire,
+        }
+    }
+
+    /// Sends the request in the dialect this target serves and waits for
+    /// the response headers; returns the dialect of the answer. A target
+    /// that answers a legacy request 404 (as OpenAI does for a chat model)
+    /// serves chat only: the request goes again at once as a chat, and so
+    /// does every later legacy request.
+    async fn send(
+        &self,
+        req: &Request,
+        stream: bool,
+    ) -> Result<(reqwest::Response, Wire), BackendError> {
+        let wire = self.wire(req);
+        match self.send_as(req, stream, wire).await {
+            Err(e) if wire == Wire::Legacy && e.status == Some(404) => {
+                self.chat_only.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    "target `{}` answered a legacy completion 404: legacy requests go to it \
+                     as chats from now on",
+                    self.config.name
+                );
+                let response = self.send_as(req, stream, Wire::Chat).await?;
+                Ok((response, Wire::Chat))
+            }
+            sent => Ok((sent?, wire)),
+        }
+    }
+
+    /// Sends the request as `wire` and waits, within the first-byte
+    /// deadline, for the response headers. A non-2xx answer becomes the
+    /// matching error.
+    async fn send_as(
+        &self,
+        req: &Request,
+        stream: bool,
+        wire: Wire,
+    ) -> Result<reqwest::Response, BackendError> {
+        if let Some(legacy) = req.api.legacy().filter(|_| wire == Wire::Chat) {
+            if let Some(param) = legacy.untranslatable(req.chat.n.unwrap_or(1)) {
+                return Err(self.cannot_translate(param));
+            }
+        }
         let continued;
         let sent = if req.prefill.is_some() && !self.config.prefill {
             continued = req.as_continuation();
@@ -221,6 +282,7 @@ impl Upstream {
         };
         let bytes = sent
             .upstream_body(&Outgoing {
+                wire: Some(wire),
                 model: self.config.model.as_deref(),
                 stream: Some(stream),
                 cap: &cap,
@@ -255,7 +317,7 @@ impl Upstream {
                 .push(("retry-after-ms".into(), wait.as_millis().to_string()));
             return Err(e);
         }
-        let url = format!("{}{}", self.base, req.api.wire().path());
+        let url = format!("{}{}", self.base, wire.path());
         let mut request = self
             .client
             .post(url)
@@ -293,6 +355,25 @@ impl Upstream {
     async fn error_from_status(&self, response: reqwest::Response) -> BackendError {
         let secrets: Vec<&str> = self.config.api_key.as_deref().into_iter().collect();
         response::error_from_status(response, self.config.idle_timeout, &secrets).await
+    }
+
+    /// The error for a legacy request with a field a chat cannot carry, to
+    /// a target that serves chat only: a 400 naming the field.
+    fn cannot_translate(&self, param: &str) -> BackendError {
+        let message = format!(
+            "target `{}` serves chat completions only, which cannot take `{param}`",
+            self.config.name
+        );
+        BackendError {
+            kind: FailureKind::ClientError,
+            body: Some(
+                serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
+                "param": param, "code": "unsupported_parameter"}}),
+            ),
+            message,
+            status: Some(400),
+            headers: Vec::new(),
+        }
     }
 
     /// The error for a prompt this target's model cannot hold: a 400
@@ -343,11 +424,11 @@ impl Backend for Upstream {
     ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let response = self.send(req, false).await?;
+            let (response, wire) = self.send(req, false).await?;
             let headers = passthrough_headers(response.headers());
             let mut completion = response::read_completion(
                 response,
-                req.api.wire(),
+                wire,
                 self.config.idle_timeout,
                 self.config.max_body_bytes,
             )
@@ -358,6 +439,9 @@ impl Backend for Upstream {
             }
             if let Some(cap) = self.client_cap(req) {
                 decode::cap_completion(&mut completion, cap, &self.model(req));
+            }
+            if let Some(mut echo) = echo(req, wire) {
+                echo.completion(&mut completion);
             }
             Ok(Reply {
                 body: completion,
@@ -373,9 +457,8 @@ impl Backend for Upstream {
     ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let response = self.send(req, true).await?;
+            let (response, wire) = self.send(req, true).await?;
             let headers = passthrough_headers(response.headers());
-            let wire = req.api.wire();
             let body: ChunkStream = match response::content_type(&response) {
                 response::Kind::EventStream => {
                     let bounds = StreamBounds {
@@ -413,6 +496,15 @@ impl Backend for Upstream {
                 }))
             } else {
                 body
+            };
+            let body = match echo(req, wire) {
+                Some(mut echo) => Box::pin(body.map(move |mut item| {
+                    if let Ok(chunk) = item.as_mut() {
+                        echo.chunk(chunk);
+                    }
+                    item
+                })),
+                None => body,
             };
             Ok(Reply {
                 body,

@@ -122,6 +122,7 @@ fn chat_request_body_is_the_chat_body() {
     // stream options), and both token caps through its function.
     let changed = req
         .upstream_body(&Outgoing {
+            wire: None,
             model: Some("upstream-model"),
             stream: Some(false),
             cap: &|n| n - 5,
@@ -232,4 +233,52 @@ fn legacy_only_fields_are_checked() {
         assert_eq!(e.param.as_deref(), Some(field), "{field} = {value}: {e:?}");
     }
     assert!(with("best_of", json!(3)).is_ok());
+}
+
+#[test]
+fn what_a_chat_cannot_carry_of_a_legacy_request_is_named() {
+    let legacy = |body: Value| {
+        let req = Request::parse_legacy(body.to_string().as_bytes()).unwrap();
+        let n = req.chat.n.unwrap_or(1);
+        req.api.legacy().unwrap().untranslatable(n)
+    };
+    assert_eq!(
+        legacy(json!({"model": "m", "prompt": "x", "echo": true})),
+        None
+    );
+    assert_eq!(
+        legacy(json!({"model": "m", "prompt": "x", "best_of": 2, "n": 2})),
+        None
+    );
+    assert_eq!(
+        legacy(json!({"model": "m", "prompt": ["a", "b"]})),
+        Some("prompt")
+    );
+    assert_eq!(
+        legacy(json!({"model": "m", "prompt": "x", "suffix": "y"})),
+        Some("suffix")
+    );
+    assert_eq!(
+        legacy(json!({"model": "m", "prompt": "x", "logprobs": 1})),
+        Some("logprobs")
+    );
+    assert_eq!(
+        legacy(json!({"model": "m", "prompt": "x", "best_of": 3})),
+        Some("best_of")
+    );
+
+    // Sent as a chat: the prompt is the user's message, legacy fields stay home.
+    let req = Request::parse_legacy(br#"{"model":"m","prompt":"x","echo":true}"#).unwrap();
+    let body = req
+        .upstream_body(&Outgoing {
+            wire: Some(Wire::Chat),
+            ..Outgoing::AS_SENT
+        })
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body,
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    );
+    assert_eq!(req.api.legacy().unwrap().echo(), Some("x"));
 }
