@@ -5,12 +5,12 @@
 
 use std::process::Command;
 
+use backstop_testkit::MockReply;
 use backstop_tests::Harness;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_python_sdk_works_through_backstop() {
-    let h = Harness::start().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/check_sdk.py");
+/// Runs one of the SDK check scripts against `h`; its stdout.
+async fn run_script(h: &Harness, name: &str) -> String {
+    let script = format!("{}/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
     let base = h.url("/v1");
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
@@ -22,13 +22,20 @@ async fn the_openai_python_sdk_works_through_backstop() {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "SDK check failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("sdk checks passed"), "{stdout}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_works_through_backstop() {
+    let h = Harness::start().await;
+    run_script(&h, "check_sdk.py").await;
     // The SDK's requests really went through to the upstream.
     let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
     assert!(
@@ -36,4 +43,22 @@ async fn the_openai_python_sdk_works_through_backstop() {
         "{paths:?}"
     );
     assert!(paths.iter().any(|p| p == "/v1/completions"), "{paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdks_legacy_completions_reach_a_chat_only_upstream() {
+    let h = Harness::start().await;
+    h.mock().push([MockReply::error(
+        404,
+        "invalid_request_error",
+        "This is a chat model and not supported in the v1/completions endpoint.",
+    )]);
+    run_script(&h, "check_sdk_chat_only.py").await;
+    let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
+    // One 404, then chats only.
+    assert_eq!(paths[0], "/v1/completions");
+    assert!(
+        paths[1..].iter().all(|p| p == "/v1/chat/completions"),
+        "{paths:?}"
+    );
 }
