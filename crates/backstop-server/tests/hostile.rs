@@ -16,11 +16,13 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 const KEY: &str = "sk-test-0123456789abcdef";
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
+/// How long a test waits before it calls an answer hung: a guard against a
+/// test that never ends, not a measure of speed (that is `benches/`).
+const HANG: Duration = Duration::from_secs(30);
 
 /// The binary, running a config, with its log lines.
 struct Backstop {
@@ -125,14 +127,11 @@ impl Backstop {
         assert!(self.child.try_wait().unwrap().is_none(), "backstop exited");
         let (_, peak) = self.memory();
         assert!(peak < peak_mib, "peak RSS {peak} MiB, over {peak_mib}");
-        let started = Instant::now();
-        let health = reqwest::get(self.url("/healthz")).await.unwrap();
+        let health = tokio::time::timeout(HANG, reqwest::get(self.url("/healthz")))
+            .await
+            .expect("the health check is answered")
+            .unwrap();
         assert_eq!(health.status(), 200);
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
     }
 
     fn log_lines(&self, needle: &str) -> usize {
@@ -158,6 +157,14 @@ fn config(mock: &MockUpstream, server: &str, more: &str) -> String {
          [[targets]]\nname = \"up0\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n{more}\n",
         mock.url()
     )
+}
+
+/// An echo that takes 1.5 s to answer: requests that hold their places.
+fn slow_echo() -> MockReply {
+    MockReply::Echo {
+        delay: Duration::from_millis(1500),
+        chunk_delay: Duration::ZERO,
+    }
 }
 
 fn chat(extra: Value) -> Value {
@@ -230,14 +237,14 @@ fn post(path: &str, content_type: &str, body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Waits until the server closes `conn`; how long that took.
-async fn closed_within(conn: &mut TcpStream, limit: Duration) -> Duration {
-    let started = Instant::now();
+/// Waits until the server closes `conn`, at most `limit` (well past the
+/// deadline under test, far below the time an unbounded socket stays open).
+async fn closed_within(conn: &mut TcpStream, limit: Duration) {
     let mut chunk = [0u8; 1024];
     loop {
         match tokio::time::timeout(limit, conn.read(&mut chunk)).await {
             Err(_) => panic!("the connection was still open after {limit:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) => {}
         }
     }
@@ -264,8 +271,7 @@ async fn slow_headers_silent_sockets_and_trickled_bodies_are_cut_off() {
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
-    let took = closed_within(&mut silent, Duration::from_secs(5)).await;
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    closed_within(&mut silent, Duration::from_secs(5)).await;
     closed_within(&mut partial, Duration::from_secs(5)).await;
 
     // A body shorter than its Content-Length: a 408 at the body deadline.
@@ -274,11 +280,9 @@ async fn slow_headers_silent_sockets_and_trickled_bodies_are_cut_off() {
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":")
         .await
         .unwrap();
-    let started = Instant::now();
     let (status, body) = read_response(&mut lying).await.expect("an answer");
     assert_eq!(status, 408);
     error_code(&body);
-    assert!(started.elapsed() < Duration::from_secs(4));
 
     // A body that trickles a byte at a time: the same.
     let mut trickle = TcpStream::connect(&addr).await.unwrap();
@@ -325,18 +329,12 @@ async fn sigterm_is_not_held_by_a_slow_client() {
     let mut idle = TcpStream::connect(&b.addr).await.unwrap();
     assert_eq!(exchange(&mut idle, &get("/healthz")).await.unwrap().0, 200);
     let mut b = b;
-    let started = Instant::now();
     Command::new("kill")
         .args(["-TERM", &b.child.id().to_string()])
         .status()
         .unwrap();
     for _ in 0..100 {
         if b.child.try_wait().unwrap().is_some() {
-            assert!(
-                started.elapsed() < Duration::from_secs(3),
-                "{:?}",
-                started.elapsed()
-            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -347,10 +345,7 @@ async fn sigterm_is_not_held_by_a_slow_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_requests_past_their_caps_get_a_fast_503() {
     let mock = MockUpstream::start().await.unwrap();
-    mock.set_default(MockReply::Echo {
-        delay: Duration::from_millis(1500),
-        chunk_delay: Duration::ZERO,
-    });
+    mock.set_default(slow_echo());
     let server = "max_connections = 6\nmax_in_flight = 2";
     let mut b = Backstop::start(&config(&mock, server, ""), None);
     let http = reqwest::Client::new();
@@ -359,7 +354,6 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
         .map(|_| tokio::spawn(http.post(b.url("/v1/chat/completions")).json(&body).send()))
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
     let third = http
         .post(b.url("/v1/chat/completions"))
         .json(&body)
@@ -367,11 +361,8 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
         .await
         .unwrap();
     assert_eq!(third.status(), 503);
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "{:?}",
-        started.elapsed()
-    );
+    // Answered at once, not queued: the two it was refused for still run.
+    assert!(slow.iter().all(|call| !call.is_finished()));
     assert_eq!(third.headers()["retry-after"], "1");
     assert_eq!(error_code(&third.text().await.unwrap()), "overloaded");
     for call in slow {
@@ -395,12 +386,10 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
         held.push(c);
     }
     let mut extra = TcpStream::connect(&b.addr).await.unwrap();
-    let started = Instant::now();
     let (status, body) = exchange(&mut extra, &get("/healthz"))
         .await
         .expect("an answer");
     assert_eq!(status, 503);
-    assert!(started.elapsed() < Duration::from_secs(1));
     assert!(body.contains("connection limit"), "{body}");
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -410,10 +399,7 @@ async fn connections_and_requests_past_their_caps_get_a_fast_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_meet_the_same_bounds() {
     let mock = MockUpstream::start().await.unwrap();
-    mock.set_default(MockReply::Echo {
-        delay: Duration::from_millis(1500),
-        chunk_delay: Duration::ZERO,
-    });
+    mock.set_default(slow_echo());
     let server = "max_in_flight = 2\nheader_read_timeout_ms = 1000\nidle_timeout_ms = 1000";
     let mut b = Backstop::start(&config(&mock, server, ""), None);
     let h2 = reqwest::Client::builder()
@@ -613,8 +599,7 @@ async fn an_upstream_that_never_stops_is_held_to_max_tokens_and_the_deadline() {
     mock.set_default(MockReply::sse(endless));
     let toml = config(&mock, "", "").replace("[retry]\n", "[retry]\ndeadline_ms = 3000\n");
     let mut b = Backstop::start(&toml, None);
-    let http = reqwest::Client::new();
-    let started = Instant::now();
+    let http = reqwest::Client::builder().timeout(HANG).build().unwrap();
     let text = http
         .post(b.url("/v1/chat/completions"))
         .json(&chat(json!({"stream": true, "max_tokens": 5})))
@@ -624,11 +609,6 @@ async fn an_upstream_that_never_stops_is_held_to_max_tokens_and_the_deadline() {
         .text()
         .await
         .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -656,7 +636,6 @@ async fn an_upstream_that_never_stops_is_held_to_max_tokens_and_the_deadline() {
         })
         .collect();
     mock.set_default(MockReply::sse(slow));
-    let started = Instant::now();
     let text = http
         .post(b.url("/v1/chat/completions"))
         .json(&chat(json!({"stream": true})))
@@ -666,11 +645,9 @@ async fn an_upstream_that_never_stops_is_held_to_max_tokens_and_the_deadline() {
         .text()
         .await
         .unwrap();
-    let took = started.elapsed();
-    assert!(
-        took > Duration::from_millis(2500) && took < Duration::from_secs(5),
-        "{took:?}"
-    );
+    // Cut well before the upstream's 2,000 words (40 s of them), and said so.
+    let words = text.matches("la ").count();
+    assert!(words > 0 && words < 1_000, "{words} words");
     assert!(!text.contains("[DONE]"));
     assert!(
         text.contains("deadline_passed"),
@@ -708,7 +685,6 @@ async fn a_huge_sse_line_or_choice_index_is_a_bad_response_not_a_buffer() {
     let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
         "choices": [{"index": 4_000_000_000u64, "delta": {"content": "hi"}, "finish_reason": null}]});
     mock.push([MockReply::sse(vec![SseStep::Data(chunk.to_string())])]);
-    let started = Instant::now();
     let resp = http
         .post(b.url("/v1/chat/completions"))
         .json(&stream)
@@ -717,7 +693,6 @@ async fn a_huge_sse_line_or_choice_index_is_a_bad_response_not_a_buffer() {
         .unwrap();
     assert_eq!(resp.status(), 502);
     assert!(resp.text().await.unwrap().contains("choice index"));
-    assert!(started.elapsed() < Duration::from_secs(1));
     let (_, peak) = b.memory();
     assert!(peak < 200, "peak RSS {peak} MiB");
     b.assert_up(200).await;
