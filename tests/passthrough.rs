@@ -213,6 +213,36 @@ async fn legacy_completions_reach_a_chat_only_target_as_chats() {
     assert_eq!(v["error"]["param"], "suffix");
     assert_eq!(h.mock().requests().len(), 3);
 
+    // An unknown model is a 404 on both endpoints: the client gets the
+    // legacy 404, and the next legacy request still tries the legacy endpoint.
+    let h = Harness::start().await;
+    let missing = || {
+        MockReply::error(
+            404,
+            "invalid_request_error",
+            "The model `nope` does not exist",
+        )
+    };
+    h.mock().push([missing(), missing()]);
+    let resp = h
+        .post("/v1/completions", &json!({"model": "nope", "prompt": "hi"}))
+        .await;
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+    let resp = h
+        .post("/v1/completions", &json!({"model": "m", "prompt": "hi"}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        ["/v1/completions", "/v1/chat/completions", "/v1/completions"]
+    );
+
     // A target set `completions = false` gets chats from the first request.
     let h = Harness::with_targets(1, "completions = false").await;
     let resp = h

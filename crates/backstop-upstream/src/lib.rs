@@ -217,10 +217,12 @@ impl Upstream {
     }
 
     /// Sends the request in the dialect this target serves and waits for
-    /// the response headers; returns the dialect of the answer. A target
-    /// that answers a legacy request 404 (as OpenAI does for a chat model)
-    /// serves chat only: the request goes again at once as a chat, and so
-    /// does every later legacy request.
+    /// the response headers; returns the dialect of the answer. When a
+    /// legacy request gets a 404 (as OpenAI answers for a chat model), it
+    /// goes again at once as a chat. If the chat is served, the target
+    /// serves chat only and every later legacy request goes as a chat; if
+    /// not (an unknown model is a 404 on both), the legacy 404 stands and
+    /// nothing is learned.
     async fn send(
         &self,
         req: &Request,
@@ -229,13 +231,12 @@ impl Upstream {
         let wire = self.wire(req);
         match self.send_as(req, stream, wire).await {
             Err(e) if wire == Wire::Legacy && e.status == Some(404) => {
+                let response = self.send_as(req, stream, Wire::Chat).await.map_err(|_| e)?;
                 self.chat_only.store(true, Ordering::Relaxed);
                 tracing::info!(
-                    "target `{}` answered a legacy completion 404: legacy requests go to it \
-                     as chats from now on",
+                    "target `{}` serves chat completions only: legacy requests go to it as chats",
                     self.config.name
                 );
-                let response = self.send_as(req, stream, Wire::Chat).await?;
                 Ok((response, Wire::Chat))
             }
             sent => Ok((sent?, wire)),
