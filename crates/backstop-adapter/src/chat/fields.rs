@@ -8,6 +8,7 @@
 //! `Value`. Leaves (a content part, a tool) keep `flatten`: what they buffer
 //! is only their own small size.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -48,18 +49,67 @@ impl<'de, T: Fields> Visitor<'de> for FieldsVisitor<T> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
         let mut out = T::empty();
         let mut seen = 0u8;
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(Key(key)) = map.next_key()? {
             if let Some(i) = T::REQUIRED.iter().position(|r| *r == key) {
                 seen |= 1 << i;
             }
             if !out.field(&key, &mut map)? {
                 let value: Value = map.next_value()?;
-                out.extra().insert(key, value);
+                out.extra().insert(key.into_owned(), value);
             }
         }
         match (0..T::REQUIRED.len()).find(|i| seen & (1 << i) == 0) {
             Some(i) => Err(de::Error::missing_field(T::REQUIRED[i])),
             None => Ok(out),
         }
+    }
+}
+
+/// A field name, borrowed from the body when it has no escapes: only an
+/// unknown field's name is copied (into `extra`).
+#[cfg_attr(test, derive(PartialEq, Eq, PartialOrd, Ord))]
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_names_are_borrowed_from_the_body_through_the_path_tracker() {
+        // As a request's keys are read: map keys, through serde_path_to_error.
+        let keys = |body: &'static str| {
+            let mut de = serde_json::Deserializer::from_str(body);
+            let map: std::collections::BTreeMap<Key, de::IgnoredAny> =
+                serde_path_to_error::deserialize(&mut de).unwrap();
+            map.into_keys().map(|k| k.0).collect::<Vec<_>>()
+        };
+        assert!(matches!(
+            keys(r#"{"model": 1}"#)[..],
+            [Cow::Borrowed("model")]
+        ));
+        // A name with an escape cannot be borrowed, and is still read.
+        assert_eq!(keys(r#"{"mod\u0065l": 1}"#), ["model"]);
     }
 }
