@@ -232,11 +232,13 @@ impl Upstream {
         match self.send_as(req, stream, wire).await {
             Err(e) if wire == Wire::Legacy && e.status == Some(404) => {
                 let response = self.send_as(req, stream, Wire::Chat).await.map_err(|_| e)?;
-                self.chat_only.store(true, Ordering::Relaxed);
-                tracing::info!(
-                    "target `{}` serves chat completions only: legacy requests go to it as chats",
-                    self.config.name
-                );
+                if !self.chat_only.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "target `{}` serves chat completions only: legacy requests go to it \
+                         as chats",
+                        self.config.name
+                    );
+                }
                 Ok((response, Wire::Chat))
             }
             sent => Ok((sent?, wire)),
