@@ -427,6 +427,11 @@ pub struct ChatCompletion {
     /// Other fields (`service_tier`, ...).
     #[serde(flatten)]
     pub extra: Extra,
+    /// The answer exactly as a target that speaks the client's own dialect
+    /// sent it (a Responses object or event), for the client's writer to
+    /// pass on with every field intact; never serialized.
+    #[serde(skip)]
+    pub native: Option<Box<Value>>,
 }
 
 impl ChatCompletion {
@@ -443,6 +448,7 @@ impl ChatCompletion {
             usage,
             system_fingerprint: self.system_fingerprint.clone(),
             extra: Extra::new(),
+            native: None,
         };
         let mut chunks = Vec::with_capacity(self.choices.len() * 2 + 1);
         for choice in &self.choices {
@@ -532,6 +538,11 @@ pub struct ChatChunk {
     /// Other fields.
     #[serde(flatten)]
     pub extra: Extra,
+    /// The answer exactly as a target that speaks the client's own dialect
+    /// sent it (a Responses object or event), for the client's writer to
+    /// pass on with every field intact; never serialized.
+    #[serde(skip)]
+    pub native: Option<Box<Value>>,
 }
 
 /// One choice's delta within a chunk.

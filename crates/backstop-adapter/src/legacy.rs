@@ -79,6 +79,7 @@ impl From<TextCompletion> for ChatCompletion {
             usage: t.usage,
             system_fingerprint: t.system_fingerprint,
             extra: t.extra,
+            native: None,
         }
     }
 }
@@ -137,6 +138,7 @@ impl From<TextCompletion> for ChatChunk {
             usage: t.usage,
             system_fingerprint: t.system_fingerprint,
             extra: t.extra,
+            native: None,
         }
     }
 }

@@ -12,9 +12,10 @@ pub mod continuation;
 pub mod error;
 pub mod legacy;
 pub mod request;
+pub mod responses;
 pub mod sse;
 
-pub use api::{Api, Wire};
+pub use api::{Api, Wire, Writer};
 pub use backend::{Backend, BoxFuture, ChunkStream, Reply};
 pub use chat::{
     ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content, Delta, Message, Model,
@@ -23,4 +24,5 @@ pub use chat::{
 pub use error::{ApiError, BackendError, ErrorBody, FailureKind, Headers, InvalidRequest};
 pub use legacy::{Echo, TextChoice, TextCompletion};
 pub use request::{Legacy, Outgoing, Request};
+pub use responses::{ResponseWriter, Responses};
 pub use sse::{SseDecoder, SseEvent};

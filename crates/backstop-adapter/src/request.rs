@@ -1,11 +1,12 @@
-//! A client's request in the one schema, parsed from either endpoint.
+//! A client's request in the one schema, parsed from any of the endpoints.
 //!
 //! A legacy `POST /v1/completions` body becomes a [`ChatRequest`] whose single
 //! user message is the prompt, and its [`Api`] is [`Api::Legacy`] with a record
 //! of what only that API has (`prompt` as sent, `echo`, `suffix`, `logprobs`,
 //! `best_of`). A backend that
 //! speaks the legacy API upstream rebuilds the exact legacy body from both
-//! ([`Request::upstream_body`]); the others see a chat.
+//! ([`Request::upstream_body`]); the others see a chat. A Responses body
+//! is read the same way, in [`crate::responses`].
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
@@ -122,6 +123,18 @@ impl Request {
         })
     }
 
+    /// Parses and validates a `POST /v1/responses` body.
+    pub fn parse_responses(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let (chat, responses) = crate::responses::parse(body)?;
+        validate(&chat)?;
+        Ok(Request {
+            chat,
+            api: Api::Responses(Box::new(responses)),
+            prefill: None,
+            deadline: None,
+        })
+    }
+
     /// The body to send to an OpenAI-compatible upstream, with `changes`:
     /// the legacy body for a legacy request, the chat body otherwise. A
     /// prefill becomes a final, partial assistant message (or the end of a
@@ -130,7 +143,15 @@ impl Request {
     /// Written straight from the typed request: no `Value` tree of the
     /// whole body is built on the way.
     pub fn upstream_body(&self, changes: &Outgoing) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&Body { req: self, changes })
+        let wire = changes.wire.unwrap_or(self.api.wire());
+        match self.api.responses().filter(|_| wire == Wire::Responses) {
+            Some(responses) => serde_json::to_vec(&crate::responses::NativeBody {
+                req: self,
+                responses,
+                changes,
+            }),
+            None => serde_json::to_vec(&Body { req: self, changes }),
+        }
     }
 }
 
@@ -261,11 +282,12 @@ impl Request {
     /// What a target that cannot take a prefill gets instead: the answer so
     /// far as an assistant turn, then [`CONTINUE_PROMPT`] as a user turn. A
     /// legacy prompt continues its text either way, so it is unchanged.
+    /// (A Responses request is continued as a chat: see `Upstream`.)
     ///
     /// [`CONTINUE_PROMPT`]: crate::continuation::CONTINUE_PROMPT
     pub fn as_continuation(&self) -> Request {
         let mut req = self.clone();
-        if req.api != Api::Chat {
+        if req.api.legacy().is_some() {
             return req;
         }
         if let Some(said) = req.prefill.take() {
@@ -279,11 +301,11 @@ impl Request {
     }
 }
 
-fn invalid(message: String, param: Option<String>) -> InvalidRequest {
+pub(crate) fn invalid(message: String, param: Option<String>) -> InvalidRequest {
     InvalidRequest { message, param }
 }
 
-fn from_path(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidRequest {
+pub(crate) fn from_path(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidRequest {
     if e.inner().is_syntax() || e.inner().is_eof() {
         return invalid(format!("invalid JSON: {}", e.inner()), None);
     }
@@ -452,7 +474,11 @@ fn validate_legacy(fields: &Extra, n: u32) -> Result<(), InvalidRequest> {
 }
 
 /// A 400 for `param` unless `ok`.
-fn check(ok: bool, param: &str, rule: impl std::fmt::Display) -> Result<(), InvalidRequest> {
+pub(crate) fn check(
+    ok: bool,
+    param: &str,
+    rule: impl std::fmt::Display,
+) -> Result<(), InvalidRequest> {
     if ok {
         return Ok(());
     }

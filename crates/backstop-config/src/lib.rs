@@ -215,6 +215,7 @@ struct RawTarget {
     max_event_bytes: Option<usize>,
     prefill: Option<bool>,
     completions: Option<bool>,
+    responses: Option<bool>,
     context_window: Option<usize>,
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
@@ -464,6 +465,7 @@ impl RawConfig {
             u.http2 = t.http2.unwrap_or(false);
             u.prefill = t.prefill.unwrap_or(false);
             u.completions = t.completions.unwrap_or(true);
+            u.responses = t.responses.unwrap_or(true);
             u.context_window = match t.context_window {
                 Some(n) if n < 16 => {
                     return Err(invalid(at("context_window"), "must be at least 16 tokens"))

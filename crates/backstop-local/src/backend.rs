@@ -73,6 +73,13 @@ impl LocalBackend {
                 "the local model generates one choice: `n` must be 1",
             ));
         }
+        // The local model is a chat: a hosted tool, or an input item only
+        // the Responses API has, it cannot serve.
+        if let Some(param) = req.api.responses().and_then(|r| r.untranslatable()) {
+            return Err(invalid(format!(
+                "the local model serves chats, which cannot take `{param}`"
+            )));
+        }
         let prompt = match req.api.legacy() {
             Some(legacy) if !legacy.prompt.is_string() && !legacy.prompt.is_array() => {
                 return Err(invalid("`prompt` must be text for the local model"))
@@ -200,6 +207,7 @@ impl ChunkMaker {
             usage,
             system_fingerprint: None,
             extra: Extra::new(),
+            native: None,
         }
     }
 }
@@ -323,6 +331,7 @@ impl Backend for LocalBackend {
                 usage: Some(usage),
                 system_fingerprint: None,
                 extra: Extra::new(),
+                native: None,
             };
             Ok(Reply {
                 body: completion,

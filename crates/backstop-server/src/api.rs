@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop_adapter::{
-    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, Wire,
+    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, Writer,
 };
 use backstop_router::breaker::{CircuitBreaker, Forced};
 use backstop_router::{RouteError, Serving};
@@ -27,6 +27,7 @@ use backstop_config::limits::BODY_RATE_GRACE;
 enum Endpoint {
     Chat,
     Legacy,
+    Responses,
 }
 
 impl Endpoint {
@@ -34,6 +35,7 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "chat_completions",
             Endpoint::Legacy => "completions",
+            Endpoint::Responses => "responses",
         }
     }
 }
@@ -74,6 +76,7 @@ pub async fn handle(
     let resp = match (req.method(), path) {
         (&Method::POST, "/v1/chat/completions") => completion(req, app, Endpoint::Chat).await,
         (&Method::POST, "/v1/completions") => completion(req, app, Endpoint::Legacy).await,
+        (&Method::POST, "/v1/responses") => completion(req, app, Endpoint::Responses).await,
         (&Method::GET, "/v1/models") => models(&app).await,
         (&Method::GET, "/healthz") => plain_json(br#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => ready(&app),
@@ -100,6 +103,7 @@ pub async fn handle(
             _,
             "/v1/chat/completions"
             | "/v1/completions"
+            | "/v1/responses"
             | "/v1/models"
             | "/healthz"
             | "/readyz"
@@ -492,6 +496,7 @@ async fn completion(
     let parsed = match endpoint {
         Endpoint::Chat => Request::parse_chat(&bytes),
         Endpoint::Legacy => Request::parse_legacy(&bytes),
+        Endpoint::Responses => Request::parse_responses(&bytes),
     };
     let mut request = match parsed {
         Ok(r) => r,
@@ -501,6 +506,10 @@ async fn completion(
         }
     };
     drop(bytes);
+    if let Err(e) = needs_a_store(&request) {
+        flight.record(respond::NO_BACKEND, 400);
+        return respond::invalid_request(&e);
+    }
     if request.chat.messages.len() > limits.max_messages {
         app.metrics.rejected.with_label_values(&["messages"]).inc();
         flight.record(respond::NO_BACKEND, 400);
@@ -520,6 +529,43 @@ async fn completion(
     } else {
         complete(&app, &request, flight).await
     }
+}
+
+/// A Responses request for what only a store of responses can do: a
+/// background job, or a conversation continued by its previous response.
+/// Backstop keeps no responses yet, so these are the client's 400, naming
+/// the parameter, not a silent foreground answer.
+fn needs_a_store(request: &Request) -> Result<(), backstop_adapter::InvalidRequest> {
+    let Some(responses) = request.api.responses() else {
+        return Ok(());
+    };
+    let param = if responses.background() {
+        "background"
+    } else if responses
+        .fields
+        .get("previous_response_id")
+        .is_some_and(|v| !v.is_null())
+    {
+        "previous_response_id"
+    } else {
+        return Ok(());
+    };
+    Err(backstop_adapter::InvalidRequest {
+        message: format!("`{param}` needs stored responses, which this Backstop does not keep"),
+        param: Some(param.into()),
+    })
+}
+
+/// A new response id: `resp_` and 32 random hex digits.
+fn response_id() -> String {
+    format!("resp_{:032x}", rand::random::<u128>())
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Why a request was refused before it reached a backend: the status, the
@@ -700,7 +746,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
     if let Some(usage) = &completion.usage {
         app.metrics.count_usage(&served.backend, usage);
     }
-    let body = request.api.wire().encode_completion(completion);
+    let body = Writer::new(request, response_id, unix_now()).completion(completion);
     let resp = match body {
         Ok(body) => respond::json(
             200,
@@ -756,7 +802,7 @@ async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) 
     let attempts = served.attempts();
     let events = ClientStream {
         chunks: served.reply.body,
-        wire: request.api.wire(),
+        writer: Writer::new(request, response_id, unix_now()),
         serving: served.serving.clone(),
         trailers,
         mirrored: served.mirrored,
@@ -800,8 +846,8 @@ const MAX_FRAME: usize = 64 << 10;
 /// or an error event if the backend fails after the stream started.
 struct ClientStream {
     chunks: ChunkStream,
-    /// The client's dialect.
-    wire: Wire,
+    /// Writes the chunks in the client's dialect.
+    writer: Writer,
     /// Who serves now (changes when a broken stream is continued).
     serving: Serving,
     /// The client takes trailers: end with them.
@@ -890,7 +936,7 @@ impl ClientStream {
                     let target = self.serving.backend();
                     self.flight.metrics().count_usage(&target, usage);
                 }
-                let encoded = self.wire.encode_chunk(chunk, out);
+                let encoded = self.writer.chunk(chunk, out);
                 if let Err(e) = encoded {
                     let message = format!("cannot encode chunk: {e}");
                     self.fail(BackendError::new(FailureKind::BadResponse, message), out);
@@ -898,11 +944,14 @@ impl ClientStream {
             }
             Some(Err(e)) => self.fail(e, out),
             None => {
+                if let Err(e) = self.writer.end(out) {
+                    let message = format!("cannot encode the stream's end: {e}");
+                    return self.fail(BackendError::new(FailureKind::BadResponse, message), out);
+                }
                 self.done = true;
                 for shadow in self.mirrored.drain(..) {
                     let _ = shadow.send(self.text.clone());
                 }
-                out.extend_from_slice(b"data: [DONE]\n\n");
             }
         }
     }
@@ -913,6 +962,8 @@ impl ClientStream {
         let target = self.serving.backend();
         tracing::warn!(%target, kind = e.kind.as_str(), "stream failed after it started: {}", e.message);
         self.flight.metrics().count_backend_failure(&target, &e);
-        out.extend_from_slice(&respond::stream_error_event(&e));
+        if self.writer.fail(&e.to_body(), out).is_err() {
+            tracing::error!("cannot encode the error event of a failed stream");
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 
-use backstop_adapter::{BackendError, ErrorBody, Headers, InvalidRequest};
+use backstop_adapter::{ErrorBody, Headers, InvalidRequest};
 use backstop_router::RouteError;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -145,11 +145,4 @@ pub fn route_error(e: &RouteError) -> (u16, Response<Body>) {
             }
         }
     }
-}
-
-/// The SSE event that ends a stream which failed after it started.
-pub fn stream_error_event(e: &BackendError) -> Bytes {
-    let mut out = Vec::new();
-    backstop_adapter::sse::encode_data(&e.to_body().to_string(), &mut out);
-    Bytes::from(out)
 }

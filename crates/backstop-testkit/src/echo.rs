@@ -4,20 +4,34 @@ use serde_json::{json, Value};
 
 const CREATED: u64 = 1_700_000_000;
 
-/// The text the echo answers with: it quotes the last message (or prompt).
+/// The text the echo answers with: it quotes the last message (or prompt,
+/// or Responses input: a text, or the last item's text).
 pub fn echo_text(body: &Value) -> String {
-    let last = body
+    let text = |c: &Value| match c {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let chat = body
         .get("messages")
         .and_then(Value::as_array)
         .and_then(|m| m.last())
         .and_then(|m| m.get("content"))
         .or_else(|| body.get("prompt"))
-        .map(|c| match c {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+        .map(text);
+    let input = || {
+        let last = match body.get("input")? {
+            Value::Array(items) => items.last()?.get("content")?,
+            input => input,
+        };
+        Some(match last {
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
+            other => text(other),
         })
-        .unwrap_or_default();
-    format!("You said: {last}")
+    };
+    format!("You said: {}", chat.or_else(input).unwrap_or_default())
 }
 
 fn words(text: &str) -> u64 {
@@ -99,6 +113,76 @@ pub(crate) fn stream(body: &Value, legacy: bool) -> Vec<String> {
     }
     out.push("[DONE]".into());
     out
+}
+
+/// The echo as a Responses object, with a field no Backstop version knows.
+pub(crate) fn response(body: &Value) -> Value {
+    let answer = echo_text(body);
+    let usage = usage(body, &answer);
+    json!({"id": "resp_mock", "object": "response", "created_at": CREATED,
+           "status": "completed", "model": model(body), "error": null,
+           "incomplete_details": null, "x_mock": "kept",
+           "output": [{"id": "msg_mock", "type": "message", "status": "completed",
+                       "role": "assistant",
+                       "content": [{"type": "output_text", "text": answer, "annotations": []}]}],
+           "usage": {"input_tokens": usage["prompt_tokens"],
+                     "output_tokens": usage["completion_tokens"],
+                     "total_tokens": usage["total_tokens"]}})
+}
+
+/// The echo as Responses stream events, `(type, data)`: the documented
+/// ones, with an unknown field on each delta and one event type no Backstop
+/// version knows, before the message closes.
+pub(crate) fn response_events(body: &Value) -> Vec<(String, String)> {
+    let whole = response(body);
+    let answer = echo_text(body);
+    let mut open = whole.clone();
+    open["status"] = json!("in_progress");
+    open["output"] = json!([]);
+    open["usage"] = Value::Null;
+    let mut events = vec![
+        json!({"type": "response.created", "response": open}),
+        json!({"type": "response.in_progress", "response": open}),
+        json!({"type": "response.output_item.added", "output_index": 0,
+               "item": {"id": "msg_mock", "type": "message", "status": "in_progress",
+                        "role": "assistant", "content": []}}),
+        json!({"type": "response.content_part.added", "item_id": "msg_mock",
+               "output_index": 0, "content_index": 0,
+               "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ];
+    for piece in answer.split_inclusive(' ') {
+        events.push(
+            json!({"type": "response.output_text.delta", "item_id": "msg_mock",
+                           "output_index": 0, "content_index": 0, "delta": piece,
+                           "logprobs": [], "obfuscation": "x"}),
+        );
+    }
+    events.push(json!({"type": "response.x_mock.note", "note": "an event type from the future"}));
+    events.push(
+        json!({"type": "response.output_text.done", "item_id": "msg_mock",
+                       "output_index": 0, "content_index": 0, "text": answer, "logprobs": []}),
+    );
+    events.push(
+        json!({"type": "response.content_part.done", "item_id": "msg_mock",
+                       "output_index": 0, "content_index": 0,
+                       "part": {"type": "output_text", "text": answer, "annotations": []}}),
+    );
+    events.push(
+        json!({"type": "response.output_item.done", "output_index": 0,
+                       "item": whole["output"][0]}),
+    );
+    events.push(json!({"type": "response.completed", "response": whole}));
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            e["sequence_number"] = json!(i);
+            (
+                e["type"].as_str().unwrap_or_default().to_string(),
+                e.to_string(),
+            )
+        })
+        .collect()
 }
 
 /// The `GET /v1/models` answer.

@@ -43,6 +43,13 @@ pub enum SseStep {
 }
 
 impl SseStep {
+    /// An event with this `event:` type and data.
+    pub fn event(kind: &str, data: &str) -> Self {
+        let mut out = format!("event: {kind}\n").into_bytes();
+        backstop_adapter::sse::encode_data(data, &mut out);
+        SseStep::Raw(Bytes::from(out))
+    }
+
     /// A chat chunk carrying this piece of the answer.
     pub fn text(text: &str) -> Self {
         Self::chunk(serde_json::json!({"content": text}), None)
@@ -343,7 +350,21 @@ async fn respond(
                 tokio::time::sleep(delay).await;
             }
             let legacy = path.ends_with("/v1/completions");
-            if body.get("stream").and_then(Value::as_bool) == Some(true) {
+            let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+            if path.ends_with("/v1/responses") {
+                if !stream {
+                    return Ok(json_response(200, &echo::response(body), &[]));
+                }
+                let mut steps = Vec::new();
+                for (kind, data) in echo::response_events(body) {
+                    if !chunk_delay.is_zero() && !steps.is_empty() {
+                        steps.push(SseStep::Sleep(chunk_delay));
+                    }
+                    steps.push(SseStep::event(&kind, &data));
+                }
+                return Ok(sse_response(200, &[], steps));
+            }
+            if stream {
                 let mut steps = Vec::new();
                 for data in echo::stream(body, legacy) {
                     if !chunk_delay.is_zero() && !steps.is_empty() {

@@ -319,8 +319,14 @@ pub fn completion(body: &[u8], wire: Wire) -> Result<ChatCompletion, BackendErro
 }
 
 /// An OpenAI error object inside a successful response or stream.
+/// A Responses stream's failure event counts too (`error`, whose fields are
+/// the error's, and `response.failed`, whose response holds it).
 pub(crate) fn embedded_error(value: &Value) -> Option<BackendError> {
-    let error = value.get("error")?;
+    let error = match value.get("type").and_then(Value::as_str) {
+        Some("error") => value,
+        Some("response.failed") => value.pointer("/response/error")?,
+        _ => value.get("error")?,
+    };
     if error.is_null() {
         return None;
     }

@@ -69,6 +69,10 @@ pub struct UpstreamConfig {
     /// once it answers one 404), legacy requests go to it as chats and their
     /// answers come back as legacy completions.
     pub completions: bool,
+    /// The upstream serves the Responses API, `/v1/responses`. When it
+    /// does not (or once it answers one 404), Responses requests go to it
+    /// as chats and their answers come back as Responses events.
+    pub responses: bool,
     /// The model's context window in tokens: a prompt that does not fit is
     /// not sent, and `max_tokens` is clamped to the room left.
     pub context_window: Option<usize>,
@@ -98,6 +102,7 @@ impl UpstreamConfig {
             max_event_bytes: backstop_adapter::sse::DEFAULT_MAX_EVENT,
             prefill: false,
             completions: true,
+            responses: true,
             context_window: None,
             requests_per_minute: None,
             tokens_per_minute: None,
@@ -137,7 +142,9 @@ pub struct Upstream {
     /// The base URL without a trailing `/`; a dialect's path follows it.
     base: String,
     /// Legacy requests go to it as chats (see [`UpstreamConfig::completions`]).
-    chat_only: AtomicBool,
+    no_legacy: AtomicBool,
+    /// Responses requests go to it as chats (see [`UpstreamConfig::responses`]).
+    no_responses: AtomicBool,
 }
 
 impl Upstream {
@@ -168,7 +175,8 @@ impl Upstream {
         }
         Ok(Upstream {
             base: config.base_url.trim_end_matches('/').to_string(),
-            chat_only: AtomicBool::new(!config.completions),
+            no_legacy: AtomicBool::new(!config.completions),
+            no_responses: AtomicBool::new(!config.responses),
             client: builder.build()?,
             limit: ratelimit::RateLimit::new(config.requests_per_minute, config.tokens_per_minute),
             config,
@@ -208,20 +216,37 @@ impl Upstream {
             .map_or(0, |p| tokens::text_tokens(p, model) as u64)
     }
 
-    /// The dialect `req` goes to this target in.
+    /// Whether the target is known not to serve `wire`, and goes a chat.
+    fn unserved(&self, wire: Wire) -> Option<&AtomicBool> {
+        match wire {
+            Wire::Chat => None,
+            Wire::Legacy => Some(&self.no_legacy),
+            Wire::Responses => Some(&self.no_responses),
+        }
+    }
+
+    /// The dialect `req` goes to this target in: the client's, unless the
+    /// target does not serve it, or (for Responses) the request continues
+    /// an answer, which only a chat can carry as a partial assistant turn.
     fn wire(&self, req: &Request) -> Wire {
-        match req.api.wire() {
-            Wire::Legacy if self.chat_only.load(Ordering::Relaxed) => Wire::Chat,
-            wire => wire,
+        let wire = req.api.wire();
+        let unserved = self
+            .unserved(wire)
+            .is_some_and(|flag| flag.load(Ordering::Relaxed));
+        if unserved || (wire == Wire::Responses && req.prefill.is_some()) {
+            Wire::Chat
+        } else {
+            wire
         }
     }
 
     /// Sends the request in the dialect this target serves and waits for
     /// the response headers; returns the dialect of the answer. When a
-    /// legacy request gets a 404 (as OpenAI answers for a chat model), it
-    /// goes again at once as a chat. If the chat is served, the target
-    /// serves chat only and every later legacy request goes as a chat; if
-    /// not (an unknown model is a 404 on both), the legacy 404 stands and
+    /// legacy or Responses request gets a 404 (as OpenAI answers for a
+    /// chat model, and servers without the endpoint do), it goes again at
+    /// once as a chat. If the chat is served, the target serves chat only
+    /// for that dialect and every later such request goes as a chat; if
+    /// not (an unknown model is a 404 on both), the first 404 stands and
     /// nothing is learned.
     async fn send(
         &self,
@@ -230,13 +255,16 @@ impl Upstream {
     ) -> Result<(reqwest::Response, Wire), BackendError> {
         let wire = self.wire(req);
         match self.send_as(req, stream, wire).await {
-            Err(e) if wire == Wire::Legacy && e.status == Some(404) => {
+            Err(e) if wire != Wire::Chat && e.status == Some(404) => {
                 let response = self.send_as(req, stream, Wire::Chat).await.map_err(|_| e)?;
-                if !self.chat_only.swap(true, Ordering::Relaxed) {
+                let learned = self
+                    .unserved(wire)
+                    .is_some_and(|flag| !flag.swap(true, Ordering::Relaxed));
+                if learned {
                     tracing::info!(
-                        "target `{}` serves chat completions only: legacy requests go to it \
-                         as chats",
-                        self.config.name
+                        "target `{}` does not serve {}: those requests go to it as chats",
+                        self.config.name,
+                        wire.path()
                     );
                 }
                 Ok((response, Wire::Chat))
@@ -254,9 +282,9 @@ impl Upstream {
         stream: bool,
         wire: Wire,
     ) -> Result<reqwest::Response, BackendError> {
-        if let Some(legacy) = req.api.legacy().filter(|_| wire == Wire::Chat) {
-            if let Some(param) = legacy.untranslatable(req.chat.n.unwrap_or(1)) {
-                return Err(self.cannot_translate(param));
+        if wire != req.api.wire() {
+            if let Some(param) = req.api.untranslatable(req.chat.n.unwrap_or(1)) {
+                return Err(self.cannot_translate(param, req.api.wire()));
             }
         }
         let continued;
@@ -360,12 +388,14 @@ impl Upstream {
         response::error_from_status(response, self.config.idle_timeout, &secrets).await
     }
 
-    /// The error for a legacy request with a field a chat cannot carry, to
-    /// a target that serves chat only: a 400 naming the field.
-    fn cannot_translate(&self, param: &str) -> BackendError {
+    /// The error for a request with a field a chat cannot carry, to a
+    /// target that does not serve the client's dialect (`wire`): a 400
+    /// naming the field.
+    fn cannot_translate(&self, param: &str, wire: Wire) -> BackendError {
         let message = format!(
-            "target `{}` serves chat completions only, which cannot take `{param}`",
-            self.config.name
+            "target `{}` does not serve {} and gets it as a chat, which cannot take `{param}`",
+            self.config.name,
+            wire.path()
         );
         BackendError {
             kind: FailureKind::ClientError,
