@@ -10,11 +10,21 @@ use backstop_tests::Harness;
 
 /// Runs one of the SDK check scripts against `h`; its stdout.
 async fn run_script(h: &Harness, name: &str) -> String {
+    run_script_with(h, name, &[]).await
+}
+
+/// [`run_script`] with these environment variables set.
+async fn run_script_with(h: &Harness, name: &str, vars: &[(&str, &str)]) -> String {
     let script = format!("{}/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
     let base = h.url("/v1");
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .arg(script)
+            .envs(vars)
             .env("OPENAI_BASE_URL", base)
             .env("OPENAI_API_KEY", "sk-client-side")
             .output()
@@ -57,6 +67,29 @@ async fn the_python_sdks_legacy_completions_reach_a_chat_only_upstream() {
     let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
     // One 404, then chats only.
     assert_eq!(paths[0], "/v1/completions");
+    assert!(
+        paths[1..].iter().all(|p| p == "/v1/chat/completions"),
+        "{paths:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdks_responses_calls_reach_a_responses_upstream() {
+    let h = Harness::start().await;
+    run_script(&h, "check_sdk_responses.py").await;
+    let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
+    assert!(paths.iter().all(|p| p == "/v1/responses"), "{paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdks_responses_calls_reach_a_chat_only_upstream() {
+    let h = Harness::start().await;
+    h.mock()
+        .push([MockReply::error(404, "invalid_request_error", "Not found")]);
+    run_script_with(&h, "check_sdk_responses.py", &[("BACKSTOP_CHAT_ONLY", "1")]).await;
+    let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
+    // One 404, then chats only.
+    assert_eq!(paths[0], "/v1/responses");
     assert!(
         paths[1..].iter().all(|p| p == "/v1/chat/completions"),
         "{paths:?}"

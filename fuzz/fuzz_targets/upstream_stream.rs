@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         max_event_bytes: 512,
     };
     let choices = bounds.choices;
-    let wire = [Wire::Chat, Wire::Legacy][usize::from(dialect % 2)];
+    let wire = [Wire::Chat, Wire::Legacy, Wire::Responses][usize::from(dialect % 3)];
     let mut decoder = ChunkDecoder::new(wire, bounds);
     let mut said = vec![0usize; choices as usize];
     for piece in rest.chunks(usize::from(*step).max(1)) {

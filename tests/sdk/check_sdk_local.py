@@ -34,4 +34,20 @@ assert usage is not None and usage.completion_tokens > 0, usage
 legacy = client.completions.create(model="anything", prompt="1, 2, 3,", max_tokens=4, temperature=0)
 assert legacy.choices[0].finish_reason == "length", legacy
 
+response = client.responses.create(
+    model="anything", input="What is 2+2?", temperature=0, max_output_tokens=40
+)
+assert response.status == "completed", response
+assert response.output_text == answer, (response.output_text, answer)
+streamed, final = "", None
+for event in client.responses.create(
+    model="anything", input="What is 2+2?", temperature=0, max_output_tokens=40, stream=True
+):
+    if event.type == "response.output_text.delta":
+        streamed += event.delta
+    if event.type == "response.completed":
+        final = event.response
+assert streamed == answer, (streamed, answer)
+assert final.output_text == answer and final.usage.output_tokens > 0, final
+
 print("local sdk checks passed")

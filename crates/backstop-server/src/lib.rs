@@ -1,11 +1,14 @@
 //! Backstop's server: endpoints, configuration, metrics, and the wiring of
 //! every other crate. The `backstop` binary is a thin `main` over [`run`].
 
-mod api;
+mod admin;
 pub mod catalogue;
+mod completions;
+mod error;
 mod listener;
 pub mod metrics;
 mod respond;
+mod routes;
 
 use std::future::Future;
 use std::net::SocketAddr;

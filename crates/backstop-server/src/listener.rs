@@ -19,7 +19,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use backstop_adapter::ErrorBody;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -27,9 +26,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tower::ServiceExt;
 
 use crate::respond::Body;
-use crate::{api, App};
+use crate::App;
 use backstop_config::Limits;
 
 /// Which listener a connection came in on: the admin endpoints are served
@@ -65,6 +65,7 @@ pub async fn serve(
     let admin_slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let rejecting = Arc::new(Semaphore::new(REJECTING));
     let builder = builder(&limits);
+    let routes = crate::routes::router(app.clone());
     let mut accept_log = AcceptLog::default();
     tokio::pin!(shutdown);
     loop {
@@ -96,6 +97,7 @@ pub async fn serve(
         };
         let conn = Connection {
             app: app.clone(),
+            routes: routes.clone(),
             limits: limits.clone(),
             surface,
             stopping: stopping.clone(),
@@ -118,7 +120,7 @@ pub async fn serve(
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Header count is bounded here; their size by `Limits::max_header_bytes`,
-    // which `api` answers with an OpenAI-shaped 431. HTTP/2 announces the
+    // which `routes` answers with an OpenAI-shaped 431. HTTP/2 announces the
     // same size to its clients (hyper's own default is 16 KiB).
     builder.http1().max_headers(128);
     builder
@@ -131,6 +133,7 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// One accepted connection and what bounds it.
 struct Connection {
     app: Arc<App>,
+    routes: axum::Router,
     limits: Arc<Limits>,
     surface: Surface,
     stopping: watch::Receiver<bool>,
@@ -146,17 +149,18 @@ impl Connection {
             watch: watch.clone(),
             replacing: None,
         };
-        let (app, surface) = (self.app.clone(), self.surface);
+        let (routes, surface) = (self.routes.clone(), self.surface);
         let service = {
             let watch = watch.clone();
-            hyper::service::service_fn(move |req| {
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let busy = Busy::new(watch.clone());
-                let app = app.clone();
+                req.extensions_mut().insert(surface);
+                let routes = routes.clone();
                 async move {
-                    let resp = api::handle(req, app, surface).await?;
+                    let resp = routes.oneshot(req).await?;
                     // The request is busy until its body is sent, or dropped.
                     Ok::<_, std::convert::Infallible>(
-                        resp.map(|body| Guarded { body, _busy: busy }.boxed_unsync()),
+                        resp.map(|body| Guarded { body, _busy: busy }),
                     )
                 }
             })
@@ -347,7 +351,7 @@ struct Guarded {
 
 impl http_body::Body for Guarded {
     type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
+    type Error = axum::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -1,18 +1,13 @@
-//! The one place where failures become HTTP responses in OpenAI's error shape,
-//! and where every response gets Backstop's headers.
+//! Where every response gets Backstop's headers. (Errors become responses
+//! in [`crate::error`].)
 
-use std::convert::Infallible;
-
-use backstop_adapter::{ErrorBody, Headers, InvalidRequest};
-use backstop_router::RouteError;
+use backstop_adapter::Headers;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use serde_json::Value;
 
 /// Response body type: whole or streamed.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+pub type Body = axum::body::Body;
 
 /// Header naming the target that served (or last failed).
 pub const BACKEND_HEADER: &str = "x-backstop-backend";
@@ -23,7 +18,7 @@ pub const NO_BACKEND: &str = "backstop";
 
 /// A whole body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed_unsync()
+    Body::from(bytes.into())
 }
 
 /// Who answered, for Backstop's own headers.
@@ -78,71 +73,4 @@ pub fn json(
     passthrough: &Headers,
 ) -> Response<Body> {
     response(status, "application/json", full(body), served, passthrough)
-}
-
-fn error_json(
-    status: u16,
-    body: &Value,
-    served: Served<'_>,
-    passthrough: &Headers,
-) -> Response<Body> {
-    json(status, body.to_string().into_bytes(), served, passthrough)
-}
-
-/// An error Backstop words itself.
-pub fn error(
-    status: u16,
-    kind: &str,
-    message: impl Into<String>,
-    code: Option<&str>,
-) -> Response<Body> {
-    let body = ErrorBody::new(message, kind, None, code);
-    let value = serde_json::to_value(body).unwrap_or(Value::Null);
-    error_json(status, &value, Served::NONE, &Headers::new())
-}
-
-/// 400 for a request the client got wrong.
-pub fn invalid_request(e: &InvalidRequest) -> Response<Body> {
-    let value = serde_json::to_value(e.to_body()).unwrap_or(Value::Null);
-    error_json(400, &value, Served::NONE, &Headers::new())
-}
-
-/// The status and response for a request no target could serve.
-pub fn route_error(e: &RouteError) -> (u16, Response<Body>) {
-    match e {
-        RouteError::NoRoute(model) => {
-            let value = serde_json::to_value(ErrorBody::new(
-                format!("The model `{model}` does not exist or no route serves it."),
-                "invalid_request_error",
-                Some("model".into()),
-                Some("model_not_found"),
-            ))
-            .unwrap_or(Value::Null);
-            (404, error_json(404, &value, Served::NONE, &Headers::new()))
-        }
-        RouteError::Failed(_) => {
-            let served = Served {
-                backend: e.last_target().unwrap_or(NO_BACKEND),
-                attempts: e.attempts(),
-            };
-            match e.last() {
-                Some(last) => {
-                    let status = last.http_status();
-                    (
-                        status,
-                        error_json(status, &last.to_body(), served, &last.headers),
-                    )
-                }
-                None => (
-                    503,
-                    error(
-                        503,
-                        "upstream_error",
-                        "no target is configured for this route",
-                        None,
-                    ),
-                ),
-            }
-        }
-    }
 }

@@ -122,6 +122,7 @@ pub(crate) fn response(body: &Value) -> Value {
     json!({"id": "resp_mock", "object": "response", "created_at": CREATED,
            "status": "completed", "model": model(body), "error": null,
            "incomplete_details": null, "x_mock": "kept",
+           "instructions": body.get("instructions").cloned().unwrap_or(Value::Null),
            "output": [{"id": "msg_mock", "type": "message", "status": "completed",
                        "role": "assistant",
                        "content": [{"type": "output_text", "text": answer, "annotations": []}]}],

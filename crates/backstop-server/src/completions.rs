@@ -1,22 +1,26 @@
-//! The HTTP endpoints.
+//! The completion endpoints: chat, legacy completions and Responses. Each
+//! request is held to Backstop's bounds (its place in flight, its body's
+//! size, time and rate, its share of request memory), parsed in its
+//! dialect, routed, and answered whole or as a stream in the client's
+//! dialect.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop_adapter::{
-    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, ModelList, Request, Writer,
-};
-use backstop_router::breaker::{CircuitBreaker, Forced};
+use axum::body::Body as RequestBody;
+use axum::extract::{Request as HttpRequest, State};
+use axum::response::IntoResponse;
+use backstop_adapter::{BackendError, ChatChunk, ChunkStream, FailureKind, Request, Writer};
 use backstop_router::{RouteError, Serving};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use http::{Method, Response};
-use http_body_util::{BodyExt, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http::Response;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use tokio::time::Instant;
 
-use crate::listener::Surface;
+use crate::error::{Rejection, ServerError};
 use crate::metrics::{status_class, Metrics};
 use crate::respond::{self, Body, Served};
 use crate::App;
@@ -40,333 +44,19 @@ impl Endpoint {
     }
 }
 
-/// Routes one HTTP request to its endpoint. The admin endpoints answer on
-/// the admin listener, or with the admin token.
-pub async fn handle(
-    req: hyper::Request<Incoming>,
-    app: Arc<App>,
-    surface: Surface,
-) -> Result<Response<Body>, Infallible> {
-    let header_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
-    if header_bytes > app.config.limits.max_header_bytes {
-        app.metrics
-            .rejected
-            .with_label_values(&["header_size"])
-            .inc();
-        return Ok(respond::error(
-            431,
-            "invalid_request_error",
-            format!(
-                "the request's headers are {header_bytes} bytes; at most {} are accepted",
-                app.config.limits.max_header_bytes
-            ),
-            Some("headers_too_large"),
-        ));
-    }
-    let path = req.uri().path();
-    if path.starts_with("/admin/") {
-        if let Err(refused) = admin_allowed(&req, &app, surface) {
-            return Ok(refused);
-        }
-    }
-    let resp = match (req.method(), path) {
-        (&Method::POST, "/v1/chat/completions") => completion(req, app, Endpoint::Chat).await,
-        (&Method::POST, "/v1/completions") => completion(req, app, Endpoint::Legacy).await,
-        (&Method::POST, "/v1/responses") => completion(req, app, Endpoint::Responses).await,
-        (&Method::GET, "/v1/models") => models(&app).await,
-        (&Method::GET, "/healthz") => plain_json(br#"{"status":"ok"}"#),
-        (&Method::GET, "/readyz") => ready(&app),
-        (&Method::GET, "/metrics") => {
-            app.metrics.observe_breakers(&app.router);
-            app.metrics
-                .request_memory
-                .set(app.request_memory_held() as i64);
-            respond::response(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                respond::full(app.metrics.render()),
-                Served::NONE,
-                &Headers::new(),
-            )
-        }
-        (&Method::GET, "/admin/breakers") => breakers(&app),
-        (&Method::GET, "/admin/status") => status(&app),
-        (&Method::POST, p) if p.starts_with("/admin/breakers/") => {
-            let target = p.trim_start_matches("/admin/breakers/").to_string();
-            force_breaker(req, &app, &target).await
-        }
-        (
-            _,
-            "/v1/chat/completions"
-            | "/v1/completions"
-            | "/v1/responses"
-            | "/v1/models"
-            | "/healthz"
-            | "/readyz"
-            | "/metrics",
-        ) => respond::error(
-            405,
-            "invalid_request_error",
-            format!("{} is not allowed on {path}", req.method()),
-            Some("method_not_allowed"),
-        ),
-        _ => respond::error(
-            404,
-            "invalid_request_error",
-            format!("Unknown request URL: {} {path}", req.method()),
-            Some("unknown_url"),
-        ),
-    };
-    Ok(resp)
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat(State(app): State<Arc<App>>, req: HttpRequest) -> Response<Body> {
+    completion(req, app, Endpoint::Chat).await
 }
 
-/// Whether an admin request may go on: on the admin listener, or with the
-/// admin token (required on both when one is configured); never from a web
-/// page (a browser sends `Origin` or `Sec-Fetch-Site` with a cross-site
-/// request); and a POST only with a JSON body, which a page cannot send
-/// without a preflight.
-#[allow(clippy::result_large_err)]
-fn admin_allowed(
-    req: &hyper::Request<Incoming>,
-    app: &App,
-    surface: Surface,
-) -> Result<(), Response<Body>> {
-    let headers = req.headers();
-    let forbidden = |message: &str| {
-        respond::error(
-            403,
-            "permission_error",
-            message.to_string(),
-            Some("forbidden"),
-        )
-    };
-    let token = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match (&app.config.admin_token, token) {
-        (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => {}
-        (Some(_), _) => {
-            return Err(respond::error(
-                401,
-                "authentication_error",
-                "the admin endpoints need the admin token as a bearer token",
-                Some("invalid_admin_token"),
-            ))
-        }
-        (None, _) if surface == Surface::Admin => {}
-        (None, _) => {
-            return Err(forbidden(
-                "the admin endpoints are served on the admin listener (server.admin_listen), \
-                 or here with server.admin_token_env set",
-            ))
-        }
-    }
-    let cross_site = headers.contains_key(http::header::ORIGIN)
-        || headers
-            .get("sec-fetch-site")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|site| site != "none" && site != "same-origin");
-    if cross_site {
-        return Err(forbidden(
-            "the admin endpoints do not take requests from web pages",
-        ));
-    }
-    if req.method() == Method::POST {
-        let json = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(respond::error(
-                415,
-                "invalid_request_error",
-                "admin requests must have Content-Type: application/json",
-                Some("unsupported_media_type"),
-            ));
-        }
-    }
-    Ok(())
+/// `POST /v1/completions`.
+pub(crate) async fn legacy(State(app): State<Arc<App>>, req: HttpRequest) -> Response<Body> {
+    completion(req, app, Endpoint::Legacy).await
 }
 
-/// Compares two secrets in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn plain_json(body: &'static [u8]) -> Response<Body> {
-    respond::json(200, body.to_vec(), Served::NONE, &Headers::new())
-}
-
-fn breaker_json(target: &str, b: &CircuitBreaker) -> serde_json::Value {
-    serde_json::json!({
-        "target": target,
-        "state": b.state().as_str(),
-        "forced": match b.forced() {
-            Forced::No => "auto",
-            Forced::Open => "open",
-            Forced::Closed => "closed",
-        },
-        "trips": b.trips(),
-        "healthy": b.healthy(),
-        "open_remaining_ms": b.open_remaining().as_millis() as u64,
-    })
-}
-
-/// `GET /admin/breakers`: every target's breaker.
-fn breakers(app: &App) -> Response<Body> {
-    let list = app
-        .router
-        .breakers()
-        .iter()
-        .map(|(t, b)| breaker_json(t, b))
-        .collect();
-    per_target("breakers", list)
-}
-
-/// `{key: [...]}` of per-target objects, sorted by target, as a 200.
-fn per_target(key: &str, mut list: Vec<serde_json::Value>) -> Response<Body> {
-    list.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
-    let body = serde_json::json!({ key: list });
-    respond::json(
-        200,
-        body.to_string().into_bytes(),
-        Served::NONE,
-        &Headers::new(),
-    )
-}
-
-/// `GET /admin/status`: every target's breaker with when it opened and its
-/// latest failures, and for targets under shadow verification the window,
-/// confirmations, ramp stage and last comparison.
-fn status(app: &App) -> Response<Body> {
-    let shadows = app
-        .shadows
-        .as_ref()
-        .map(|(s, _)| s.status())
-        .unwrap_or_default();
-    let list = app
-        .router
-        .breakers()
-        .iter()
-        .map(|(t, b)| {
-            let mut v = breaker_json(t, b);
-            v["open_since_ms"] = serde_json::json!(b.open_since().map(|d| d.as_millis() as u64));
-            v["recent_failures"] = b
-                .recent_failures()
-                .iter()
-                .map(|(kind, ago)| {
-                    serde_json::json!({"kind": kind.as_str(), "ago_ms": ago.as_millis() as u64})
-                })
-                .collect();
-            v["admitted_fraction"] = serde_json::json!(b.admitted_fraction());
-            v["shadow"] = serde_json::to_value(shadows.get(t)).unwrap_or_default();
-            v
-        })
-        .collect();
-    per_target("targets", list)
-}
-
-/// `POST /admin/breakers/{target}` with `{"force": "open" | "closed" | "auto"}`,
-/// or `{"verification": "restart"}` to start shadow verification over.
-async fn force_breaker(req: hyper::Request<Incoming>, app: &App, target: &str) -> Response<Body> {
-    let Some(breaker) = app.router.breakers().get(target) else {
-        return respond::error(
-            404,
-            "invalid_request_error",
-            format!("no target is named `{target}`"),
-            Some("unknown_target"),
-        );
-    };
-    let read = tokio::time::timeout(
-        Duration::from_secs(5),
-        Limited::new(req.into_body(), 4096).collect(),
-    );
-    let bytes = match read.await {
-        Ok(Ok(c)) => c.to_bytes(),
-        _ => {
-            return respond::error(
-                400,
-                "invalid_request_error",
-                "cannot read the request body",
-                None,
-            )
-        }
-    };
-    let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
-    if body["verification"] == "restart" {
-        let restarted = app.shadows.as_ref().is_some_and(|(s, _)| s.restart(target));
-        if !restarted {
-            return respond::error(
-                409,
-                "invalid_request_error",
-                format!("target `{target}` is not under shadow verification (it is serving, or the verifier is off)"),
-                Some("not_verified"),
-            );
-        }
-        tracing::warn!(target = target, "shadow verification restarted");
-        let body = breaker_json(target, breaker).to_string().into_bytes();
-        return respond::json(200, body, Served::NONE, &Headers::new());
-    }
-    let force = body
-        .get("force")
-        .and_then(|f| f.as_str())
-        .map(str::to_string);
-    let forced = match force.as_deref() {
-        Some("open") => Forced::Open,
-        Some("closed") => Forced::Closed,
-        Some("auto") => Forced::No,
-        _ => {
-            return respond::error(
-                400,
-                "invalid_request_error",
-                "body must be {\"force\": \"open\" | \"closed\" | \"auto\"} or {\"verification\": \"restart\"}",
-                None,
-            )
-        }
-    };
-    breaker.force(forced);
-    tracing::warn!(
-        target = target,
-        "breaker forced {}",
-        force.unwrap_or_default()
-    );
-    let body = breaker_json(target, breaker).to_string().into_bytes();
-    respond::json(200, body, Served::NONE, &Headers::new())
-}
-
-/// Ready while any target can serve: loaded (the local model), healthy by its
-/// health checks, and its breaker neither open nor forced open.
-fn ready(app: &App) -> Response<Body> {
-    let targets = app.router.table().targets();
-    if targets.iter().any(|t| app.router.may_serve(t)) {
-        plain_json(br#"{"status":"ready"}"#)
-    } else {
-        respond::error(
-            503,
-            "server_error",
-            "no target can serve (is the local model still loading, or is every breaker open?)",
-            Some("not_ready"),
-        )
-    }
-}
-
-async fn models(app: &App) -> Response<Body> {
-    let list = ModelList {
-        object: "list".into(),
-        data: app.router.models().await,
-    };
-    respond::json(
-        200,
-        serde_json::to_vec(&list).unwrap_or_default(),
-        Served::NONE,
-        &Headers::new(),
-    )
+/// `POST /v1/responses`.
+pub(crate) async fn responses(State(app): State<Arc<App>>, req: HttpRequest) -> Response<Body> {
+    completion(req, app, Endpoint::Responses).await
 }
 
 /// Counts the request in flight until dropped, and its duration then; holds
@@ -447,29 +137,25 @@ impl Drop for InFlight {
     }
 }
 
-async fn completion(
-    req: hyper::Request<Incoming>,
-    app: Arc<App>,
-    endpoint: Endpoint,
-) -> Response<Body> {
+async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Response<Body> {
     let Some(mut flight) = InFlight::new(app.clone(), endpoint) else {
         app.metrics.rejected.with_label_values(&["in_flight"]).inc();
-        return Rejection {
+        return ServerError::from(Rejection {
             status: 503,
             reason: "in_flight",
             message: format!(
                 "Backstop is serving its limit of {} requests; retry shortly",
                 app.config.limits.max_in_flight
             ),
-        }
-        .response();
+        })
+        .into_response();
     };
     let trailers = accepts_trailers(&req);
     let budget = match client_budget(req.headers()) {
         Ok(budget) => budget,
         Err(message) => {
             flight.record(respond::NO_BACKEND, 400);
-            return respond::error(400, "invalid_request_error", message, None);
+            return ServerError::invalid(message).into_response();
         }
     };
     let bytes = match read_body(req.into_body(), &mut flight).await {
@@ -502,25 +188,26 @@ async fn completion(
         Ok(r) => r,
         Err(e) => {
             flight.record(respond::NO_BACKEND, 400);
-            return respond::invalid_request(&e);
+            return ServerError::Invalid(e).into_response();
         }
     };
     drop(bytes);
     if let Err(e) = needs_a_store(&request) {
         flight.record(respond::NO_BACKEND, 400);
-        return respond::invalid_request(&e);
+        return ServerError::Invalid(e).into_response();
     }
     if request.chat.messages.len() > limits.max_messages {
         app.metrics.rejected.with_label_values(&["messages"]).inc();
         flight.record(respond::NO_BACKEND, 400);
-        return respond::invalid_request(&backstop_adapter::InvalidRequest {
+        return ServerError::Invalid(backstop_adapter::InvalidRequest {
             message: format!(
                 "`messages` holds {} messages; at most {} are accepted",
                 request.chat.messages.len(),
                 limits.max_messages
             ),
             param: Some("messages".into()),
-        });
+        })
+        .into_response();
     }
     request.deadline = budget.map(|b| (flight.started + b).into_std());
     if request.chat.is_stream() {
@@ -568,31 +255,6 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Why a request was refused before it reached a backend: the status, the
-/// label of `backstop_rejected_total`, and the message.
-struct Rejection {
-    status: u16,
-    reason: &'static str,
-    message: String,
-}
-
-impl Rejection {
-    /// The answer: a 503 with `Retry-After` when Backstop is at a bound of
-    /// its own, the client's error otherwise.
-    fn response(self) -> Response<Body> {
-        if self.status == 503 {
-            let mut resp = respond::error(503, "server_error", self.message, Some("overloaded"));
-            resp.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
-            );
-            return resp;
-        }
-        let code = (self.status == 413).then_some("request_too_large");
-        respond::error(self.status, "invalid_request_error", self.message, code)
-    }
-}
-
 impl InFlight {
     /// Counts and answers a refused request.
     fn reject(&self, rejection: Rejection) -> Response<Body> {
@@ -602,7 +264,7 @@ impl InFlight {
             .with_label_values(&[rejection.reason])
             .inc();
         self.record(respond::NO_BACKEND, rejection.status);
-        rejection.response()
+        ServerError::from(rejection).into_response()
     }
 }
 
@@ -610,7 +272,7 @@ impl InFlight {
 /// whole of it, (after [`BODY_RATE_GRACE`]) its average rate, and the
 /// memory of all requests in flight, to which each part is charged as it
 /// arrives.
-async fn read_body(mut body: Incoming, flight: &mut InFlight) -> Result<Bytes, Rejection> {
+async fn read_body(mut body: RequestBody, flight: &mut InFlight) -> Result<Bytes, Rejection> {
     let app = flight.app.clone();
     let limits = &app.config.limits;
     let started = Instant::now();
@@ -715,19 +377,20 @@ fn client_budget(headers: &http::HeaderMap) -> Result<Option<Duration>, String> 
     Ok(Some(budget - (budget / 10).min(Duration::from_secs(1))))
 }
 
-fn failed(app: &App, e: &RouteError, flight: &InFlight) -> Response<Body> {
-    if let RouteError::Failed(failed) = e {
+fn failed(app: &App, e: RouteError, flight: &InFlight) -> Response<Body> {
+    if let RouteError::Failed(failed) = &e {
         app.metrics.count_walk(failed, None);
     }
-    let (status, resp) = respond::route_error(e);
-    flight.record(e.last_target().unwrap_or(respond::NO_BACKEND), status);
-    resp
+    let target = e.last_target().unwrap_or(respond::NO_BACKEND).to_string();
+    let error = ServerError::from(e);
+    flight.record(&target, error.status());
+    error.into_response()
 }
 
 async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Body> {
     let served = match app.router.complete(request).await {
         Ok(s) => s,
-        Err(e) => return failed(app, &e, &flight),
+        Err(e) => return failed(app, e, &flight),
     };
     app.metrics.count_attempts(&served);
     let attempts = served.attempts();
@@ -757,12 +420,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
             },
             &served.reply.headers,
         ),
-        Err(e) => respond::error(
-            500,
-            "server_error",
-            format!("cannot encode response: {e}"),
-            None,
-        ),
+        Err(e) => ServerError::Encode(format!("cannot encode response: {e}")).into_response(),
     };
     flight.record(&served.backend, resp.status().as_u16());
     app.metrics.overhead.observe(
@@ -777,7 +435,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
 
 /// Whether the client takes trailer fields: always over HTTP/2, over
 /// HTTP/1.1 when it sent `TE: trailers`.
-fn accepts_trailers(req: &hyper::Request<Incoming>) -> bool {
+fn accepts_trailers(req: &HttpRequest) -> bool {
     req.version() >= http::Version::HTTP_2
         || req
             .headers()
@@ -795,7 +453,7 @@ const TRAILERS: &str = "x-backstop-backend, x-backstop-attempts";
 async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) -> Response<Body> {
     let served = match app.router.stream(request).await {
         Ok(s) => s,
-        Err(e) => return failed(app, &e, &flight),
+        Err(e) => return failed(app, e, &flight),
     };
     app.metrics.count_attempts(&served);
     flight.record(&served.backend, 200);
@@ -816,7 +474,7 @@ async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) 
     let mut resp = respond::response(
         200,
         "text/event-stream",
-        BodyExt::boxed_unsync(body),
+        Body::new(body),
         Served {
             backend: &served.backend,
             attempts,

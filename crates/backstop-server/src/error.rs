@@ -1,0 +1,221 @@
+//! The server's own errors: one enum, and the one place where each becomes
+//! an HTTP status and OpenAI's error JSON. (A connection that never got as
+//! far as a request is answered by the listener, on the wire.)
+
+use axum::response::{IntoResponse, Response};
+use backstop_adapter::{ErrorBody, Headers, InvalidRequest};
+use backstop_router::RouteError;
+use http::Method;
+use serde_json::Value;
+
+use crate::respond::{self, Served, NO_BACKEND};
+
+/// Why the server answers with an error.
+#[derive(Debug)]
+pub enum ServerError {
+    /// The client's request is wrong: a 400 naming the parameter.
+    Invalid(InvalidRequest),
+    /// Refused at one of Backstop's bounds before any backend.
+    Rejected(Rejection),
+    /// The request's headers are past `max_header_bytes`: a 431.
+    HeadersTooLarge {
+        /// Their size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No endpoint has this path: a 404.
+    UnknownUrl(Method, String),
+    /// The endpoint does not take this method: a 405.
+    MethodNotAllowed(Method, String),
+    /// An admin request without the admin token, where one is set: a 401.
+    AdminToken,
+    /// An admin request from where admin is not served: a 403.
+    Forbidden(&'static str),
+    /// An admin POST without a JSON body: a 415.
+    NotJson,
+    /// No target can serve: `/readyz`'s 503.
+    NotReady,
+    /// An admin request names no target: a 404.
+    UnknownTarget(String),
+    /// Verification restarted for a target not under it: a 409.
+    NotVerified(String),
+    /// No target served the request: the last backend's own answer.
+    Route(RouteError),
+    /// An answer could not be written: a 500.
+    Encode(String),
+}
+
+/// Why a request was refused before it reached a backend: the status, the
+/// label of `backstop_rejected_total`, and the message.
+#[derive(Debug)]
+pub struct Rejection {
+    /// 400, 408, 413, or 503 for Backstop's own bounds.
+    pub status: u16,
+    /// The label of `backstop_rejected_total`.
+    pub reason: &'static str,
+    /// What the client is told.
+    pub message: String,
+}
+
+impl From<InvalidRequest> for ServerError {
+    fn from(e: InvalidRequest) -> Self {
+        ServerError::Invalid(e)
+    }
+}
+
+impl From<Rejection> for ServerError {
+    fn from(r: Rejection) -> Self {
+        ServerError::Rejected(r)
+    }
+}
+
+impl From<RouteError> for ServerError {
+    fn from(e: RouteError) -> Self {
+        ServerError::Route(e)
+    }
+}
+
+impl ServerError {
+    /// A 400 with no one parameter at fault.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ServerError::Invalid(InvalidRequest {
+            message: message.into(),
+            param: None,
+        })
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            ServerError::Invalid(_) => 400,
+            ServerError::Rejected(r) => r.status,
+            ServerError::HeadersTooLarge { .. } => 431,
+            ServerError::UnknownUrl(..) | ServerError::UnknownTarget(_) => 404,
+            ServerError::MethodNotAllowed(..) => 405,
+            ServerError::AdminToken => 401,
+            ServerError::Forbidden(_) => 403,
+            ServerError::NotJson => 415,
+            ServerError::NotReady => 503,
+            ServerError::NotVerified(_) => 409,
+            ServerError::Route(RouteError::NoRoute(_)) => 404,
+            ServerError::Route(e) => e.last().map_or(503, |last| last.http_status()),
+            ServerError::Encode(_) => 500,
+        }
+    }
+
+    /// The error body: `(type, message, param, code)`.
+    fn body(&self) -> (&'static str, String, Option<String>, Option<&'static str>) {
+        let invalid = "invalid_request_error";
+        match self {
+            ServerError::Invalid(e) => (invalid, e.message.clone(), e.param.clone(), None),
+            ServerError::Rejected(r) if r.status == 503 => {
+                ("server_error", r.message.clone(), None, Some("overloaded"))
+            }
+            ServerError::Rejected(r) => {
+                let code = (r.status == 413).then_some("request_too_large");
+                (invalid, r.message.clone(), None, code)
+            }
+            ServerError::HeadersTooLarge { bytes, limit } => (
+                invalid,
+                format!("the request's headers are {bytes} bytes; at most {limit} are accepted"),
+                None,
+                Some("headers_too_large"),
+            ),
+            ServerError::UnknownUrl(method, path) => (
+                invalid,
+                format!("Unknown request URL: {method} {path}"),
+                None,
+                Some("unknown_url"),
+            ),
+            ServerError::MethodNotAllowed(method, path) => (
+                invalid,
+                format!("{method} is not allowed on {path}"),
+                None,
+                Some("method_not_allowed"),
+            ),
+            ServerError::AdminToken => (
+                "authentication_error",
+                "the admin endpoints need the admin token as a bearer token".into(),
+                None,
+                Some("invalid_admin_token"),
+            ),
+            ServerError::Forbidden(why) => {
+                ("permission_error", why.to_string(), None, Some("forbidden"))
+            }
+            ServerError::NotJson => (
+                invalid,
+                "admin requests must have Content-Type: application/json".into(),
+                None,
+                Some("unsupported_media_type"),
+            ),
+            ServerError::NotReady => (
+                "server_error",
+                "no target can serve (is the local model still loading, or is every breaker \
+                 open?)"
+                    .into(),
+                None,
+                Some("not_ready"),
+            ),
+            ServerError::UnknownTarget(target) => (
+                invalid,
+                format!("no target is named `{target}`"),
+                None,
+                Some("unknown_target"),
+            ),
+            ServerError::NotVerified(target) => (
+                invalid,
+                format!(
+                    "target `{target}` is not under shadow verification (it is serving, or \
+                     the verifier is off)"
+                ),
+                None,
+                Some("not_verified"),
+            ),
+            ServerError::Route(RouteError::NoRoute(model)) => (
+                invalid,
+                format!("The model `{model}` does not exist or no route serves it."),
+                Some("model".into()),
+                Some("model_not_found"),
+            ),
+            ServerError::Route(_) => (
+                "upstream_error",
+                "no target is configured for this route".into(),
+                None,
+                None,
+            ),
+            ServerError::Encode(why) => ("server_error", why.clone(), None, None),
+        }
+    }
+}
+
+impl IntoResponse for ServerError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        // A backend's failure is its own answer: its status, body and
+        // headers, with who failed last.
+        if let ServerError::Route(e @ RouteError::Failed(_)) = &self {
+            if let Some(last) = e.last() {
+                let served = Served {
+                    backend: e.last_target().unwrap_or(NO_BACKEND),
+                    attempts: e.attempts(),
+                };
+                let body = last.to_body().to_string().into_bytes();
+                return respond::json(status, body, served, &last.headers);
+            }
+        }
+        let (kind, message, param, code) = self.body();
+        let body = serde_json::to_value(ErrorBody::new(message, kind, param, code))
+            .unwrap_or(Value::Null)
+            .to_string()
+            .into_bytes();
+        let mut resp = respond::json(status, body, Served::NONE, &Headers::new());
+        if status == 503 {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        resp
+    }
+}

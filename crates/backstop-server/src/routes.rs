@@ -1,0 +1,137 @@
+//! The HTTP surface: which endpoint serves which path (axum), the layers
+//! every request passes (a request id, tracing, the header bound), and the
+//! operational endpoints. The listener hands each request of a connection
+//! to [`router`], with the connection's [`Surface`] as an extension.
+//!
+//! [`Surface`]: crate::listener::Surface
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use backstop_adapter::{Headers, ModelList};
+use http::HeaderName;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::ServerError;
+use crate::respond::{self, Served};
+use crate::{admin, completions, App};
+
+/// The header that carries a request's id: the client's own, or one
+/// Backstop makes; sent back on the response and logged with the request.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Every endpoint, with its layers.
+pub(crate) fn router(app: Arc<App>) -> Router {
+    let admin = Router::new()
+        .route("/admin/breakers", get(admin::breakers))
+        .route("/admin/status", get(admin::status))
+        .route("/admin/breakers/{target}", post(admin::force_breaker))
+        .route_layer(middleware::from_fn_with_state(app.clone(), admin::guard));
+    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    Router::new()
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::legacy))
+        .route("/v1/responses", post(completions::responses))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), header_bound))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), id)
+        }))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(app)
+}
+
+/// Refuses a request whose headers are past `max_header_bytes` (HTTP/2's
+/// are bounded as they are decoded; this is the same bound, counted the
+/// same way for both).
+async fn header_bound(
+    State(app): State<Arc<App>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ServerError> {
+    let bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    let limit = app.config.limits.max_header_bytes;
+    if bytes > limit {
+        app.metrics
+            .rejected
+            .with_label_values(&["header_size"])
+            .inc();
+        return Err(ServerError::HeadersTooLarge { bytes, limit });
+    }
+    Ok(next.run(req).await)
+}
+
+async fn unknown_url(req: Request) -> ServerError {
+    ServerError::UnknownUrl(req.method().clone(), req.uri().path().to_string())
+}
+
+async fn method_not_allowed(req: Request) -> ServerError {
+    ServerError::MethodNotAllowed(req.method().clone(), req.uri().path().to_string())
+}
+
+fn plain_json(body: &'static [u8]) -> Response {
+    respond::json(200, body.to_vec(), Served::NONE, &Headers::new())
+}
+
+async fn healthz() -> Response {
+    plain_json(br#"{"status":"ok"}"#)
+}
+
+/// Ready while any target can serve: loaded (the local model), healthy by its
+/// health checks, and its breaker neither open nor forced open.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let targets = app.router.table().targets();
+    if targets.iter().any(|t| app.router.may_serve(t)) {
+        plain_json(br#"{"status":"ready"}"#)
+    } else {
+        ServerError::NotReady.into_response()
+    }
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    let list = ModelList {
+        object: "list".into(),
+        data: app.router.models().await,
+    };
+    respond::json(
+        200,
+        serde_json::to_vec(&list).unwrap_or_default(),
+        Served::NONE,
+        &Headers::new(),
+    )
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.metrics.observe_breakers(&app.router);
+    app.metrics
+        .request_memory
+        .set(app.request_memory_held() as i64);
+    respond::response(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        respond::full(app.metrics.render()),
+        Served::NONE,
+        &Headers::new(),
+    )
+}
