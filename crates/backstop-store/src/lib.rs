@@ -1,0 +1,224 @@
+//! Backstop's durable generations: each response (or chat stream kept by
+//! an `Idempotency-Key`) with the request that makes it, its status and
+//! latest object, and its append-only event log numbered from 0.
+//!
+//! [`Store`] is the interface the server uses; [`Sqlite`] is the embedded
+//! default (a file in a data directory, WAL mode, no setup). A store shared
+//! by several replicas (PostgreSQL) implements the same trait.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+mod sqlite;
+
+pub use sqlite::Sqlite;
+
+/// A boxed future, as the store's methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a generation stands, as the Responses API names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Accepted, waiting for a runner.
+    Queued,
+    /// Generating.
+    InProgress,
+    /// Finished whole.
+    Completed,
+    /// Ended with an error.
+    Failed,
+    /// Cancelled by the client.
+    Cancelled,
+    /// Finished short: the token cap, or a content filter.
+    Incomplete,
+}
+
+impl Status {
+    /// The API's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Incomplete => "incomplete",
+        }
+    }
+
+    /// The status of this name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "queued" => Status::Queued,
+            "in_progress" => Status::InProgress,
+            "completed" => Status::Completed,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            "incomplete" => Status::Incomplete,
+            _ => return None,
+        })
+    }
+
+    /// Whether nothing more will happen to it.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Queued | Status::InProgress)
+    }
+}
+
+/// What kind of generation a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Responses response.
+    Response,
+    /// A chat completion stream kept by its `Idempotency-Key`.
+    Chat,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Response => "response",
+            Kind::Chat => "chat",
+        }
+    }
+
+    fn parse(name: &str) -> Self {
+        match name {
+            "chat" => Kind::Chat,
+            _ => Kind::Response,
+        }
+    }
+}
+
+/// One generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// `resp_...`, or a chat completion's id.
+    pub id: String,
+    /// Response or chat.
+    pub kind: Kind,
+    /// Where it stands.
+    pub status: Status,
+    /// Run as a background job.
+    pub background: bool,
+    /// The client asked for it to be stored (`store`); otherwise it is kept
+    /// only for the short window that polling and resuming need.
+    pub stored: bool,
+    /// The client's `Idempotency-Key`: one generation per key.
+    pub key: Option<String>,
+    /// The request as Backstop runs it (JSON).
+    pub request: Bytes,
+    /// The latest response object (JSON), once there is one.
+    pub object: Option<Bytes>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds after which the sweeper deletes it (once final).
+    pub expires_at: u64,
+}
+
+/// What [`Store::insert`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// The record is new.
+    New,
+    /// A record with the same idempotency key exists: this one.
+    Exists(Box<Record>),
+}
+
+/// How long records are kept, and how much disk they may take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// A response stored at the client's request (`store: true`, the
+    /// default): OpenAI keeps these 30 days.
+    pub stored: Duration,
+    /// Any other generation (`store: false`, a chat kept by its key): long
+    /// enough to poll and resume; OpenAI keeps background results about 10
+    /// minutes.
+    pub unstored: Duration,
+    /// The database's size past which the oldest finished records go.
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            stored: Duration::from_secs(30 * 24 * 3600),
+            unstored: Duration::from_secs(600),
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl Retention {
+    /// When a record made at `now` with `stored` expires.
+    pub fn expiry(&self, now: u64, stored: bool) -> u64 {
+        let keep = if stored { self.stored } else { self.unstored };
+        now.saturating_add(keep.as_secs())
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database said no.
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// The data directory could not be made.
+    #[error("data directory {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store's writer has stopped.
+    #[error("the store's writer has stopped")]
+    Closed,
+}
+
+/// Durable generations: the interface every store implements.
+///
+/// Writes are applied in the order they are made. [`Store::append`] does
+/// not wait: events are written in batches, so persisting a stream does
+/// not slow it; a later write that is awaited (an update, a flush) is
+/// applied after every append made before it.
+pub trait Store: Send + Sync {
+    /// Adds a record, unless one with its idempotency key exists.
+    fn insert(&self, record: Record) -> BoxFuture<'_, Result<Inserted, StoreError>>;
+    /// Sets a record's status, and its object when given.
+    fn update(
+        &self,
+        id: &str,
+        status: Status,
+        object: Option<Bytes>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Appends event `seq` (the next one) to a record's log.
+    fn append(&self, id: &str, seq: u64, event: Bytes);
+    /// A record by id.
+    fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
+    /// A record by idempotency key.
+    fn by_key(&self, key: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
+    /// A record's events after `after` (all of them for `None`), in order.
+    fn events(
+        &self,
+        id: &str,
+        after: Option<u64>,
+    ) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>>;
+    /// Deletes a record and its events; whether there was one.
+    fn delete(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Every record not yet final: what a restart must finish.
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
+    /// Deletes final records past their expiry, then the oldest final ones
+    /// while the database is over its size; how many went.
+    fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Waits until every write made so far is on disk.
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// The database's size in bytes.
+    fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bytes::Bytes;
+
+use crate::{Inserted, Kind, Record, Retention, Sqlite, Status, Store};
+
+fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
+    Record {
+        id: id.into(),
+        kind: Kind::Response,
+        status: Status::Queued,
+        background: true,
+        stored: true,
+        key: key.map(Into::into),
+        request: Bytes::from_static(br#"{"model":"m","input":"hi"}"#),
+        object: None,
+        created_at,
+        expires_at: created_at + 100,
+    }
+}
+
+#[tokio::test]
+async fn records_and_their_events_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+        assert_eq!(
+            store.insert(record("r1", None, 1)).await.unwrap(),
+            Inserted::New
+        );
+        store
+            .update("r1", Status::InProgress, Some(Bytes::from_static(b"{}")))
+            .await
+            .unwrap();
+        for seq in 0..5 {
+            store.append("r1", seq, Bytes::from(format!("event {seq}")));
+        }
+        store.flush().await.unwrap();
+        let after = store.events("r1", Some(2)).await.unwrap();
+        let seqs: Vec<u64> = after.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [3, 4]);
+        assert_eq!(after[0].1, Bytes::from("event 3"));
+    }
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    let r = store.get("r1").await.unwrap().unwrap();
+    assert_eq!(r.status, Status::InProgress);
+    assert_eq!(r.object.as_deref(), Some(&b"{}"[..]));
+    assert_eq!(store.events("r1", None).await.unwrap().len(), 5);
+    let unfinished = store.unfinished().await.unwrap();
+    assert_eq!(unfinished.len(), 1);
+    assert!(store.get("nope").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn one_generation_per_idempotency_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    assert_eq!(
+        store.insert(record("a", Some("k"), 1)).await.unwrap(),
+        Inserted::New
+    );
+    match store.insert(record("b", Some("k"), 2)).await.unwrap() {
+        Inserted::Exists(r) => assert_eq!(r.id, "a"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.by_key("k").await.unwrap().unwrap().id, "a");
+    assert!(store.get("b").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_sweeper_deletes_expired_final_records_and_keeps_to_the_disk_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    store.insert(record("done", None, 1)).await.unwrap();
+    store.update("done", Status::Completed, None).await.unwrap();
+    store.insert(record("running", None, 1)).await.unwrap();
+    store
+        .update("running", Status::InProgress, None)
+        .await
+        .unwrap();
+    store.append("done", 0, Bytes::from_static(b"e"));
+    // Not yet expired: nothing goes.
+    assert_eq!(store.sweep(50).await.unwrap(), 0);
+    // Expired: the finished one goes with its events; the running one stays.
+    assert_eq!(store.sweep(1000).await.unwrap(), 1);
+    assert!(store.get("done").await.unwrap().is_none());
+    assert!(store.events("done", None).await.unwrap().is_empty());
+    assert!(store.get("running").await.unwrap().is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Retention {
+        max_bytes: 512 << 10,
+        ..Retention::default()
+    };
+    let store = Sqlite::open(dir.path(), budget).unwrap();
+    let big = Bytes::from(vec![b'x'; 8 << 10]);
+    for i in 0..100u64 {
+        store
+            .insert(record(&format!("r{i}"), None, i))
+            .await
+            .unwrap();
+        store
+            .update(&format!("r{i}"), Status::Completed, None)
+            .await
+            .unwrap();
+        store.append(&format!("r{i}"), 0, big.clone());
+    }
+    store.flush().await.unwrap();
+    assert!(store.size().await.unwrap() > 512 << 10);
+    let gone = store.sweep(0).await.unwrap();
+    assert!(gone > 0);
+    assert!(store.size().await.unwrap() <= 512 << 10);
+    // The oldest went first.
+    assert!(store.get("r0").await.unwrap().is_none());
+    assert!(store.get("r99").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn deleting_removes_the_record_and_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    store.insert(record("r", None, 1)).await.unwrap();
+    store.append("r", 0, Bytes::from_static(b"e"));
+    assert!(store.delete("r").await.unwrap());
+    assert!(!store.delete("r").await.unwrap());
+    assert!(store.events("r", None).await.unwrap().is_empty());
+}
