@@ -10,16 +10,22 @@ use backstop_testkit::{MockReply, SseStep};
 use backstop_tests::Harness;
 use serde_json::{json, Value};
 
-/// The events of a Responses stream, in order; each has an `event:` line
-/// that names its type.
+/// The events of a Responses stream, in order; each has an `id:` line (its
+/// sequence number, for `Last-Event-ID`) and an `event:` line that names
+/// its type.
 fn events(body: &str) -> Vec<Value> {
     body.split("\n\n")
         .filter(|e| !e.is_empty())
         .map(|e| {
-            let (kind, data) = e.split_once('\n').unwrap_or_else(|| panic!("{e}"));
-            let v: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap())
-                .unwrap_or_else(|err| panic!("{err}: {e}"));
-            assert_eq!(kind.strip_prefix("event: "), v["type"].as_str(), "{e}");
+            let field = |name: &str| {
+                e.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {e}"))
+            };
+            let v: Value =
+                serde_json::from_str(field("data: ")).unwrap_or_else(|err| panic!("{err}: {e}"));
+            assert_eq!(Some(field("event: ")), v["type"].as_str(), "{e}");
+            assert_eq!(field("id: "), v["sequence_number"].to_string(), "{e}");
             v
         })
         .collect()
@@ -306,7 +312,7 @@ async fn bad_responses_requests_get_400s_naming_the_parameter() {
             "text.format.type",
         ),
         (
-            json!({"model": "m", "input": "hi", "background": true}),
+            json!({"model": "m", "input": "hi", "background": "yes"}),
             "background",
         ),
         (

@@ -23,6 +23,8 @@ pub struct Harness {
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     running: Option<Running>,
+    /// The store's data directory, unless the config names one.
+    pub data: Option<tempfile::TempDir>,
 }
 
 impl Harness {
@@ -52,7 +54,15 @@ impl Harness {
 
     /// Backstop running this TOML config in front of these mocks.
     pub async fn with_config(mocks: Vec<MockUpstream>, toml: &str) -> Self {
-        let config = Config::parse(toml, |name| (name == "TEST_KEY").then(|| "sk-test".into()))
+        // Each server keeps its generations in a store of its own.
+        let (toml, data) = if toml.contains("[store]") {
+            (toml.to_string(), None)
+        } else {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let toml = format!("{toml}\n[store]\npath = {:?}\n", dir.path());
+            (toml, Some(dir))
+        };
+        let config = Config::parse(&toml, |name| (name == "TEST_KEY").then(|| "sk-test".into()))
             .expect("config is valid");
         let app = App::new(config).expect("app builds");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -68,6 +78,7 @@ impl Harness {
             http: reqwest::Client::new(),
             stop: Some(stop),
             running: Some(running),
+            data,
         }
     }
 

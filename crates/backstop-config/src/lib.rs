@@ -94,6 +94,42 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     shadow: RawShadow,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    enabled: Option<bool>,
+    path: Option<PathBuf>,
+    keep_stored_days: Option<u64>,
+    keep_unstored_s: Option<u64>,
+    max_disk_mb: Option<u64>,
+    sweep_every_s: Option<u64>,
+    max_running: Option<usize>,
+    max_queued: Option<usize>,
+}
+
+/// Where generations are kept, for how long, and how many background jobs
+/// run and wait.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// The data directory (made on first start): `[store] path`, else
+    /// `BACKSTOP_DATA`, else `data` under the working directory.
+    pub path: PathBuf,
+    /// How long a response stored at the client's request is kept.
+    pub keep_stored: Duration,
+    /// How long any other generation is kept (for polling and resuming).
+    pub keep_unstored: Duration,
+    /// The database's size past which the oldest finished records go.
+    pub max_disk_bytes: u64,
+    /// How often the sweeper runs.
+    pub sweep_every: Duration,
+    /// Background jobs generating at once.
+    pub max_running: usize,
+    /// Background jobs accepted but waiting; past it, a 429.
+    pub max_queued: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +310,9 @@ pub struct Config {
     /// The shadow-traffic verifier of the upstream targets' recovery; `None`
     /// leaves recovery to each breaker's own half-open probe.
     pub shadow: Option<ShadowConfig>,
+    /// The store of generations (responses, background jobs, resumable
+    /// streams); `None` when turned off.
+    pub store: Option<StoreConfig>,
 }
 
 impl Config {
@@ -577,7 +616,57 @@ impl RawConfig {
             health: checks,
             routes,
             shadow: self.shadow.validate()?,
+            store: self.store.validate(env)?,
         })
+    }
+}
+
+impl RawStore {
+    fn validate(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<StoreConfig>, ConfigError> {
+        if self.enabled == Some(false) {
+            return Ok(None);
+        }
+        let positive = |value: Option<u64>, field: &str, default: u64| match value {
+            Some(0) => Err(invalid(field, "must be greater than 0")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let count = |value: Option<usize>, field: &str, default: usize| match value {
+            Some(0) => Err(invalid(field, "must be greater than 0")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let path = self
+            .path
+            .clone()
+            .or_else(|| {
+                env("BACKSTOP_DATA")
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from("data"));
+        let days = positive(self.keep_stored_days, "store.keep_stored_days", 30)?;
+        Ok(Some(StoreConfig {
+            path,
+            keep_stored: Duration::from_secs(days.saturating_mul(24 * 3600)),
+            keep_unstored: Duration::from_secs(positive(
+                self.keep_unstored_s,
+                "store.keep_unstored_s",
+                600,
+            )?),
+            max_disk_bytes: positive(self.max_disk_mb, "store.max_disk_mb", 1024)?
+                .saturating_mul(1 << 20),
+            sweep_every: Duration::from_secs(positive(
+                self.sweep_every_s,
+                "store.sweep_every_s",
+                60,
+            )?),
+            max_running: count(self.max_running, "store.max_running", 16)?,
+            max_queued: count(self.max_queued, "store.max_queued", 1000)?,
+        }))
     }
 }
 

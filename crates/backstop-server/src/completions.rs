@@ -11,9 +11,13 @@ use std::time::Duration;
 use axum::body::Body as RequestBody;
 use axum::extract::{Request as HttpRequest, State};
 use axum::response::IntoResponse;
-use backstop_adapter::{BackendError, ChatChunk, ChunkStream, FailureKind, Request, Writer};
+use backstop_adapter::{
+    BackendError, ChatChunk, ChunkStream, FailureKind, Headers, Request, Writer,
+};
 use backstop_router::{RouteError, Serving};
+use backstop_store::{Inserted, Kind, Record, Status};
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use http::Response;
 use http_body_util::{BodyExt, StreamBody};
@@ -21,6 +25,7 @@ use hyper::body::Frame;
 use tokio::time::Instant;
 
 use crate::error::{Rejection, ServerError};
+use crate::generations::{unix_now, Generations};
 use crate::metrics::{status_class, Metrics};
 use crate::respond::{self, Body, Served};
 use crate::App;
@@ -28,7 +33,7 @@ use backstop_config::limits::BODY_RATE_GRACE;
 
 /// Which completion API a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     Chat,
     Legacy,
     Responses,
@@ -61,12 +66,14 @@ pub(crate) async fn responses(State(app): State<Arc<App>>, req: HttpRequest) -> 
 
 /// Counts the request in flight until dropped, and its duration then; holds
 /// its place among `max_in_flight` and its share of `max_request_memory`.
-struct InFlight {
+pub(crate) struct InFlight {
     app: Arc<App>,
     started: Instant,
     endpoint: Endpoint,
     stream: bool,
-    _place: tokio::sync::OwnedSemaphorePermit,
+    /// Its place among `max_in_flight` (none for a background job, which
+    /// is bounded by the job runner instead).
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
     memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -80,9 +87,23 @@ impl InFlight {
             started: Instant::now(),
             endpoint,
             stream: false,
-            _place: place,
+            _place: Some(place),
             memory: None,
         })
+    }
+
+    /// A background job's generation, counted like a request but holding
+    /// no place among `max_in_flight`.
+    pub(crate) fn detached(app: Arc<App>) -> Self {
+        app.metrics.in_flight.inc();
+        InFlight {
+            app,
+            started: Instant::now(),
+            endpoint: Endpoint::Responses,
+            stream: true,
+            _place: None,
+            memory: None,
+        }
     }
 
     /// Charges `bytes` more to the request's share of `max_request_memory`;
@@ -116,7 +137,7 @@ impl InFlight {
         &self.app.metrics
     }
 
-    fn record(&self, target: &str, status: u16) {
+    pub(crate) fn record(&self, target: &str, status: u16) {
         self.metrics()
             .requests
             .with_label_values(&[self.endpoint.label(), target, status_class(status)])
@@ -151,6 +172,7 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
         .into_response();
     };
     let trailers = accepts_trailers(&req);
+    let resume = Resume::from_headers(req.headers());
     let budget = match client_budget(req.headers()) {
         Ok(budget) => budget,
         Err(message) => {
@@ -191,10 +213,11 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
             return ServerError::Invalid(e).into_response();
         }
     };
-    drop(bytes);
-    if let Err(e) = needs_a_store(&request) {
-        flight.record(respond::NO_BACKEND, 400);
-        return ServerError::Invalid(e).into_response();
+    if app.generations.is_none() {
+        if let Err(e) = needs_a_store(&request) {
+            flight.record(respond::NO_BACKEND, 400);
+            return ServerError::Invalid(e).into_response();
+        }
     }
     if request.chat.messages.len() > limits.max_messages {
         app.metrics.rejected.with_label_values(&["messages"]).inc();
@@ -210,18 +233,193 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
         .into_response();
     }
     request.deadline = budget.map(|b| (flight.started + b).into_std());
-    if request.chat.is_stream() {
-        flight.stream = true;
-        stream(&app, &request, flight, trailers).await
-    } else {
-        complete(&app, &request, flight).await
+    flight.stream = request.chat.is_stream();
+    match (&app.generations, endpoint) {
+        (Some(gens), Endpoint::Responses) => {
+            let gens = gens.clone();
+            crate::responses::create(&app, &gens, request, bytes, flight, trailers).await
+        }
+        (Some(gens), Endpoint::Chat) if resume.key.is_some() => {
+            let gens = gens.clone();
+            drop(bytes);
+            keyed_chat(&app, &gens, request, resume, flight).await
+        }
+        _ if flight.stream => {
+            drop(bytes);
+            let writer = Writer::new(&request, response_id, unix_now());
+            match start_stream(&app, &request, flight, writer, trailers).await {
+                Ok(started) => started.respond(trailers),
+                Err((e, flight, _)) => failed(&app, e, &flight),
+            }
+        }
+        _ => {
+            drop(bytes);
+            let writer = Writer::new(&request, response_id, unix_now());
+            complete(&app, &request, flight, writer).await
+        }
     }
 }
 
-/// A Responses request for what only a store of responses can do: a
-/// background job, or a conversation continued by its previous response.
-/// Backstop keeps no responses yet, so these are the client's 400, naming
-/// the parameter, not a silent foreground answer.
+/// What a client asks for to make a chat stream resumable: its
+/// `Idempotency-Key`, and on a reconnect the `Last-Event-ID` it saw.
+pub(crate) struct Resume {
+    key: Option<String>,
+    last_event: Option<u64>,
+}
+
+impl Resume {
+    fn from_headers(headers: &http::HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        Resume {
+            key: text("idempotency-key").map(|k| k.chars().take(256).collect()),
+            last_event: text("last-event-id").and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// A chat with an `Idempotency-Key`: one generation per key, kept running
+/// through a disconnect. A stream's events carry `id:` fields; the same key
+/// again continues after `Last-Event-ID`, or replays the stream from its
+/// start without one. A whole answer is given again once it is done (a
+/// 409 while it is still being made).
+async fn keyed_chat(
+    app: &Arc<App>,
+    gens: &Arc<Generations>,
+    request: Request,
+    resume: Resume,
+    flight: InFlight,
+) -> Response<Body> {
+    let Some(key) = resume.key else {
+        return ServerError::InProgress.into_response();
+    };
+    match gens.store.by_key(&key).await {
+        Ok(Some(existing)) => {
+            flight.record(respond::NO_BACKEND, 200);
+            return replay(gens, &existing, resume.last_event).await;
+        }
+        Ok(None) => {}
+        Err(e) => return ServerError::Store(e.to_string()).into_response(),
+    }
+    let id = format!("gen_{:032x}", rand::random::<u128>());
+    let body = serde_json::to_vec(&request.chat).unwrap_or_default();
+    let stream = request.chat.is_stream();
+    let record = |status| {
+        gens.record(
+            &id,
+            Kind::Chat,
+            status,
+            false,
+            false,
+            Some(key.clone()),
+            Bytes::from(body.clone()),
+            None,
+        )
+    };
+    if !stream {
+        // The answer is made apart from this connection, so a client that
+        // times out and retries with the same key gets it, not a second one.
+        match gens.store.insert(record(Status::InProgress)).await {
+            Ok(Inserted::New) => {}
+            Ok(Inserted::Exists(existing)) => return replay(gens, &existing, None).await,
+            Err(e) => return ServerError::Store(e.to_string()).into_response(),
+        }
+        let (app, gens, id) = (app.clone(), gens.clone(), id.clone());
+        let job = tokio::spawn(async move {
+            let writer = Writer::new(&request, response_id, unix_now());
+            let resp = complete(&app, &request, flight, writer).await;
+            let (parts, body) = resp.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            let kept = serde_json::json!({
+                "status": parts.status.as_u16(),
+                "body": serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default(),
+            });
+            let status = if parts.status.is_success() {
+                Status::Completed
+            } else {
+                Status::Failed
+            };
+            let object = Some(Bytes::from(kept.to_string()));
+            if let Err(e) = gens.store.update(&id, status, object).await {
+                tracing::error!(id, "cannot keep a keyed answer: {e}");
+            }
+            Response::from_parts(parts, Body::from(bytes))
+        });
+        return job.await.unwrap_or_else(|_| {
+            ServerError::Store("the answer's task failed".into()).into_response()
+        });
+    }
+    let writer = Writer::new(&request, response_id, unix_now());
+    let started = match start_stream(app, &request, flight, writer, false).await {
+        Ok(started) => started,
+        Err((e, flight, _)) => return failed(app, e, &flight),
+    };
+    match gens.store.insert(record(Status::InProgress)).await {
+        Ok(Inserted::New) => {}
+        // Another request with the key got there first: follow it.
+        Ok(Inserted::Exists(existing)) => return replay(gens, &existing, resume.last_event).await,
+        Err(e) => tracing::error!(id, "cannot keep a keyed stream: {e}"),
+    }
+    let live = gens.start(&id, Vec::new());
+    let (respond, frames) = started.detach();
+    gens.pump(id.clone(), Kind::Chat, live, frames);
+    match gens.tail(&id, None).await {
+        Ok(Some(tail)) => respond.respond(tail),
+        _ => ServerError::Store("the stream's log cannot be read".into()).into_response(),
+    }
+}
+
+/// A keyed generation given again: a stream from after `last_event` (or
+/// from its start), or a whole answer once done.
+async fn replay(
+    gens: &Arc<Generations>,
+    record: &Record,
+    last_event: Option<u64>,
+) -> Response<Body> {
+    let streamed = gens.live(&record.id).is_some()
+        || matches!(gens.store.events(&record.id, None).await, Ok(e) if !e.is_empty());
+    if streamed {
+        return match gens.tail(&record.id, last_event).await {
+            Ok(Some(tail)) => sse_response(
+                Body::new(StreamBody::new(tail)),
+                Served::NONE,
+                &Headers::new(),
+                false,
+            ),
+            Ok(None) => ServerError::UnknownResponse(record.id.clone()).into_response(),
+            Err(e) => ServerError::Store(e.to_string()).into_response(),
+        };
+    }
+    let Some(kept) = record
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(o).ok())
+    else {
+        return ServerError::InProgress.into_response();
+    };
+    let status = kept["status"]
+        .as_u64()
+        .and_then(|s| u16::try_from(s).ok())
+        .unwrap_or(200);
+    respond::json(
+        status,
+        kept["body"].to_string().into_bytes(),
+        Served::NONE,
+        &Headers::new(),
+    )
+}
+
+/// A Responses request for what only the store can do (a background job,
+/// a conversation continued from its previous response), with the store
+/// turned off: the client's 400, naming the parameter, not a silent
+/// foreground answer.
 fn needs_a_store(request: &Request) -> Result<(), backstop_adapter::InvalidRequest> {
     let Some(responses) = request.api.responses() else {
         return Ok(());
@@ -238,26 +436,19 @@ fn needs_a_store(request: &Request) -> Result<(), backstop_adapter::InvalidReque
         return Ok(());
     };
     Err(backstop_adapter::InvalidRequest {
-        message: format!("`{param}` needs stored responses, which this Backstop does not keep"),
+        message: format!("`{param}` needs Backstop's store, which is turned off"),
         param: Some(param.into()),
     })
 }
 
 /// A new response id: `resp_` and 32 random hex digits.
-fn response_id() -> String {
+pub(crate) fn response_id() -> String {
     format!("resp_{:032x}", rand::random::<u128>())
-}
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl InFlight {
     /// Counts and answers a refused request.
-    fn reject(&self, rejection: Rejection) -> Response<Body> {
+    pub(crate) fn reject(&self, rejection: Rejection) -> Response<Body> {
         let metrics = self.metrics();
         metrics
             .rejected
@@ -377,7 +568,7 @@ fn client_budget(headers: &http::HeaderMap) -> Result<Option<Duration>, String> 
     Ok(Some(budget - (budget / 10).min(Duration::from_secs(1))))
 }
 
-fn failed(app: &App, e: RouteError, flight: &InFlight) -> Response<Body> {
+pub(crate) fn failed(app: &App, e: RouteError, flight: &InFlight) -> Response<Body> {
     if let RouteError::Failed(failed) = &e {
         app.metrics.count_walk(failed, None);
     }
@@ -387,7 +578,12 @@ fn failed(app: &App, e: RouteError, flight: &InFlight) -> Response<Body> {
     error.into_response()
 }
 
-async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Body> {
+pub(crate) async fn complete(
+    app: &App,
+    request: &Request,
+    flight: InFlight,
+    mut writer: Writer,
+) -> Response<Body> {
     let served = match app.router.complete(request).await {
         Ok(s) => s,
         Err(e) => return failed(app, e, &flight),
@@ -409,7 +605,7 @@ async fn complete(app: &App, request: &Request, flight: InFlight) -> Response<Bo
     if let Some(usage) = &completion.usage {
         app.metrics.count_usage(&served.backend, usage);
     }
-    let body = Writer::new(request, response_id, unix_now()).completion(completion);
+    let body = writer.completion(completion);
     let resp = match body {
         Ok(body) => respond::json(
             200,
@@ -450,17 +646,41 @@ fn accepts_trailers(req: &HttpRequest) -> bool {
 /// served last (a continued stream changes hands) and the attempts in all.
 const TRAILERS: &str = "x-backstop-backend, x-backstop-attempts";
 
-async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) -> Response<Body> {
+/// A stream whose first backend has answered: its events, and what its
+/// response headers say.
+pub(crate) struct Started {
+    events: ClientStream,
+    backend: String,
+    attempts: u32,
+    headers: Headers,
+}
+
+/// How to answer for a stream whose events go elsewhere first.
+pub(crate) struct Respond {
+    backend: String,
+    attempts: u32,
+    headers: Headers,
+}
+
+/// Routes a stream to its first answering backend; on failure, the error
+/// with the flight and writer given back.
+pub(crate) async fn start_stream(
+    app: &App,
+    request: &Request,
+    flight: InFlight,
+    writer: Writer,
+    trailers: bool,
+) -> Result<Started, (RouteError, InFlight, Writer)> {
     let served = match app.router.stream(request).await {
         Ok(s) => s,
-        Err(e) => return failed(app, e, &flight),
+        Err(e) => return Err((e, flight, writer)),
     };
     app.metrics.count_attempts(&served);
     flight.record(&served.backend, 200);
     let attempts = served.attempts();
     let events = ClientStream {
         chunks: served.reply.body,
-        writer: Writer::new(request, response_id, unix_now()),
+        writer,
         serving: served.serving.clone(),
         trailers,
         mirrored: served.mirrored,
@@ -470,18 +690,70 @@ async fn stream(app: &App, request: &Request, flight: InFlight, trailers: bool) 
         done: false,
         flight,
     };
-    let body = StreamBody::new(events.into_frames());
-    let mut resp = respond::response(
-        200,
-        "text/event-stream",
-        Body::new(body),
-        Served {
-            backend: &served.backend,
-            attempts,
-        },
-        &served.reply.headers,
-    );
-    // Streams must not be cached or buffered by proxies on the way.
+    Ok(Started {
+        events,
+        backend: served.backend.clone(),
+        attempts,
+        headers: served.reply.headers,
+    })
+}
+
+impl Started {
+    /// The stream as the response, straight to the client.
+    pub(crate) fn respond(self, trailers: bool) -> Response<Body> {
+        let served = Served {
+            backend: &self.backend,
+            attempts: self.attempts,
+        };
+        let body = Body::new(StreamBody::new(self.events.into_frames()));
+        sse_response(body, served, &self.headers, trailers)
+    }
+
+    /// The stream's data frames, to run apart from the client, and how to
+    /// answer it.
+    pub(crate) fn detach(self) -> (Respond, BoxStream<'static, Bytes>) {
+        let respond = Respond {
+            backend: self.backend,
+            attempts: self.attempts,
+            headers: self.headers,
+        };
+        let frames = self
+            .events
+            .into_frames()
+            .filter_map(|frame| async move { frame.ok()?.into_data().ok() })
+            .boxed();
+        (respond, frames)
+    }
+}
+
+impl Respond {
+    /// The response that streams `tail` (which ends without the trailers
+    /// a direct stream has).
+    pub(crate) fn respond(
+        self,
+        tail: BoxStream<'static, Result<Frame<Bytes>, Infallible>>,
+    ) -> Response<Body> {
+        let served = Served {
+            backend: &self.backend,
+            attempts: self.attempts,
+        };
+        sse_response(
+            Body::new(StreamBody::new(tail)),
+            served,
+            &self.headers,
+            false,
+        )
+    }
+}
+
+/// An event-stream response: not cached or buffered by proxies on the way.
+pub(crate) fn sse_response(
+    body: Body,
+    served: Served<'_>,
+    passthrough: &Headers,
+    trailers: bool,
+) -> Response<Body> {
+    let mut resp = respond::response(200, "text/event-stream", body, served, passthrough);
     let headers = resp.headers_mut();
     headers.insert(
         http::header::CACHE_CONTROL,

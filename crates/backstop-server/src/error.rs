@@ -40,6 +40,15 @@ pub enum ServerError {
     UnknownTarget(String),
     /// Verification restarted for a target not under it: a 409.
     NotVerified(String),
+    /// No stored response has this id: a 404.
+    UnknownResponse(String),
+    /// A response that cannot be cancelled: not a background one, or one
+    /// already finished (as OpenAI answers: a 400).
+    NotCancellable(String),
+    /// A request with this `Idempotency-Key` is still being answered: a 409.
+    InProgress,
+    /// The store failed: a 500.
+    Store(String),
     /// No target served the request: the last backend's own answer.
     Route(RouteError),
     /// An answer could not be written: a 500.
@@ -50,7 +59,7 @@ pub enum ServerError {
 /// label of `backstop_rejected_total`, and the message.
 #[derive(Debug)]
 pub struct Rejection {
-    /// 400, 408, 413, or 503 for Backstop's own bounds.
+    /// 400, 408, 413; 429 or 503 for Backstop's own bounds.
     pub status: u16,
     /// The label of `backstop_rejected_total`.
     pub reason: &'static str,
@@ -91,7 +100,12 @@ impl ServerError {
             ServerError::Invalid(_) => 400,
             ServerError::Rejected(r) => r.status,
             ServerError::HeadersTooLarge { .. } => 431,
-            ServerError::UnknownUrl(..) | ServerError::UnknownTarget(_) => 404,
+            ServerError::UnknownUrl(..)
+            | ServerError::UnknownTarget(_)
+            | ServerError::UnknownResponse(_) => 404,
+            ServerError::NotCancellable(_) => 400,
+            ServerError::InProgress => 409,
+            ServerError::Store(_) => 500,
             ServerError::MethodNotAllowed(..) => 405,
             ServerError::AdminToken => 401,
             ServerError::Forbidden(_) => 403,
@@ -111,6 +125,9 @@ impl ServerError {
             ServerError::Invalid(e) => (invalid, e.message.clone(), e.param.clone(), None),
             ServerError::Rejected(r) if r.status == 503 => {
                 ("server_error", r.message.clone(), None, Some("overloaded"))
+            }
+            ServerError::Rejected(r) if r.status == 429 => {
+                ("rate_limit_error", r.message.clone(), None, Some(r.reason))
             }
             ServerError::Rejected(r) => {
                 let code = (r.status == 413).then_some("request_too_large");
@@ -172,6 +189,20 @@ impl ServerError {
                 None,
                 Some("not_verified"),
             ),
+            ServerError::UnknownResponse(id) => (
+                invalid,
+                format!("No response found with id '{id}'."),
+                None,
+                Some("not_found"),
+            ),
+            ServerError::NotCancellable(why) => (invalid, why.clone(), None, None),
+            ServerError::InProgress => (
+                invalid,
+                "a request with this Idempotency-Key is still being answered; retry shortly".into(),
+                None,
+                Some("idempotency_key_in_use"),
+            ),
+            ServerError::Store(why) => ("server_error", why.clone(), None, None),
             ServerError::Route(RouteError::NoRoute(model)) => (
                 invalid,
                 format!("The model `{model}` does not exist or no route serves it."),
@@ -189,9 +220,24 @@ impl ServerError {
     }
 }
 
+impl ServerError {
+    /// The OpenAI error body, `{"error": {...}}`: a backend's own for its
+    /// failure.
+    pub fn to_body(&self) -> Value {
+        if let ServerError::Route(e @ RouteError::Failed(_)) = self {
+            if let Some(last) = e.last() {
+                return last.to_body();
+            }
+        }
+        let (kind, message, param, code) = self.body();
+        serde_json::to_value(ErrorBody::new(message, kind, param, code)).unwrap_or(Value::Null)
+    }
+}
+
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let body = self.to_body().to_string().into_bytes();
         // A backend's failure is its own answer: its status, body and
         // headers, with who failed last.
         if let ServerError::Route(e @ RouteError::Failed(_)) = &self {
@@ -200,17 +246,11 @@ impl IntoResponse for ServerError {
                     backend: e.last_target().unwrap_or(NO_BACKEND),
                     attempts: e.attempts(),
                 };
-                let body = last.to_body().to_string().into_bytes();
                 return respond::json(status, body, served, &last.headers);
             }
         }
-        let (kind, message, param, code) = self.body();
-        let body = serde_json::to_value(ErrorBody::new(message, kind, param, code))
-            .unwrap_or(Value::Null)
-            .to_string()
-            .into_bytes();
         let mut resp = respond::json(status, body, Served::NONE, &Headers::new());
-        if status == 503 {
+        if status == 503 || status == 429 {
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
                 http::HeaderValue::from_static("1"),

@@ -5,9 +5,11 @@ mod admin;
 pub mod catalogue;
 mod completions;
 mod error;
+mod generations;
 mod listener;
 pub mod metrics;
 mod respond;
+mod responses;
 mod routes;
 
 use std::future::Future;
@@ -36,6 +38,8 @@ pub struct App {
     request_memory: Arc<tokio::sync::Semaphore>,
     /// The shadow verifier, when on; its queue until the server starts it.
     shadows: Option<(Arc<Shadows>, Mutex<Option<Jobs>>)>,
+    /// The store of generations, unless turned off.
+    generations: Option<Arc<generations::Generations>>,
 }
 
 /// Why the server could not start.
@@ -52,6 +56,9 @@ pub enum StartError {
     /// The metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] backstop_store::StoreError),
     /// The listening socket could not be opened.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -120,7 +127,12 @@ impl App {
             }
             _ => None,
         };
+        let generations = match &config.store {
+            Some(store) => Some(Arc::new(generations::Generations::open(store)?)),
+            None => None,
+        };
         Ok(App {
+            generations,
             router,
             metrics,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
@@ -191,6 +203,10 @@ pub async fn run(
             checks.extend(shadows.spawn(jobs));
         }
     }
+    if let Some(gens) = &app.generations {
+        checks.push(gens.spawn_sweeper());
+    }
+    responses::recover(&app).await;
     let task = tokio::spawn(async move {
         listener::serve(client, admin, app, shutdown, grace).await;
         for check in checks {

@@ -19,7 +19,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::error::ServerError;
 use crate::respond::{self, Served};
-use crate::{admin, completions, App};
+use crate::{admin, completions, responses, App};
 
 /// The header that carries a request's id: the client's own, or one
 /// Backstop makes; sent back on the response and logged with the request.
@@ -37,6 +37,15 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::legacy))
         .route("/v1/responses", post(completions::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))

@@ -54,6 +54,15 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
 
 /// Starts the binary and waits for it to say where it listens.
 fn listening(mut command: Command) -> (Child, String) {
+    // Each run keeps its generations in a store of its own.
+    let data = std::env::temp_dir().join(format!(
+        "backstop-cli-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    command.env("BACKSTOP_DATA", data);
     let mut child = command
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

@@ -66,6 +66,7 @@ impl Backstop {
             .arg(&path)
             .args(args)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .env("BACKSTOP_DATA", dir.join(rand_name()))
             .env("BACKSTOP_LISTEN", "127.0.0.1:0")
             .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
             .env("TEST_KEY", KEY)

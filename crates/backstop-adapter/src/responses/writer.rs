@@ -44,6 +44,8 @@ pub struct ResponseWriter {
     /// The native target's final response object.
     terminal: Option<Value>,
     ended: bool,
+    /// The status `response.created` shows: `queued` for a background job.
+    first_status: &'static str,
 }
 
 /// The assistant message item and its text so far.
@@ -117,7 +119,81 @@ impl ResponseWriter {
             usage: None,
             terminal: None,
             ended: false,
+            first_status: "in_progress",
         }
+    }
+
+    /// A writer for a background job: its response is created `queued`.
+    pub fn queued(mut self) -> Self {
+        self.first_status = "queued";
+        self
+    }
+
+    /// A writer that goes on from `events`, the events of this response
+    /// already sent (after a restart): numbering, the message and its text
+    /// continue where they stopped. The text so far, for the target that
+    /// continues it; `None` when a function call was under way, which no
+    /// target can continue.
+    pub fn resume(&mut self, events: &[Value]) -> Option<String> {
+        self.seq = events.len() as u64;
+        self.created = !events.is_empty();
+        let mut continuable = true;
+        for event in events {
+            let kind = event
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let index = event
+                .get("output_index")
+                .and_then(Value::as_u64)
+                .map(|i| i as u32);
+            match kind {
+                "response.created" => {
+                    if let Some(response) = event.get("response") {
+                        self.terminal.get_or_insert_with(|| response.clone());
+                    }
+                }
+                "response.in_progress" => self.in_progress = true,
+                "response.output_item.added" => {
+                    let item = event.get("item");
+                    let item_type = item.and_then(|i| i.get("type")).and_then(Value::as_str);
+                    match (item_type, index) {
+                        (Some("message"), Some(index)) => {
+                            let id = item.and_then(|i| i.get("id")).and_then(Value::as_str);
+                            let id = id
+                                .map(str::to_string)
+                                .unwrap_or_else(|| self.item_id("msg", 0));
+                            self.open_message(Some((id, index)));
+                        }
+                        (_, Some(index)) => {
+                            continuable = false;
+                            self.next_index = self.next_index.max(index + 1);
+                        }
+                        _ => {}
+                    }
+                }
+                "response.content_part.added" => self.keep(|m| m.part_open = true),
+                "response.output_text.delta" => {
+                    let delta = event
+                        .get("delta")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    self.keep(|m| m.text.push_str(delta));
+                }
+                "response.output_item.done" => {
+                    if let (Some(index), Some(item)) = (index, event.get("item")) {
+                        self.items.insert(index, item.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        continuable.then(|| {
+            self.message
+                .as_ref()
+                .map(|m| m.text.clone())
+                .unwrap_or_default()
+        })
     }
 
     /// The response id.
@@ -437,7 +513,7 @@ impl ResponseWriter {
     /// Sends `response.created` and `response.in_progress`, once each.
     fn start(&mut self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         if !std::mem::replace(&mut self.created, true) {
-            let response = self.object("in_progress");
+            let response = self.object(self.first_status);
             self.emit(
                 json!({"type": "response.created", "response": response}),
                 out,
@@ -514,7 +590,7 @@ impl ResponseWriter {
     /// The response object as it stands, with `status`: a native target's
     /// own object where there is one (its fields intact, Backstop's id, the
     /// text as sent), made up from the request otherwise.
-    fn object(&self, status: &str) -> Value {
+    pub fn object(&self, status: &str) -> Value {
         let mut o = match &self.terminal {
             Some(native) if native.is_object() => native.clone(),
             _ => {
@@ -531,6 +607,10 @@ impl ResponseWriter {
         o["id"] = json!(self.id);
         o["object"] = json!("response");
         o["status"] = json!(status);
+        // What Backstop does itself, the target never saw.
+        for key in super::OWN {
+            o[key] = self.echo[key].clone();
+        }
         o["incomplete_details"] = match (status, self.finish.as_deref()) {
             ("incomplete", Some("content_filter")) => json!({"reason": "content_filter"}),
             ("incomplete", _) => json!({"reason": "max_output_tokens"}),
@@ -539,7 +619,7 @@ impl ResponseWriter {
         if let Some(usage) = &self.usage {
             o["usage"] = usage_value(usage);
         }
-        if status != "in_progress" {
+        if status != "in_progress" && status != "queued" {
             o["output"] = self.output(o.get("output"));
         }
         o

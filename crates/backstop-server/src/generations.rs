@@ -1,0 +1,348 @@
+//! Durable generations: streams and background jobs that run apart from
+//! the connection that asked for them, each event kept in the store's log
+//! as it is made, so a client that drops can come back and go on from the
+//! next event, and a restart finishes what was running.
+//!
+//! A generation running in this process is [`Live`]: its events so far in
+//! memory, for the clients that tail it. Once it ends, its log and final
+//! object are in the store, where a tail reads them.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backstop_config::StoreConfig;
+use backstop_store::{Kind, Record, Retention, Sqlite, Status, Store, StoreError};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use hyper::body::Frame;
+use serde_json::Value;
+use tokio::sync::{watch, Semaphore};
+
+/// The store, the generations running now, and the bounds on background jobs.
+pub(crate) struct Generations {
+    pub(crate) store: Arc<dyn Store>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Background jobs generating at once.
+    pub(crate) runners: Arc<Semaphore>,
+    /// Places for background jobs accepted and not finished.
+    pub(crate) places: Arc<Semaphore>,
+    retention: Retention,
+    sweep_every: Duration,
+}
+
+/// A generation running in this process.
+pub(crate) struct Live {
+    events: Mutex<Vec<Bytes>>,
+    /// Events so far, and whether the generation has ended.
+    progress: watch::Sender<(usize, bool)>,
+    cancel: watch::Sender<bool>,
+}
+
+impl Live {
+    fn new(events: Vec<Bytes>) -> Self {
+        let n = events.len();
+        Live {
+            events: Mutex::new(events),
+            progress: watch::channel((n, false)).0,
+            cancel: watch::channel(false).0,
+        }
+    }
+
+    /// Adds the next event; its sequence number.
+    fn push(&self, event: Bytes) -> u64 {
+        let mut events = backstop_router::lock(&self.events);
+        events.push(event);
+        let n = events.len();
+        drop(events);
+        self.progress.send_modify(|p| p.0 = n);
+        n as u64 - 1
+    }
+
+    fn finish(&self) {
+        self.progress.send_modify(|p| p.1 = true);
+    }
+
+    /// Events from index `from` on.
+    fn since(&self, from: usize) -> Vec<Bytes> {
+        let events = backstop_router::lock(&self.events);
+        events
+            .get(from..)
+            .map(<[Bytes]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Asks the generation to stop.
+    pub(crate) fn cancel(&self) {
+        self.cancel.send_replace(true);
+    }
+
+    /// Waits until the generation has ended and its end is in the store.
+    pub(crate) async fn ended(&self) {
+        let mut progress = self.progress.subscribe();
+        let _ = progress.wait_for(|p| p.1).await;
+    }
+}
+
+/// Now, in Unix seconds.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Generations {
+    /// Opens the store a config describes.
+    pub(crate) fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let retention = Retention {
+            stored: config.keep_stored,
+            unstored: config.keep_unstored,
+            max_bytes: config.max_disk_bytes,
+        };
+        let store = Sqlite::open(&config.path, retention.clone())?;
+        Ok(Generations {
+            store: Arc::new(store),
+            live: Mutex::new(HashMap::new()),
+            runners: Arc::new(Semaphore::new(config.max_running)),
+            places: Arc::new(Semaphore::new(config.max_running + config.max_queued)),
+            retention,
+            sweep_every: config.sweep_every,
+        })
+    }
+
+    /// A new record, made now.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record(
+        &self,
+        id: &str,
+        kind: Kind,
+        status: Status,
+        background: bool,
+        stored: bool,
+        key: Option<String>,
+        request: Bytes,
+        object: Option<Bytes>,
+    ) -> Record {
+        let now = unix_now();
+        Record {
+            id: id.to_string(),
+            kind,
+            status,
+            background,
+            stored,
+            key,
+            request,
+            object,
+            created_at: now,
+            expires_at: self.retention.expiry(now, stored),
+        }
+    }
+
+    /// The generation `id`, if it runs in this process.
+    pub(crate) fn live(&self, id: &str) -> Option<Arc<Live>> {
+        backstop_router::lock(&self.live).get(id).cloned()
+    }
+
+    /// Registers generation `id` as running, with the events it has
+    /// already made (after a restart).
+    pub(crate) fn start(&self, id: &str, events: Vec<Bytes>) -> Arc<Live> {
+        let live = Arc::new(Live::new(events));
+        backstop_router::lock(&self.live).insert(id.to_string(), live.clone());
+        live
+    }
+
+    /// Runs a generation's `frames` to their end apart from any client:
+    /// each event goes to the live tail and to the log, and at the end its
+    /// status and final object go to the store. A cancel stops it.
+    pub(crate) fn pump(
+        self: &Arc<Self>,
+        id: String,
+        kind: Kind,
+        live: Arc<Live>,
+        mut frames: BoxStream<'static, Bytes>,
+    ) -> tokio::task::JoinHandle<()> {
+        let gens = self.clone();
+        tokio::spawn(async move {
+            let mut cancel = live.cancel.subscribe();
+            let mut cancelled = *cancel.borrow_and_update();
+            let first = live.since(0).len() as u64;
+            while !cancelled {
+                tokio::select! {
+                    frame = frames.next() => {
+                        let Some(frame) = frame else { break };
+                        for event in split_events(&frame) {
+                            let seq = live.push(event.clone());
+                            gens.store.append(&id, seq, event.clone());
+                            // A job's first event says it has started.
+                            if kind == Kind::Response && seq == first {
+                                if let Some((_, object)) = response_of(&event) {
+                                    let object = restatus(&object, Status::InProgress);
+                                    let started = gens.store.update(&id, Status::InProgress, Some(object));
+                                    if let Err(e) = started.await {
+                                        tracing::error!(id, "cannot mark a generation started: {e}");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ = cancel.changed() => cancelled = true,
+                }
+            }
+            // Dropping the frames stops the generation.
+            drop(frames);
+            let (status, object) = outcome(kind, &live.since(0), cancelled);
+            if let Err(e) = gens.store.update(&id, status, object).await {
+                tracing::error!(id, "cannot keep a generation's end: {e}");
+            }
+            backstop_router::lock(&gens.live).remove(&id);
+            live.finish();
+        })
+    }
+
+    /// Generation `id`'s events after `after` (all for `None`), as SSE
+    /// frames each with its sequence number as the event's `id:`; a live
+    /// one is followed to its end. `None` when there is no such generation.
+    pub(crate) async fn tail(
+        self: &Arc<Self>,
+        id: &str,
+        after: Option<u64>,
+    ) -> Result<Option<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>, StoreError> {
+        let first = after.map_or(0, |a| a.saturating_add(1));
+        if let Some(live) = self.live(id) {
+            let progress = live.progress.subscribe();
+            let stream = futures_util::stream::unfold(
+                (live, progress, first),
+                |(live, mut progress, next)| async move {
+                    loop {
+                        let (made, done) = *progress.borrow_and_update();
+                        if made as u64 > next {
+                            let events = live.since(next as usize);
+                            let n = events.len() as u64;
+                            let frame = Frame::data(with_ids(next, &events));
+                            return Some((Ok(frame), (live, progress, next + n)));
+                        }
+                        if done || progress.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                },
+            );
+            return Ok(Some(stream.boxed()));
+        }
+        if self.store.get(id).await?.is_none() {
+            return Ok(None);
+        }
+        let events = self.store.events(id, after).await?;
+        let Some((start, _)) = events.first() else {
+            return Ok(Some(futures_util::stream::empty().boxed()));
+        };
+        let start = *start;
+        let events: Vec<Bytes> = events.into_iter().map(|(_, e)| e).collect();
+        let frame = with_ids(start, &events);
+        Ok(Some(
+            futures_util::stream::once(async move { Ok(Frame::data(frame)) }).boxed(),
+        ))
+    }
+
+    /// Deletes final records past their retention, now and every
+    /// `sweep_every`.
+    pub(crate) fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let gens = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(gens.sweep_every);
+            loop {
+                every.tick().await;
+                match gens.store.sweep(unix_now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("the store's sweeper deleted {n} generations"),
+                    Err(e) => tracing::warn!("the store's sweeper failed: {e}"),
+                }
+            }
+        })
+    }
+}
+
+/// SSE frames of `events`, numbered from `first`.
+fn with_ids(first: u64, events: &[Bytes]) -> Bytes {
+    let mut out = Vec::with_capacity(events.iter().map(|e| e.len() + 16).sum());
+    for (seq, event) in (first..).zip(events) {
+        out.extend_from_slice(format!("id: {seq}\n").as_bytes());
+        out.extend_from_slice(event);
+    }
+    Bytes::from(out)
+}
+
+/// The SSE events of a frame: each up to and with its blank line. (The
+/// writers put each event's data on one line.)
+pub(crate) fn split_events(frame: &Bytes) -> Vec<Bytes> {
+    let mut events = Vec::new();
+    let mut start = 0;
+    while let Some(end) = frame[start..].windows(2).position(|w| w == b"\n\n") {
+        let end = start + end + 2;
+        events.push(frame.slice(start..end));
+        start = end;
+    }
+    if start < frame.len() {
+        events.push(frame.slice(start..));
+    }
+    events
+}
+
+/// The JSON of an event's `data:` line.
+pub(crate) fn event_json(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data = text.lines().find_map(|l| l.strip_prefix("data: "))?;
+    serde_json::from_str(data).ok()
+}
+
+/// A Responses event's response object, with its status.
+fn response_of(event: &[u8]) -> Option<(Status, Bytes)> {
+    let v = event_json(event)?;
+    let response = v.get("response")?;
+    let status = Status::parse(response.get("status")?.as_str()?)?;
+    Some((status, Bytes::from(response.to_string())))
+}
+
+/// A response object with its status set.
+pub(crate) fn restatus(object: &[u8], status: Status) -> Bytes {
+    let mut o: Value = serde_json::from_slice(object).unwrap_or_default();
+    if o.is_object() {
+        o["status"] = Value::from(status.as_str());
+    }
+    Bytes::from(o.to_string())
+}
+
+/// How a generation ended, from its events: its status and final object.
+pub(crate) fn outcome(kind: Kind, events: &[Bytes], cancelled: bool) -> (Status, Option<Bytes>) {
+    match kind {
+        Kind::Response => {
+            let last = events.iter().rev().find_map(|e| response_of(e));
+            match last {
+                Some((status, object)) if status.is_final() && !cancelled => (status, Some(object)),
+                Some((_, object)) => {
+                    let status = if cancelled {
+                        Status::Cancelled
+                    } else {
+                        Status::Failed
+                    };
+                    (status, Some(restatus(&object, status)))
+                }
+                None if cancelled => (Status::Cancelled, None),
+                None => (Status::Failed, None),
+            }
+        }
+        Kind::Chat => {
+            let done = events
+                .last()
+                .is_some_and(|e| e.as_ref() == b"data: [DONE]\n\n");
+            let status = match (done, cancelled) {
+                (true, _) => Status::Completed,
+                (false, true) => Status::Cancelled,
+                (false, false) => Status::Failed,
+            };
+            (status, None)
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! The Responses API's lifecycle over the store: creating a response
+//! (foreground, streamed, or as a background job), retrieving it (whole,
+//! or as its stream from any event on), cancelling, deleting, listing its
+//! input items, continuing a conversation from a previous response, and
+//! finishing, after a restart, what was running.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse;
+use backstop_adapter::{Headers, Request, ResponseWriter, Writer};
+use backstop_store::{Kind, Record, Status};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::Response;
+use http_body_util::StreamBody;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::completions::{complete, failed, response_id, sse_response, start_stream, InFlight};
+use crate::error::{Rejection, ServerError};
+use crate::generations::{event_json, restatus, unix_now, Generations};
+use crate::respond::{self, Body, Served};
+use crate::App;
+
+/// The store and the record of `id`, or the 404.
+async fn find(app: &App, id: &str) -> Result<(Arc<Generations>, Record), ServerError> {
+    let gens = app
+        .generations
+        .clone()
+        .ok_or_else(|| ServerError::UnknownResponse(id.to_string()))?;
+    match gens.store.get(id).await {
+        Ok(Some(record)) if record.kind == Kind::Response => Ok((gens, record)),
+        Ok(_) => Err(ServerError::UnknownResponse(id.to_string())),
+        Err(e) => Err(ServerError::Store(e.to_string())),
+    }
+}
+
+fn json_ok(body: Vec<u8>) -> Response<Body> {
+    respond::json(200, body, Served::NONE, &Headers::new())
+}
+
+/// `POST /v1/responses` once parsed: stored unless `store: false`, a
+/// stream always kept (for the short window when not stored) so that it
+/// can be resumed, a background one run as a job.
+pub(crate) async fn create(
+    app: &Arc<App>,
+    gens: &Arc<Generations>,
+    request: Request,
+    body: Bytes,
+    flight: InFlight,
+    trailers: bool,
+) -> Response<Body> {
+    let _ = trailers;
+    let (stored, background) = match request.api.responses() {
+        Some(r) => (
+            r.fields.get("store").and_then(Value::as_bool) != Some(false),
+            r.background(),
+        ),
+        None => (false, false),
+    };
+    let (request, body) = match with_history(gens, request, body).await {
+        Ok(expanded) => expanded,
+        Err(e) => {
+            flight.record(respond::NO_BACKEND, e.status());
+            return e.into_response();
+        }
+    };
+    let id = response_id();
+    let stream = request.chat.is_stream();
+    if background {
+        return start_job(app, gens, request, body, stored, flight, id, stream).await;
+    }
+    if stream {
+        let writer = Writer::new(&request, || id.clone(), unix_now());
+        let started = match start_stream(app, &request, flight, writer, false).await {
+            Ok(started) => started,
+            Err((e, flight, _)) => return failed(app, e, &flight),
+        };
+        let record = gens.record(
+            &id,
+            Kind::Response,
+            Status::InProgress,
+            false,
+            stored,
+            None,
+            body,
+            None,
+        );
+        if let Err(e) = gens.store.insert(record).await {
+            tracing::error!(id, "cannot keep a response: {e}");
+        }
+        let live = gens.start(&id, Vec::new());
+        let (respond, frames) = started.detach();
+        gens.pump(id.clone(), Kind::Response, live, frames);
+        return match gens.tail(&id, None).await {
+            Ok(Some(tail)) => respond.respond(tail),
+            _ => ServerError::Store("the stream's log cannot be read".into()).into_response(),
+        };
+    }
+    let writer = Writer::new(&request, || id.clone(), unix_now());
+    let resp = complete(app, &request, flight, writer).await;
+    if !stored || !resp.status().is_success() {
+        return resp;
+    }
+    // Kept once whole, for retrieval and for the conversation's next turn.
+    let (parts, answer) = resp.into_parts();
+    let bytes = axum::body::to_bytes(answer, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let status = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| Status::parse(v["status"].as_str()?))
+        .unwrap_or(Status::Completed);
+    let record = gens.record(
+        &id,
+        Kind::Response,
+        status,
+        false,
+        true,
+        None,
+        body,
+        Some(bytes.clone()),
+    );
+    if let Err(e) = gens.store.insert(record).await {
+        tracing::error!(id, "cannot keep a response: {e}");
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// A background response: accepted at once as `queued` (a 429 when the
+/// queue is full), run by a job runner apart from any client.
+#[allow(clippy::too_many_arguments)]
+async fn start_job(
+    app: &Arc<App>,
+    gens: &Arc<Generations>,
+    mut request: Request,
+    body: Bytes,
+    stored: bool,
+    flight: InFlight,
+    id: String,
+    stream: bool,
+) -> Response<Body> {
+    let Ok(place) = gens.places.clone().try_acquire_owned() else {
+        return flight.reject(Rejection {
+            status: 429,
+            reason: "background_queue",
+            message: "Backstop holds its limit of background responses; retry shortly".into(),
+        });
+    };
+    // The client's deadline is for this request, not for the job.
+    request.deadline = None;
+    as_job(&mut request);
+    let writer = ResponseWriter::new(&request, id.clone(), unix_now()).queued();
+    let object = writer.object("queued");
+    let record = gens.record(
+        &id,
+        Kind::Response,
+        Status::Queued,
+        true,
+        stored,
+        None,
+        body,
+        Some(Bytes::from(object.to_string())),
+    );
+    if let Err(e) = gens.store.insert(record).await {
+        return flight.reject(Rejection {
+            status: 503,
+            reason: "store",
+            message: format!("the background response cannot be kept: {e}"),
+        });
+    }
+    flight.record(respond::NO_BACKEND, 200);
+    drop(flight);
+    let live = gens.start(&id, Vec::new());
+    run_job(app, gens, id.clone(), request, writer, live, place);
+    if !stream {
+        return json_ok(object.to_string().into_bytes());
+    }
+    match gens.tail(&id, None).await {
+        Ok(Some(tail)) => sse_response(
+            Body::new(StreamBody::new(tail)),
+            Served::NONE,
+            &Headers::new(),
+            false,
+        ),
+        _ => ServerError::Store("the stream's log cannot be read".into()).into_response(),
+    }
+}
+
+/// A job runs as a stream (whatever the client asked), with its usage, so
+/// that its events can be followed, resumed and continued.
+fn as_job(request: &mut Request) {
+    request.chat.stream = Some(true);
+    request.chat.stream_options = Some(backstop_adapter::chat::StreamOptions {
+        include_usage: Some(true),
+        extra: Default::default(),
+    });
+}
+
+/// Runs a background job when a runner is free: its stream, from the
+/// first backend that answers, or its failure as events.
+fn run_job(
+    app: &Arc<App>,
+    gens: &Arc<Generations>,
+    id: String,
+    request: Request,
+    writer: ResponseWriter,
+    live: Arc<crate::generations::Live>,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (app, gens) = (app.clone(), gens.clone());
+    tokio::spawn(async move {
+        let _place = place;
+        let Ok(_runner) = gens.runners.clone().acquire_owned().await else {
+            return;
+        };
+        let flight = InFlight::detached(app.clone());
+        let frames = match start_stream(
+            &app,
+            &request,
+            flight,
+            Writer::Responses(Box::new(writer)),
+            false,
+        )
+        .await
+        {
+            Ok(started) => started.detach().1,
+            Err((e, flight, mut writer)) => {
+                let error = ServerError::from(e).to_body();
+                drop(flight);
+                let mut out = Vec::new();
+                let _ = writer.fail(&error, &mut out);
+                futures_util::stream::once(async move { Bytes::from(out) }).boxed()
+            }
+        };
+        let _ = gens.pump(id, Kind::Response, live, frames).await;
+    });
+}
+
+/// A request that continues a conversation (`previous_response_id`), with
+/// the earlier turns' input and output before its own input; the body as
+/// kept, so that the next turn needs only this one.
+async fn with_history(
+    gens: &Generations,
+    request: Request,
+    body: Bytes,
+) -> Result<(Request, Bytes), ServerError> {
+    let previous = request
+        .api
+        .responses()
+        .and_then(|r| r.fields.get("previous_response_id"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let Some(previous) = previous else {
+        return Ok((request, body));
+    };
+    let bad = |message: String| {
+        ServerError::Invalid(backstop_adapter::InvalidRequest {
+            message,
+            param: Some("previous_response_id".into()),
+        })
+    };
+    let record = match gens.store.get(&previous).await {
+        Ok(Some(r)) if r.kind == Kind::Response => r,
+        Ok(_) => {
+            return Err(bad(format!(
+                "Previous response with id '{previous}' not found."
+            )))
+        }
+        Err(e) => return Err(ServerError::Store(e.to_string())),
+    };
+    let object: Value = record
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::from_slice(o).ok())
+        .unwrap_or_default();
+    if !Status::parse(object["status"].as_str().unwrap_or_default()).is_some_and(Status::is_final)
+        || object["status"] == "failed"
+        || object["status"] == "cancelled"
+    {
+        return Err(bad(format!(
+            "Previous response '{previous}' has not finished with an answer"
+        )));
+    }
+    let earlier: Value = serde_json::from_slice(&record.request).unwrap_or_default();
+    let mut body: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut input = items(&earlier["input"]);
+    input.extend(
+        object["output"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| matches!(i["type"].as_str(), Some("message" | "function_call")))
+            .cloned(),
+    );
+    input.extend(items(&body["input"]));
+    body["input"] = Value::Array(input);
+    let bytes = Bytes::from(body.to_string());
+    let mut expanded = Request::parse_responses(&bytes).map_err(ServerError::Invalid)?;
+    expanded.deadline = request.deadline;
+    Ok((expanded, bytes))
+}
+
+/// An `input` as items: a text is one user message.
+fn items(input: &Value) -> Vec<Value> {
+    match input {
+        Value::String(text) => vec![json!({"type": "message", "role": "user", "content": text})],
+        Value::Array(items) => items.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// `GET /v1/responses/{id}` query.
+#[derive(Deserialize)]
+pub(crate) struct Retrieve {
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    starting_after: Option<u64>,
+}
+
+/// `GET /v1/responses/{id}`: the response as it stands; with
+/// `stream=true`, its events after `starting_after` (all of them without),
+/// followed live while it runs.
+pub(crate) async fn retrieve(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(query): Query<Retrieve>,
+) -> Result<Response<Body>, ServerError> {
+    let (gens, record) = find(&app, &id).await?;
+    if query.stream != Some(true) {
+        let object = record.object.unwrap_or_default();
+        return Ok(json_ok(object.to_vec()));
+    }
+    match gens.tail(&id, query.starting_after).await {
+        Ok(Some(tail)) => Ok(sse_response(
+            Body::new(StreamBody::new(tail)),
+            Served::NONE,
+            &Headers::new(),
+            false,
+        )),
+        Ok(None) => Err(ServerError::UnknownResponse(id)),
+        Err(e) => Err(ServerError::Store(e.to_string())),
+    }
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops a background response that is
+/// queued or running; a cancelled one is returned as it is; any other is
+/// a 400, as OpenAI answers.
+pub(crate) async fn cancel(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response<Body>, ServerError> {
+    let (gens, record) = find(&app, &id).await?;
+    if !record.background {
+        return Err(ServerError::NotCancellable(
+            "Only responses created with background=true can be cancelled.".into(),
+        ));
+    }
+    match record.status {
+        Status::Cancelled => {}
+        status if status.is_final() => {
+            return Err(ServerError::NotCancellable(format!(
+                "Cannot cancel a response with status '{}'.",
+                status.as_str()
+            )))
+        }
+        _ => match gens.live(&id) {
+            Some(live) => {
+                live.cancel();
+                live.ended().await;
+            }
+            None => {
+                let object = record
+                    .object
+                    .as_ref()
+                    .map(|o| restatus(o, Status::Cancelled));
+                gens.store
+                    .update(&id, Status::Cancelled, object)
+                    .await
+                    .map_err(|e| ServerError::Store(e.to_string()))?;
+            }
+        },
+    }
+    let (_, record) = find(&app, &id).await?;
+    Ok(json_ok(record.object.unwrap_or_default().to_vec()))
+}
+
+/// `DELETE /v1/responses/{id}`: stops it if it runs, and deletes it.
+pub(crate) async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response<Body>, ServerError> {
+    let (gens, _) = find(&app, &id).await?;
+    if let Some(live) = gens.live(&id) {
+        live.cancel();
+        live.ended().await;
+    }
+    gens.store
+        .delete(&id)
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?;
+    let body = json!({"id": id, "object": "response", "deleted": true});
+    Ok(json_ok(body.to_string().into_bytes()))
+}
+
+/// `GET /v1/responses/{id}/input_items` query.
+#[derive(Deserialize)]
+pub(crate) struct ListItems {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    order: Option<String>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// `GET /v1/responses/{id}/input_items`: the input the response was made
+/// from (earlier turns included), newest first unless `order=asc`, a page
+/// of `limit` (20) after the item `after`.
+pub(crate) async fn input_items(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(query): Query<ListItems>,
+) -> Result<Response<Body>, ServerError> {
+    let (_, record) = find(&app, &id).await?;
+    let request: Value = serde_json::from_slice(&record.request).unwrap_or_default();
+    let mut all: Vec<Value> = items(&request["input"])
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            if item.get("type").is_none() {
+                item["type"] = json!("message");
+            }
+            if item.get("id").is_none() {
+                item["id"] = json!(format!("msg_{}_in{i}", id.trim_start_matches("resp_")));
+            }
+            if let Some(text) = item.get("content").and_then(Value::as_str) {
+                item["content"] = json!([{"type": "input_text", "text": text}]);
+            }
+            item
+        })
+        .collect();
+    if query.order.as_deref() != Some("asc") {
+        all.reverse();
+    }
+    let start = match &query.after {
+        Some(after) => all
+            .iter()
+            .position(|i| i["id"].as_str() == Some(after))
+            .map_or(all.len(), |p| p + 1),
+        None => 0,
+    };
+    let limit = query.limit.unwrap_or(20).clamp(1, 100);
+    let page: Vec<Value> = all.iter().skip(start).take(limit).cloned().collect();
+    let body = json!({
+        "object": "list",
+        "data": page,
+        "first_id": page.first().map(|i| i["id"].clone()),
+        "last_id": page.last().map(|i| i["id"].clone()),
+        "has_more": start + page.len() < all.len(),
+    });
+    Ok(json_ok(body.to_string().into_bytes()))
+}
+
+/// Finishes, after a restart, every generation the store holds unfinished:
+/// a queued job runs; a running response goes on from the text it had
+/// made, through the targets' prefill continuation, under the same id and
+/// numbering; one that cannot go on (a function call under way, a chat
+/// stream) ends `failed` with the reason in its log.
+pub(crate) async fn recover(app: &Arc<App>) {
+    let Some(gens) = app.generations.clone() else {
+        return;
+    };
+    let unfinished = match gens.store.unfinished().await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!("cannot read the store's unfinished generations: {e}");
+            return;
+        }
+    };
+    if !unfinished.is_empty() {
+        tracing::info!(
+            "finishing {} generations left by the last run",
+            unfinished.len()
+        );
+    }
+    for record in unfinished {
+        let events: Vec<Bytes> = match gens.store.events(&record.id, None).await {
+            Ok(e) => e.into_iter().map(|(_, e)| e).collect(),
+            Err(e) => {
+                tracing::error!(id = record.id, "cannot read a generation's log: {e}");
+                continue;
+            }
+        };
+        resume(app, &gens, record, events);
+    }
+}
+
+/// Goes on with one unfinished generation (see [`recover`]).
+fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<Bytes>) {
+    let id = record.id.clone();
+    let live = gens.start(&id, events.clone());
+    let request = match record.kind {
+        Kind::Response => Request::parse_responses(&record.request).ok(),
+        Kind::Chat => None,
+    };
+    let Some(mut request) = request else {
+        // A chat stream's chunks cannot be numbered on by another run.
+        let error = json!({"error": {"message": "Backstop restarted while this stream was being answered; it cannot be continued", "type": "server_error", "code": "restarted"}});
+        let mut out = Vec::new();
+        let _ = backstop_adapter::sse::encode_json(&error, &mut out);
+        let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
+        let gens = gens.clone();
+        tokio::spawn(async move {
+            let _ = gens.pump(id, record.kind, live, frames).await;
+        });
+        return;
+    };
+    as_job(&mut request);
+    let mut writer = ResponseWriter::new(&request, id.clone(), record.created_at);
+    if record.background {
+        writer = writer.queued();
+    }
+    let said: Vec<Value> = events.iter().filter_map(|e| event_json(e)).collect();
+    let Some(text) = writer.resume(&said) else {
+        let error = json!({"message": "Backstop restarted during a function call, which cannot be continued", "type": "server_error", "code": "restarted"});
+        let mut out = Vec::new();
+        let _ = writer.fail(&error, &mut out);
+        let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
+        let gens = gens.clone();
+        tokio::spawn(async move {
+            let _ = gens.pump(id, Kind::Response, live, frames).await;
+        });
+        return;
+    };
+    if !text.is_empty() {
+        tracing::info!(
+            id,
+            "continuing a response from its {} bytes of text",
+            text.len()
+        );
+        request.prefill = Some(text);
+    }
+    let Ok(place) = gens.places.clone().try_acquire_owned() else {
+        tracing::error!(id, "no room to finish a generation left by the last run");
+        return;
+    };
+    run_job(app, gens, id, request, writer, live, place);
+}
