@@ -1,4 +1,5 @@
-//! The official OpenAI Python SDK, unchanged, talks to Backstop.
+//! The official OpenAI SDKs, unchanged, talk to Backstop: Python's, and
+//! Node's for a background response resumed mid-stream.
 
 // Helpers of a test crate panic to report failure, as the tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -94,4 +95,43 @@ async fn the_python_sdks_responses_calls_reach_a_chat_only_upstream() {
         paths[1..].iter().all(|p| p == "/v1/chat/completions"),
         "{paths:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdks_background_responses_are_polled_resumed_and_cancelled() {
+    let h = Harness::start().await;
+    h.mock().set_default(MockReply::Echo {
+        delay: std::time::Duration::ZERO,
+        chunk_delay: std::time::Duration::from_millis(40),
+    });
+    run_script(&h, "check_sdk_background.py").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_sdk_resumes_a_background_stream_it_dropped() {
+    let h = Harness::start().await;
+    h.mock().set_default(MockReply::Echo {
+        delay: std::time::Duration::ZERO,
+        chunk_delay: std::time::Duration::from_millis(40),
+    });
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/node");
+    let base = h.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("check_resume.mjs")
+            .current_dir(dir)
+            .env("OPENAI_BASE_URL", base)
+            .env("OPENAI_API_KEY", "sk-client-side")
+            .output()
+            .expect("node runs (scripts/test installs the openai package)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("node sdk checks passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(h.mock().requests().len(), 1, "one generation");
 }

@@ -79,6 +79,12 @@ impl Live {
         self.cancel.send_replace(true);
     }
 
+    /// Waits until the generation is asked to stop.
+    pub(crate) async fn cancelled(&self) {
+        let mut cancel = self.cancel.subscribe();
+        let _ = cancel.wait_for(|c| *c).await;
+    }
+
     /// Waits until the generation has ended and its end is in the store.
     pub(crate) async fn ended(&self) {
         let mut progress = self.progress.subscribe();

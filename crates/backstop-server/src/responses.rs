@@ -212,26 +212,31 @@ fn run_job(
     let (app, gens) = (app.clone(), gens.clone());
     tokio::spawn(async move {
         let _place = place;
-        let Ok(_runner) = gens.runners.clone().acquire_owned().await else {
-            return;
+        // A job cancelled before it starts (queued, or waiting for its
+        // first backend) stops there.
+        let start = async {
+            let runner = gens.runners.clone().acquire_owned().await.ok()?;
+            let flight = InFlight::detached(app.clone());
+            let writer = Writer::Responses(Box::new(writer));
+            Some((
+                runner,
+                start_stream(&app, &request, flight, writer, false).await,
+            ))
         };
-        let flight = InFlight::detached(app.clone());
-        let frames = match start_stream(
-            &app,
-            &request,
-            flight,
-            Writer::Responses(Box::new(writer)),
-            false,
-        )
-        .await
-        {
-            Ok(started) => started.detach().1,
-            Err((e, flight, mut writer)) => {
+        let started = tokio::select! {
+            started = start => started,
+            () = live.cancelled() => None,
+        };
+        let (_runner, frames) = match started {
+            None => (None, futures_util::stream::empty().boxed()),
+            Some((runner, Ok(started))) => (Some(runner), started.detach().1),
+            Some((runner, Err((e, flight, mut writer)))) => {
                 let error = ServerError::from(e).to_body();
                 drop(flight);
                 let mut out = Vec::new();
                 let _ = writer.fail(&error, &mut out);
-                futures_util::stream::once(async move { Bytes::from(out) }).boxed()
+                let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
+                (Some(runner), frames)
             }
         };
         let _ = gens.pump(id, Kind::Response, live, frames).await;
@@ -330,8 +335,7 @@ pub(crate) async fn retrieve(
 ) -> Result<Response<Body>, ServerError> {
     let (gens, record) = find(&app, &id).await?;
     if query.stream != Some(true) {
-        let object = record.object.unwrap_or_default();
-        return Ok(json_ok(object.to_vec()));
+        return Ok(json_ok(object_of(&record)));
     }
     match gens.tail(&id, query.starting_after).await {
         Ok(Some(tail)) => Ok(sse_response(
@@ -384,7 +388,13 @@ pub(crate) async fn cancel(
         },
     }
     let (_, record) = find(&app, &id).await?;
-    Ok(json_ok(record.object.unwrap_or_default().to_vec()))
+    Ok(json_ok(object_of(&record)))
+}
+
+/// A record's response object, its status the record's.
+fn object_of(record: &Record) -> Vec<u8> {
+    let object = record.object.as_deref().unwrap_or(b"{}");
+    restatus(object, record.status).to_vec()
 }
 
 /// `DELETE /v1/responses/{id}`: stops it if it runs, and deletes it.

@@ -3,7 +3,7 @@
 //! it: no config file, only `OPENAI_BASE_URL` and `OPENAI_API_KEY`, so the
 //! default local model is last in the chain, and an ordinary streaming
 //! client (no `max_tokens`, the default temperature, a 20 s timeout that
-//! its SDK announces).
+//! its SDK announces). And background jobs through a SIGKILL and restart.
 
 // Test helpers panic to report failure, as the tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -54,15 +54,17 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
 
 /// Starts the binary and waits for it to say where it listens.
 fn listening(mut command: Command) -> (Child, String) {
-    // Each run keeps its generations in a store of its own.
-    let data = std::env::temp_dir().join(format!(
-        "backstop-cli-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    command.env("BACKSTOP_DATA", data);
+    // Each run keeps its generations in a store of its own, unless told.
+    if !command.get_envs().any(|(k, _)| k == "BACKSTOP_DATA") {
+        let data = std::env::temp_dir().join(format!(
+            "backstop-cli-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        command.env("BACKSTOP_DATA", data);
+    }
     let mut child = command
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -189,4 +191,134 @@ async fn a_stream_cut_mid_answer_is_finished_by_the_local_model_within_the_clien
         events.iter().any(|e| e["model"] == "smollm2-135m-instruct"),
         "the local model finished it"
     );
+}
+
+/// Backstop from the environment in front of `up`, keeping its generations
+/// in `data`, with no local model (its working directory has none).
+fn backstop_in(
+    up: &MockUpstream,
+    data: &std::path::Path,
+    cwd: &std::path::Path,
+) -> (Child, String) {
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(cwd)
+        .env("BACKSTOP_DATA", data)
+        .env("BACKSTOP_LISTEN", "127.0.0.1:0")
+        .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("OPENAI_BASE_URL", up.url())
+        .env("OPENAI_API_KEY", "sk-test")
+        .env_remove("BACKSTOP_MODEL");
+    listening(command)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_jobs_survive_sigkill_and_a_restart() {
+    let up = MockUpstream::start().await.unwrap();
+    up.set_default(MockReply::Echo {
+        delay: Duration::ZERO,
+        chunk_delay: Duration::from_millis(40),
+    });
+    let dir = std::env::temp_dir().join(format!("backstop-kill-{}", std::process::id()));
+    let data = dir.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (child, addr) = backstop_in(&up, &data, &dir);
+    let mut first = Stop(child);
+    let http = reqwest::Client::new();
+    let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi \
+                 omicron pi rho sigma tau upsilon";
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let body =
+            json!({"model": "gpt-4o-mini", "input": format!("{i} {words}"), "background": true});
+        let v: Value = http
+            .post(format!("http://{addr}/v1/responses"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "queued", "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    // Kill it once the jobs are under way, mid-answer.
+    for _ in 0..300 {
+        let v: Value = http
+            .get(format!("http://{addr}/v1/responses/{}", ids[0]))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "in_progress" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.0.kill().unwrap(); // SIGKILL
+    let _ = first.0.wait();
+
+    let (child, addr) = backstop_in(&up, &data, &dir);
+    let _second = Stop(child);
+    for id in &ids {
+        let mut done = Value::Null;
+        for _ in 0..1500 {
+            done = http
+                .get(format!("http://{addr}/v1/responses/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(done["status"], "completed", "{id}: {done}");
+        // One response, numbered without a gap across both runs.
+        let replay = http
+            .get(format!("http://{addr}/v1/responses/{id}?stream=true"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let events: Vec<Value> = replay
+            .split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e["sequence_number"], i, "{id}: {replay}");
+        }
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "response.created").count(),
+            1
+        );
+        assert_eq!(kinds.last(), Some(&"response.completed"));
+        let text: String = events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .filter_map(|e| e["delta"].as_str())
+            .collect();
+        let output = done["output"][0]["content"][0]["text"].as_str().unwrap();
+        assert_eq!(text, output, "{id}");
+        assert!(output.starts_with("You said: "), "{output}");
+    }
+    // The jobs killed mid-answer went on from their text, as chats.
+    let continued = up
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/chat/completions" && r.body.to_string().contains("cut off"))
+        .count();
+    assert!(continued > 0, "no job was continued after the restart");
+    let _ = std::fs::remove_dir_all(&dir);
 }
