@@ -221,3 +221,20 @@ async fn an_unreachable_upstream_is_a_502_naming_the_target() {
     assert_eq!(status, 502);
     assert_eq!(v["error"]["code"], "connect");
 }
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_the_clients_own_when_it_sent_one() {
+    let h = Harness::start().await;
+    let resp = h.get("/v1/nowhere").await;
+    assert_eq!(resp.status(), 404);
+    let made = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(made.len(), 36, "a UUID: {made}");
+    let resp = h
+        .http
+        .get(h.url("/healthz"))
+        .header("x-request-id", "client-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-7");
+}
