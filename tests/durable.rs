@@ -436,3 +436,45 @@ async fn a_keyed_chat_retried_gets_the_same_answer_from_one_generation() {
     assert_eq!(b.status(), 409);
     assert_eq!(h.mock().requests().len(), 2);
 }
+
+#[tokio::test]
+async fn resuming_past_the_end_of_a_running_response_waits_for_its_end() {
+    let h = Harness::start().await;
+    h.mock().set_default(slow(20));
+    let body = json!({"model": "m", "input": LONG, "background": true});
+    let queued: Value = h.post("/v1/responses", &body).await.json().await.unwrap();
+    let id = queued["id"].as_str().unwrap();
+    let resp = h
+        .get(&format!(
+            "/v1/responses/{id}?stream=true&starting_after=100000"
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let rest = tokio::time::timeout(HANG, resp.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest, "", "no event past the end");
+    // The stream ended because the response did, not before.
+    let done: Value = h
+        .get(&format!("/v1/responses/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "completed");
+}
+
+#[tokio::test]
+async fn an_oversized_input_is_a_400_naming_it() {
+    let h = Harness::start().await;
+    let items: Vec<Value> = (0..5000)
+        .map(|_| json!({"role": "user", "content": "hi"}))
+        .collect();
+    let resp = h
+        .post("/v1/responses", &json!({"model": "m", "input": items}))
+        .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "input", "{v}");
+}

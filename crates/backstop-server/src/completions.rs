@@ -222,13 +222,18 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
     if request.chat.messages.len() > limits.max_messages {
         app.metrics.rejected.with_label_values(&["messages"]).inc();
         flight.record(respond::NO_BACKEND, 400);
+        // A Responses request's messages are its input (and instructions).
+        let param = match endpoint {
+            Endpoint::Responses => "input",
+            _ => "messages",
+        };
         return ServerError::Invalid(backstop_adapter::InvalidRequest {
             message: format!(
-                "`messages` holds {} messages; at most {} are accepted",
+                "`{param}` holds {} messages; at most {} are accepted",
                 request.chat.messages.len(),
                 limits.max_messages
             ),
-            param: Some("messages".into()),
+            param: Some(param.into()),
         })
         .into_response();
     }
@@ -237,7 +242,7 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
     match (&app.generations, endpoint) {
         (Some(gens), Endpoint::Responses) => {
             let gens = gens.clone();
-            crate::responses::create(&app, &gens, request, bytes, flight, trailers).await
+            crate::responses::create(&app, &gens, request, bytes, flight).await
         }
         (Some(gens), Endpoint::Chat) if resume.key.is_some() => {
             let gens = gens.clone();
@@ -295,42 +300,40 @@ async fn keyed_chat(
     resume: Resume,
     flight: InFlight,
 ) -> Response<Body> {
-    let Some(key) = resume.key else {
-        return ServerError::InProgress.into_response();
-    };
+    let Resume { key, last_event } = resume;
+    let key = key.unwrap_or_default();
     match gens.store.by_key(&key).await {
         Ok(Some(existing)) => {
             flight.record(respond::NO_BACKEND, 200);
-            return replay(gens, &existing, resume.last_event).await;
+            return replay(gens, &existing, last_event).await;
         }
         Ok(None) => {}
         Err(e) => return ServerError::Store(e.to_string()).into_response(),
     }
     let id = format!("gen_{:032x}", rand::random::<u128>());
-    let body = serde_json::to_vec(&request.chat).unwrap_or_default();
-    let stream = request.chat.is_stream();
-    let record = |status| {
-        gens.record(
-            &id,
-            Kind::Chat,
-            status,
-            false,
-            false,
-            Some(key.clone()),
-            Bytes::from(body.clone()),
-            None,
-        )
-    };
-    if !stream {
+    let body = Bytes::from(serde_json::to_vec(&request.chat).unwrap_or_default());
+    let record = gens.record(
+        &id,
+        Kind::Chat,
+        Status::InProgress,
+        false,
+        false,
+        Some(key),
+        body,
+        None,
+    );
+    // From the record on, everything runs in a task of its own: a client
+    // that drops cannot leave a record that nothing finishes.
+    if !request.chat.is_stream() {
         // The answer is made apart from this connection, so a client that
         // times out and retries with the same key gets it, not a second one.
-        match gens.store.insert(record(Status::InProgress)).await {
-            Ok(Inserted::New) => {}
-            Ok(Inserted::Exists(existing)) => return replay(gens, &existing, None).await,
-            Err(e) => return ServerError::Store(e.to_string()).into_response(),
-        }
-        let (app, gens, id) = (app.clone(), gens.clone(), id.clone());
+        let (app, gens) = (app.clone(), gens.clone());
         let job = tokio::spawn(async move {
+            match gens.store.insert(record).await {
+                Ok(Inserted::New) => {}
+                Ok(Inserted::Exists(existing)) => return replay(&gens, &existing, None).await,
+                Err(e) => return ServerError::Store(e.to_string()).into_response(),
+            }
             let writer = Writer::new(&request, response_id, unix_now());
             let resp = complete(&app, &request, flight, writer).await;
             let (parts, body) = resp.into_parts();
@@ -361,18 +364,33 @@ async fn keyed_chat(
         Ok(started) => started,
         Err((e, flight, _)) => return failed(app, e, &flight),
     };
-    match gens.store.insert(record(Status::InProgress)).await {
-        Ok(Inserted::New) => {}
-        // Another request with the key got there first: follow it.
-        Ok(Inserted::Exists(existing)) => return replay(gens, &existing, resume.last_event).await,
-        Err(e) => tracing::error!(id, "cannot keep a keyed stream: {e}"),
-    }
-    let live = gens.start(&id, Vec::new());
-    let (respond, frames) = started.detach();
-    gens.pump(id.clone(), Kind::Chat, live, frames);
-    match gens.tail(&id, None).await {
-        Ok(Some(tail)) => respond.respond(tail),
-        _ => ServerError::Store("the stream's log cannot be read".into()).into_response(),
+    let (told, kept) = tokio::sync::oneshot::channel();
+    let task_gens = gens.clone();
+    let task_id = id.clone();
+    tokio::spawn(async move {
+        let gens = task_gens;
+        let respond = match gens.store.insert(record).await {
+            // Another request with the key got there first: follow it.
+            Ok(Inserted::Exists(existing)) => Err(existing),
+            inserted => {
+                if let Err(e) = inserted {
+                    tracing::error!(id = task_id, "cannot keep a keyed stream: {e}");
+                }
+                let live = gens.start(&task_id, Vec::new());
+                let (respond, frames) = started.detach();
+                gens.pump(task_id, Kind::Chat, live, frames);
+                Ok(respond)
+            }
+        };
+        let _ = told.send(respond);
+    });
+    match kept.await {
+        Ok(Ok(respond)) => match gens.tail(&id, None).await {
+            Ok(Some(tail)) => respond.respond(tail),
+            _ => ServerError::Store("the stream's log cannot be read".into()).into_response(),
+        },
+        Ok(Err(existing)) => replay(gens, &existing, last_event).await,
+        Err(_) => ServerError::Store("the stream's task failed".into()).into_response(),
     }
 }
 

@@ -39,6 +39,8 @@ pub(crate) struct Live {
     /// Events so far, and whether the generation has ended.
     progress: watch::Sender<(usize, bool)>,
     cancel: watch::Sender<bool>,
+    /// The end is in the store.
+    kept: watch::Sender<bool>,
 }
 
 impl Live {
@@ -48,6 +50,7 @@ impl Live {
             events: Mutex::new(events),
             progress: watch::channel((n, false)).0,
             cancel: watch::channel(false).0,
+            kept: watch::channel(false).0,
         }
     }
 
@@ -79,6 +82,12 @@ impl Live {
         self.cancel.send_replace(true);
     }
 
+    /// Whether the generation has made its last event (its end may not be
+    /// in the store yet: see [`Live::ended`]).
+    pub(crate) fn finished(&self) -> bool {
+        self.progress.borrow().1
+    }
+
     /// Waits until the generation is asked to stop.
     pub(crate) async fn cancelled(&self) {
         let mut cancel = self.cancel.subscribe();
@@ -87,8 +96,8 @@ impl Live {
 
     /// Waits until the generation has ended and its end is in the store.
     pub(crate) async fn ended(&self) {
-        let mut progress = self.progress.subscribe();
-        let _ = progress.wait_for(|p| p.1).await;
+        let mut kept = self.kept.subscribe();
+        let _ = kept.wait_for(|k| *k).await;
     }
 }
 
@@ -159,6 +168,14 @@ impl Generations {
         live
     }
 
+    /// Drops a generation that never ran (its record could not be kept).
+    pub(crate) fn forget(&self, id: &str) {
+        if let Some(live) = backstop_router::lock(&self.live).remove(id) {
+            live.finish();
+            live.kept.send_replace(true);
+        }
+    }
+
     /// Runs a generation's `frames` to their end apart from any client:
     /// each event goes to the live tail and to the log, and at the end its
     /// status and final object go to the store. A cancel stops it.
@@ -181,14 +198,13 @@ impl Generations {
                         for event in split_events(&frame) {
                             let seq = live.push(event.clone());
                             gens.store.append(&id, seq, event.clone());
-                            // A job's first event says it has started.
+                            // A job's first event says it has started. (The
+                            // write is queued in order; the stream does not
+                            // wait for its commit.)
                             if kind == Kind::Response && seq == first {
                                 if let Some((_, object)) = response_of(&event) {
                                     let object = restatus(&object, Status::InProgress);
-                                    let started = gens.store.update(&id, Status::InProgress, Some(object));
-                                    if let Err(e) = started.await {
-                                        tracing::error!(id, "cannot mark a generation started: {e}");
-                                    }
+                                    drop(gens.store.update(&id, Status::InProgress, Some(object)));
                                 }
                             }
                         }
@@ -198,12 +214,15 @@ impl Generations {
             }
             // Dropping the frames stops the generation.
             drop(frames);
+            // Its clients are done now; it stays live (in memory) until its
+            // end is committed, so no reader finds the log short.
+            live.finish();
             let (status, object) = outcome(kind, &live.since(0), cancelled);
             if let Err(e) = gens.store.update(&id, status, object).await {
                 tracing::error!(id, "cannot keep a generation's end: {e}");
             }
             backstop_router::lock(&gens.live).remove(&id);
-            live.finish();
+            live.kept.send_replace(true);
         })
     }
 

@@ -29,7 +29,15 @@ async fn find(app: &App, id: &str) -> Result<(Arc<Generations>, Record), ServerE
         .generations
         .clone()
         .ok_or_else(|| ServerError::UnknownResponse(id.to_string()))?;
-    match gens.store.get(id).await {
+    let mut found = gens.store.get(id).await;
+    if matches!(found, Ok(None)) {
+        // Writes are queued, not waited for: read what is queued too.
+        found = match gens.store.flush().await {
+            Ok(()) => gens.store.get(id).await,
+            Err(e) => Err(e),
+        };
+    }
+    match found {
         Ok(Some(record)) if record.kind == Kind::Response => Ok((gens, record)),
         Ok(_) => Err(ServerError::UnknownResponse(id.to_string())),
         Err(e) => Err(ServerError::Store(e.to_string())),
@@ -49,9 +57,7 @@ pub(crate) async fn create(
     request: Request,
     body: Bytes,
     flight: InFlight,
-    trailers: bool,
 ) -> Response<Body> {
-    let _ = trailers;
     let (stored, background) = match request.api.responses() {
         Some(r) => (
             r.fields.get("store").and_then(Value::as_bool) != Some(false),
@@ -87,9 +93,9 @@ pub(crate) async fn create(
             body,
             None,
         );
-        if let Err(e) = gens.store.insert(record).await {
-            tracing::error!(id, "cannot keep a response: {e}");
-        }
+        // Queued before its events, in order; the stream does not wait for
+        // the commit (a reader finds it live meanwhile).
+        drop(gens.store.insert(record));
         let live = gens.start(&id, Vec::new());
         let (respond, frames) = started.detach();
         gens.pump(id.clone(), Kind::Response, live, frames);
@@ -122,9 +128,8 @@ pub(crate) async fn create(
         body,
         Some(bytes.clone()),
     );
-    if let Err(e) = gens.store.insert(record).await {
-        tracing::error!(id, "cannot keep a response: {e}");
-    }
+    // Queued, not waited for: a read finds it once the writer has it.
+    drop(gens.store.insert(record));
     Response::from_parts(parts, Body::from(bytes))
 }
 
@@ -163,7 +168,21 @@ async fn start_job(
         body,
         Some(Bytes::from(object.to_string())),
     );
-    if let Err(e) = gens.store.insert(record).await {
+    // The job is registered and its runner spawned before anything is
+    // awaited: a client that drops now cannot leave a record no runner has.
+    let live = gens.start(&id, Vec::new());
+    let (kept, was_kept) = tokio::sync::oneshot::channel();
+    run_job(
+        app,
+        gens,
+        id.clone(),
+        request,
+        writer,
+        live,
+        place,
+        Some((record, kept)),
+    );
+    if let Ok(Err(e)) | Err(e) = was_kept.await.map_err(|e| e.to_string()) {
         return flight.reject(Rejection {
             status: 503,
             reason: "store",
@@ -172,8 +191,6 @@ async fn start_job(
     }
     flight.record(respond::NO_BACKEND, 200);
     drop(flight);
-    let live = gens.start(&id, Vec::new());
-    run_job(app, gens, id.clone(), request, writer, live, place);
     if !stream {
         return json_ok(object.to_string().into_bytes());
     }
@@ -198,8 +215,13 @@ fn as_job(request: &mut Request) {
     });
 }
 
+/// A job's record to keep first, and whom to tell it is kept.
+type Keep = (Record, tokio::sync::oneshot::Sender<Result<(), String>>);
+
 /// Runs a background job when a runner is free: its stream, from the
-/// first backend that answers, or its failure as events.
+/// first backend that answers, or its failure as events. With `keep`, its
+/// record is kept first (and the job ends there if it cannot be).
+#[allow(clippy::too_many_arguments)]
 fn run_job(
     app: &Arc<App>,
     gens: &Arc<Generations>,
@@ -208,10 +230,20 @@ fn run_job(
     writer: ResponseWriter,
     live: Arc<crate::generations::Live>,
     place: tokio::sync::OwnedSemaphorePermit,
+    keep: Option<Keep>,
 ) {
     let (app, gens) = (app.clone(), gens.clone());
     tokio::spawn(async move {
         let _place = place;
+        if let Some((record, kept)) = keep {
+            let inserted = gens.store.insert(record).await.map(|_| ());
+            let failed = inserted.is_err();
+            let _ = kept.send(inserted.map_err(|e| e.to_string()));
+            if failed {
+                gens.forget(&id);
+                return;
+            }
+        }
         // A job cancelled before it starts (queued, or waiting for its
         // first backend) stops there.
         let start = async {
@@ -333,10 +365,17 @@ pub(crate) async fn retrieve(
     Path(id): Path<String>,
     Query(query): Query<Retrieve>,
 ) -> Result<Response<Body>, ServerError> {
-    let (gens, record) = find(&app, &id).await?;
     if query.stream != Some(true) {
+        // A client that saw the stream end reads its end, not a moment before.
+        if let Some(live) = app.generations.as_ref().and_then(|g| g.live(&id)) {
+            if live.finished() {
+                live.ended().await;
+            }
+        }
+        let (_, record) = find(&app, &id).await?;
         return Ok(json_ok(object_of(&record)));
     }
+    let (gens, _) = find(&app, &id).await?;
     match gens.tail(&id, query.starting_after).await {
         Ok(Some(tail)) => Ok(sse_response(
             Body::new(StreamBody::new(tail)),
@@ -553,9 +592,11 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
         );
         request.prefill = Some(text);
     }
-    let Ok(place) = gens.places.clone().try_acquire_owned() else {
-        tracing::error!(id, "no room to finish a generation left by the last run");
-        return;
-    };
-    run_job(app, gens, id, request, writer, live, place);
+    // Every unfinished generation gets its turn, however many there are.
+    let (app, gens) = (app.clone(), gens.clone());
+    tokio::spawn(async move {
+        if let Ok(place) = gens.places.clone().acquire_owned().await {
+            run_job(&app, &gens, id, request, writer, live, place, None);
+        }
+    });
 }

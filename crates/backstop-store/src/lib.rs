@@ -181,10 +181,13 @@ pub enum StoreError {
 
 /// Durable generations: the interface every store implements.
 ///
-/// Writes are applied in the order they are made. [`Store::append`] does
-/// not wait: events are written in batches, so persisting a stream does
-/// not slow it; a later write that is awaited (an update, a flush) is
-/// applied after every append made before it.
+/// Every write is queued when its method is called, and writes are applied
+/// in the order they were made; a write's future resolves once it is
+/// committed, and need not be awaited for the write to happen (a caller
+/// that only needs the order does not wait). [`Store::append`] returns
+/// nothing: events are written in batches, so persisting a stream does not
+/// slow it; a later write that is awaited (an update, a flush) is applied
+/// after every append made before it.
 pub trait Store: Send + Sync {
     /// Adds a record, unless one with its idempotency key exists.
     fn insert(&self, record: Record) -> BoxFuture<'_, Result<Inserted, StoreError>>;
