@@ -24,12 +24,12 @@ cargo build --release --locked -q -p backstop-server -p backstop-benches
 
 target/release/bench-mock $mock_addr >/dev/null &
 mock_pid=$!
-OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn \
+OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn BACKSTOP_ADMIN_LISTEN=127.0.0.1:0 \
   target/release/backstop --listen $bs_addr &
 bs_pid=$!
 base_pid=
 if [ -n "${BASELINE:-}" ]; then
-  OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn \
+  OPENAI_BASE_URL=$direct OPENAI_API_KEY=sk-bench BACKSTOP_LOG=warn BACKSTOP_ADMIN_LISTEN=127.0.0.1:0 \
     "$BASELINE" --listen $base_addr &
   base_pid=$!
 fi
