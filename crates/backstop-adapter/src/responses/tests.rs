@@ -435,3 +435,18 @@ fn chat_tool_call_deltas_become_function_call_items() {
     assert_eq!(last["response"]["output"][0]["call_id"], "call_9");
     assert_eq!(last["response"]["output"][0]["arguments"], "{\"a\":1}");
 }
+
+#[test]
+fn a_native_event_type_cannot_break_the_event_stream() {
+    let mut w = writer(json!({"model": "m", "input": "x"}));
+    let mut out = Vec::new();
+    let event = json!({"type": "response.x\n\ndata: {\"forged\": true}\n\nevent: y"});
+    let chunk = Wire::Responses.decode_chunk(&event.to_string()).unwrap();
+    w.chunk(chunk, &mut out).unwrap();
+    w.end(&mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(!text.contains("\ndata: {\"forged\""), "{text}");
+    for (i, e) in events(text.as_bytes()).iter().enumerate() {
+        assert_eq!(e["sequence_number"], i);
+    }
+}

@@ -666,8 +666,12 @@ impl ResponseWriter {
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or("message");
+        // A line break in a (native) type would end the field early and
+        // let the rest pass as SSE of the upstream's making.
         out.extend_from_slice(b"event: ");
-        out.extend_from_slice(kind.as_bytes());
+        for part in kind.split(['\r', '\n']) {
+            out.extend_from_slice(part.as_bytes());
+        }
         out.push(b'\n');
         sse::encode_json(&event, out)
     }
