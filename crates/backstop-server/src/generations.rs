@@ -155,6 +155,18 @@ impl Generations {
         }
     }
 
+    /// The record `id`, counting writes still queued: a client reads what
+    /// it was answered, even before its record is committed.
+    pub(crate) async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        match self.store.get(id).await? {
+            Some(record) => Ok(Some(record)),
+            None => {
+                self.store.flush().await?;
+                self.store.get(id).await
+            }
+        }
+    }
+
     /// The generation `id`, if it runs in this process.
     pub(crate) fn live(&self, id: &str) -> Option<Arc<Live>> {
         backstop_router::lock(&self.live).get(id).cloned()
@@ -256,7 +268,7 @@ impl Generations {
             );
             return Ok(Some(stream.boxed()));
         }
-        if self.store.get(id).await?.is_none() {
+        if self.get(id).await?.is_none() {
             return Ok(None);
         }
         let events = self.store.events(id, after).await?;

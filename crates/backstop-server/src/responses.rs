@@ -29,15 +29,7 @@ async fn find(app: &App, id: &str) -> Result<(Arc<Generations>, Record), ServerE
         .generations
         .clone()
         .ok_or_else(|| ServerError::UnknownResponse(id.to_string()))?;
-    let mut found = gens.store.get(id).await;
-    if matches!(found, Ok(None)) {
-        // Writes are queued, not waited for: read what is queued too.
-        found = match gens.store.flush().await {
-            Ok(()) => gens.store.get(id).await,
-            Err(e) => Err(e),
-        };
-    }
-    match found {
+    match gens.get(id).await {
         Ok(Some(record)) if record.kind == Kind::Response => Ok((gens, record)),
         Ok(_) => Err(ServerError::UnknownResponse(id.to_string())),
         Err(e) => Err(ServerError::Store(e.to_string())),
@@ -298,7 +290,7 @@ async fn with_history(
             param: Some("previous_response_id".into()),
         })
     };
-    let record = match gens.store.get(&previous).await {
+    let record = match gens.get(&previous).await {
         Ok(Some(r)) if r.kind == Kind::Response => r,
         Ok(_) => {
             return Err(bad(format!(
