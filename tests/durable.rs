@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use backstop_testkit::MockReply;
-use backstop_tests::Harness;
+use backstop_tests::{output_text, Harness};
 use serde_json::{json, Value};
 
 /// Bound on every wait: a hang guard, not a timing assertion.
@@ -36,17 +36,6 @@ fn text_of(events: &[(Option<u64>, Value)]) -> String {
         .iter()
         .filter(|(_, e)| e["type"] == "response.output_text.delta")
         .map(|(_, e)| e["delta"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn output_text(response: &Value) -> String {
-    response["output"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|i| i["type"] == "message")
-        .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p["text"].as_str().map(str::to_string))
         .collect()
 }
 

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use backstop_testkit::{MockReply, SseStep};
-use backstop_tests::Harness;
+use backstop_tests::{output_text, Harness};
 use serde_json::{json, Value};
 
 /// The events of a Responses stream, in order; each has an `id:` line (its
@@ -28,18 +28,6 @@ fn events(body: &str) -> Vec<Value> {
             assert_eq!(field("id: "), v["sequence_number"].to_string(), "{e}");
             v
         })
-        .collect()
-}
-
-/// The text of a response object's message items.
-fn output_text(response: &Value) -> String {
-    response["output"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|i| i["type"] == "message")
-        .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p["text"].as_str().map(str::to_string))
         .collect()
 }
 

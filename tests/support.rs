@@ -196,3 +196,15 @@ pub fn streamed_text(payloads: &[String]) -> String {
         })
         .collect()
 }
+
+/// The text of a Responses object's message items.
+pub fn output_text(response: &Value) -> String {
+    response["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["type"] == "message")
+        .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["text"].as_str().map(str::to_string))
+        .collect()
+}
