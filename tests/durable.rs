@@ -141,6 +141,16 @@ async fn a_dropped_responses_stream_resumes_from_the_next_event() {
     let before = events(&seen);
     let id = before[0].1["response"]["id"].as_str().unwrap().to_string();
     let last = before.last().unwrap().0.unwrap();
+    // Still running, it is retrieved as it stands.
+    let running: Value = h
+        .get(&format!("/v1/responses/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(running["id"], id.as_str());
+    assert_eq!(running["status"], "in_progress");
+    assert_eq!(running["object"], "response");
     let resumed = h
         .get(&format!(
             "/v1/responses/{id}?stream=true&starting_after={last}"

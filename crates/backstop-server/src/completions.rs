@@ -310,7 +310,7 @@ async fn keyed_chat(
         Ok(None) => {}
         Err(e) => return ServerError::Store(e.to_string()).into_response(),
     }
-    let id = format!("gen_{:032x}", rand::random::<u128>());
+    let id = generation_id("gen");
     let body = Bytes::from(serde_json::to_vec(&request.chat).unwrap_or_default());
     let record = gens.record(
         &id,
@@ -329,7 +329,7 @@ async fn keyed_chat(
         // times out and retries with the same key gets it, not a second one.
         let (app, gens) = (app.clone(), gens.clone());
         let job = tokio::spawn(async move {
-            match gens.store.insert(record).await {
+            match gens.at_once(gens.store.insert(record)).await {
                 Ok(Inserted::New) => {}
                 Ok(Inserted::Exists(existing)) => return replay(&gens, &existing, None).await,
                 Err(e) => return ServerError::Store(e.to_string()).into_response(),
@@ -350,7 +350,7 @@ async fn keyed_chat(
                 Status::Failed
             };
             let object = Some(Bytes::from(kept.to_string()));
-            if let Err(e) = gens.store.update(&id, status, object).await {
+            if let Err(e) = gens.at_once(gens.store.update(&id, status, object)).await {
                 tracing::error!(id, "cannot keep a keyed answer: {e}");
             }
             Response::from_parts(parts, Body::from(bytes))
@@ -369,7 +369,7 @@ async fn keyed_chat(
     let task_id = id.clone();
     tokio::spawn(async move {
         let gens = task_gens;
-        let respond = match gens.store.insert(record).await {
+        let respond = match gens.at_once(gens.store.insert(record)).await {
             // Another request with the key got there first: follow it.
             Ok(Inserted::Exists(existing)) => Err(existing),
             inserted => {
@@ -378,7 +378,7 @@ async fn keyed_chat(
                 }
                 let live = gens.start(&task_id, Vec::new());
                 let (respond, frames) = started.detach();
-                gens.pump(task_id, Kind::Chat, live, frames);
+                gens.pump(task_id, Kind::Chat, live, frames, false);
                 Ok(respond)
             }
         };
@@ -459,9 +459,19 @@ fn needs_a_store(request: &Request) -> Result<(), backstop_adapter::InvalidReque
     })
 }
 
-/// A new response id: `resp_` and 32 random hex digits.
+/// A new response id (see [`generation_id`]).
 pub(crate) fn response_id() -> String {
-    format!("resp_{:032x}", rand::random::<u128>())
+    generation_id("resp")
+}
+
+/// A generation's id: the time (milliseconds) then 128 random bits, in
+/// hex. Ids made in time order go to the end of the store's indexes, so a
+/// busy store writes the same few pages, not pages all over its file.
+pub(crate) fn generation_id(prefix: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{prefix}_{ms:012x}{:032x}", rand::random::<u128>())
 }
 
 impl InFlight {

@@ -9,11 +9,12 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backstop_config::StoreConfig;
-use backstop_store::{Kind, Record, Retention, Sqlite, Status, Store, StoreError};
+use backstop_store::{BoxFuture, Kind, Record, Retention, Sqlite, Status, Store, StoreError};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
@@ -83,8 +84,8 @@ impl Live {
     }
 
     /// Whether the generation has made its last event (its end may not be
-    /// in the store yet: see [`Live::ended`]).
-    pub(crate) fn finished(&self) -> bool {
+    /// in the store yet: see [`Generations::ended`]).
+    fn finished(&self) -> bool {
         self.progress.borrow().1
     }
 
@@ -92,12 +93,6 @@ impl Live {
     pub(crate) async fn cancelled(&self) {
         let mut cancel = self.cancel.subscribe();
         let _ = cancel.wait_for(|c| *c).await;
-    }
-
-    /// Waits until the generation has ended and its end is in the store.
-    pub(crate) async fn ended(&self) {
-        let mut kept = self.kept.subscribe();
-        let _ = kept.wait_for(|k| *k).await;
     }
 }
 
@@ -156,8 +151,12 @@ impl Generations {
     }
 
     /// The record `id`, counting writes still queued: a client reads what
-    /// it was answered, even before its record is committed.
+    /// it was answered, even before its record is committed, and a
+    /// generation whose stream has ended, with its end.
     pub(crate) async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        if let Some(live) = self.live(id).filter(|live| live.finished()) {
+            self.ended(&live).await;
+        }
         match self.store.get(id).await? {
             Some(record) => Ok(Some(record)),
             None => {
@@ -165,6 +164,58 @@ impl Generations {
                 self.store.get(id).await
             }
         }
+    }
+
+    /// Waits for a write a client is waiting on: committed now, not with
+    /// the store's next batch.
+    pub(crate) async fn at_once<T>(
+        &self,
+        write: BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        // Queued after the write: the writer commits both now.
+        drop(self.store.flush());
+        write.await
+    }
+
+    /// Waits until a generation has ended and its end is in the store.
+    pub(crate) async fn ended(&self, live: &Live) {
+        let mut progress = live.progress.subscribe();
+        let _ = progress.wait_for(|p| p.1).await;
+        let mut kept = live.kept.subscribe();
+        // Its end is queued once it is finished: a client waits for it.
+        while !*kept.borrow_and_update() {
+            drop(self.store.flush());
+            if kept.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A response's object as it stands, its status the record's: the
+    /// record's own, or else the latest in its log (a running stream's
+    /// start, a finished one's final event), which the record does not
+    /// copy.
+    pub(crate) async fn object(&self, record: &Record) -> Bytes {
+        let object = match &record.object {
+            Some(object) => Some(object.clone()),
+            None => {
+                let events = match self.live(&record.id) {
+                    Some(live) => live.since(0),
+                    None => self
+                        .store
+                        .events(&record.id, None)
+                        .await
+                        .map(|events| events.into_iter().map(|(_, e)| e).collect())
+                        .unwrap_or_default(),
+                };
+                events
+                    .iter()
+                    .rev()
+                    .find_map(|e| response_of(e))
+                    .map(|(_, o)| o)
+            }
+        };
+        restatus(object.as_deref().unwrap_or(b"{}"), record.status)
     }
 
     /// The generation `id`, if it runs in this process.
@@ -190,13 +241,16 @@ impl Generations {
 
     /// Runs a generation's `frames` to their end apart from any client:
     /// each event goes to the live tail and to the log, and at the end its
-    /// status and final object go to the store. A cancel stops it.
+    /// status and final object go to the store. With `announce` (a job,
+    /// whose record says `queued`), its first event's object goes to the
+    /// record as `in_progress`. A cancel stops it.
     pub(crate) fn pump(
         self: &Arc<Self>,
         id: String,
         kind: Kind,
         live: Arc<Live>,
         mut frames: BoxStream<'static, Bytes>,
+        announce: bool,
     ) -> tokio::task::JoinHandle<()> {
         let gens = self.clone();
         tokio::spawn(async move {
@@ -213,7 +267,7 @@ impl Generations {
                             // A job's first event says it has started. (The
                             // write is queued in order; the stream does not
                             // wait for its commit.)
-                            if kind == Kind::Response && seq == first {
+                            if announce && seq == first {
                                 if let Some((_, object)) = response_of(&event) {
                                     let object = restatus(&object, Status::InProgress);
                                     drop(gens.store.update(&id, Status::InProgress, Some(object)));
@@ -305,7 +359,7 @@ impl Generations {
 fn with_ids(first: u64, events: &[Bytes]) -> Bytes {
     let mut out = Vec::with_capacity(events.iter().map(|e| e.len() + 16).sum());
     for (seq, event) in (first..).zip(events) {
-        out.extend_from_slice(format!("id: {seq}\n").as_bytes());
+        let _ = writeln!(out, "id: {seq}");
         out.extend_from_slice(event);
     }
     Bytes::from(out)
@@ -351,10 +405,29 @@ pub(crate) fn restatus(object: &[u8], status: Status) -> Bytes {
     Bytes::from(o.to_string())
 }
 
-/// How a generation ended, from its events: its status and final object.
+/// The status a Responses stream's final event gives, read from its
+/// `event:` line (the writer's own), without parsing the object.
+fn final_status(event: &[u8]) -> Option<Status> {
+    let kind = event.strip_prefix(b"event: response.")?;
+    let end = kind.iter().position(|&b| b == b'\n')?;
+    match &kind[..end] {
+        b"completed" => Some(Status::Completed),
+        b"incomplete" => Some(Status::Incomplete),
+        b"failed" => Some(Status::Failed),
+        _ => None,
+    }
+}
+
+/// How a generation ended, from its events: its status, and its final
+/// object where its log does not end with it.
 pub(crate) fn outcome(kind: Kind, events: &[Bytes], cancelled: bool) -> (Status, Option<Bytes>) {
     match kind {
         Kind::Response => {
+            if let Some(status) = events.last().and_then(|e| final_status(e)) {
+                if !cancelled {
+                    return (status, None);
+                }
+            }
             let last = events.iter().rev().find_map(|e| response_of(e));
             match last {
                 Some((status, object)) if status.is_final() && !cancelled => (status, Some(object)),

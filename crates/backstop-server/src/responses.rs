@@ -90,7 +90,7 @@ pub(crate) async fn create(
         drop(gens.store.insert(record));
         let live = gens.start(&id, Vec::new());
         let (respond, frames) = started.detach();
-        gens.pump(id.clone(), Kind::Response, live, frames);
+        gens.pump(id.clone(), Kind::Response, live, frames, false);
         return match gens.tail(&id, None).await {
             Ok(Some(tail)) => respond.respond(tail),
             _ => ServerError::Store("the stream's log cannot be read".into()).into_response(),
@@ -228,7 +228,7 @@ fn run_job(
     tokio::spawn(async move {
         let _place = place;
         if let Some((record, kept)) = keep {
-            let inserted = gens.store.insert(record).await.map(|_| ());
+            let inserted = gens.at_once(gens.store.insert(record)).await.map(|_| ());
             let failed = inserted.is_err();
             let _ = kept.send(inserted.map_err(|e| e.to_string()));
             if failed {
@@ -263,7 +263,7 @@ fn run_job(
                 (Some(runner), frames)
             }
         };
-        let _ = gens.pump(id, Kind::Response, live, frames).await;
+        let _ = gens.pump(id, Kind::Response, live, frames, true).await;
     });
 }
 
@@ -299,11 +299,7 @@ async fn with_history(
         }
         Err(e) => return Err(ServerError::Store(e.to_string())),
     };
-    let object: Value = record
-        .object
-        .as_ref()
-        .and_then(|o| serde_json::from_slice(o).ok())
-        .unwrap_or_default();
+    let object: Value = serde_json::from_slice(&gens.object(&record).await).unwrap_or_default();
     if !Status::parse(object["status"].as_str().unwrap_or_default()).is_some_and(Status::is_final)
         || object["status"] == "failed"
         || object["status"] == "cancelled"
@@ -358,14 +354,8 @@ pub(crate) async fn retrieve(
     Query(query): Query<Retrieve>,
 ) -> Result<Response<Body>, ServerError> {
     if query.stream != Some(true) {
-        // A client that saw the stream end reads its end, not a moment before.
-        if let Some(live) = app.generations.as_ref().and_then(|g| g.live(&id)) {
-            if live.finished() {
-                live.ended().await;
-            }
-        }
-        let (_, record) = find(&app, &id).await?;
-        return Ok(json_ok(object_of(&record)));
+        let (gens, record) = find(&app, &id).await?;
+        return Ok(json_ok(gens.object(&record).await.to_vec()));
     }
     let (gens, _) = find(&app, &id).await?;
     match gens.tail(&id, query.starting_after).await {
@@ -404,28 +394,18 @@ pub(crate) async fn cancel(
         _ => match gens.live(&id) {
             Some(live) => {
                 live.cancel();
-                live.ended().await;
+                gens.ended(&live).await;
             }
             None => {
-                let object = record
-                    .object
-                    .as_ref()
-                    .map(|o| restatus(o, Status::Cancelled));
-                gens.store
-                    .update(&id, Status::Cancelled, object)
+                let object = restatus(&gens.object(&record).await, Status::Cancelled);
+                gens.at_once(gens.store.update(&id, Status::Cancelled, Some(object)))
                     .await
                     .map_err(|e| ServerError::Store(e.to_string()))?;
             }
         },
     }
-    let (_, record) = find(&app, &id).await?;
-    Ok(json_ok(object_of(&record)))
-}
-
-/// A record's response object, its status the record's.
-fn object_of(record: &Record) -> Vec<u8> {
-    let object = record.object.as_deref().unwrap_or(b"{}");
-    restatus(object, record.status).to_vec()
+    let (gens, record) = find(&app, &id).await?;
+    Ok(json_ok(gens.object(&record).await.to_vec()))
 }
 
 /// `DELETE /v1/responses/{id}`: stops it if it runs, and deletes it.
@@ -436,10 +416,9 @@ pub(crate) async fn delete(
     let (gens, _) = find(&app, &id).await?;
     if let Some(live) = gens.live(&id) {
         live.cancel();
-        live.ended().await;
+        gens.ended(&live).await;
     }
-    gens.store
-        .delete(&id)
+    gens.at_once(gens.store.delete(&id))
         .await
         .map_err(|e| ServerError::Store(e.to_string()))?;
     let body = json!({"id": id, "object": "response", "deleted": true});
@@ -555,7 +534,7 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
         let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
         let gens = gens.clone();
         tokio::spawn(async move {
-            let _ = gens.pump(id, record.kind, live, frames).await;
+            let _ = gens.pump(id, record.kind, live, frames, false).await;
         });
         return;
     };
@@ -572,7 +551,7 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
         let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
         let gens = gens.clone();
         tokio::spawn(async move {
-            let _ = gens.pump(id, Kind::Response, live, frames).await;
+            let _ = gens.pump(id, Kind::Response, live, frames, false).await;
         });
         return;
     };

@@ -111,7 +111,7 @@ pub struct Record {
     pub key: Option<String>,
     /// The request as Backstop runs it (JSON).
     pub request: Bytes,
-    /// The latest response object (JSON), once there is one.
+    /// The latest response object (JSON), unless its log holds it.
     pub object: Option<Bytes>,
     /// Unix seconds.
     pub created_at: u64,
@@ -184,14 +184,17 @@ pub enum StoreError {
 /// Every write is queued when its method is called, and writes are applied
 /// in the order they were made; a write's future resolves once it is
 /// committed, and need not be awaited for the write to happen (a caller
-/// that only needs the order does not wait). [`Store::append`] returns
-/// nothing: events are written in batches, so persisting a stream does not
-/// slow it; a later write that is awaited (an update, a flush) is applied
-/// after every append made before it.
+/// that only needs the order does not wait). Writes are committed in
+/// batches, a few milliseconds' worth at a time, so persisting a stream
+/// does not slow it; [`Store::flush`] commits everything queued at once,
+/// for a caller whose client waits. [`Store::append`] returns nothing; a
+/// later write that is awaited (an update, a flush) is applied after every
+/// append made before it.
 pub trait Store: Send + Sync {
     /// Adds a record, unless one with its idempotency key exists.
     fn insert(&self, record: Record) -> BoxFuture<'_, Result<Inserted, StoreError>>;
-    /// Sets a record's status, and its object when given.
+    /// Sets a record's status and its object (`None`: it has none of its
+    /// own, as when its log ends with it).
     fn update(
         &self,
         id: &str,
@@ -217,7 +220,7 @@ pub trait Store: Send + Sync {
     /// Deletes final records past their expiry, then the oldest final ones
     /// while the database is over its size; how many went.
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
-    /// Waits until every write made so far is on disk.
+    /// Commits every write made so far now, and waits until it is on disk.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// The database's size in bytes.
     fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>>;

@@ -2,14 +2,18 @@
 //! first start.
 //!
 //! One writer thread owns the write connection and applies writes in
-//! batches: it takes every write waiting (up to [`BATCH`]) and commits them
-//! in one transaction, so a thousand streams appending events cost a commit
-//! per batch, not per event. Reads use their own connection (WAL lets them
-//! run beside the writer) on tokio's blocking pool.
+//! batches: it gathers writes for [`LINGER`] (or until [`Store::flush`]
+//! asks) and commits them in one transaction, so a thousand streams
+//! appending events cost a commit per batch, not per event. The events a
+//! batch appends to one generation go in one row (a segment), not a row
+//! each. Reads use their own connection (WAL lets them run beside the
+//! writer) on tokio's blocking pool.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -18,7 +22,11 @@ use tokio::sync::oneshot;
 use crate::{BoxFuture, Inserted, Kind, Record, Retention, Status, Store, StoreError};
 
 /// Most writes committed in one transaction.
-const BATCH: usize = 512;
+const BATCH: usize = 4096;
+/// How long the writer gathers writes before committing them. A commit
+/// writes every page it touched, so fewer, larger ones cost far less than
+/// one a write; only a flush commits sooner.
+const LINGER: Duration = Duration::from_millis(10);
 /// Records deleted at a time while the database is over its size.
 const SHED: usize = 16;
 
@@ -37,12 +45,20 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_status ON responses (status);
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE IF NOT EXISTS segments (
     response_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
+    lens TEXT NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (response_id, seq)
-) WITHOUT ROWID;
+);
+";
+
+/// The first version's log, a row an event, becomes one-event segments.
+const MIGRATE_EVENTS: &str = "
+INSERT OR IGNORE INTO segments (response_id, seq, lens, data)
+    SELECT response_id, seq, length(data), data FROM events;
+DROP TABLE events;
 ";
 
 const COLUMNS: &str =
@@ -65,7 +81,9 @@ enum Write {
 
 /// The embedded SQLite store.
 pub struct Sqlite {
-    writes: Mutex<mpsc::Sender<Write>>,
+    writes: mpsc::Sender<Write>,
+    /// The writer thread, woken by a flush.
+    writer: std::thread::Thread,
     read: Arc<Mutex<Connection>>,
 }
 
@@ -86,10 +104,18 @@ impl Sqlite {
         write.pragma_update(None, "synchronous", "NORMAL")?;
         write.busy_timeout(std::time::Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
+        let old: bool = write.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')",
+            [],
+            |row| row.get(0),
+        )?;
+        if old {
+            write.execute_batch(&format!("BEGIN; {MIGRATE_EVENTS} COMMIT;"))?;
+        }
         let read = Connection::open(&path)?;
         read.busy_timeout(std::time::Duration::from_secs(5))?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("backstop-store".into())
             .spawn(move || {
                 Writer {
@@ -101,16 +127,23 @@ impl Sqlite {
             .map_err(|source| StoreError::Directory {
                 path: dir.display().to_string(),
                 source,
-            })?;
+            })?
+            .thread()
+            .clone();
         Ok(Sqlite {
-            writes: Mutex::new(tx),
+            writes: tx,
+            writer,
             read: Arc::new(Mutex::new(read)),
         })
     }
 
     fn send(&self, write: Write) -> Result<(), StoreError> {
-        let writes = self.writes.lock().map_err(|_| StoreError::Closed)?;
-        writes.send(write).map_err(|_| StoreError::Closed)
+        let flush = matches!(write, Write::Flush(_));
+        self.writes.send(write).map_err(|_| StoreError::Closed)?;
+        if flush {
+            self.writer.unpark();
+        }
+        Ok(())
     }
 
     /// Sends a write and waits for its answer.
@@ -160,11 +193,10 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
 }
 
 fn get(conn: &Connection, column: &str, value: &str) -> rusqlite::Result<Option<Record>> {
-    conn.query_row(
-        &format!("SELECT {COLUMNS} FROM responses WHERE {column} = ?1"),
-        [value],
-        record,
-    )
+    conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM responses WHERE {column} = ?1"
+    ))?
+    .query_row([value], record)
     .optional()
 }
 
@@ -212,18 +244,30 @@ impl Store for Sqlite {
         after: Option<u64>,
     ) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>> {
         let id = id.to_string();
-        let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
+        // The first event wanted, and so the segment that holds it on.
+        let from = after.map_or(0, |a| a.saturating_add(1));
         self.read(move |conn| {
             let mut query = conn.prepare_cached(
-                "SELECT seq, data FROM events WHERE response_id = ?1 AND seq > ?2 ORDER BY seq",
+                "SELECT seq, lens, data FROM segments WHERE response_id = ?1 AND seq >= \
+                 IFNULL((SELECT MAX(seq) FROM segments WHERE response_id = ?1 AND seq <= ?2), 0) \
+                 ORDER BY seq",
             )?;
-            let rows = query.query_map(params![id, after], |row| {
-                Ok((
-                    row.get::<_, i64>(0)? as u64,
-                    Bytes::from(row.get::<_, Vec<u8>>(1)?),
-                ))
-            })?;
-            rows.collect()
+            let mut rows = query.query(params![id, i64::try_from(from).unwrap_or(i64::MAX)])?;
+            let mut events = Vec::new();
+            while let Some(row) = rows.next()? {
+                let first = row.get::<_, i64>(0)? as u64;
+                let lens: String = row.get(1)?;
+                let data = Bytes::from(row.get::<_, Vec<u8>>(2)?);
+                for (seq, event) in (first..).zip(split(&lens, &data)) {
+                    // Segments may overlap (an event appended twice): each
+                    // event once, in order.
+                    let next = events.last().map_or(from, |(s, _): &(u64, Bytes)| s + 1);
+                    if seq >= next {
+                        events.push((seq, event));
+                    }
+                }
+            }
+            Ok(events)
         })
     }
 
@@ -256,6 +300,93 @@ impl Store for Sqlite {
     }
 }
 
+/// A segment's events, by their lengths (decimal, space-separated).
+fn split(lens: &str, data: &Bytes) -> Vec<Bytes> {
+    let mut events = Vec::new();
+    let mut at = 0;
+    for len in lens.split(' ').map(str::parse::<usize>) {
+        let Some(end) = len
+            .ok()
+            .map(|len| at + len)
+            .filter(|&end| end <= data.len())
+        else {
+            tracing::error!("the store holds a damaged segment: its events are not all read");
+            break;
+        };
+        events.push(data.slice(at..end));
+        at = end;
+    }
+    events
+}
+
+/// Events a batch appends to one generation, in order, to write as one row.
+struct Segment {
+    first: u64,
+    count: u64,
+    lens: String,
+    data: Vec<u8>,
+}
+
+impl Segment {
+    fn new(seq: u64, event: &[u8]) -> Self {
+        Segment {
+            first: seq,
+            count: 1,
+            lens: event.len().to_string(),
+            data: event.to_vec(),
+        }
+    }
+
+    fn push(&mut self, event: &[u8]) {
+        self.count += 1;
+        self.lens.push(' ');
+        self.lens.push_str(&event.len().to_string());
+        self.data.extend_from_slice(event);
+    }
+
+    fn write(&self, tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO segments (response_id, seq, lens, data) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![id, self.first as i64, self.lens, self.data])?;
+        Ok(())
+    }
+}
+
+/// A batch's segments not yet written.
+#[derive(Default)]
+struct Segments(HashMap<String, Segment>);
+
+impl Segments {
+    fn append(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        id: String,
+        seq: u64,
+        event: &[u8],
+    ) -> rusqlite::Result<()> {
+        match self.0.get_mut(&id) {
+            Some(segment) if segment.first + segment.count == seq => segment.push(event),
+            Some(segment) => {
+                // Not the next event: what came before goes as it is.
+                segment.write(tx, &id)?;
+                *segment = Segment::new(seq, event);
+            }
+            None => {
+                self.0.insert(id, Segment::new(seq, event));
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        for (id, segment) in self.0.drain() {
+            segment.write(tx, &id)?;
+        }
+        Ok(())
+    }
+}
+
 /// Bytes the database holds (its pages less the free ones).
 fn size(conn: &Connection) -> rusqlite::Result<u64> {
     let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
@@ -276,6 +407,10 @@ impl Writer {
     fn run(mut self, writes: mpsc::Receiver<Write>) {
         let mut batch = Vec::with_capacity(BATCH);
         while let Ok(first) = writes.recv() {
+            if !matches!(first, Write::Flush(_)) {
+                // Gathers the writes of the next moments (a flush wakes it).
+                std::thread::park_timeout(LINGER);
+            }
             batch.push(first);
             while batch.len() < BATCH {
                 match writes.try_recv() {
@@ -292,9 +427,11 @@ impl Writer {
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         let result = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction()?;
+            let mut segments = Segments::default();
             for write in batch.drain(..) {
-                replies.push(apply_one(&tx, &self.retention, write)?);
+                replies.push(apply_one(&tx, &self.retention, &mut segments, write)?);
             }
+            segments.write(&tx)?;
             tx.commit()?;
             Ok(())
         })();
@@ -315,6 +452,7 @@ impl Writer {
 fn apply_one(
     tx: &rusqlite::Transaction<'_>,
     retention: &Retention,
+    segments: &mut Segments,
     write: Write,
 ) -> Result<Reply, StoreError> {
     fn settle<T: Send + 'static>(reply: oneshot::Sender<Result<T, StoreError>>, value: T) -> Reply {
@@ -327,11 +465,13 @@ fn apply_one(
     }
     Ok(match write {
         Write::Insert(r, reply) => {
-            let added = tx.execute(
-                "INSERT INTO responses (id, kind, status, background, stored, key, request, \
+            let added = tx
+                .prepare_cached(
+                    "INSERT INTO responses (id, kind, status, background, stored, key, request, \
                  object, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT DO NOTHING",
-                params![
+                )?
+                .execute(params![
                     r.id,
                     r.kind.as_str(),
                     r.status.as_str(),
@@ -342,8 +482,7 @@ fn apply_one(
                     r.object.as_deref(),
                     r.created_at as i64,
                     r.expires_at as i64
-                ],
-            )?;
+                ])?;
             let inserted = if added == 1 {
                 Inserted::New
             } else {
@@ -359,31 +498,27 @@ fn apply_one(
             settle(reply, inserted)
         }
         Write::Update(id, status, object, reply) => {
-            match object {
-                Some(object) => tx.execute(
-                    "UPDATE responses SET status = ?2, object = ?3 WHERE id = ?1",
-                    params![id, status.as_str(), object.as_ref()],
-                )?,
-                None => tx.execute(
-                    "UPDATE responses SET status = ?2 WHERE id = ?1",
-                    params![id, status.as_str()],
-                )?,
-            };
+            tx.prepare_cached("UPDATE responses SET status = ?2, object = ?3 WHERE id = ?1")?
+                .execute(params![id, status.as_str(), object.as_deref()])?;
             settle(reply, ())
         }
         Write::Append(id, seq, data) => {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO events (response_id, seq, data) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![id, seq as i64, data.as_ref()])?;
+            segments.append(tx, id, seq, &data)?;
             Box::new(|_| {})
         }
         Write::Delete(id, reply) => {
-            tx.execute("DELETE FROM events WHERE response_id = ?1", [&id])?;
-            let gone = tx.execute("DELETE FROM responses WHERE id = ?1", [&id])? > 0;
+            // Whatever was appended before goes with it.
+            segments.write(tx)?;
+            tx.prepare_cached("DELETE FROM segments WHERE response_id = ?1")?
+                .execute([&id])?;
+            let gone = tx
+                .prepare_cached("DELETE FROM responses WHERE id = ?1")?
+                .execute([&id])?
+                > 0;
             settle(reply, gone)
         }
         Write::Sweep(now, reply) => {
+            segments.write(tx)?;
             let gone = sweep(tx, retention, now)?;
             settle(reply, gone)
         }
@@ -417,7 +552,7 @@ fn sweep(tx: &rusqlite::Transaction<'_>, retention: &Retention, now: u64) -> rus
 /// Deletes the records (and events) a query of ids selects.
 fn delete_where(tx: &rusqlite::Transaction<'_>, ids: &str, arg: i64) -> rusqlite::Result<u64> {
     tx.execute(
-        &format!("DELETE FROM events WHERE response_id IN ({ids})"),
+        &format!("DELETE FROM segments WHERE response_id IN ({ids})"),
         [arg],
     )?;
     Ok(tx.execute(&format!("DELETE FROM responses WHERE id IN ({ids})"), [arg])? as u64)

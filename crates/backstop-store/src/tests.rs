@@ -125,3 +125,80 @@ async fn deleting_removes_the_record_and_its_log() {
     assert!(!store.delete("r").await.unwrap());
     assert!(store.events("r", None).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_log_read_from_any_event_whatever_rows_its_batches_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    // Two generations' events interleaved, committed in three batches; one
+    // event appended twice (a retry), and an empty event.
+    for seq in 0..4 {
+        store.append("a", seq, Bytes::from(format!("a{seq}")));
+        store.append("b", seq, Bytes::from(format!("b{seq}")));
+    }
+    store.flush().await.unwrap();
+    store.append("a", 3, Bytes::from_static(b"a3"));
+    store.append("a", 4, Bytes::new());
+    store.append("a", 5, Bytes::from_static(b"a5"));
+    store.flush().await.unwrap();
+    store.append("a", 6, Bytes::from_static(b"a6"));
+    store.flush().await.unwrap();
+    let texts = |events: Vec<(u64, Bytes)>| -> Vec<(u64, String)> {
+        events
+            .into_iter()
+            .map(|(s, e)| (s, String::from_utf8(e.to_vec()).unwrap()))
+            .collect()
+    };
+    let all = texts(store.events("a", None).await.unwrap());
+    let want: Vec<(u64, String)> = [
+        (0, "a0"),
+        (1, "a1"),
+        (2, "a2"),
+        (3, "a3"),
+        (4, ""),
+        (5, "a5"),
+        (6, "a6"),
+    ]
+    .into_iter()
+    .map(|(s, e)| (s, e.to_string()))
+    .collect();
+    assert_eq!(all, want);
+    for after in 0..7u64 {
+        let got = texts(store.events("a", Some(after)).await.unwrap());
+        assert_eq!(got, want[after as usize + 1..], "after {after}");
+    }
+    assert_eq!(store.events("b", Some(1)).await.unwrap().len(), 2);
+    assert!(store.events("b", Some(3)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_database_of_the_first_version_is_read_on() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let old = rusqlite::Connection::open(dir.path().join("backstop.db")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE responses (id TEXT PRIMARY KEY, kind TEXT NOT NULL, \
+             status TEXT NOT NULL, background INTEGER NOT NULL, stored INTEGER NOT NULL, \
+             key TEXT UNIQUE, request BLOB NOT NULL, object BLOB, created_at INTEGER NOT NULL, \
+             expires_at INTEGER NOT NULL);
+             CREATE TABLE events (response_id TEXT NOT NULL, seq INTEGER NOT NULL, \
+             data BLOB NOT NULL, PRIMARY KEY (response_id, seq)) WITHOUT ROWID;
+             INSERT INTO responses VALUES ('r', 'response', 'in_progress', 1, 1, NULL, \
+             X'7B7D', NULL, 1, 2);
+             INSERT INTO events VALUES ('r', 0, X'6530'), ('r', 1, X'6531');",
+        )
+        .unwrap();
+    }
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    store.append("r", 2, Bytes::from_static(b"e2"));
+    store.flush().await.unwrap();
+    let events = store.events("r", Some(0)).await.unwrap();
+    assert_eq!(
+        events,
+        [
+            (1, Bytes::from_static(b"e1")),
+            (2, Bytes::from_static(b"e2"))
+        ]
+    );
+    assert_eq!(store.unfinished().await.unwrap().len(), 1);
+}
