@@ -261,9 +261,10 @@ impl Generations {
                 tokio::select! {
                     frame = frames.next() => {
                         let Some(frame) = frame else { break };
+                        let mut behind = false;
                         for event in split_events(&frame) {
                             let seq = live.push(event.clone());
-                            gens.store.append(&id, seq, event.clone());
+                            behind |= gens.store.append(&id, seq, event.clone());
                             // A job's first event says it has started. (The
                             // write is queued in order; the stream does not
                             // wait for its commit.)
@@ -272,6 +273,13 @@ impl Generations {
                                     let object = restatus(&object, Status::InProgress);
                                     drop(gens.store.update(&id, Status::InProgress, Some(object)));
                                 }
+                            }
+                        }
+                        if behind {
+                            // The store has fallen far behind: the stream
+                            // waits for it rather than fill memory.
+                            if let Err(e) = gens.store.flush().await {
+                                tracing::error!(id, "the store cannot keep up: {e}");
                             }
                         }
                     }

@@ -201,8 +201,10 @@ pub trait Store: Send + Sync {
         status: Status,
         object: Option<Bytes>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// Appends event `seq` (the next one) to a record's log.
-    fn append(&self, id: &str, seq: u64, event: Bytes);
+    /// Appends event `seq` (the next one) to a record's log; whether the
+    /// store has fallen behind, so that the caller should wait for a
+    /// [`Store::flush`] before it makes more.
+    fn append(&self, id: &str, seq: u64, event: Bytes) -> bool;
     /// A record by id.
     fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
     /// A record by idempotency key.

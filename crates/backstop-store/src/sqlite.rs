@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,14 @@ const BATCH: usize = 4096;
 /// writes every page it touched, so fewer, larger ones cost far less than
 /// one a write; only a flush commits sooner.
 const LINGER: Duration = Duration::from_millis(10);
+/// The writer's nice value (Linux): below the threads that serve streams,
+/// so that a commit never holds up an event on a busy machine; it runs in
+/// the time they leave.
+const NICE: i32 = 10;
+/// Event bytes queued for the writer past which an append asks its stream
+/// to wait for the writer: what a writer that falls behind (an overloaded
+/// machine, a slow disk) may hold in memory.
+const BEHIND: usize = 64 << 20;
 /// Records deleted at a time while the database is over its size.
 const SHED: usize = 16;
 
@@ -84,6 +93,8 @@ pub struct Sqlite {
     writes: mpsc::Sender<Write>,
     /// The writer thread, woken by a flush.
     writer: std::thread::Thread,
+    /// Event bytes appended and not yet committed.
+    queued: Arc<AtomicUsize>,
     read: Arc<Mutex<Connection>>,
 }
 
@@ -115,14 +126,17 @@ impl Sqlite {
         let read = Connection::open(&path)?;
         read.busy_timeout(std::time::Duration::from_secs(5))?;
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = Writer {
+            conn: write,
+            retention,
+            queued: queued.clone(),
+        };
         let writer = std::thread::Builder::new()
             .name("backstop-store".into())
             .spawn(move || {
-                Writer {
-                    conn: write,
-                    retention,
-                }
-                .run(rx)
+                background_priority();
+                writer.run(rx)
             })
             .map_err(|source| StoreError::Directory {
                 path: dir.display().to_string(),
@@ -133,6 +147,7 @@ impl Sqlite {
         Ok(Sqlite {
             writes: tx,
             writer,
+            queued,
             read: Arc::new(Mutex::new(read)),
         })
     }
@@ -215,7 +230,9 @@ impl Store for Sqlite {
         self.ask(move |tx| Write::Update(id, status, object, tx))
     }
 
-    fn append(&self, id: &str, seq: u64, event: Bytes) {
+    fn append(&self, id: &str, seq: u64, event: Bytes) -> bool {
+        let len = event.len();
+        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
         if self
             .send(Write::Append(id.to_string(), seq, event))
             .is_err()
@@ -226,6 +243,7 @@ impl Store for Sqlite {
                 "the store's writer has stopped: an event is not kept"
             );
         }
+        queued > BEHIND
     }
 
     fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
@@ -398,6 +416,16 @@ fn size(conn: &Connection) -> rusqlite::Result<u64> {
 struct Writer {
     conn: Connection,
     retention: Retention,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Lowers the calling thread's priority to [`NICE`] (Linux; a no-op
+/// elsewhere).
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE) {
+        tracing::warn!("the store's writer keeps its priority: {e}");
+    }
 }
 
 /// An answer to send once the batch's transaction is settled.
@@ -418,7 +446,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let appended: usize = batch
+                .iter()
+                .map(|w| match w {
+                    Write::Append(_, _, event) => event.len(),
+                    _ => 0,
+                })
+                .sum();
             self.apply(&mut batch);
+            self.queued.fetch_sub(appended, Ordering::Relaxed);
         }
     }
 

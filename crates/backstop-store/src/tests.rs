@@ -202,3 +202,22 @@ async fn a_database_of_the_first_version_is_read_on() {
     );
     assert_eq!(store.unfinished().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn an_append_says_when_the_writer_has_fallen_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    assert!(!store.append("r", 0, Bytes::from_static(b"e")));
+    // Far more than the writer takes in one go, appended at once.
+    let big = Bytes::from(vec![b'x'; 1 << 20]);
+    let behind = (1..=256).find(|&seq| store.append("r", seq, big.clone()));
+    assert!(behind.is_some(), "never behind");
+    store.flush().await.unwrap();
+    let next = behind.unwrap() + 1;
+    assert!(!store.append("r", next, Bytes::from_static(b"e")));
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.events("r", None).await.unwrap().len() as u64,
+        next + 1
+    );
+}
