@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# What keeping generations costs: Responses streams through two Backstops in
+# What keeping generations costs: Responses streams through Backstops in
 # front of the same mock upstream, one with the store (every stream kept and
-# resumable, the default) and one with it turned off, side by side at fixed
-# rates, with oha; then background jobs accepted per second, and bytes on
-# disk per stored response.
+# resumable, the default) and two with it turned off (the second measures
+# the machine's noise), side by side at fixed rates, with oha; then
+# background jobs accepted per second, and bytes on disk per stored
+# response.
 #
-#   benches/store.sh [SECONDS_PER_STEP]      (default 10)
+#   benches/store.sh [SECONDS_PER_STEP] [ROUNDS]     (defaults 10, 3)
 #
 # Needs oha (`cargo install oha --locked`). Prints markdown tables for
 # benches/README.md. Everything runs on loopback. bench-store measures the
@@ -13,9 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
+rounds=${2:-3}
 mock_addr=127.0.0.1:18081
 on_addr=127.0.0.1:18082
 off_addr=127.0.0.1:18083
+same_addr=127.0.0.1:18084
 work=$(mktemp -d)
 
 command -v oha >/dev/null || { echo "oha is needed: cargo install oha --locked" >&2; exit 1; }
@@ -31,6 +34,8 @@ max_running = 64
 max_queued = 1000000" >"$work/on.toml"
 config $off_addr 127.0.0.1:18093 "[store]
 enabled = false" >"$work/off.toml"
+config $same_addr 127.0.0.1:18094 "[store]
+enabled = false" >"$work/same.toml"
 
 target/release/bench-mock $mock_addr >/dev/null &
 mock_pid=$!
@@ -38,9 +43,12 @@ BACKSTOP_LOG=warn target/release/backstop --config "$work/on.toml" >/dev/null &
 on_pid=$!
 BACKSTOP_LOG=warn target/release/backstop --config "$work/off.toml" >/dev/null &
 off_pid=$!
-trap 'kill $mock_pid $on_pid $off_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+BACKSTOP_LOG=warn target/release/backstop --config "$work/same.toml" >/dev/null &
+same_pid=$!
+trap 'kill $mock_pid $on_pid $off_pid $same_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 50); do
   curl -sf http://$on_addr/healthz >/dev/null && curl -sf http://$off_addr/healthz >/dev/null &&
+    curl -sf http://$same_addr/healthz >/dev/null &&
     curl -sf http://$mock_addr/v1/models >/dev/null && break
   sleep 0.1
 done
@@ -57,16 +65,36 @@ load() { # url body rate|max
     python3 benches/oha_summary.py
 }
 
-echo "| rate (req/s) | direct p50 (ms) | direct p99 (ms) | store off p50 (ms) | store off p99 (ms) | store on p50 (ms) | store on p99 (ms) | store adds p50 / p99 (ms) | achieved off / on (req/s) |"
-echo "|---|---|---|---|---|---|---|---|---|"
+# Each rate runs the Backstops in turn, $rounds times, the order rotated
+# each round: the store's, the one without, and a second one without, whose
+# difference from the first (A/A) is what this machine's noise alone makes.
+# The table gives the median of each column, and of the differences.
+median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
+echo "| rate (req/s) | direct p50 / p99 (ms) | store off p50 / p99 (ms) | store on p50 / p99 (ms) | the store adds p50 / p99 (ms) | A/A: store off twice, p50 / p99 apart (ms) | achieved off / on (req/s) |"
+echo "|---|---|---|---|---|---|---|"
 for rate in 500 1000 max; do
-  read -r d50 d99 drps dok <<<"$(load http://$mock_addr/v1/responses "$stream" $rate)"
-  read -r f50 f99 frps fok <<<"$(load http://$off_addr/v1/responses "$stream" $rate)"
-  read -r n50 n99 nrps nok <<<"$(load http://$on_addr/v1/responses "$stream" $rate)"
-  added=$(python3 -c "print(f'{$n50-$f50:.3f} / {$n99-$f99:.3f}')")
-  echo "| $rate | $d50 | $d99 | $f50 | $f99 | $n50 | $n99 | $added | $frps / $nrps (ok $fok% / $nok%) |"
+  read -r d50 d99 _ _ <<<"$(load http://$mock_addr/v1/responses "$stream" $rate)"
+  cols=(off50 off99 offrps on50 on99 onrps same50 same99 samerps a50 a99 aa50 aa99)
+  for c in "${cols[@]}"; do eval "$c=()"; done
+  for round in $(seq "$rounds"); do
+    order=(off on same)
+    case $((round % 3)) in
+      2) order=(on same off) ;;
+      0) order=(same off on) ;;
+    esac
+    for which in "${order[@]}"; do
+      addr_var=${which}_addr
+      read -r p50 p99 rps ok <<<"$(load "http://${!addr_var}/v1/responses" "$stream" $rate)"
+      [ "$ok" = 100.0 ] || echo "warning: $which at $rate: $ok% ok" >&2
+      eval "${which}50+=($p50); ${which}99+=($p99); ${which}rps+=($rps)"
+    done
+    a50+=("$(python3 -c "print(${on50[-1]} - ${off50[-1]})")")
+    a99+=("$(python3 -c "print(${on99[-1]} - ${off99[-1]})")")
+    aa50+=("$(python3 -c "print(abs(${same50[-1]} - ${off50[-1]}))")")
+    aa99+=("$(python3 -c "print(abs(${same99[-1]} - ${off99[-1]}))")")
+  done
+  echo "| $rate | $d50 / $d99 | $(median "${off50[@]}") / $(median "${off99[@]}") | $(median "${on50[@]}") / $(median "${on99[@]}") | $(median "${a50[@]}") / $(median "${a99[@]}") | $(median "${aa50[@]}") / $(median "${aa99[@]}") | $(median "${offrps[@]}") / $(median "${onrps[@]}") |"
 done
-
 echo
 read -r j50 j99 jrps jok <<<"$(load http://$on_addr/v1/responses "$background" max)"
 echo "Background responses accepted: $jrps req/s (p50 $j50 ms, p99 $j99 ms, ok $jok%)"
@@ -87,7 +115,8 @@ python3 - "$work/data" <<'PY'
 import os, sqlite3, sys
 path = sys.argv[1]
 db = sqlite3.connect(os.path.join(path, "backstop.db"))
-n, events = db.execute("SELECT COUNT(*), (SELECT COUNT(*) FROM events) FROM responses").fetchone()
+n = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+events = sum(len(lens.split()) for (lens,) in db.execute("SELECT lens FROM segments"))
 pages, free, size = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count", "page_size"))
 used = (pages - free) * size
 files = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))

@@ -106,6 +106,7 @@ struct RawStore {
     keep_stored_days: Option<u64>,
     keep_unstored_s: Option<u64>,
     max_disk_mb: Option<u64>,
+    max_unwritten_mb: Option<u64>,
     sweep_every_s: Option<u64>,
     max_running: Option<usize>,
     max_queued: Option<usize>,
@@ -124,6 +125,8 @@ pub struct StoreConfig {
     pub keep_unstored: Duration,
     /// The database's size past which the oldest finished records go.
     pub max_disk_bytes: u64,
+    /// Events waiting for the disk past which streams wait for the store.
+    pub max_unwritten_bytes: usize,
     /// How often the sweeper runs.
     pub sweep_every: Duration,
     /// Background jobs generating at once.
@@ -659,6 +662,11 @@ impl RawStore {
             )?),
             max_disk_bytes: positive(self.max_disk_mb, "store.max_disk_mb", 1024)?
                 .saturating_mul(1 << 20),
+            max_unwritten_bytes: usize::try_from(
+                positive(self.max_unwritten_mb, "store.max_unwritten_mb", 64)?
+                    .saturating_mul(1 << 20),
+            )
+            .unwrap_or(usize::MAX),
             sweep_every: Duration::from_secs(positive(
                 self.sweep_every_s,
                 "store.sweep_every_s",

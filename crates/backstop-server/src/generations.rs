@@ -111,7 +111,8 @@ impl Generations {
             unstored: config.keep_unstored,
             max_bytes: config.max_disk_bytes,
         };
-        let store = Sqlite::open(&config.path, retention.clone())?;
+        let store = Sqlite::open(&config.path, retention.clone())?
+            .max_unwritten(config.max_unwritten_bytes);
         Ok(Generations {
             store: Arc::new(store),
             live: Mutex::new(HashMap::new()),

@@ -33,9 +33,9 @@ const LINGER: Duration = Duration::from_millis(10);
 /// the time they leave.
 const NICE: i32 = 10;
 /// Event bytes queued for the writer past which an append asks its stream
-/// to wait for the writer: what a writer that falls behind (an overloaded
-/// machine, a slow disk) may hold in memory.
-const BEHIND: usize = 64 << 20;
+/// to wait for the writer, unless set otherwise: what a writer that falls
+/// behind (an overloaded machine, a slow disk) may hold in memory.
+const MAX_UNWRITTEN: usize = 64 << 20;
 /// Records deleted at a time while the database is over its size.
 const SHED: usize = 16;
 
@@ -95,6 +95,8 @@ pub struct Sqlite {
     writer: std::thread::Thread,
     /// Event bytes appended and not yet committed.
     queued: Arc<AtomicUsize>,
+    /// Past it, an append says the store is behind.
+    max_unwritten: usize,
     read: Arc<Mutex<Connection>>,
 }
 
@@ -148,8 +150,16 @@ impl Sqlite {
             writes: tx,
             writer,
             queued,
+            max_unwritten: MAX_UNWRITTEN,
             read: Arc::new(Mutex::new(read)),
         })
+    }
+
+    /// Sets how many event bytes may wait for the disk before an append
+    /// says the store is behind (64 MiB unless set).
+    pub fn max_unwritten(mut self, bytes: usize) -> Self {
+        self.max_unwritten = bytes;
+        self
     }
 
     fn send(&self, write: Write) -> Result<(), StoreError> {
@@ -243,7 +253,7 @@ impl Store for Sqlite {
                 "the store's writer has stopped: an event is not kept"
             );
         }
-        queued > BEHIND
+        queued > self.max_unwritten
     }
 
     fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {

@@ -206,10 +206,12 @@ async fn a_database_of_the_first_version_is_read_on() {
 #[tokio::test]
 async fn an_append_says_when_the_writer_has_fallen_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    let store = Sqlite::open(dir.path(), Retention::default())
+        .unwrap()
+        .max_unwritten(1 << 20);
     assert!(!store.append("r", 0, Bytes::from_static(b"e")));
-    // Far more than the writer takes in one go, appended at once.
-    let big = Bytes::from(vec![b'x'; 1 << 20]);
+    // More than the bound, appended at once.
+    let big = Bytes::from(vec![b'x'; 64 << 10]);
     let behind = (1..=256).find(|&seq| store.append("r", seq, big.clone()));
     assert!(behind.is_some(), "never behind");
     store.flush().await.unwrap();
