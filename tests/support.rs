@@ -27,6 +27,9 @@ pub struct Harness {
     pub data: Option<tempfile::TempDir>,
 }
 
+/// The shared secret `TEST_JWT_SECRET` holds for the servers tests start.
+pub const JWT_SECRET: &str = "a test secret of at least thirty-two bytes";
+
 impl Harness {
     /// Backstop with one target in front of one mock.
     pub async fn start() -> Self {
@@ -62,8 +65,12 @@ impl Harness {
             let toml = format!("{toml}\n[store]\npath = {:?}\n", dir.path());
             (toml, Some(dir))
         };
-        let config = Config::parse(&toml, |name| (name == "TEST_KEY").then(|| "sk-test".into()))
-            .expect("config is valid");
+        let config = Config::parse(&toml, |name| match name {
+            "TEST_KEY" => Some("sk-test".into()),
+            "TEST_JWT_SECRET" => Some(JWT_SECRET.into()),
+            _ => None,
+        })
+        .expect("config is valid");
         let app = App::new(config).expect("app builds");
         let (stop, stopped) = oneshot::channel::<()>();
         let running = run(app, async {

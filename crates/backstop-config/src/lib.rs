@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod auth;
 pub mod limits;
+pub use auth::{AuthConfig, IdentityConfig, JwtConfig, Scopes};
 pub use limits::Limits;
 
 use backstop_local::LocalConfig;
@@ -96,6 +98,8 @@ struct RawConfig {
     shadow: RawShadow,
     #[serde(default)]
     store: RawStore,
+    #[serde(default)]
+    auth: auth::RawAuth,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,6 +320,9 @@ pub struct Config {
     /// The store of generations (responses, background jobs, resumable
     /// streams); `None` when turned off.
     pub store: Option<StoreConfig>,
+    /// Client authentication; `None` (the default) lets anyone who reaches
+    /// the port call.
+    pub auth: Option<AuthConfig>,
 }
 
 impl Config {
@@ -383,6 +390,17 @@ fn default_local(env: &impl Fn(&str) -> Option<String>) -> Option<RawLocal> {
     Some(RawLocal {
         model: Some(model),
         ..RawLocal::default()
+    })
+}
+
+/// A model pattern: `*` for any, `name*` for a prefix, else exactly the
+/// name; `None` when empty.
+fn model_match(pattern: &str) -> Option<ModelMatch> {
+    Some(match pattern {
+        "" => return None,
+        "*" => ModelMatch::Any,
+        p if p.ends_with('*') => ModelMatch::Prefix(p.trim_end_matches('*').to_string()),
+        name => ModelMatch::Exact(name.to_string()),
     })
 }
 
@@ -556,12 +574,8 @@ impl RawConfig {
         }
         let mut routes = Vec::new();
         for (i, r) in self.routes.into_iter().enumerate() {
-            let models = match r.models.as_str() {
-                "*" => ModelMatch::Any,
-                "" => return Err(invalid(format!("routes[{i}].models"), "must not be empty")),
-                p if p.ends_with('*') => ModelMatch::Prefix(p.trim_end_matches('*').to_string()),
-                name => ModelMatch::Exact(name.to_string()),
-            };
+            let models = model_match(&r.models)
+                .ok_or_else(|| invalid(format!("routes[{i}].models"), "must not be empty"))?;
             if r.targets.is_empty() {
                 return Err(invalid(
                     format!("routes[{i}].targets"),
@@ -620,6 +634,7 @@ impl RawConfig {
             routes,
             shadow: self.shadow.validate()?,
             store: self.store.validate(env)?,
+            auth: self.auth.validate(env)?,
         })
     }
 }

@@ -342,3 +342,70 @@ fn an_admin_listener_off_loopback_needs_a_token() {
     let config = Config::parse(&with, |_| Some("0123456789abcdef".into())).unwrap();
     assert_eq!(config.admin_token.as_deref(), Some("0123456789abcdef"));
 }
+
+#[test]
+fn authentication_is_off_unless_turned_on_and_is_checked() {
+    let base = "[[targets]]\nname = \"a\"\nbase_url = \"http://x\"\n";
+    assert!(Config::parse(base, env).unwrap().auth.is_none());
+    let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let on = Config::parse(
+        &format!(
+            "{base}[auth]\nenabled = true\n[[auth.identities]]\nname = \"billing\"\n\
+             models = [\"gpt-4o*\"]\nkey_sha256 = [\"{hash}\"]\n\
+             [[auth.identities]]\nname = \"ops\"\nscopes = [\"admin\"]\n"
+        ),
+        env,
+    )
+    .unwrap()
+    .auth
+    .unwrap();
+    let billing = &on.identities[0];
+    assert_eq!(
+        billing.scopes,
+        Scopes {
+            inference: true,
+            admin: false
+        }
+    );
+    assert_eq!(billing.models, vec![ModelMatch::Prefix("gpt-4o".into())]);
+    assert_eq!(billing.key_hashes[0][0], 0x9f);
+    assert!(on.identities[1].scopes.admin && !on.identities[1].scopes.inference);
+    assert!(on.jwt.is_none());
+
+    let identity = "[[auth.identities]]\nname = \"billing\"\n";
+    for (text, field) in [
+        // Identities with no word on `enabled` would be silently ignored.
+        (format!("[auth]\n{identity}"), "auth.enabled"),
+        ("[auth]\nenabled = true\n".to_string(), "auth.identities"),
+        (
+            format!("[auth]\nenabled = true\n{identity}{identity}"),
+            "auth.identities[1].name",
+        ),
+        (
+            format!("[auth]\nenabled = true\n{identity}scopes = [\"root\"]\n"),
+            "auth.identities[0].scopes",
+        ),
+        (
+            format!("[auth]\nenabled = true\n{identity}key_sha256 = [\"abc\"]\n"),
+            "auth.identities[0].key_sha256[0]",
+        ),
+        (
+            "[auth]\nenabled = true\n[[auth.identities]]\nname = \"a b\"\n".to_string(),
+            "auth.identities[0].name",
+        ),
+        (
+            format!("[auth]\nenabled = true\n{identity}[auth.jwt]\nissuer = \"x\"\n"),
+            "auth.jwt",
+        ),
+        (
+            format!(
+                "[auth]\nenabled = true\n{identity}[auth.jwt]\n\
+                 secrets = [{{ kid = \"k\", secret_env = \"OPENAI_API_KEY\" }}]\n"
+            ),
+            "auth.jwt.secrets[0].secret_env",
+        ),
+    ] {
+        let err = parse_err(&format!("{base}{text}"));
+        assert!(err.starts_with(field), "{field}: {err}");
+    }
+}

@@ -47,7 +47,8 @@ pub enum ModelMatch {
 }
 
 impl ModelMatch {
-    fn matches(&self, model: &str) -> bool {
+    /// Whether `model` is one the pattern takes.
+    pub fn matches(&self, model: &str) -> bool {
         match self {
             ModelMatch::Exact(name) => model == name,
             ModelMatch::Prefix(prefix) => model.starts_with(prefix.as_str()),

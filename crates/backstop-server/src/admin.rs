@@ -1,5 +1,6 @@
 //! The admin endpoints: breakers and shadow verification, for operators.
-//! They answer on the admin listener, or with the admin token.
+//! They answer on the admin listener, or with the admin token; with
+//! authentication on, to a credential of the admin scope.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +18,13 @@ use crate::listener::Surface;
 use crate::respond::{self, Served};
 use crate::App;
 
-/// Whether an admin request may go on: on the admin listener, or with the
-/// admin token (required on both when one is configured); never from a web
-/// page (a browser sends `Origin` or `Sec-Fetch-Site` with a cross-site
-/// request); and a POST only with a JSON body, which a page cannot send
-/// without a preflight.
+/// Whether an admin request may go on. With authentication on, only with a
+/// credential of the `admin` scope (or the admin token), on either
+/// listener. Without it, on the admin listener, or with the admin token
+/// (required on both when one is configured). Never from a web page (a
+/// browser sends `Origin` or `Sec-Fetch-Site` with a cross-site request);
+/// and a POST only with a JSON body, which a page cannot send without a
+/// preflight.
 pub(crate) async fn guard(
     State(app): State<Arc<App>>,
     req: Request,
@@ -37,11 +40,27 @@ pub(crate) async fn guard(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match (&app.config.admin_token, token) {
-        (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => {}
-        (Some(_), _) => return Err(ServerError::AdminToken),
-        (None, _) if surface == Surface::Admin => {}
-        (None, _) => {
+    let admin_token = match (&app.config.admin_token, token) {
+        (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
+        _ => false,
+    };
+    match (&app.auth, &app.config.admin_token) {
+        _ if admin_token => {}
+        (Some(auth), _) => {
+            let caller = crate::auth::authenticate(&app, auth, headers)?;
+            if !caller.0.scopes.admin {
+                app.metrics
+                    .auth_failures
+                    .with_label_values(&["forbidden_scope"])
+                    .inc();
+                return Err(ServerError::Forbidden(
+                    "the admin endpoints need a credential with the admin scope",
+                ));
+            }
+        }
+        (None, Some(_)) => return Err(ServerError::AdminToken),
+        (None, None) if surface == Surface::Admin => {}
+        (None, None) => {
             return Err(ServerError::Forbidden(
                 "the admin endpoints are served on the admin listener (server.admin_listen), \
                  or here with server.admin_token_env set",

@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::time::Instant;
 
+use crate::auth::Caller;
 use crate::error::{Rejection, ServerError};
 use crate::generations::{unix_now, Generations};
 use crate::metrics::{status_class, Metrics};
@@ -75,11 +76,13 @@ pub(crate) struct InFlight {
     /// is bounded by the job runner instead).
     _place: Option<tokio::sync::OwnedSemaphorePermit>,
     memory: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Who asked, when authentication is on: its tokens are counted.
+    pub(crate) caller: Option<Caller>,
 }
 
 impl InFlight {
     /// The request's place in flight, or none when `max_in_flight` are.
-    fn new(app: Arc<App>, endpoint: Endpoint) -> Option<Self> {
+    fn new(app: Arc<App>, endpoint: Endpoint, caller: Option<Caller>) -> Option<Self> {
         let place = app.in_flight.clone().try_acquire_owned().ok()?;
         app.metrics.in_flight.inc();
         Some(InFlight {
@@ -89,12 +92,13 @@ impl InFlight {
             stream: false,
             _place: Some(place),
             memory: None,
+            caller,
         })
     }
 
     /// A background job's generation, counted like a request but holding
     /// no place among `max_in_flight`.
-    pub(crate) fn detached(app: Arc<App>) -> Self {
+    pub(crate) fn detached(app: Arc<App>, caller: Option<Caller>) -> Self {
         app.metrics.in_flight.inc();
         InFlight {
             app,
@@ -103,6 +107,7 @@ impl InFlight {
             stream: true,
             _place: None,
             memory: None,
+            caller,
         }
     }
 
@@ -137,6 +142,12 @@ impl InFlight {
         &self.app.metrics
     }
 
+    /// Counts a backend's usage report, for its target and the caller.
+    fn count_usage(&self, target: &str, usage: &backstop_adapter::Usage) {
+        let identity = self.caller.as_ref().map(Caller::name);
+        self.metrics().count_usage(target, identity, usage);
+    }
+
     pub(crate) fn record(&self, target: &str, status: u16) {
         self.metrics()
             .requests
@@ -159,7 +170,8 @@ impl Drop for InFlight {
 }
 
 async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Response<Body> {
-    let Some(mut flight) = InFlight::new(app.clone(), endpoint) else {
+    let caller = req.extensions().get::<Caller>().cloned();
+    let Some(mut flight) = InFlight::new(app.clone(), endpoint, caller) else {
         app.metrics.rejected.with_label_values(&["in_flight"]).inc();
         return ServerError::from(Rejection {
             status: 503,
@@ -213,6 +225,23 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
             return ServerError::Invalid(e).into_response();
         }
     };
+    if let Some(caller) = flight
+        .caller
+        .as_ref()
+        .filter(|c| !c.may_use(&request.chat.model))
+    {
+        app.metrics
+            .auth_failures
+            .with_label_values(&["forbidden_model"])
+            .inc();
+        tracing::info!(
+            identity = caller.name(),
+            model = request.chat.model,
+            "a model this caller may not use"
+        );
+        flight.record(respond::NO_BACKEND, 403);
+        return ServerError::ModelNotAllowed(request.chat.model.clone()).into_response();
+    }
     if app.generations.is_none() {
         if let Err(e) = needs_a_store(&request) {
             flight.record(respond::NO_BACKEND, 400);
@@ -631,7 +660,7 @@ pub(crate) async fn complete(
         }
     }
     if let Some(usage) = &completion.usage {
-        app.metrics.count_usage(&served.backend, usage);
+        flight.count_usage(&served.backend, usage);
     }
     let body = writer.completion(completion);
     let resp = match body {
@@ -892,7 +921,7 @@ impl ClientStream {
                 }
                 if let Some(usage) = &chunk.usage {
                     let target = self.serving.backend();
-                    self.flight.metrics().count_usage(&target, usage);
+                    self.flight.count_usage(&target, usage);
                 }
                 let encoded = self.writer.chunk(chunk, out);
                 if let Err(e) = encoded {

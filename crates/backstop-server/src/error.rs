@@ -30,6 +30,10 @@ pub enum ServerError {
     MethodNotAllowed(Method, String),
     /// An admin request without the admin token, where one is set: a 401.
     AdminToken,
+    /// A client credential not accepted (authentication on): a 401.
+    Unauthenticated(crate::auth::Refusal),
+    /// A model the caller may not ask for: a 403.
+    ModelNotAllowed(String),
     /// An admin request from where admin is not served: a 403.
     Forbidden(&'static str),
     /// An admin POST without a JSON body: a 415.
@@ -107,7 +111,8 @@ impl ServerError {
             ServerError::InProgress => 409,
             ServerError::Store(_) => 500,
             ServerError::MethodNotAllowed(..) => 405,
-            ServerError::AdminToken => 401,
+            ServerError::AdminToken | ServerError::Unauthenticated(_) => 401,
+            ServerError::ModelNotAllowed(_) => 403,
             ServerError::Forbidden(_) => 403,
             ServerError::NotJson => 415,
             ServerError::NotReady => 503,
@@ -156,6 +161,18 @@ impl ServerError {
                 "the admin endpoints need the admin token as a bearer token".into(),
                 None,
                 Some("invalid_admin_token"),
+            ),
+            ServerError::Unauthenticated(refusal) => (
+                invalid,
+                refusal.message().into(),
+                None,
+                Some("invalid_api_key"),
+            ),
+            ServerError::ModelNotAllowed(model) => (
+                "permission_error",
+                format!("This credential may not use the model `{model}`."),
+                Some("model".into()),
+                Some("model_not_allowed"),
             ),
             ServerError::Forbidden(why) => {
                 ("permission_error", why.to_string(), None, Some("forbidden"))
@@ -250,6 +267,12 @@ impl IntoResponse for ServerError {
             }
         }
         let mut resp = respond::json(status, body, Served::NONE, &Headers::new());
+        if status == 401 {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if status == 503 || status == 429 {
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,

@@ -2,6 +2,7 @@
 //! every other crate. The `backstop` binary is a thin `main` over [`run`].
 
 mod admin;
+mod auth;
 pub mod catalogue;
 mod completions;
 mod error;
@@ -40,6 +41,8 @@ pub struct App {
     shadows: Option<(Arc<Shadows>, Mutex<Option<Jobs>>)>,
     /// The store of generations, unless turned off.
     generations: Option<Arc<generations::Generations>>,
+    /// Client authentication, when on.
+    auth: Option<auth::Auth>,
 }
 
 /// Why the server could not start.
@@ -59,6 +62,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] backstop_store::StoreError),
+    /// The JWKS file could not be read.
+    #[error("{0}")]
+    Jwks(#[from] auth::JwksError),
     /// The listening socket could not be opened.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -131,7 +137,9 @@ impl App {
             Some(store) => Some(Arc::new(generations::Generations::open(store)?)),
             None => None,
         };
+        let auth = config.auth.as_ref().map(auth::Auth::new).transpose()?;
         Ok(App {
+            auth,
             generations,
             router,
             metrics,
@@ -205,6 +213,12 @@ pub async fn run(
     }
     if let Some(gens) = &app.generations {
         checks.push(gens.spawn_sweeper());
+    }
+    match &app.config.auth {
+        Some(auth) => tracing::info!("authentication is on: {}", auth::describe(auth)),
+        None => tracing::warn!(
+            "authentication is off: anyone who reaches {addr} can use it ([auth] turns it on)"
+        ),
     }
     responses::recover(&app).await;
     let task = tokio::spawn(async move {

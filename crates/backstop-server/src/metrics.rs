@@ -66,6 +66,12 @@ pub struct Metrics {
     /// Memory charged to the requests in flight, against
     /// `max_request_memory` (set at scrape time).
     pub request_memory: IntGauge,
+    /// Authenticated requests, by identity (the names config gives).
+    pub identity_requests: IntCounterVec,
+    /// Tokens served, by identity and kind (prompt, completion).
+    pub identity_tokens: IntCounterVec,
+    /// Credentials refused, by why.
+    pub auth_failures: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -265,6 +271,30 @@ impl Metrics {
         registry.register(Box::new(shadow_confirmations.clone()))?;
         registry.register(Box::new(shadow_ramp.clone()))?;
         registry.register(Box::new(shadow_similarity.clone()))?;
+        let identity_requests = IntCounterVec::new(
+            Opts::new(
+                "backstop_identity_requests_total",
+                "Authenticated requests by identity (a name from [auth], never a secret).",
+            ),
+            &["identity"],
+        )?;
+        let identity_tokens = IntCounterVec::new(
+            Opts::new(
+                "backstop_identity_tokens_total",
+                "Tokens served by identity and kind (prompt, completion).",
+            ),
+            &["identity", "kind"],
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "backstop_auth_failures_total",
+                "Credentials refused, by reason (missing, unknown_key, malformed_token, unknown_kid, bad_signature, expired, not_yet_valid, wrong_claims, unknown_identity, forbidden_scope, forbidden_model).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(identity_requests.clone()))?;
+        registry.register(Box::new(identity_tokens.clone()))?;
+        registry.register(Box::new(auth_failures.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -292,6 +322,9 @@ impl Metrics {
             rejected,
             closed,
             request_memory,
+            identity_requests,
+            identity_tokens,
+            auth_failures,
         })
     }
 
@@ -413,14 +446,26 @@ impl Metrics {
         }
     }
 
-    /// Counts a backend's usage report.
-    pub fn count_usage(&self, target: &str, usage: &backstop_adapter::Usage) {
-        self.tokens
-            .with_label_values(&[target, "prompt"])
-            .inc_by(usage.prompt_tokens);
-        self.tokens
-            .with_label_values(&[target, "completion"])
-            .inc_by(usage.completion_tokens);
+    /// Counts a backend's usage report, for its target and, when the
+    /// caller is known, its identity.
+    pub fn count_usage(
+        &self,
+        target: &str,
+        identity: Option<&str>,
+        usage: &backstop_adapter::Usage,
+    ) {
+        let kinds = [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ];
+        for (kind, n) in kinds {
+            self.tokens.with_label_values(&[target, kind]).inc_by(n);
+            if let Some(identity) = identity {
+                self.identity_tokens
+                    .with_label_values(&[identity, kind])
+                    .inc_by(n);
+            }
+        }
     }
 }
 

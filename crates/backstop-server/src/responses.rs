@@ -173,6 +173,7 @@ async fn start_job(
         live,
         place,
         Some((record, kept)),
+        flight.caller.clone(),
     );
     if let Ok(Err(e)) | Err(e) = was_kept.await.map_err(|e| e.to_string()) {
         return flight.reject(Rejection {
@@ -212,7 +213,8 @@ type Keep = (Record, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Runs a background job when a runner is free: its stream, from the
 /// first backend that answers, or its failure as events. With `keep`, its
-/// record is kept first (and the job ends there if it cannot be).
+/// record is kept first (and the job ends there if it cannot be). Its
+/// tokens count for `caller` (not known after a restart).
 #[allow(clippy::too_many_arguments)]
 fn run_job(
     app: &Arc<App>,
@@ -223,6 +225,7 @@ fn run_job(
     live: Arc<crate::generations::Live>,
     place: tokio::sync::OwnedSemaphorePermit,
     keep: Option<Keep>,
+    caller: Option<crate::auth::Caller>,
 ) {
     let (app, gens) = (app.clone(), gens.clone());
     tokio::spawn(async move {
@@ -240,7 +243,7 @@ fn run_job(
         // first backend) stops there.
         let start = async {
             let runner = gens.runners.clone().acquire_owned().await.ok()?;
-            let flight = InFlight::detached(app.clone());
+            let flight = InFlight::detached(app.clone(), caller);
             let writer = Writer::Responses(Box::new(writer));
             Some((
                 runner,
@@ -567,7 +570,7 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
     let (app, gens) = (app.clone(), gens.clone());
     tokio::spawn(async move {
         if let Ok(place) = gens.places.clone().acquire_owned().await {
-            run_job(&app, &gens, id, request, writer, live, place, None);
+            run_job(&app, &gens, id, request, writer, live, place, None, None);
         }
     });
 }

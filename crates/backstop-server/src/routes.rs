@@ -11,15 +11,17 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use backstop_adapter::{Headers, ModelList};
 use http::HeaderName;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Caller;
 use crate::error::ServerError;
 use crate::respond::{self, Served};
-use crate::{admin, completions, responses, App};
+use crate::{admin, auth, completions, responses, App};
 
 /// The header that carries a request's id: the client's own, or one
 /// Backstop makes; sent back on the response and logged with the request.
@@ -33,7 +35,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/admin/breakers/{target}", post(admin::force_breaker))
         .route_layer(middleware::from_fn_with_state(app.clone(), admin::guard));
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
-    Router::new()
+    // The client API: behind a credential when authentication is on.
+    let api = Router::new()
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::legacy))
         .route("/v1/responses", post(completions::responses))
@@ -47,6 +50,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
             get(responses::input_items),
         )
         .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::client));
+    Router::new()
+        .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -118,10 +124,15 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn models(State(app): State<Arc<App>>) -> Response {
+/// The models the caller may use (all, without authentication).
+async fn models(State(app): State<Arc<App>>, caller: Option<Extension<Caller>>) -> Response {
+    let mut data = app.router.models().await;
+    if let Some(Extension(caller)) = caller {
+        data.retain(|m| caller.may_use(&m.id));
+    }
     let list = ModelList {
         object: "list".into(),
-        data: app.router.models().await,
+        data,
     };
     respond::json(
         200,

@@ -1,0 +1,443 @@
+//! Client authentication: API keys and JWTs (HS256, RS256, ES256, EdDSA)
+//! admit their identities only, to the models and scopes config gives
+//! them; a JWKS rotation rejects no valid token; the admin endpoints need
+//! the admin scope; the official Python SDK works with a key and a JWT; no
+//! secret shows in an error, a metric or `/admin/status`.
+
+// Helpers of a test crate panic to report failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use backstop_tests::{Harness, JWT_SECRET};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ring::rand::SystemRandom;
+use ring::signature::{
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, RsaPublicKeyComponents,
+    ECDSA_P256_SHA256_FIXED_SIGNING,
+};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The billing service's key: inference, gpt-4o-mini only.
+const KEY: &str = "sk-billing-4f1c2a9e7b3d5f60a8c1e2d3b4a59687";
+/// The operators' key: inference and admin, any model.
+const OPS_KEY: &str = "sk-ops-0b9e8d7c6a5f4e3d2c1b0a9f8e7d6c5b";
+
+fn sha256_hex(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `[auth]` tables, with `jwt` (a `[auth.jwt]` table or nothing).
+fn auth_toml(jwt: &str) -> String {
+    format!(
+        "[auth]\nenabled = true\n\
+         [[auth.identities]]\nname = \"billing\"\nmodels = [\"gpt-4o-mini\"]\nkey_sha256 = [\"{}\"]\n\
+         [[auth.identities]]\nname = \"ops\"\nscopes = [\"inference\", \"admin\"]\nkey_sha256 = [\"{}\"]\n\
+         {jwt}\n",
+        sha256_hex(KEY),
+        sha256_hex(OPS_KEY)
+    )
+}
+
+async fn start(jwt: &str) -> Harness {
+    Harness::with_targets(1, &auth_toml(jwt)).await
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+async fn post_as(h: &Harness, credential: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut req = h.http.post(h.url("/v1/chat/completions")).json(body);
+    if let Some(c) = credential {
+        req = req.bearer_auth(c);
+    }
+    req.send().await.unwrap()
+}
+
+/// The status and error body of a refused request.
+async fn refused(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+async fn metrics(h: &Harness) -> String {
+    h.get("/metrics").await.text().await.unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn api_keys_admit_their_identity_to_its_models_only() {
+    let h = start("").await;
+    let resp = post_as(&h, None, &chat("gpt-4o-mini")).await;
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let (status, body) = refused(resp).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("didn't provide"));
+
+    let wrong = "sk-billing-4f1c2a9e7b3d5f60a8c1e2d3b4a59688";
+    let (status, body) = refused(post_as(&h, Some(wrong), &chat("gpt-4o-mini")).await).await;
+    assert_eq!(status, 401);
+    assert!(!body.to_string().contains(wrong), "{body}");
+    // Nothing reached the upstream for them.
+    assert!(h.mock().requests().is_empty());
+
+    let resp = post_as(&h, Some(KEY), &chat("gpt-4o-mini")).await;
+    assert_eq!(resp.status(), 200);
+    let (status, body) = refused(post_as(&h, Some(KEY), &chat("gpt-4o")).await).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["param"], "model");
+    assert_eq!(body["error"]["code"], "model_not_allowed");
+    assert_eq!(h.mock().requests().len(), 1);
+    // The operators' key may use any model; every endpoint of the API is
+    // behind a key, the operational ones are not.
+    let resp = post_as(&h, Some(OPS_KEY), &chat("gpt-4o")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(h.get("/v1/models").await.status(), 401);
+    assert_eq!(h.get("/v1/responses/resp_x").await.status(), 401);
+    assert_eq!(h.get("/healthz").await.status(), 200);
+
+    let text = metrics(&h).await;
+    for line in [
+        "backstop_identity_requests_total{identity=\"billing\"} 2",
+        "backstop_identity_requests_total{identity=\"ops\"} 1",
+        "backstop_auth_failures_total{reason=\"missing\"} 3",
+        "backstop_auth_failures_total{reason=\"unknown_key\"} 1",
+        "backstop_auth_failures_total{reason=\"forbidden_model\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    assert!(
+        text.contains("backstop_identity_tokens_total{identity=\"billing\",kind=\"completion\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_endpoints_need_the_admin_scope() {
+    let h = start("").await;
+    let get = |url: String, key: Option<&'static str>| {
+        let mut req = h.http.get(url);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    // On the admin listener too: authentication on means a credential.
+    let resp = get(h.admin_url("/admin/breakers"), None).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = get(h.admin_url("/admin/breakers"), Some(KEY))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("admin scope"));
+    let resp = get(h.admin_url("/admin/breakers"), Some(OPS_KEY))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // And on the client listener, with the admin scope.
+    let resp = get(h.url("/admin/status"), Some(OPS_KEY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let status = resp.text().await.unwrap();
+    for secret in [KEY, OPS_KEY, &sha256_hex(KEY), "sk-test"] {
+        assert!(!status.contains(secret), "a secret in /admin/status");
+    }
+}
+
+/// An HS256 token for `sub`, signed with `secret`, with these claims over
+/// the defaults (a valid hour, Backstop's audience).
+fn hs256(kid: &str, secret: &str, sub: &str, claims: Value) -> String {
+    let mut all =
+        json!({"sub": sub, "exp": now() + 3600, "iss": "https://idp.test", "aud": "backstop"});
+    for (k, v) in claims.as_object().unwrap() {
+        all[k] = v.clone();
+    }
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &all, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+const HS_JWT: &str = "[auth.jwt]\nissuer = \"https://idp.test\"\naudience = \"backstop\"\nleeway_s = 30\nsecrets = [{ kid = \"s1\", secret_env = \"TEST_JWT_SECRET\" }]\n";
+
+#[tokio::test]
+async fn jwts_are_checked_for_signature_time_issuer_and_audience() {
+    let h = start(HS_JWT).await;
+    let ok = hs256("s1", JWT_SECRET, "billing", json!({}));
+    assert_eq!(
+        post_as(&h, Some(&ok), &chat("gpt-4o-mini")).await.status(),
+        200
+    );
+    // Within the leeway is still valid.
+    let late = hs256("s1", JWT_SECRET, "billing", json!({"exp": now() - 5}));
+    assert_eq!(
+        post_as(&h, Some(&late), &chat("gpt-4o-mini"))
+            .await
+            .status(),
+        200
+    );
+    let cases = [
+        (
+            hs256("s1", JWT_SECRET, "billing", json!({"exp": now() - 120})),
+            "expired",
+        ),
+        (
+            hs256("s1", JWT_SECRET, "billing", json!({"nbf": now() + 600})),
+            "not valid yet",
+        ),
+        (
+            hs256("s1", JWT_SECRET, "billing", json!({"aud": "someone-else"})),
+            "another issuer or audience",
+        ),
+        (
+            hs256(
+                "s1",
+                JWT_SECRET,
+                "billing",
+                json!({"iss": "https://evil.test"}),
+            ),
+            "another issuer or audience",
+        ),
+        (
+            hs256("s1", JWT_SECRET, "mallory", json!({})),
+            "not a known identity",
+        ),
+        (
+            hs256("s2", JWT_SECRET, "billing", json!({})),
+            "kid) is not known",
+        ),
+        (
+            hs256(
+                "s1",
+                "another secret, also at least thirty-two bytes",
+                "billing",
+                json!({}),
+            ),
+            "signature is not valid",
+        ),
+        ("eyJhbGciOi.abc.def".to_string(), "not a valid JWT"),
+    ];
+    for (token, why) in cases {
+        let (status, body) = refused(post_as(&h, Some(&token), &chat("gpt-4o-mini")).await).await;
+        assert_eq!(status, 401, "{why}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{why}: {message}");
+        assert!(!body.to_string().contains(&token));
+    }
+    // A token's identity has that identity's models only.
+    let (status, _) = refused(post_as(&h, Some(&ok), &chat("gpt-4o")).await).await;
+    assert_eq!(status, 403);
+    let text = metrics(&h).await;
+    assert!(!text.contains(JWT_SECRET));
+    for reason in [
+        "expired",
+        "not_yet_valid",
+        "wrong_claims",
+        "unknown_identity",
+        "unknown_kid",
+        "bad_signature",
+        "malformed_token",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "backstop_auth_failures_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} in\n{text}"
+        );
+    }
+}
+
+/// A signing key and its public JWK.
+struct Signer {
+    alg: Algorithm,
+    kid: &'static str,
+    key: EncodingKey,
+    jwk: Value,
+}
+
+impl Signer {
+    fn rsa(kid: &'static str) -> Self {
+        // A test-only key (PKCS#1 DER): ring cannot make RSA keys.
+        let der = include_bytes!("fixtures/jwt-test-rsa.der");
+        let pair = RsaKeyPair::from_der(der).unwrap();
+        let public = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public());
+        let (n, e) = (public.n, public.e);
+        Signer {
+            alg: Algorithm::RS256,
+            kid,
+            key: EncodingKey::from_rsa_der(der),
+            jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+                        "n": URL_SAFE_NO_PAD.encode(n), "e": URL_SAFE_NO_PAD.encode(e)}),
+        }
+    }
+
+    fn p256(kid: &'static str) -> Self {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        // An uncompressed point: 0x04, x, y.
+        let point = pair.public_key().as_ref();
+        Signer {
+            alg: Algorithm::ES256,
+            kid,
+            key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig",
+                        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+                        "y": URL_SAFE_NO_PAD.encode(&point[33..65])}),
+        }
+    }
+
+    fn ed25519(kid: &'static str) -> Self {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        Signer {
+            alg: Algorithm::EdDSA,
+            kid,
+            key: EncodingKey::from_ed_der(pkcs8.as_ref()),
+            jwk: json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig",
+                        "x": URL_SAFE_NO_PAD.encode(pair.public_key().as_ref())}),
+        }
+    }
+
+    /// A valid token for `sub`.
+    fn token(&self, sub: &str) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.into());
+        let claims = json!({"sub": sub, "exp": now() + 3600});
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+fn write_jwks(path: &std::path::Path, keys: &[&Signer]) {
+    let set = json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
+    // Written aside and renamed in, as a publisher would: never half a file.
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, set.to_string()).unwrap();
+    std::fs::rename(aside, path).unwrap();
+}
+
+/// Waits (boundedly) until `token` gets `status`; the status last seen.
+async fn until_status(h: &Harness, token: &str, status: u16) -> u16 {
+    let mut seen = 0;
+    for _ in 0..60 {
+        seen = post_as(h, Some(token), &chat("gpt-4o-mini"))
+            .await
+            .status()
+            .as_u16();
+        if seen == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_jwks_rotation_never_rejects_a_valid_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    let (old, new, next) = (
+        Signer::rsa("2026-10"),
+        Signer::p256("2026-11"),
+        Signer::ed25519("2026-12"),
+    );
+    write_jwks(&jwks, &[&old]);
+    let h = start(&format!("[auth.jwt]\njwks_file = {jwks:?}\n")).await;
+    let (old_token, new_token, next_token) = (
+        old.token("billing"),
+        new.token("billing"),
+        next.token("ops"),
+    );
+    assert_eq!(until_status(&h, &old_token, 200).await, 200);
+    assert_eq!(until_status(&h, &new_token, 401).await, 401);
+
+    // The new key is published beside the old: both are valid, and every
+    // request with the old key is served all along.
+    write_jwks(&jwks, &[&old, &new]);
+    let mut old_refused = 0;
+    for _ in 0..60 {
+        if post_as(&h, Some(&old_token), &chat("gpt-4o-mini"))
+            .await
+            .status()
+            != 200
+        {
+            old_refused += 1;
+        }
+        if post_as(&h, Some(&new_token), &chat("gpt-4o-mini"))
+            .await
+            .status()
+            == 200
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(old_refused, 0);
+    assert_eq!(until_status(&h, &new_token, 200).await, 200);
+    assert_eq!(until_status(&h, &old_token, 200).await, 200);
+
+    // The old key is withdrawn: its tokens are refused, the others served.
+    write_jwks(&jwks, &[&new, &next]);
+    assert_eq!(until_status(&h, &old_token, 401).await, 401);
+    assert_eq!(until_status(&h, &new_token, 200).await, 200);
+    assert_eq!(until_status(&h, &next_token, 200).await, 200);
+    let (_, body) = refused(post_as(&h, Some(&old_token), &chat("gpt-4o-mini")).await).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("kid"));
+}
+
+/// Runs `check_sdk_auth.py` with `credential` as the SDK's API key.
+async fn python_sdk_with(h: &Harness, credential: &str) {
+    let script = format!("{}/sdk/check_sdk_auth.py", env!("CARGO_MANIFEST_DIR"));
+    let base = h.url("/v1");
+    let credential = credential.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .env("OPENAI_BASE_URL", base)
+            .env("OPENAI_API_KEY", credential)
+            .output()
+            .expect("python3 runs (scripts/test installs the openai package)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && stdout.contains("sdk checks passed"),
+        "SDK check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_calls_with_a_key_and_with_a_jwt() {
+    let h = start(HS_JWT).await;
+    python_sdk_with(&h, KEY).await;
+    python_sdk_with(&h, &hs256("s1", JWT_SECRET, "billing", json!({}))).await;
+    let text = metrics(&h).await;
+    assert!(
+        text.contains("backstop_identity_requests_total{identity=\"billing\"}"),
+        "{text}"
+    );
+}
