@@ -26,6 +26,10 @@ use sha2::{Digest, Sha256};
 const KEY: &str = "sk-billing-4f1c2a9e7b3d5f60a8c1e2d3b4a59687";
 /// The operators' key: inference and admin, any model.
 const OPS_KEY: &str = "sk-ops-0b9e8d7c6a5f4e3d2c1b0a9f8e7d6c5b";
+/// A batch job's key: two requests a minute.
+const BATCH_KEY: &str = "sk-batch-93e1f0c7d2b4a6958e7f6d5c4b3a2910";
+/// A trial's key: three tokens a minute.
+const TRIAL_KEY: &str = "sk-trial-5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d";
 
 fn sha256_hex(key: &str) -> String {
     Sha256::digest(key.as_bytes())
@@ -40,9 +44,13 @@ fn auth_toml(jwt: &str) -> String {
         "[auth]\nenabled = true\n\
          [[auth.identities]]\nname = \"billing\"\nmodels = [\"gpt-4o-mini\"]\nkey_sha256 = [\"{}\"]\n\
          [[auth.identities]]\nname = \"ops\"\nscopes = [\"inference\", \"admin\"]\nkey_sha256 = [\"{}\"]\n\
+         [[auth.identities]]\nname = \"batch\"\nrequests_per_minute = 2\nkey_sha256 = [\"{}\"]\n\
+         [[auth.identities]]\nname = \"trial\"\ntokens_per_minute = 3\nkey_sha256 = [\"{}\"]\n\
          {jwt}\n",
         sha256_hex(KEY),
-        sha256_hex(OPS_KEY)
+        sha256_hex(OPS_KEY),
+        sha256_hex(BATCH_KEY),
+        sha256_hex(TRIAL_KEY)
     )
 }
 
@@ -127,6 +135,47 @@ async fn api_keys_admit_their_identity_to_its_models_only() {
     }
     assert!(
         text.contains("backstop_identity_tokens_total{identity=\"billing\",kind=\"completion\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn each_identity_has_its_own_request_and_token_limits() {
+    let h = start("").await;
+    for _ in 0..2 {
+        let resp = post_as(&h, Some(BATCH_KEY), &chat("gpt-4o-mini")).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = post_as(&h, Some(BATCH_KEY), &chat("gpt-4o-mini")).await;
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A request comes back every 30 s at two a minute.
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    assert!(resp.headers().contains_key("retry-after-ms"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    // The limit is the caller's own: another identity is served.
+    assert_eq!(
+        post_as(&h, Some(KEY), &chat("gpt-4o-mini")).await.status(),
+        200
+    );
+
+    // Tokens are charged as the backend reports them: the first answer
+    // spends more than the trial's minute, so the next request waits.
+    let resp = post_as(&h, Some(TRIAL_KEY), &chat("gpt-4o-mini")).await;
+    assert_eq!(resp.status(), 200);
+    let resp = post_as(&h, Some(TRIAL_KEY), &chat("gpt-4o-mini")).await;
+    assert_eq!(resp.status(), 429);
+    // Three upstream calls for batch and billing, one for the trial.
+    assert_eq!(h.mock().requests().len(), 4);
+    let text = metrics(&h).await;
+    assert!(
+        text.contains("backstop_rejected_total{reason=\"identity_rate_limit\"} 2"),
         "{text}"
     );
 }

@@ -26,6 +26,8 @@ struct RawIdentity {
     scopes: Option<Vec<String>>,
     models: Option<Vec<String>>,
     key_sha256: Option<Vec<String>>,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +69,11 @@ pub struct IdentityConfig {
     pub models: Vec<ModelMatch>,
     /// The SHA-256 of each of its API keys (several, for a rotation).
     pub key_hashes: Vec<[u8; 32]>,
+    /// Generation requests it may make a minute, when limited.
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (prompt and completion, as the backends report them) it may
+    /// spend a minute, when limited.
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// JWT bearer tokens: where their keys come from and the claims checked.
@@ -173,11 +180,17 @@ impl RawAuth {
                 }
                 key_hashes.push(hash);
             }
+            let per_minute = |value: Option<u64>, field: &str| match value {
+                Some(0) => Err(invalid(at(field), "must be greater than 0")),
+                other => Ok(other),
+            };
             identities.push(IdentityConfig {
                 name: raw.name,
                 scopes,
                 models,
                 key_hashes,
+                requests_per_minute: per_minute(raw.requests_per_minute, "requests_per_minute")?,
+                tokens_per_minute: per_minute(raw.tokens_per_minute, "tokens_per_minute")?,
             });
         }
         let jwt = self.jwt.map(|j| j.validate(env)).transpose()?;

@@ -394,6 +394,10 @@ fn authentication_is_off_unless_turned_on_and_is_checked() {
             "auth.identities[0].name",
         ),
         (
+            format!("[auth]\nenabled = true\n{identity}requests_per_minute = 0\n"),
+            "auth.identities[0].requests_per_minute",
+        ),
+        (
             format!("[auth]\nenabled = true\n{identity}[auth.jwt]\nissuer = \"x\"\n"),
             "auth.jwt",
         ),

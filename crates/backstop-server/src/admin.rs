@@ -48,7 +48,7 @@ pub(crate) async fn guard(
         _ if admin_token => {}
         (Some(auth), _) => {
             let caller = crate::auth::authenticate(&app, auth, headers)?;
-            if !caller.0.scopes.admin {
+            if !caller.0.config.scopes.admin {
                 app.metrics
                     .auth_failures
                     .with_label_values(&["forbidden_scope"])

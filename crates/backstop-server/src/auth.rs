@@ -18,6 +18,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use backstop_config::{AuthConfig, IdentityConfig, JwtConfig};
+use backstop_upstream::ratelimit::RateLimit;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -31,19 +32,40 @@ use crate::App;
 /// How often the JWKS file is looked at for a change.
 const JWKS_CHECK: Duration = Duration::from_secs(1);
 
+/// A known caller: what config says of it, and its rate limit.
+pub(crate) struct Identity {
+    pub(crate) config: IdentityConfig,
+    /// Its own requests and tokens a minute, when limited.
+    limit: Option<RateLimit>,
+}
+
 /// The caller of a request, once authenticated (a request extension).
-#[derive(Clone, Debug)]
-pub(crate) struct Caller(pub(crate) Arc<IdentityConfig>);
+#[derive(Clone)]
+pub(crate) struct Caller(pub(crate) Arc<Identity>);
 
 impl Caller {
     /// Whether it may ask for `model`.
     pub(crate) fn may_use(&self, model: &str) -> bool {
-        self.0.models.is_empty() || self.0.models.iter().any(|m| m.matches(model))
+        let models = &self.0.config.models;
+        models.is_empty() || models.iter().any(|m| m.matches(model))
     }
 
     /// Its name.
     pub(crate) fn name(&self) -> &str {
-        &self.0.name
+        &self.0.config.name
+    }
+
+    /// Takes a generation request from its rate limit, or says how long
+    /// until one would be allowed.
+    pub(crate) fn admit(&self) -> Result<(), Duration> {
+        self.0.limit.as_ref().map_or(Ok(()), |l| l.acquire(0))
+    }
+
+    /// Charges tokens a backend reported to its rate limit.
+    pub(crate) fn charge(&self, tokens: u64) {
+        if let Some(limit) = &self.0.limit {
+            limit.charge(tokens);
+        }
     }
 }
 
@@ -116,7 +138,7 @@ pub struct JwksError {
 
 /// The authenticator a config describes.
 pub(crate) struct Auth {
-    identities: Vec<Arc<IdentityConfig>>,
+    identities: Vec<Arc<Identity>>,
     jwt: Option<Jwt>,
 }
 
@@ -177,7 +199,18 @@ impl Auth {
             None => None,
         };
         Ok(Auth {
-            identities: config.identities.iter().cloned().map(Arc::new).collect(),
+            identities: config
+                .identities
+                .iter()
+                .map(|c| {
+                    let limited = c.requests_per_minute.is_some() || c.tokens_per_minute.is_some();
+                    Arc::new(Identity {
+                        config: c.clone(),
+                        limit: limited
+                            .then(|| RateLimit::new(c.requests_per_minute, c.tokens_per_minute)),
+                    })
+                })
+                .collect(),
             jwt,
         })
     }
@@ -204,11 +237,11 @@ impl Auth {
 
     /// The identity holding API key `key`: its hash is compared with every
     /// configured one, each compare taking the same time.
-    fn key_identity(&self, key: &str) -> Result<Arc<IdentityConfig>, Refusal> {
+    fn key_identity(&self, key: &str) -> Result<Arc<Identity>, Refusal> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let mut found = None;
         for identity in &self.identities {
-            for known in &identity.key_hashes {
+            for known in &identity.config.key_hashes {
                 let diff = known
                     .iter()
                     .zip(&hash)
@@ -221,7 +254,7 @@ impl Auth {
         found.ok_or(Refusal::UnknownKey)
     }
 
-    fn jwt_identity(&self, token: &str) -> Result<Arc<IdentityConfig>, Refusal> {
+    fn jwt_identity(&self, token: &str) -> Result<Arc<Identity>, Refusal> {
         let Some(jwt) = &self.jwt else {
             return Err(Refusal::Malformed);
         };
@@ -261,7 +294,7 @@ impl Auth {
             .claims;
         self.identities
             .iter()
-            .find(|i| i.name == claims.sub)
+            .find(|i| i.config.name == claims.sub)
             .cloned()
             .ok_or(Refusal::UnknownIdentity)
     }
@@ -356,7 +389,7 @@ pub(crate) async fn client(
         return Ok(next.run(req).await);
     };
     let caller = authenticate(&app, auth, req.headers())?;
-    if !caller.0.scopes.inference {
+    if !caller.0.config.scopes.inference {
         app.metrics
             .auth_failures
             .with_label_values(&["forbidden_scope"])

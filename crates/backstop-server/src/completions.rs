@@ -142,10 +142,14 @@ impl InFlight {
         &self.app.metrics
     }
 
-    /// Counts a backend's usage report, for its target and the caller.
+    /// Counts a backend's usage report, for its target and the caller,
+    /// whose rate limit it is charged to.
     fn count_usage(&self, target: &str, usage: &backstop_adapter::Usage) {
         let identity = self.caller.as_ref().map(Caller::name);
         self.metrics().count_usage(target, identity, usage);
+        if let Some(caller) = &self.caller {
+            caller.charge(usage.prompt_tokens + usage.completion_tokens);
+        }
     }
 
     pub(crate) fn record(&self, target: &str, status: u16) {
@@ -241,6 +245,20 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
         );
         flight.record(respond::NO_BACKEND, 403);
         return ServerError::ModelNotAllowed(request.chat.model.clone()).into_response();
+    }
+    if let Some(caller) = &flight.caller {
+        if let Err(wait) = caller.admit() {
+            app.metrics
+                .rejected
+                .with_label_values(&["identity_rate_limit"])
+                .inc();
+            flight.record(respond::NO_BACKEND, 429);
+            return ServerError::RateLimited {
+                identity: caller.name().to_string(),
+                wait,
+            }
+            .into_response();
+        }
     }
     if app.generations.is_none() {
         if let Err(e) = needs_a_store(&request) {

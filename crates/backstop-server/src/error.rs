@@ -34,6 +34,13 @@ pub enum ServerError {
     Unauthenticated(crate::auth::Refusal),
     /// A model the caller may not ask for: a 403.
     ModelNotAllowed(String),
+    /// The caller has spent its own rate limit: a 429 after which to retry.
+    RateLimited {
+        /// Its name.
+        identity: String,
+        /// How long until a request would be allowed.
+        wait: std::time::Duration,
+    },
     /// An admin request from where admin is not served: a 403.
     Forbidden(&'static str),
     /// An admin POST without a JSON body: a 415.
@@ -113,6 +120,7 @@ impl ServerError {
             ServerError::MethodNotAllowed(..) => 405,
             ServerError::AdminToken | ServerError::Unauthenticated(_) => 401,
             ServerError::ModelNotAllowed(_) => 403,
+            ServerError::RateLimited { .. } => 429,
             ServerError::Forbidden(_) => 403,
             ServerError::NotJson => 415,
             ServerError::NotReady => 503,
@@ -173,6 +181,15 @@ impl ServerError {
                 format!("This credential may not use the model `{model}`."),
                 Some("model".into()),
                 Some("model_not_allowed"),
+            ),
+            ServerError::RateLimited { identity, wait } => (
+                "rate_limit_error",
+                format!(
+                    "Rate limit reached for `{identity}`: retry in {} ms.",
+                    wait.as_millis()
+                ),
+                None,
+                Some("rate_limit_exceeded"),
             ),
             ServerError::Forbidden(why) => {
                 ("permission_error", why.to_string(), None, Some("forbidden"))
@@ -266,6 +283,10 @@ impl IntoResponse for ServerError {
                 return respond::json(status, body, served, &last.headers);
             }
         }
+        let wait = match &self {
+            ServerError::RateLimited { wait, .. } => Some(*wait),
+            _ => None,
+        };
         let mut resp = respond::json(status, body, Served::NONE, &Headers::new());
         if status == 401 {
             resp.headers_mut().insert(
@@ -273,7 +294,19 @@ impl IntoResponse for ServerError {
                 http::HeaderValue::from_static("Bearer"),
             );
         }
-        if status == 503 || status == 429 {
+        if let Some(wait) = wait {
+            // Whole seconds, rounded up, and OpenAI's own milliseconds.
+            let headers = resp.headers_mut();
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            headers.insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(secs as u64),
+            );
+            headers.insert(
+                "retry-after-ms",
+                http::HeaderValue::from(wait.as_millis().max(1) as u64),
+            );
+        } else if status == 503 || status == 429 {
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
                 http::HeaderValue::from_static("1"),

@@ -248,7 +248,7 @@ impl Metrics {
         let rejected = IntCounterVec::new(
             Opts::new(
                 "backstop_rejected_total",
-                "Connections and requests turned away at a bound, by reason (connections, in_flight, body_timeout, body_rate, body_size, json_values, request_memory, messages, header_size).",
+                "Connections and requests turned away at a bound, by reason (connections, in_flight, body_timeout, body_rate, body_size, json_values, request_memory, messages, header_size, background_queue, store, identity_rate_limit).",
             ),
             &["reason"],
         )?;

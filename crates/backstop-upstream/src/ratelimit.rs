@@ -154,6 +154,17 @@ impl RateLimit {
         Ok(())
     }
 
+    /// Takes `tokens` spent after the fact (a usage report) from the token
+    /// bucket, which may go below zero: later requests wait until it has
+    /// refilled past it.
+    pub fn charge(&self, tokens: u64) {
+        let now = Instant::now();
+        if let Some(b) = &mut self.lock().tokens {
+            b.refill(now);
+            b.level -= tokens as f64;
+        }
+    }
+
     /// Brings the buckets in step with a response's rate-limit headers; a
     /// 429 holds the target back for its `Retry-After` (a second without one).
     pub fn observe(&self, headers: &Headers, status: u16) {

@@ -66,3 +66,18 @@ async fn a_429_holds_the_target_back_for_its_retry_after() {
     limit.observe(&headers(&[]), 429);
     assert_eq!(limit.acquire(0), Err(Duration::from_secs(1)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn tokens_charged_after_the_fact_hold_later_requests() {
+    let limit = RateLimit::new(None, Some(600));
+    assert!(limit.acquire(0).is_ok());
+    // The answer cost more than the whole minute's budget.
+    limit.charge(900);
+    assert_eq!(limit.acquire(0), Err(Duration::from_secs(30)));
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert!(limit.acquire(0).is_ok());
+    // Without a token bucket, a charge changes nothing.
+    let requests_only = RateLimit::new(Some(60), None);
+    requests_only.charge(1_000_000);
+    assert!(requests_only.acquire(0).is_ok());
+}
