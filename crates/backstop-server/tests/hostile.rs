@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 const KEY: &str = "sk-test-0123456789abcdef";
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
+/// The HS256 secret of the authentication test.
+const JWT_SECRET: &str = "jwt-secret-0123456789abcdef0123456789";
 /// How long a test waits before it calls an answer hung: a guard against a
 /// test that never ends, not a measure of speed (that is `benches/`).
 const HANG: Duration = Duration::from_secs(30);
@@ -43,10 +45,11 @@ impl Backstop {
     /// Starts the binary on this TOML (`[server]` listen lines are added),
     /// optionally under a file-descriptor limit.
     fn start(toml: &str, nofile: Option<u32>) -> Self {
-        Self::start_with(toml, nofile, &[])
+        Self::start_with(toml, nofile, &[], "info")
     }
 
-    fn start_with(toml: &str, nofile: Option<u32>, args: &[&str]) -> Self {
+    /// [`Backstop::start`] with these arguments, logging at `log`.
+    fn start_with(toml: &str, nofile: Option<u32>, args: &[&str], log: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("backstop-hostile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{}.toml", rand_name()));
@@ -71,6 +74,8 @@ impl Backstop {
             .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
             .env("TEST_KEY", KEY)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TEST_JWT_SECRET", JWT_SECRET)
+            .env("BACKSTOP_LOG", log)
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -794,7 +799,7 @@ async fn bad_sampling_parameters_offline_are_400s_and_never_open_the_breaker() {
     );
     let toml =
         format!("[server]\n[local]\nmodel = \"{model}\"\n[breaker]\nconsecutive_failures = 2\n");
-    let mut b = Backstop::start_with(&toml, None, &["--offline"]);
+    let mut b = Backstop::start_with(&toml, None, &["--offline"], "info");
     let http = reqwest::Client::new();
     for _ in 0..600 {
         if http
@@ -905,5 +910,111 @@ async fn running_out_of_file_descriptors_is_backstops_own_failure() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, text) = exchange(&mut client, &request).await.expect("an answer");
     assert_eq!(status, 200, "{text}");
+    b.assert_up(100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_shows_in_a_log_an_error_a_metric_or_the_admin_status() {
+    use sha2::Digest as _;
+    let client_key = "sk-client-7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29";
+    let stranger_key = "sk-stranger-00112233445566778899aabbccddeeff";
+    let hash: String = sha2::Sha256::digest(client_key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mock = MockUpstream::start().await.unwrap();
+    let auth = format!(
+        "[auth]\nenabled = true\n[[auth.identities]]\nname = \"billing\"\nkey_sha256 = [\"{hash}\"]\n\
+         [[auth.identities]]\nname = \"ops\"\nscopes = [\"admin\"]\n\
+         [auth.jwt]\nsecrets = [{{ kid = \"s1\", secret_env = \"TEST_JWT_SECRET\" }}]\n"
+    );
+    let toml = format!(
+        "{}\n{auth}",
+        config(&mock, "admin_token_env = \"ADMIN_TOKEN\"", "")
+    );
+    // Everything Backstop logs, its dependencies' debug lines too.
+    let b = Backstop::start_with(&toml, None, &[], "debug");
+    let sign = |secret: &str, sub: &str| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some("s1".into());
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        jsonwebtoken::encode(
+            &header,
+            &json!({"sub": sub, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let token = sign(JWT_SECRET, "billing");
+    let forged = sign("a forged secret of thirty-two bytes or more", "billing");
+    let admin_jwt = sign(JWT_SECRET, "ops");
+    let http = reqwest::Client::new();
+    let mut bodies = Vec::new();
+    for (credential, want) in [
+        (client_key, 200),
+        (stranger_key, 401),
+        (token.as_str(), 200),
+        (forged.as_str(), 401),
+        (ADMIN_TOKEN, 401),
+    ] {
+        let resp = http
+            .post(b.url("/v1/chat/completions"))
+            .bearer_auth(credential)
+            .json(&chat(json!({"stream": want == 200})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want);
+        bodies.push(resp.text().await.unwrap());
+    }
+    for credential in [ADMIN_TOKEN, admin_jwt.as_str()] {
+        let resp = http
+            .get(format!("http://{}/admin/status", b.admin))
+            .bearer_auth(credential)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        bodies.push(resp.text().await.unwrap());
+    }
+    let resp = http
+        .get(format!("http://{}/admin/status", b.admin))
+        .bearer_auth(client_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    bodies.push(resp.text().await.unwrap());
+    bodies.push(metrics(&b).await);
+    // The upstream did get its key: it is a secret that exists.
+    assert!(mock.requests().iter().any(|r| r
+        .headers
+        .values()
+        .any(|v| v.to_str().unwrap_or("").contains(KEY))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = b.log.lock().unwrap().join("\n");
+    assert!(log.contains("authentication is on"), "{log}");
+    let secrets = [
+        KEY,
+        ADMIN_TOKEN,
+        JWT_SECRET,
+        client_key,
+        stranger_key,
+        &hash,
+        &token,
+        &forged,
+        &admin_jwt,
+    ];
+    for secret in secrets {
+        assert!(!log.contains(secret), "a secret in the log");
+        for body in &bodies {
+            assert!(!body.contains(secret), "a secret in an answer: {body}");
+        }
+    }
+    let mut b = b;
     b.assert_up(100).await;
 }
