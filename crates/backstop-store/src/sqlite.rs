@@ -463,13 +463,14 @@ impl Writer {
                     _ => 0,
                 })
                 .sum();
-            self.apply(&mut batch);
-            self.queued.fetch_sub(appended, Ordering::Relaxed);
+            self.apply(&mut batch, appended);
         }
     }
 
-    /// Applies a batch in one transaction, then answers each write.
-    fn apply(&mut self, batch: &mut Vec<Write>) {
+    /// Applies a batch in one transaction (whose `appended` event bytes
+    /// are then no longer waiting), then answers each write: a flush's
+    /// waiter sees the bytes it waited for gone from the count.
+    fn apply(&mut self, batch: &mut Vec<Write>, appended: usize) {
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         let result = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction()?;
@@ -484,6 +485,7 @@ impl Writer {
         if let Err(e) = &result {
             tracing::error!("the store could not commit {} writes: {e}", replies.len());
         }
+        self.queued.fetch_sub(appended, Ordering::Relaxed);
         for reply in replies {
             reply(result.as_ref().map(|_| ()));
         }
