@@ -67,6 +67,8 @@ impl Harness {
         };
         let config = Config::parse(&toml, |name| match name {
             "TEST_KEY" => Some("sk-test".into()),
+            "TEST_KEY_2" => Some("sk-test-2".into()),
+            "TEST_KEY_3" => Some("sk-test-3".into()),
             "TEST_JWT_SECRET" => Some(JWT_SECRET.into()),
             _ => None,
         })

@@ -245,6 +245,7 @@ struct RawTarget {
     name: String,
     base_url: String,
     api_key_env: Option<String>,
+    api_keys_env: Option<Vec<String>>,
     model: Option<String>,
     pool_max_idle: Option<usize>,
     pool_idle_timeout_ms: Option<u64>,
@@ -516,11 +517,31 @@ impl RawConfig {
                 t.health.unwrap_or_default().apply(&health, &at("health"))?,
             ));
             let mut u = UpstreamConfig::new(t.name, t.base_url);
-            u.api_key = t
+            u.api_keys = t
                 .api_key_env
                 .as_deref()
                 .and_then(env)
-                .filter(|k| !k.is_empty());
+                .filter(|k| !k.is_empty())
+                .into_iter()
+                .collect();
+            // More keys for the same upstream, used in turn: each must be set.
+            for (j, var) in t.api_keys_env.iter().flatten().enumerate() {
+                match env(var).filter(|k| !k.is_empty()) {
+                    Some(key) if !u.api_keys.contains(&key) => u.api_keys.push(key),
+                    Some(_) => {
+                        return Err(invalid(
+                            at(&format!("api_keys_env[{j}]")),
+                            format!("`{var}` holds a key this target already has"),
+                        ))
+                    }
+                    None => {
+                        return Err(invalid(
+                            at(&format!("api_keys_env[{j}]")),
+                            format!("`{var}` is not set"),
+                        ))
+                    }
+                }
+            }
             u.model = t.model;
             u.http2 = t.http2.unwrap_or(false);
             u.prefill = t.prefill.unwrap_or(false);

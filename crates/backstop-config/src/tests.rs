@@ -25,7 +25,7 @@ fn the_documented_default_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/backstop.toml");
     let config = Config::load(&path, env).unwrap();
     assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
-    assert_eq!(config.targets[0].api_key.as_deref(), Some("sk-from-env"));
+    assert_eq!(config.targets[0].api_keys, ["sk-from-env"]);
     assert_eq!(config.targets[0].base_url, OPENAI_BASE_URL);
     assert_eq!(chains(&config), vec![(ModelMatch::Any, vec!["openai"])]);
     // The bounds it spells out are the defaults.
@@ -67,7 +67,7 @@ fn no_config_file_means_one_upstream_from_the_environment() {
     .unwrap();
     assert_eq!(config.targets.len(), 1);
     assert_eq!(config.targets[0].base_url, "http://127.0.0.1:9/v1");
-    assert_eq!(config.targets[0].api_key.as_deref(), Some("sk-1"));
+    assert_eq!(config.targets[0].api_keys, ["sk-1"]);
     assert_eq!(config.targets[0].model, None);
     assert!(!config.is_offline());
 }

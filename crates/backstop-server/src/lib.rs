@@ -43,6 +43,8 @@ pub struct App {
     generations: Option<Arc<generations::Generations>>,
     /// Client authentication, when on.
     auth: Option<auth::Auth>,
+    /// The upstream targets, for their keys' state.
+    upstreams: Vec<Arc<Upstream>>,
 }
 
 /// Why the server could not start.
@@ -79,13 +81,16 @@ impl App {
     /// Builds the backends and routes a configuration describes.
     pub fn new(config: Config) -> Result<Self, StartError> {
         let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+        let mut upstreams = Vec::new();
         for target in &config.targets {
             let upstream =
                 Upstream::new(target.clone()).map_err(|source| StartError::Upstream {
                     name: target.name.clone(),
                     source,
                 })?;
-            backends.push(Arc::new(upstream));
+            let upstream = Arc::new(upstream);
+            upstreams.push(upstream.clone());
+            backends.push(upstream);
         }
         if let Some(local) = &config.local {
             backends.push(Arc::new(LocalBackend::start(local.clone())));
@@ -140,6 +145,7 @@ impl App {
         let auth = config.auth.as_ref().map(auth::Auth::new).transpose()?;
         Ok(App {
             auth,
+            upstreams,
             generations,
             router,
             metrics,

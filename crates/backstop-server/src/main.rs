@@ -126,10 +126,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     for t in &config.targets {
-        let key = if t.api_key.is_some() {
-            "with an API key"
-        } else {
-            "without an API key"
+        let key = match t.api_keys.len() {
+            0 => "without an API key".to_string(),
+            1 => "with an API key".to_string(),
+            n => format!("with {n} API keys, used in turn"),
         };
         tracing::info!(target = %t.name, base_url = %t.base_url, "upstream target, {key}");
     }

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub identity_tokens: IntCounterVec,
     /// Credentials refused, by why.
     pub auth_failures: IntCounterVec,
+    /// Whether each upstream key is in use (set at scrape time).
+    pub key_in_use: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -295,6 +297,14 @@ impl Metrics {
         registry.register(Box::new(identity_requests.clone()))?;
         registry.register(Box::new(identity_tokens.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
+        let key_in_use = IntGaugeVec::new(
+            Opts::new(
+                "backstop_upstream_key_in_use",
+                "Whether a target's upstream key is in use (1) or out after a 401 or 403 (0); keys by index, never value.",
+            ),
+            &["target", "key"],
+        )?;
+        registry.register(Box::new(key_in_use.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -325,7 +335,19 @@ impl Metrics {
             identity_requests,
             identity_tokens,
             auth_failures,
+            key_in_use,
         })
+    }
+
+    /// Reads each upstream key's state into its gauge (at scrape time).
+    pub fn observe_keys(&self, upstreams: &[std::sync::Arc<backstop_upstream::Upstream>]) {
+        for upstream in upstreams {
+            for (index, in_use) in upstream.keys_in_use().into_iter().enumerate() {
+                self.key_in_use
+                    .with_label_values(&[&upstream.config().name, &index.to_string()])
+                    .set(i64::from(in_use));
+            }
+        }
     }
 
     /// Reads every breaker's state into its gauge (done at scrape time, so

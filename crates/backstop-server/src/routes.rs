@@ -144,6 +144,7 @@ async fn models(State(app): State<Arc<App>>, caller: Option<Extension<Caller>>) 
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     app.metrics.observe_breakers(&app.router);
+    app.metrics.observe_keys(&app.upstreams);
     app.metrics
         .request_memory
         .set(app.request_memory_held() as i64);

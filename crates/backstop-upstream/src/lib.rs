@@ -13,7 +13,8 @@ mod response;
 pub mod tokens;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use backstop_adapter::{
@@ -35,8 +36,8 @@ pub struct UpstreamConfig {
     pub name: String,
     /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
-    /// Bearer token; none sends no `Authorization` header.
-    pub api_key: Option<String>,
+    /// Bearer tokens, used in turn; none sends no `Authorization` header.
+    pub api_keys: Vec<String>,
     /// Model name to send instead of the one the client asked for.
     pub model: Option<String>,
     /// Idle keep-alive connections kept per host.
@@ -88,7 +89,7 @@ impl UpstreamConfig {
         UpstreamConfig {
             name: name.into(),
             base_url: base_url.into(),
-            api_key: None,
+            api_keys: Vec::new(),
             model: None,
             pool_max_idle: 64,
             pool_idle_timeout: Duration::from_secs(90),
@@ -133,11 +134,36 @@ pub enum UpstreamError {
     Client(#[from] reqwest::Error),
 }
 
+/// How long an upstream key refused with a 401 or 403 stays out, when the
+/// target has another: then it is tried again (a revoked key costs one
+/// refused attempt in that time, answered at once by the next key).
+pub const KEY_OUT: Duration = Duration::from_secs(600);
+
+/// One of a target's upstream keys (or its only, keyless, way in), with
+/// the rate limit the upstream keeps for it.
+#[derive(Debug)]
+struct Key {
+    secret: Option<String>,
+    limit: ratelimit::RateLimit,
+    /// Refused (401, 403) until then.
+    out_until: Mutex<Option<Instant>>,
+}
+
+impl Key {
+    fn is_out(&self, now: Instant) -> bool {
+        let out = self.out_until.lock().unwrap_or_else(|e| e.into_inner());
+        out.is_some_and(|until| until > now)
+    }
+}
+
 /// An OpenAI-compatible upstream.
 #[derive(Debug)]
 pub struct Upstream {
     config: UpstreamConfig,
-    limit: ratelimit::RateLimit,
+    /// Its keys, used in turn.
+    keys: Vec<Key>,
+    /// The key the next request starts from.
+    next_key: AtomicUsize,
     client: reqwest::Client,
     /// The base URL without a trailing `/`; a dialect's path follows it.
     base: String,
@@ -178,7 +204,8 @@ impl Upstream {
             no_legacy: AtomicBool::new(!config.completions),
             no_responses: AtomicBool::new(!config.responses),
             client: builder.build()?,
-            limit: ratelimit::RateLimit::new(config.requests_per_minute, config.tokens_per_minute),
+            keys: keys(&config),
+            next_key: AtomicUsize::new(0),
             config,
         })
     }
@@ -186,6 +213,31 @@ impl Upstream {
     /// The upstream's settings.
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// Whether each of its keys is in use now (not refused lately).
+    pub fn keys_in_use(&self) -> Vec<bool> {
+        let now = Instant::now();
+        self.keys.iter().map(|k| !k.is_out(now)).collect()
+    }
+
+    /// The order to try its keys in for one request: each in turn first,
+    /// the refused ones left out while another is in use.
+    fn key_order(&self) -> Vec<usize> {
+        let n = self.keys.len();
+        let first = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
+        let usable: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&i| !self.keys[i].is_out(now))
+            .collect();
+        if usable.is_empty() {
+            order
+        } else {
+            usable
+        }
     }
 
     /// The model this target is asked for.
@@ -324,7 +376,7 @@ impl Upstream {
                     format!("cannot encode request: {e}"),
                 )
             })?;
-        let tokens = if self.limit.counts_tokens() {
+        let tokens = if self.keys.iter().any(|k| k.limit.counts_tokens()) {
             let model = self.config.model.as_deref().unwrap_or(&req.chat.model);
             let chat = &sent.chat;
             let answer = chat
@@ -335,56 +387,88 @@ impl Upstream {
         } else {
             0
         };
-        if let Err(wait) = self.limit.acquire(tokens) {
-            let mut e = BackendError::new(
-                FailureKind::Throttled,
-                format!(
-                    "target `{}` is held back by its rate limit for {} ms",
-                    self.config.name,
-                    wait.as_millis()
-                ),
-            );
-            e.headers
-                .push(("retry-after-ms".into(), wait.as_millis().to_string()));
-            return Err(e);
-        }
         let url = format!("{}{}", self.base, wire.path());
-        let mut request = self
-            .client
-            .post(url)
-            .header(http_header::CONTENT_TYPE, "application/json")
-            .header(
-                http_header::ACCEPT,
-                if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            )
-            .body(bytes);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key);
-        }
+        let body = bytes::Bytes::from(bytes);
         let wait = if stream {
             self.config.header_timeout
         } else {
             self.config.first_byte_timeout
         };
-        let response = self.await_headers(request.send(), wait).await?;
-        self.limit.observe(
-            &passthrough_headers(response.headers()),
-            response.status().as_u16(),
-        );
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(self.error_from_status(response).await)
+        // Each key in turn. A key the upstream refuses (401, 403) or holds
+        // back (429) gives way at once to the next one; the last answer
+        // stands when none is left.
+        let order = self.key_order();
+        let mut held: Option<Duration> = None;
+        let mut refused: Option<BackendError> = None;
+        for (n, &index) in order.iter().enumerate() {
+            let key = &self.keys[index];
+            if let Err(wait) = key.limit.acquire(tokens) {
+                held = Some(held.map_or(wait, |h| h.min(wait)));
+                continue;
+            }
+            let mut request = self
+                .client
+                .post(&url)
+                .header(http_header::CONTENT_TYPE, "application/json")
+                .header(
+                    http_header::ACCEPT,
+                    if stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    },
+                )
+                .body(body.clone());
+            if let Some(secret) = &key.secret {
+                request = request.bearer_auth(secret);
+            }
+            let response = self.await_headers(request.send(), wait).await?;
+            let status = response.status().as_u16();
+            key.limit
+                .observe(&passthrough_headers(response.headers()), status);
+            if response.status().is_success() {
+                return Ok(response);
+            }
+            let error = self.error_from_status(response).await;
+            let others = order.len() - n - 1 > 0;
+            if matches!(status, 401 | 403) && self.keys.len() > 1 {
+                *key.out_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Instant::now() + KEY_OUT);
+                tracing::warn!(
+                    target = %self.config.name,
+                    key = index,
+                    status,
+                    "upstream key #{index} of target `{}` was refused: out of use for {} s",
+                    self.config.name,
+                    KEY_OUT.as_secs()
+                );
+            }
+            if others && matches!(status, 401 | 403 | 429) {
+                refused = Some(error);
+                continue;
+            }
+            return Err(error);
         }
+        if let Some(error) = refused {
+            return Err(error);
+        }
+        let wait = held.unwrap_or_default();
+        let mut e = BackendError::new(
+            FailureKind::Throttled,
+            format!(
+                "target `{}` is held back by its rate limit for {} ms",
+                self.config.name,
+                wait.as_millis()
+            ),
+        );
+        e.headers
+            .push(("retry-after-ms".into(), wait.as_millis().to_string()));
+        Err(e)
     }
 
     /// The error for a non-2xx answer, with this target's key scrubbed.
     async fn error_from_status(&self, response: reqwest::Response) -> BackendError {
-        let secrets: Vec<&str> = self.config.api_key.as_deref().into_iter().collect();
+        let secrets: Vec<&str> = self.config.api_keys.iter().map(String::as_str).collect();
         response::error_from_status(response, self.config.idle_timeout, &secrets).await
     }
 
@@ -554,7 +638,11 @@ impl Backend for Upstream {
     fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
         Box::pin(async move {
             let mut request = self.client.get(format!("{}/models", self.base));
-            if let Some(key) = &self.config.api_key {
+            let key = self
+                .key_order()
+                .first()
+                .and_then(|&i| self.keys[i].secret.as_ref());
+            if let Some(key) = key {
                 request = request.bearer_auth(key);
             }
             let response = self
@@ -572,6 +660,24 @@ impl Backend for Upstream {
             Ok(list.data)
         })
     }
+}
+
+/// A target's keys, each with the configured rate limit (the upstream
+/// keeps one a key); one keyless way in when it has none.
+fn keys(config: &UpstreamConfig) -> Vec<Key> {
+    let secrets: Vec<Option<String>> = if config.api_keys.is_empty() {
+        vec![None]
+    } else {
+        config.api_keys.iter().cloned().map(Some).collect()
+    };
+    secrets
+        .into_iter()
+        .map(|secret| Key {
+            secret,
+            limit: ratelimit::RateLimit::new(config.requests_per_minute, config.tokens_per_minute),
+            out_until: Mutex::new(None),
+        })
+        .collect()
 }
 
 fn with_headers(mut e: BackendError, headers: &backstop_adapter::Headers) -> BackendError {

@@ -16,7 +16,7 @@ fn chat(stream: bool) -> Request {
 
 fn upstream(mock: &MockUpstream) -> Upstream {
     let mut cfg = UpstreamConfig::new("mock", mock.url());
-    cfg.api_key = Some("sk-test".into());
+    cfg.api_keys = vec!["sk-test".into()];
     cfg.first_byte_timeout = Duration::from_millis(300);
     cfg.idle_timeout = Duration::from_millis(300);
     Upstream::new(cfg).unwrap()
