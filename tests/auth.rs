@@ -7,7 +7,6 @@
 // Helpers of a test crate panic to report failure, as the tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use backstop_tests::{Harness, JWT_SECRET};
@@ -456,34 +455,14 @@ async fn a_jwks_rotation_never_rejects_a_valid_token() {
     assert!(body["error"]["message"].as_str().unwrap().contains("kid"));
 }
 
-/// Runs `check_sdk_auth.py` with `credential` as the SDK's API key.
-async fn python_sdk_with(h: &Harness, credential: &str) {
-    let script = format!("{}/sdk/check_sdk_auth.py", env!("CARGO_MANIFEST_DIR"));
-    let base = h.url("/v1");
-    let credential = credential.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .env("OPENAI_BASE_URL", base)
-            .env("OPENAI_API_KEY", credential)
-            .output()
-            .expect("python3 runs (scripts/test installs the openai package)")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success() && stdout.contains("sdk checks passed"),
-        "SDK check failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_calls_with_a_key_and_with_a_jwt() {
     let h = start(HS_JWT).await;
-    python_sdk_with(&h, KEY).await;
-    python_sdk_with(&h, &hs256("s1", JWT_SECRET, "billing", json!({}))).await;
+    h.python_sdk("check_sdk_auth.py", &[("OPENAI_API_KEY", KEY)])
+        .await;
+    let token = hs256("s1", JWT_SECRET, "billing", json!({}));
+    h.python_sdk("check_sdk_auth.py", &[("OPENAI_API_KEY", &token)])
+        .await;
     let text = metrics(&h).await;
     assert!(
         text.contains("backstop_identity_requests_total{identity=\"billing\"}"),

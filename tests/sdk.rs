@@ -9,44 +9,10 @@ use std::process::Command;
 use backstop_testkit::MockReply;
 use backstop_tests::Harness;
 
-/// Runs one of the SDK check scripts against `h`; its stdout.
-async fn run_script(h: &Harness, name: &str) -> String {
-    run_script_with(h, name, &[]).await
-}
-
-/// [`run_script`] with these environment variables set.
-async fn run_script_with(h: &Harness, name: &str, vars: &[(&str, &str)]) -> String {
-    let script = format!("{}/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
-    let base = h.url("/v1");
-    let vars: Vec<(String, String)> = vars
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .envs(vars)
-            .env("OPENAI_BASE_URL", base)
-            .env("OPENAI_API_KEY", "sk-client-side")
-            .output()
-            .expect("python3 runs (scripts/test installs the openai package)")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "SDK check failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("sdk checks passed"), "{stdout}");
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_works_through_backstop() {
     let h = Harness::start().await;
-    run_script(&h, "check_sdk.py").await;
+    h.python_sdk("check_sdk.py", &[]).await;
     // The SDK's requests really went through to the upstream.
     let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
     assert!(
@@ -64,7 +30,7 @@ async fn the_python_sdks_legacy_completions_reach_a_chat_only_upstream() {
         "invalid_request_error",
         "This is a chat model and not supported in the v1/completions endpoint.",
     )]);
-    run_script(&h, "check_sdk_chat_only.py").await;
+    h.python_sdk("check_sdk_chat_only.py", &[]).await;
     let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
     // One 404, then chats only.
     assert_eq!(paths[0], "/v1/completions");
@@ -77,7 +43,7 @@ async fn the_python_sdks_legacy_completions_reach_a_chat_only_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdks_responses_calls_reach_a_responses_upstream() {
     let h = Harness::start().await;
-    run_script(&h, "check_sdk_responses.py").await;
+    h.python_sdk("check_sdk_responses.py", &[]).await;
     let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
     assert!(paths.iter().all(|p| p == "/v1/responses"), "{paths:?}");
 }
@@ -87,7 +53,8 @@ async fn the_python_sdks_responses_calls_reach_a_chat_only_upstream() {
     let h = Harness::start().await;
     h.mock()
         .push([MockReply::error(404, "invalid_request_error", "Not found")]);
-    run_script_with(&h, "check_sdk_responses.py", &[("BACKSTOP_CHAT_ONLY", "1")]).await;
+    h.python_sdk("check_sdk_responses.py", &[("BACKSTOP_CHAT_ONLY", "1")])
+        .await;
     let paths: Vec<String> = h.mock().requests().iter().map(|r| r.path.clone()).collect();
     // One 404, then chats only.
     assert_eq!(paths[0], "/v1/responses");
@@ -104,7 +71,7 @@ async fn the_python_sdks_background_responses_are_polled_resumed_and_cancelled()
         delay: std::time::Duration::ZERO,
         chunk_delay: std::time::Duration::from_millis(40),
     });
-    run_script(&h, "check_sdk_background.py").await;
+    h.python_sdk("check_sdk_background.py", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

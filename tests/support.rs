@@ -134,6 +134,36 @@ impl Harness {
             .expect("backstop answers")
     }
 
+    /// Runs the Python SDK check script `tests/sdk/{name}` against this
+    /// server, with these environment variables (`OPENAI_API_KEY` among
+    /// them overrides the default); its stdout, once it said it passed.
+    pub async fn python_sdk(&self, name: &str, vars: &[(&str, &str)]) -> String {
+        let script = format!("{}/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
+        let base = self.url("/v1");
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .arg(script)
+                .env("OPENAI_BASE_URL", base)
+                .env("OPENAI_API_KEY", "sk-client-side")
+                .envs(vars)
+                .output()
+                .expect("python3 runs (scripts/test installs the openai package)")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success() && stdout.contains("sdk checks passed"),
+            "SDK check failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// Backstop offline: every request served by the default local model.
     pub async fn offline(extra: &str) -> Self {
         let toml = format!(

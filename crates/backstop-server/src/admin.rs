@@ -48,15 +48,11 @@ pub(crate) async fn guard(
         _ if admin_token => {}
         (Some(auth), _) => {
             let caller = crate::auth::authenticate(&app, auth, headers)?;
-            if !caller.0.config.scopes.admin {
-                app.metrics
-                    .auth_failures
-                    .with_label_values(&["forbidden_scope"])
-                    .inc();
-                return Err(ServerError::Forbidden(
-                    "the admin endpoints need a credential with the admin scope",
-                ));
-            }
+            crate::auth::require(
+                &app,
+                caller.0.config.scopes.admin,
+                "the admin endpoints need a credential with the admin scope",
+            )?;
         }
         (None, Some(_)) => return Err(ServerError::AdminToken),
         (None, None) if surface == Surface::Admin => {}

@@ -389,17 +389,26 @@ pub(crate) async fn client(
         return Ok(next.run(req).await);
     };
     let caller = authenticate(&app, auth, req.headers())?;
-    if !caller.0.config.scopes.inference {
-        app.metrics
-            .auth_failures
-            .with_label_values(&["forbidden_scope"])
-            .inc();
-        return Err(ServerError::Forbidden(
-            "this credential does not have the inference scope",
-        ));
-    }
+    require(
+        &app,
+        caller.0.config.scopes.inference,
+        "this credential does not have the inference scope",
+    )?;
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
+}
+
+/// Goes on when a caller was `granted` the scope; else the 403 saying
+/// `why`, counted.
+pub(crate) fn require(app: &App, granted: bool, why: &'static str) -> Result<(), ServerError> {
+    if granted {
+        return Ok(());
+    }
+    app.metrics
+        .auth_failures
+        .with_label_values(&["forbidden_scope"])
+        .inc();
+    Err(ServerError::Forbidden(why))
 }
 
 /// The caller `headers` prove, counted; the 401 otherwise.

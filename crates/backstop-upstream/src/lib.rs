@@ -221,23 +221,16 @@ impl Upstream {
         self.keys.iter().map(|k| !k.is_out(now)).collect()
     }
 
-    /// The order to try its keys in for one request: each in turn first,
-    /// the refused ones left out while another is in use.
-    fn key_order(&self) -> Vec<usize> {
+    /// The keys to try for one request, in order: each in turn first, the
+    /// refused ones left out while another is in use.
+    fn key_order(&self) -> impl Iterator<Item = usize> + '_ {
         let n = self.keys.len();
         let first = self.next_key.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
-        let usable: Vec<usize> = order
-            .iter()
-            .copied()
-            .filter(|&i| !self.keys[i].is_out(now))
-            .collect();
-        if usable.is_empty() {
-            order
-        } else {
-            usable
-        }
+        let any_in_use = self.keys.iter().any(|k| !k.is_out(now));
+        (0..n)
+            .map(move |i| (first + i) % n)
+            .filter(move |&i| !any_in_use || !self.keys[i].is_out(now))
     }
 
     /// The model this target is asked for.
@@ -397,10 +390,10 @@ impl Upstream {
         // Each key in turn. A key the upstream refuses (401, 403) or holds
         // back (429) gives way at once to the next one; the last answer
         // stands when none is left.
-        let order = self.key_order();
+        let mut order = self.key_order().peekable();
         let mut held: Option<Duration> = None;
         let mut refused: Option<BackendError> = None;
-        for (n, &index) in order.iter().enumerate() {
+        while let Some(index) = order.next() {
             let key = &self.keys[index];
             if let Err(wait) = key.limit.acquire(tokens) {
                 held = Some(held.map_or(wait, |h| h.min(wait)));
@@ -430,7 +423,7 @@ impl Upstream {
                 return Ok(response);
             }
             let error = self.error_from_status(response).await;
-            let others = order.len() - n - 1 > 0;
+            let others = order.peek().is_some();
             if matches!(status, 401 | 403) && self.keys.len() > 1 {
                 *key.out_until.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Instant::now() + KEY_OUT);
@@ -640,8 +633,8 @@ impl Backend for Upstream {
             let mut request = self.client.get(format!("{}/models", self.base));
             let key = self
                 .key_order()
-                .first()
-                .and_then(|&i| self.keys[i].secret.as_ref());
+                .next()
+                .and_then(|i| self.keys[i].secret.as_ref());
             if let Some(key) = key {
                 request = request.bearer_auth(key);
             }
