@@ -6,8 +6,10 @@
 //! asks) and commits them in one transaction, so a thousand streams
 //! appending events cost a commit per batch, not per event. The events a
 //! batch appends to one generation go in one row (a segment), not a row
-//! each. Reads use their own connection (WAL lets them run beside the
-//! writer) on tokio's blocking pool.
+//! each, compressed with LZ4: a stream's events repeat their field names
+//! and response objects, and fewer bytes written is less for the kernel to
+//! copy and write back beside the streams. Reads use their own connection
+//! (WAL lets them run beside the writer) on tokio's blocking pool.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,6 +40,15 @@ const NICE: i32 = 10;
 const MAX_UNWRITTEN: usize = 64 << 20;
 /// Records deleted at a time while the database is over its size.
 const SHED: usize = 16;
+/// A segment's `codec`: its events as they are.
+const PLAIN: i64 = 0;
+/// A segment's `codec`: an LZ4 block of its events.
+pub(crate) const LZ4: i64 = 1;
+/// A segment shorter than this is kept as it is: too little to gain.
+const COMPRESS_FROM: usize = 256;
+/// The most event bytes one segment may say it holds; past it, it is
+/// treated as damaged rather than decompressed.
+const MAX_SEGMENT: usize = 256 << 20;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS responses (
@@ -59,9 +70,13 @@ CREATE TABLE IF NOT EXISTS segments (
     seq INTEGER NOT NULL,
     lens TEXT NOT NULL,
     data BLOB NOT NULL,
+    codec INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (response_id, seq)
 );
 ";
+
+/// Segments written before compression are kept as they are.
+const ADD_CODEC: &str = "ALTER TABLE segments ADD COLUMN codec INTEGER NOT NULL DEFAULT 0";
 
 /// The first version's log, a row an event, becomes one-event segments.
 const MIGRATE_EVENTS: &str = "
@@ -117,6 +132,14 @@ impl Sqlite {
         write.pragma_update(None, "synchronous", "NORMAL")?;
         write.busy_timeout(std::time::Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
+        let has_codec: bool = write.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('segments') WHERE name = 'codec')",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_codec {
+            write.execute_batch(ADD_CODEC)?;
+        }
         let old: bool = write.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')",
             [],
@@ -276,7 +299,7 @@ impl Store for Sqlite {
         let from = after.map_or(0, |a| a.saturating_add(1));
         self.read(move |conn| {
             let mut query = conn.prepare_cached(
-                "SELECT seq, lens, data FROM segments WHERE response_id = ?1 AND seq >= \
+                "SELECT seq, lens, data, codec FROM segments WHERE response_id = ?1 AND seq >= \
                  IFNULL((SELECT MAX(seq) FROM segments WHERE response_id = ?1 AND seq <= ?2), 0) \
                  ORDER BY seq",
             )?;
@@ -285,7 +308,7 @@ impl Store for Sqlite {
             while let Some(row) = rows.next()? {
                 let first = row.get::<_, i64>(0)? as u64;
                 let lens: String = row.get(1)?;
-                let data = Bytes::from(row.get::<_, Vec<u8>>(2)?);
+                let data = decode(&lens, row.get(2)?, row.get(3)?);
                 for (seq, event) in (first..).zip(split(&lens, &data)) {
                     // Segments may overlap (an event appended twice): each
                     // event once, in order.
@@ -326,6 +349,30 @@ impl Store for Sqlite {
     fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.read(size)
     }
+}
+
+/// A segment's event bytes, decompressed as its codec says; nothing for a
+/// segment that cannot be read (logged, and [`split`] then reads none of
+/// its events).
+fn decode(lens: &str, data: Vec<u8>, codec: i64) -> Bytes {
+    if codec == PLAIN {
+        return Bytes::from(data);
+    }
+    let total = lens
+        .split(' ')
+        .map(str::parse::<usize>)
+        .try_fold(0usize, |sum, len| {
+            len.ok().and_then(|len| sum.checked_add(len))
+        })
+        .filter(|&total| total <= MAX_SEGMENT);
+    let plain = match (codec, total) {
+        (LZ4, Some(total)) => lz4_flex::block::decompress(&data, total).ok(),
+        _ => None,
+    };
+    plain.map(Bytes::from).unwrap_or_else(|| {
+        tracing::error!("the store holds a segment it cannot decompress (codec {codec})");
+        Bytes::new()
+    })
 }
 
 /// A segment's events, by their lengths (decimal, space-separated).
@@ -373,10 +420,18 @@ impl Segment {
     }
 
     fn write(&self, tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {
+        let compressed = (self.data.len() >= COMPRESS_FROM)
+            .then(|| lz4_flex::block::compress(&self.data))
+            .filter(|c| c.len() < self.data.len());
+        let (codec, data) = match &compressed {
+            Some(c) => (LZ4, c.as_slice()),
+            None => (PLAIN, self.data.as_slice()),
+        };
         tx.prepare_cached(
-            "INSERT OR IGNORE INTO segments (response_id, seq, lens, data) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR IGNORE INTO segments (response_id, seq, lens, data, codec) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![id, self.first as i64, self.lens, self.data])?;
+        .execute(params![id, self.first as i64, self.lens, data, codec])?;
         Ok(())
     }
 }

@@ -93,7 +93,16 @@ async fn the_sweeper_deletes_expired_final_records_and_keeps_to_the_disk_budget(
         ..Retention::default()
     };
     let store = Sqlite::open(dir.path(), budget).unwrap();
-    let big = Bytes::from(vec![b'x'; 8 << 10]);
+    // Bytes that do not compress: the budget counts what is on disk.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let big: Bytes = (0..8 << 10)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
     for i in 0..100u64 {
         store
             .insert(record(&format!("r{i}"), None, i))
@@ -201,6 +210,62 @@ async fn a_database_of_the_first_version_is_read_on() {
         ]
     );
     assert_eq!(store.unfinished().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn segments_are_compressed_and_those_of_the_second_version_read_on() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The second version: segments without a codec, kept as they are.
+        let old = rusqlite::Connection::open(dir.path().join("backstop.db")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE segments (response_id TEXT NOT NULL, seq INTEGER NOT NULL, \
+             lens TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (response_id, seq));
+             INSERT INTO segments VALUES ('r', 0, '2 2', X'65306531');",
+        )
+        .unwrap();
+    }
+    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    // A stream's events: the same fields again and again, as JSON events are.
+    let event = |seq: u64| {
+        Bytes::from(format!(
+            r#"{{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":"word{seq} ","sequence_number":{seq}}}"#
+        ))
+    };
+    let mut want = vec![
+        (0, Bytes::from_static(b"e0")),
+        (1, Bytes::from_static(b"e1")),
+    ];
+    for seq in 2..40 {
+        store.append("r", seq, event(seq));
+        want.push((seq, event(seq)));
+    }
+    // Too short to gain from compressing: kept as it is.
+    store.append("short", 0, Bytes::from_static(b"tiny"));
+    store.flush().await.unwrap();
+    assert_eq!(store.events("r", None).await.unwrap(), want);
+    assert_eq!(store.events("r", Some(20)).await.unwrap(), want[21..]);
+    assert_eq!(store.events("short", None).await.unwrap().len(), 1);
+
+    let raw = rusqlite::Connection::open(dir.path().join("backstop.db")).unwrap();
+    let (codec, stored): (i64, usize) = raw
+        .query_row(
+            "SELECT codec, length(data) FROM segments WHERE response_id = 'r' AND seq = 2",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let plain: usize = want[2..].iter().map(|(_, e)| e.len()).sum();
+    assert_eq!(codec, crate::sqlite::LZ4);
+    assert!(stored * 3 < plain, "{stored} bytes stored for {plain}");
+    let codecs: Vec<i64> = raw
+        .prepare("SELECT codec FROM segments WHERE response_id IN ('r', 'short') ORDER BY response_id, seq")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(codecs, [0, 1, 0]);
 }
 
 #[tokio::test]
