@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use backstop_server::{run, App, Config, Running};
+use backstop_server::{run, App, Config, ConfigSource, Running};
 use backstop_testkit::MockUpstream;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -25,6 +25,42 @@ pub struct Harness {
     running: Option<Running>,
     /// The store's data directory, unless the config names one.
     pub data: Option<tempfile::TempDir>,
+    /// The config file it reloads, when started from one.
+    pub config_file: Option<ConfigFile>,
+}
+
+/// A config file a test rewrites, for the server to reload.
+pub struct ConfigFile {
+    dir: tempfile::TempDir,
+    /// Appended to every version: the store's section, which a reload
+    /// cannot change.
+    store: String,
+}
+
+impl ConfigFile {
+    /// The file.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("backstop.toml")
+    }
+
+    /// Replaces the file with this TOML, as an editor or a mounted volume
+    /// does: written beside it, then renamed over it.
+    pub fn write(&self, toml: &str) {
+        let next = self.dir.path().join("backstop.toml.next");
+        std::fs::write(&next, format!("{toml}\n{}", self.store)).unwrap();
+        std::fs::rename(next, self.path()).unwrap();
+    }
+}
+
+/// The environment the servers tests start see: their keys and secrets.
+fn test_env(name: &str) -> Option<String> {
+    match name {
+        "TEST_KEY" => Some("sk-test".into()),
+        "TEST_KEY_2" => Some("sk-test-2".into()),
+        "TEST_KEY_3" => Some("sk-test-3".into()),
+        "TEST_JWT_SECRET" => Some(JWT_SECRET.into()),
+        _ => None,
+    }
 }
 
 /// The shared secret `TEST_JWT_SECRET` holds for the servers tests start.
@@ -57,23 +93,40 @@ impl Harness {
 
     /// Backstop running this TOML config in front of these mocks.
     pub async fn with_config(mocks: Vec<MockUpstream>, toml: &str) -> Self {
+        Self::from(mocks, toml, None).await
+    }
+
+    /// Backstop running this TOML config from a file (`config_file`
+    /// rewrites it), which it reloads on `POST /admin/reload`, and when it
+    /// changes if `watch`.
+    pub async fn with_file(mocks: Vec<MockUpstream>, toml: &str, watch: bool) -> Self {
+        Self::from(mocks, toml, Some(watch)).await
+    }
+
+    async fn from(mocks: Vec<MockUpstream>, toml: &str, file: Option<bool>) -> Self {
         // Each server keeps its generations in a store of its own.
-        let (toml, data) = if toml.contains("[store]") {
-            (toml.to_string(), None)
+        let (store, data) = if toml.contains("[store]") {
+            (String::new(), None)
         } else {
             let dir = tempfile::tempdir().expect("a temporary directory");
-            let toml = format!("{toml}\n[store]\npath = {:?}\n", dir.path());
-            (toml, Some(dir))
+            (format!("[store]\npath = {:?}\n", dir.path()), Some(dir))
         };
-        let config = Config::parse(&toml, |name| match name {
-            "TEST_KEY" => Some("sk-test".into()),
-            "TEST_KEY_2" => Some("sk-test-2".into()),
-            "TEST_KEY_3" => Some("sk-test-3".into()),
-            "TEST_JWT_SECRET" => Some(JWT_SECRET.into()),
-            _ => None,
-        })
-        .expect("config is valid");
-        let app = App::new(config).expect("app builds");
+        let (app, config_file) = if let Some(watch) = file {
+            let config_file = ConfigFile {
+                dir: tempfile::tempdir().expect("a temporary directory"),
+                store,
+            };
+            config_file.write(toml);
+            let source = ConfigSource::new(config_file.path(), |path| Config::load(path, test_env))
+                .watched(watch);
+            let config = source.read().expect("config is valid");
+            let app = App::new(config).expect("app builds").with_source(source);
+            (app, Some(config_file))
+        } else {
+            let config =
+                Config::parse(&format!("{toml}\n{store}"), test_env).expect("config is valid");
+            (App::new(config).expect("app builds"), None)
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let running = run(app, async {
             let _ = stopped.await;
@@ -88,6 +141,7 @@ impl Harness {
             stop: Some(stop),
             running: Some(running),
             data,
+            config_file,
         }
     }
 
@@ -104,6 +158,25 @@ impl Harness {
     /// The URL of an admin endpoint, e.g. `/admin/breakers`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// POSTs an empty JSON object to an admin endpoint.
+    pub async fn admin_post(&self, path: &str) -> reqwest::Response {
+        self.http
+            .post(self.admin_url(path))
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .expect("backstop answers")
+    }
+
+    /// The value of a sample in `/metrics`, e.g.
+    /// `backstop_config_reloads_total{outcome="applied"}`; 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// GETs an admin endpoint.

@@ -289,7 +289,7 @@ pub struct RouteConfig {
 }
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,

@@ -58,7 +58,7 @@ pub fn settle_thread_count() {
 }
 
 /// Where the local model is and how to run it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LocalConfig {
     /// Target name, shown in `x-backstop-backend`.
     pub target: String,

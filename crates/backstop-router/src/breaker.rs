@@ -308,6 +308,12 @@ impl CircuitBreaker {
         self.verified.store(on, Ordering::Release);
     }
 
+    /// Whether its recovery is verified elsewhere (see
+    /// [`CircuitBreaker::set_verified`]).
+    pub fn is_verified(&self) -> bool {
+        self.verified.load(Ordering::Acquire)
+    }
+
     /// Lets `fraction` (0..=1) of live calls through an open or recovering
     /// breaker, chosen at random; any failure among them opens it again.
     /// A fraction of 1 closes it.

@@ -10,7 +10,6 @@ use tokio::task::JoinHandle;
 
 use crate::breaker::CircuitBreaker;
 use crate::observer::Observer;
-use crate::Router;
 
 /// What a probe asks of the target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,14 +66,18 @@ async fn probe_once(backend: &dyn Backend, probe: &Probe, timeout: Duration) -> 
     outcome.unwrap_or(false)
 }
 
-fn spawn_one(
+/// Starts probing `backend` with `config`, feeding what it finds to
+/// `breaker`; `None` when its probe is off. The task runs until its handle
+/// is aborted.
+pub fn spawn(
     backend: Arc<dyn Backend>,
     breaker: Arc<CircuitBreaker>,
-    config: HealthConfig,
-    probe: Probe,
+    config: &HealthConfig,
     observer: Arc<dyn Observer>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Option<JoinHandle<()>> {
+    let probe = config.probe.clone()?;
+    let config = config.clone();
+    Some(tokio::spawn(async move {
         // The first probe comes one interval after start, not in a burst at boot.
         let first = tokio::time::Instant::now() + config.interval;
         let mut ticks = tokio::time::interval_at(first, config.interval);
@@ -97,29 +100,5 @@ fn spawn_one(
                 );
             }
         }
-    })
-}
-
-impl Router {
-    /// Starts probing each named target with its own health settings; the
-    /// tasks run until their handles are aborted. Targets whose probe is off
-    /// are not checked.
-    pub fn spawn_health_checks(&self, checks: &[(String, HealthConfig)]) -> Vec<JoinHandle<()>> {
-        self.table
-            .targets()
-            .into_iter()
-            .filter_map(|t| {
-                let (_, config) = checks.iter().find(|(name, _)| name == t.name())?;
-                let probe = config.probe.clone()?;
-                let breaker = self.breakers.get(t.name())?.clone();
-                Some(spawn_one(
-                    t,
-                    breaker,
-                    config.clone(),
-                    probe,
-                    self.observer.clone(),
-                ))
-            })
-            .collect()
-    }
+    }))
 }

@@ -289,6 +289,28 @@ impl RouteError {
     }
 }
 
+/// What the router learns of a target between requests: its breaker, and
+/// its recent times to first token (the hedge delay). A reload hands the
+/// same state to the next router for a target whose settings did not
+/// change.
+#[derive(Clone)]
+pub struct TargetState {
+    /// The target's circuit breaker.
+    pub breaker: Arc<CircuitBreaker>,
+    /// Its recent times to first token.
+    pub first_tokens: Arc<hedge::FirstTokenTimes>,
+}
+
+impl TargetState {
+    /// A fresh state: a closed breaker with these settings, no history.
+    pub fn new(breaker: BreakerConfig) -> Self {
+        TargetState {
+            breaker: Arc::new(CircuitBreaker::new(breaker)),
+            first_tokens: Arc::default(),
+        }
+    }
+}
+
 /// Walks route chains, skipping targets whose breaker is open.
 #[derive(Clone)]
 pub struct Router {
@@ -304,19 +326,24 @@ impl Router {
     /// A router over this table, with a breaker per target configured by
     /// `breaker_for(target name)`.
     pub fn new(table: RouteTable, breaker_for: impl Fn(&str) -> BreakerConfig) -> Self {
-        let breakers: HashMap<String, Arc<CircuitBreaker>> = table
+        Self::over(table, |name| TargetState::new(breaker_for(name)))
+    }
+
+    /// A router over this table, with each target's state from
+    /// `state_for(target name)`: fresh, or kept from an earlier router.
+    pub fn over(table: RouteTable, state_for: impl Fn(&str) -> TargetState) -> Self {
+        let states: Vec<(String, TargetState)> = table
             .targets()
             .iter()
-            .map(|t| {
-                (
-                    t.name().to_string(),
-                    Arc::new(CircuitBreaker::new(breaker_for(t.name()))),
-                )
-            })
+            .map(|t| (t.name().to_string(), state_for(t.name())))
             .collect();
-        let first_tokens = breakers
-            .keys()
-            .map(|name| (name.clone(), Arc::default()))
+        let first_tokens = states
+            .iter()
+            .map(|(name, s)| (name.clone(), s.first_tokens.clone()))
+            .collect();
+        let breakers = states
+            .into_iter()
+            .map(|(name, s)| (name, s.breaker))
             .collect();
         Router {
             table,

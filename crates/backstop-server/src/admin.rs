@@ -40,11 +40,12 @@ pub(crate) async fn guard(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let admin_token = match (&app.config.admin_token, token) {
+    let live = app.live();
+    let admin_token = match (&live.config.admin_token, token) {
         (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
         _ => false,
     };
-    match (&app.auth, &app.config.admin_token) {
+    match (&live.auth, &live.config.admin_token) {
         _ if admin_token => {}
         (Some(auth), _) => {
             let caller = crate::auth::authenticate(&app, auth, headers)?;
@@ -109,6 +110,7 @@ fn breaker_json(target: &str, b: &CircuitBreaker) -> serde_json::Value {
 /// `GET /admin/breakers`: every target's breaker.
 pub(crate) async fn breakers(State(app): State<Arc<App>>) -> Response {
     let list = app
+        .live()
         .router
         .breakers()
         .iter()
@@ -133,12 +135,13 @@ fn per_target(key: &str, mut list: Vec<serde_json::Value>) -> Response {
 /// latest failures, and for targets under shadow verification the window,
 /// confirmations, ramp stage and last comparison.
 pub(crate) async fn status(State(app): State<Arc<App>>) -> Response {
-    let shadows = app
+    let live = app.live();
+    let shadows = live
         .shadows
         .as_ref()
-        .map(|(s, _)| s.status())
+        .map(|s| s.status())
         .unwrap_or_default();
-    let list = app
+    let list = live
         .router
         .breakers()
         .iter()
@@ -160,6 +163,15 @@ pub(crate) async fn status(State(app): State<Arc<App>>) -> Response {
     per_target("targets", list)
 }
 
+/// `POST /admin/reload`: reads the configuration file again and puts it in
+/// place; what changed, or why nothing did.
+pub(crate) async fn reload(State(app): State<Arc<App>>) -> Result<Response, ServerError> {
+    tracing::info!("POST /admin/reload: reloading the configuration");
+    let reloaded = app.reload().map_err(ServerError::Reload)?;
+    let body = serde_json::to_vec(&reloaded).unwrap_or_default();
+    Ok(respond::json(200, body, Served::NONE, &Headers::new()))
+}
+
 /// `POST /admin/breakers/{target}` with `{"force": "open" | "closed" | "auto"}`,
 /// or `{"verification": "restart"}` to start shadow verification over.
 pub(crate) async fn force_breaker(
@@ -168,7 +180,8 @@ pub(crate) async fn force_breaker(
     req: Request,
 ) -> Result<Response, ServerError> {
     let target = target.as_str();
-    let Some(breaker) = app.router.breakers().get(target) else {
+    let live = app.live();
+    let Some(breaker) = live.router.breakers().get(target) else {
         return Err(ServerError::UnknownTarget(target.to_string()));
     };
     let read = tokio::time::timeout(
@@ -181,7 +194,7 @@ pub(crate) async fn force_breaker(
     };
     let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
     if body["verification"] == "restart" {
-        let restarted = app.shadows.as_ref().is_some_and(|(s, _)| s.restart(target));
+        let restarted = live.shadows.as_ref().is_some_and(|s| s.restart(target));
         if !restarted {
             return Err(ServerError::NotVerified(target.to_string()));
         }

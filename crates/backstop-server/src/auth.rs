@@ -168,7 +168,9 @@ struct Claims {
 
 impl Auth {
     /// Builds the authenticator; reads the JWKS file, which must be valid.
-    pub(crate) fn new(config: &AuthConfig) -> Result<Self, JwksError> {
+    /// An identity whose settings are as in `previous` (a reload) keeps its
+    /// rate limits' state.
+    pub(crate) fn new(config: &AuthConfig, previous: Option<&Auth>) -> Result<Self, JwksError> {
         let jwt = match &config.jwt {
             Some(j) => {
                 let secrets = j
@@ -203,6 +205,11 @@ impl Auth {
                 .identities
                 .iter()
                 .map(|c| {
+                    let kept = previous
+                        .and_then(|p| p.identities.iter().find(|i| i.config == *c).cloned());
+                    if let Some(kept) = kept {
+                        return kept;
+                    }
                     let limited = c.requests_per_minute.is_some() || c.tokens_per_minute.is_some();
                     Arc::new(Identity {
                         config: c.clone(),
@@ -385,7 +392,8 @@ pub(crate) async fn client(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ServerError> {
-    let Some(auth) = &app.auth else {
+    let live = app.live();
+    let Some(auth) = &live.auth else {
         return Ok(next.run(req).await);
     };
     let caller = authenticate(&app, auth, req.headers())?;

@@ -659,7 +659,7 @@ pub(crate) async fn complete(
     flight: InFlight,
     mut writer: Writer,
 ) -> Response<Body> {
-    let served = match app.router.complete(request).await {
+    let served = match app.live().router.complete(request).await {
         Ok(s) => s,
         Err(e) => return failed(app, e, &flight),
     };
@@ -746,7 +746,7 @@ pub(crate) async fn start_stream(
     writer: Writer,
     trailers: bool,
 ) -> Result<Started, (RouteError, InFlight, Writer)> {
-    let served = match app.router.stream(request).await {
+    let served = match app.live().router.stream(request).await {
         Ok(s) => s,
         Err(e) => return Err((e, flight, writer)),
     };

@@ -51,6 +51,9 @@ pub enum ServerError {
     UnknownTarget(String),
     /// Verification restarted for a target not under it: a 409.
     NotVerified(String),
+    /// A reload that changed nothing, and why: a 400 (the running
+    /// configuration stays).
+    Reload(crate::ReloadError),
     /// No stored response has this id: a 404.
     UnknownResponse(String),
     /// A response that cannot be cancelled: not a background one, or one
@@ -125,6 +128,7 @@ impl ServerError {
             ServerError::NotJson => 415,
             ServerError::NotReady => 503,
             ServerError::NotVerified(_) => 409,
+            ServerError::Reload(_) => 400,
             ServerError::Route(RouteError::NoRoute(_)) => 404,
             ServerError::Route(e) => e.last().map_or(503, |last| last.http_status()),
             ServerError::Encode(_) => 500,
@@ -223,6 +227,13 @@ impl ServerError {
                 None,
                 Some("not_verified"),
             ),
+            ServerError::Reload(e) => {
+                let code = match e {
+                    crate::ReloadError::NoFile => "no_config_file",
+                    _ => "invalid_config",
+                };
+                (invalid, e.to_string(), None, Some(code))
+            }
             ServerError::UnknownResponse(id) => (
                 invalid,
                 format!("No response found with id '{id}'."),

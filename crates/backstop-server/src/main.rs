@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use backstop_server::{run, App, Config};
+use backstop_server::{run, App, Config, ConfigSource};
 use clap::{Parser, Subcommand};
 
 /// An OpenAI-compatible failover router for LLM completions.
@@ -85,35 +85,49 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let mut config = match (&cli.config, cli.offline) {
-        (Some(path), false) => Config::load(path, env),
-        (Some(path), true) => Config::load_offline(path, env),
-        (None, false) => Config::from_env(env),
+    // A file is read again on each reload, with the same flags applied.
+    let (offline, listen, admin_listen) = (cli.offline, cli.listen, cli.admin_listen);
+    let overrides = move |mut config: Config| {
+        config.listen = listen.unwrap_or(config.listen);
+        config.admin_listen = admin_listen.unwrap_or(config.admin_listen);
+        config
+    };
+    let source = cli.config.clone().map(|path| {
+        ConfigSource::new(path, move |path| {
+            match offline {
+                false => Config::load(path, env),
+                true => Config::load_offline(path, env),
+            }
+            .map(overrides)
+        })
+    });
+    let mut config = match (&source, offline) {
+        (Some(source), _) => source.read(),
+        (None, false) => Config::from_env(env).map(overrides),
         (None, true) => {
             Config::from_env(|name| (name != "OPENAI_API_KEY").then(|| env(name)).flatten())
+                .map(overrides)
         }
     }
     .context("configuration")?;
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
-    }
-    if let Some(admin) = cli.admin_listen {
-        if !admin.ip().is_loopback() && config.admin_token.is_none() {
-            anyhow::bail!(
-                "--admin-listen {admin} is not a loopback address: set server.admin_token_env too"
-            );
-        }
-        config.admin_listen = admin;
+    if admin_listen.is_some()
+        && !config.admin_listen.ip().is_loopback()
+        && config.admin_token.is_none()
+    {
+        anyhow::bail!(
+            "--admin-listen {} is not a loopback address: set server.admin_token_env too",
+            config.admin_listen
+        );
     }
     let nofile = config.limits.fit_descriptors();
     tracing::debug!("file-descriptor limit: {nofile:?}");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve(config))
+        .block_on(serve(config, source))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, source: Option<ConfigSource>) -> anyhow::Result<()> {
     if let Some(local) = &config.local {
         if config.is_offline() {
             tracing::info!(
@@ -133,7 +147,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         };
         tracing::info!(target = %t.name, base_url = %t.base_url, "upstream target, {key}");
     }
-    let app = App::new(config)?;
+    let mut app = App::new(config)?;
+    if let Some(source) = source {
+        tracing::info!(
+            path = %source.path().display(),
+            "the configuration reloads on SIGHUP, on POST /admin/reload, and when the file changes"
+        );
+        app = app.with_source(source);
+    }
     let running = run(app, shutdown_signal()).await?;
     tracing::info!("backstop listening on http://{}", running.addr);
     tracing::info!("admin endpoints on http://{}", running.admin_addr);

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Whether each upstream key is in use (set at scrape time).
     pub key_in_use: IntGaugeVec,
+    /// `backstop_config_reloads_total{outcome}`.
+    pub config_reloads: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -305,6 +307,14 @@ impl Metrics {
             &["target", "key"],
         )?;
         registry.register(Box::new(key_in_use.clone()))?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "backstop_config_reloads_total",
+                "Configuration reloads by outcome: applied, unchanged, or rejected (the running configuration stays).",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -336,11 +346,22 @@ impl Metrics {
             identity_tokens,
             auth_failures,
             key_in_use,
+            config_reloads,
         })
+    }
+
+    /// Drops the gauges of targets a reload removed, so that they do not
+    /// report a state frozen at their removal.
+    pub(crate) fn forget_targets(&self, removed: &[String]) {
+        for target in removed {
+            let _ = self.shadow_ramp.remove_label_values(&[target]);
+        }
     }
 
     /// Reads each upstream key's state into its gauge (at scrape time).
     pub fn observe_keys(&self, upstreams: &[std::sync::Arc<backstop_upstream::Upstream>]) {
+        // Only the targets configured now (a reload may have removed some).
+        self.key_in_use.reset();
         for upstream in upstreams {
             for (index, in_use) in upstream.keys_in_use().into_iter().enumerate() {
                 self.key_in_use
@@ -353,6 +374,9 @@ impl Metrics {
     /// Reads every breaker's state into its gauge (done at scrape time, so
     /// the hot path never touches the gauge).
     pub fn observe_breakers(&self, router: &Router) {
+        // Only the targets configured now (a reload may have removed some).
+        self.breaker_state.reset();
+        self.healthy.reset();
         for (target, breaker) in router.breakers() {
             let value = match breaker.state() {
                 BreakerState::Closed => 0,
@@ -368,7 +392,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 25] = [
+        let collectors: [&dyn prometheus::core::Collector; 30] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -394,6 +418,11 @@ impl Metrics {
             &self.rejected,
             &self.closed,
             &self.request_memory,
+            &self.identity_requests,
+            &self.identity_tokens,
+            &self.auth_failures,
+            &self.key_in_use,
+            &self.config_reloads,
         ];
         collectors
             .iter()

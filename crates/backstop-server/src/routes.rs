@@ -33,6 +33,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/admin/breakers", get(admin::breakers))
         .route("/admin/status", get(admin::status))
         .route("/admin/breakers/{target}", post(admin::force_breaker))
+        .route("/admin/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(app.clone(), admin::guard));
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     // The client API: behind a credential when authentication is on.
@@ -116,8 +117,8 @@ async fn healthz() -> Response {
 /// Ready while any target can serve: loaded (the local model), healthy by its
 /// health checks, and its breaker neither open nor forced open.
 async fn ready(State(app): State<Arc<App>>) -> Response {
-    let targets = app.router.table().targets();
-    if targets.iter().any(|t| app.router.may_serve(t)) {
+    let router = &app.live().router;
+    if router.table().targets().iter().any(|t| router.may_serve(t)) {
         plain_json(br#"{"status":"ready"}"#)
     } else {
         ServerError::NotReady.into_response()
@@ -126,7 +127,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 
 /// The models the caller may use (all, without authentication).
 async fn models(State(app): State<Arc<App>>, caller: Option<Extension<Caller>>) -> Response {
-    let mut data = app.router.models().await;
+    let mut data = app.live().router.models().await;
     if let Some(Extension(caller)) = caller {
         data.retain(|m| caller.may_use(&m.id));
     }
@@ -143,8 +144,9 @@ async fn models(State(app): State<Arc<App>>, caller: Option<Extension<Caller>>) 
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    app.metrics.observe_breakers(&app.router);
-    app.metrics.observe_keys(&app.upstreams);
+    let live = app.live();
+    app.metrics.observe_breakers(&live.router);
+    app.metrics.observe_keys(&live.upstreams);
     app.metrics
         .request_memory
         .set(app.request_memory_held() as i64);

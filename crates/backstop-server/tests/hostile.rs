@@ -349,6 +349,32 @@ async fn sigterm_is_not_held_by_a_slow_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_configuration_and_never_ends_the_process() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut b = Backstop::start(&config(&mock, "", ""), None);
+    for n in 1..=2 {
+        Command::new("kill")
+            .args(["-HUP", &b.child.id().to_string()])
+            .status()
+            .unwrap();
+        // The file is as it was: each SIGHUP is one reload, unchanged.
+        let want = format!("backstop_config_reloads_total{{outcome=\"unchanged\"}} {n}");
+        let mut seen = false;
+        for _ in 0..100 {
+            if metrics(&b).await.contains(&want) {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(seen, "no reload after SIGHUP {n}");
+    }
+    b.assert_up(100).await;
+    let log = b.log.lock().unwrap().join("\n");
+    assert!(log.contains("SIGHUP: reloading the configuration"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_requests_past_their_caps_get_a_fast_503() {
     let mock = MockUpstream::start().await.unwrap();
     mock.set_default(slow_echo());

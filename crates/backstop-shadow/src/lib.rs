@@ -174,9 +174,6 @@ impl Target {
     }
 }
 
-/// The queue of shadow calls, handed to [`Shadows::spawn`].
-pub struct Jobs(mpsc::Receiver<Job>);
-
 /// A shadow call waiting to be sent.
 struct Job {
     target: Arc<Target>,
@@ -189,11 +186,23 @@ struct Job {
 /// The verifier for every checked target.
 pub struct Shadows {
     config: ShadowConfig,
-    targets: HashMap<String, Arc<Target>>,
+    /// The checked targets, by name; [`Shadows::reconcile`] changes them.
+    targets: Mutex<HashMap<String, Arc<Target>>>,
     queue: mpsc::Sender<Job>,
     observer: Arc<dyn ShadowObserver>,
     base: Instant,
     next_probe: AtomicUsize,
+    /// The queue's receiving end until [`Shadows::start`], then the
+    /// dispatcher and each target's control loop.
+    tasks: Mutex<Tasks>,
+}
+
+#[derive(Default)]
+struct Tasks {
+    jobs: Option<mpsc::Receiver<Job>>,
+    started: bool,
+    dispatch: Option<JoinHandle<()>>,
+    control: HashMap<String, JoinHandle<()>>,
 }
 
 /// A target's verification, as the status view shows it.
@@ -215,41 +224,102 @@ pub struct TargetStatus {
 
 impl Shadows {
     /// A verifier for these targets (name, backend, breaker). Their breakers
-    /// switch to verification mode. Call [`Shadows::spawn`] to start it.
+    /// switch to verification mode. Call [`Shadows::start`] to start it.
     pub fn new(
         config: ShadowConfig,
         targets: Vec<(String, Arc<dyn Backend>, Arc<CircuitBreaker>)>,
         observer: Arc<dyn ShadowObserver>,
-    ) -> (Arc<Self>, Jobs) {
+    ) -> Arc<Self> {
         let (queue, jobs) = mpsc::channel(config.queue.max(1));
-        let targets = targets
-            .into_iter()
-            .map(|(name, backend, breaker)| {
-                breaker.set_verified(true);
-                observer.ramp(&name, breaker.admitted_fraction());
-                let target = Target {
-                    backend,
-                    breaker,
-                    window: Mutex::new(VecDeque::new()),
-                    last_sent: AtomicU64::new(0),
-                    in_flight: AtomicUsize::new(0),
-                    spacing: AtomicU64::new(config.min_interval.as_nanos() as u64),
-                    confirmations: AtomicU64::new(0),
-                    similarity: Mutex::new(None),
-                    ramp: Mutex::new(None),
-                };
-                (name, Arc::new(target))
-            })
-            .collect();
-        let shadows = Shadows {
+        let shadows = Arc::new(Shadows {
             config,
-            targets,
+            targets: Mutex::new(HashMap::new()),
             queue,
             observer,
             base: Instant::now(),
             next_probe: AtomicUsize::new(0),
-        };
-        (Arc::new(shadows), Jobs(jobs))
+            tasks: Mutex::new(Tasks {
+                jobs: Some(jobs),
+                ..Tasks::default()
+            }),
+        });
+        shadows.reconcile(targets);
+        shadows
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &ShadowConfig {
+        &self.config
+    }
+
+    /// Checks these targets from now on: a target it checks already, with
+    /// the same breaker, keeps its verification as it stands; one with a
+    /// new breaker (its settings changed) starts afresh; one not listed is
+    /// no longer checked, and its breaker leaves verification mode.
+    pub fn reconcile(
+        self: &Arc<Self>,
+        targets: Vec<(String, Arc<dyn Backend>, Arc<CircuitBreaker>)>,
+    ) {
+        let mut checked = lock(&self.targets);
+        let mut tasks = lock(&self.tasks);
+        let mut next = HashMap::new();
+        for (name, backend, breaker) in targets {
+            let kept = checked
+                .remove(&name)
+                .filter(|t| Arc::ptr_eq(&t.breaker, &breaker));
+            let target = match kept {
+                Some(target) => target,
+                None => {
+                    if let Some(task) = tasks.control.remove(&name) {
+                        task.abort();
+                    }
+                    breaker.set_verified(true);
+                    self.observer.ramp(&name, breaker.admitted_fraction());
+                    Arc::new(Target {
+                        backend,
+                        breaker,
+                        window: Mutex::new(VecDeque::new()),
+                        last_sent: AtomicU64::new(0),
+                        in_flight: AtomicUsize::new(0),
+                        spacing: AtomicU64::new(self.config.min_interval.as_nanos() as u64),
+                        confirmations: AtomicU64::new(0),
+                        similarity: Mutex::new(None),
+                        ramp: Mutex::new(None),
+                    })
+                }
+            };
+            if tasks.started && !tasks.control.contains_key(&name) {
+                let task = tokio::spawn(control(self.clone(), name.clone(), target.clone()));
+                tasks.control.insert(name.clone(), task);
+            }
+            next.insert(name, target);
+        }
+        for (name, gone) in checked.drain() {
+            gone.breaker.set_verified(false);
+            if let Some(task) = tasks.control.remove(&name) {
+                task.abort();
+            }
+        }
+        *checked = next;
+    }
+
+    /// Stops verifying: every checked breaker leaves verification mode
+    /// (back to its own half-open probe) and the tasks end.
+    pub fn stop(&self) {
+        for target in lock(&self.targets).values() {
+            target.breaker.set_verified(false);
+        }
+        let mut tasks = lock(&self.tasks);
+        for (_, task) in tasks.control.drain() {
+            task.abort();
+        }
+        if let Some(task) = tasks.dispatch.take() {
+            task.abort();
+        }
+    }
+
+    fn target(&self, name: &str) -> Option<Arc<Target>> {
+        lock(&self.targets).get(name).cloned()
     }
 }
 
@@ -319,22 +389,25 @@ impl Shadows {
     }
 
     /// Starts the workers and the per-target control loops; they run until
-    /// their handles are aborted.
-    pub fn spawn(self: &Arc<Self>, jobs: Jobs) -> Vec<JoinHandle<()>> {
-        let mut handles = vec![tokio::spawn(dispatch(self.clone(), jobs.0))];
-        for (name, target) in &self.targets {
-            handles.push(tokio::spawn(control(
-                self.clone(),
-                name.clone(),
-                target.clone(),
-            )));
+    /// [`Shadows::stop`]. Once only; later calls do nothing.
+    pub fn start(self: &Arc<Self>) {
+        // The same order of locks as `reconcile`.
+        let targets = lock(&self.targets);
+        let mut tasks = lock(&self.tasks);
+        let Some(jobs) = tasks.jobs.take() else {
+            return;
+        };
+        tasks.started = true;
+        tasks.dispatch = Some(tokio::spawn(dispatch(self.clone(), jobs)));
+        for (name, target) in targets.iter() {
+            let task = tokio::spawn(control(self.clone(), name.clone(), target.clone()));
+            tasks.control.insert(name.clone(), task);
         }
-        handles
     }
 
     /// Every checked target's verification state.
     pub fn status(&self) -> HashMap<String, TargetStatus> {
-        self.targets
+        lock(&self.targets)
             .iter()
             .map(|(name, t)| {
                 let window: Vec<&'static str> =
@@ -357,7 +430,7 @@ impl Shadows {
     /// remaining open period or ramp is cut short, and shadows start afresh.
     /// False for a target the verifier does not check or that is serving.
     pub fn restart(&self, name: &str) -> bool {
-        let Some(t) = self.targets.get(name) else {
+        let Some(t) = self.target(name) else {
             return false;
         };
         if t.phase() == Phase::Serving {
@@ -392,7 +465,7 @@ fn confirmed(config: &ShadowConfig, window: &VecDeque<Verdict>) -> bool {
 
 impl Mirror for Shadows {
     fn offer(&self, target: &str, req: &Request) -> Option<oneshot::Sender<String>> {
-        let t = self.targets.get(target)?;
+        let t = self.target(target)?;
         // Legacy bodies go upstream as they came, so their answers could not
         // be capped: only chat requests are mirrored.
         if t.phase() != Phase::Verifying
@@ -403,7 +476,8 @@ impl Mirror for Shadows {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        self.enqueue(target, t, req.clone(), Some(rx)).then_some(tx)
+        self.enqueue(target, &t, req.clone(), Some(rx))
+            .then_some(tx)
     }
 }
 
@@ -537,6 +611,84 @@ fn step(shadows: &Shadows, name: &str, target: &Target, stage: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backstop_adapter::{BackendError, BoxFuture, ChatCompletion, ChunkStream, Model, Reply};
+    use backstop_router::breaker::BreakerConfig;
+
+    /// A target never called: these tests watch the verifier's state.
+    struct Idle;
+
+    impl Backend for Idle {
+        fn name(&self) -> &str {
+            "idle"
+        }
+        fn complete<'a>(
+            &'a self,
+            _: &'a Request,
+        ) -> BoxFuture<'a, Result<Reply<ChatCompletion>, BackendError>> {
+            Box::pin(std::future::pending())
+        }
+        fn stream<'a>(
+            &'a self,
+            _: &'a Request,
+        ) -> BoxFuture<'a, Result<Reply<ChunkStream>, BackendError>> {
+            Box::pin(std::future::pending())
+        }
+        fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    struct Quiet;
+
+    impl ShadowObserver for Quiet {
+        fn shadow(&self, _: &str, _: &str) {}
+        fn confirmed(&self, _: &str) {}
+        fn ramp(&self, _: &str, _: f64) {}
+        fn similarity(&self, _: &str, _: Similarity) {}
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_keeps_the_verification_of_targets_whose_breaker_is_the_same() {
+        let backend: Arc<dyn Backend> = Arc::new(Idle);
+        let breaker = || Arc::new(CircuitBreaker::new(BreakerConfig::default()));
+        let (a, b) = (breaker(), breaker());
+        let shadows = Shadows::new(
+            ShadowConfig::default(),
+            vec![
+                ("a".into(), backend.clone(), a.clone()),
+                ("b".into(), backend.clone(), b.clone()),
+            ],
+            Arc::new(Quiet),
+        );
+        shadows.start();
+        let evidence = |name: &str| {
+            let target = shadows.target(name).unwrap();
+            lock(&target.window).push_back(Verdict::Ok);
+        };
+        evidence("a");
+        evidence("b");
+        // a as it was; b with a new breaker (its settings changed); c new.
+        let (b2, c) = (breaker(), breaker());
+        shadows.reconcile(vec![
+            ("a".into(), backend.clone(), a.clone()),
+            ("b".into(), backend.clone(), b2.clone()),
+            ("c".into(), backend.clone(), c.clone()),
+        ]);
+        let status = shadows.status();
+        assert_eq!(status["a"].window, ["ok"], "kept");
+        assert!(status["b"].window.is_empty(), "started afresh");
+        assert!(status["c"].window.is_empty());
+        assert!(a.is_verified() && b2.is_verified() && c.is_verified());
+        assert_eq!(lock(&shadows.tasks).control.len(), 3);
+        // c removed: its breaker leaves verification, its loop ends.
+        shadows.reconcile(vec![("a".into(), backend.clone(), a.clone())]);
+        assert!(!c.is_verified());
+        assert_eq!(shadows.status().len(), 1);
+        assert_eq!(lock(&shadows.tasks).control.len(), 1);
+        shadows.stop();
+        assert!(!a.is_verified());
+        assert!(lock(&shadows.tasks).control.is_empty());
+    }
 
     #[test]
     fn confirmation_needs_a_full_window_a_clean_tail_and_the_ratio() {

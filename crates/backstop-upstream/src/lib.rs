@@ -30,7 +30,7 @@ use crate::decode::StreamBounds;
 use crate::response::{passthrough_headers, ChunkReader};
 
 /// How to reach and bound one OpenAI-compatible upstream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// The target's name, shown in `x-backstop-backend` and metrics.
     pub name: String,
