@@ -73,6 +73,9 @@ pub struct Request {
     /// paused-time tests stay in control.
     #[allow(clippy::disallowed_types)]
     pub deadline: Option<std::time::Instant>,
+    /// The client's region (`x-backstop-region`, or the server's own): a
+    /// target group tries its members of this region first.
+    pub region: Option<String>,
 }
 
 impl Request {
@@ -88,6 +91,7 @@ impl Request {
             api: Api::Chat,
             prefill: None,
             deadline: None,
+            region: None,
         })
     }
 
@@ -120,6 +124,7 @@ impl Request {
             api: Api::Legacy(Legacy { prompt, fields }),
             prefill: None,
             deadline: None,
+            region: None,
         })
     }
 
@@ -132,6 +137,7 @@ impl Request {
             api: Api::Responses(Box::new(responses)),
             prefill: None,
             deadline: None,
+            region: None,
         })
     }
 

@@ -16,6 +16,7 @@ pub use limits::Limits;
 
 use backstop_local::LocalConfig;
 use backstop_router::breaker::BreakerConfig;
+use backstop_router::group::{Group, Member, Policy};
 use backstop_router::health::{HealthConfig, Probe};
 use backstop_router::retry::RetryPolicy;
 use backstop_router::{ModelMatch, DEFAULT_DEADLINE};
@@ -87,6 +88,8 @@ struct RawConfig {
     targets: Vec<RawTarget>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    groups: Vec<RawGroup>,
     local: Option<RawLocal>,
     #[serde(default)]
     breaker: RawBreaker,
@@ -222,6 +225,7 @@ struct RawLocal {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    region: Option<String>,
     admin_listen: Option<String>,
     admin_token_env: Option<String>,
     max_body_bytes: Option<usize>,
@@ -244,6 +248,7 @@ struct RawServer {
 struct RawTarget {
     name: String,
     base_url: String,
+    region: Option<String>,
     api_key_env: Option<String>,
     api_keys_env: Option<Vec<String>>,
     model: Option<String>,
@@ -268,6 +273,17 @@ struct RawTarget {
     health: Option<RawHealth>,
 }
 
+/// Equivalent targets that share a route's hop.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    members: Vec<String>,
+    policy: Option<String>,
+    #[serde(default)]
+    weights: BTreeMap<String, u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
@@ -282,8 +298,11 @@ struct RawRoute {
 pub struct RouteConfig {
     /// Which requested models the route takes.
     pub models: ModelMatch,
-    /// Target names in order, each with its retry policy.
+    /// Target names in order, each with its retry policy; a group's
+    /// members side by side.
     pub hops: Vec<(String, RetryPolicy)>,
+    /// The groups among the hops.
+    pub groups: Vec<Group>,
     /// Whole-request deadline.
     pub deadline: Duration,
 }
@@ -293,6 +312,9 @@ pub struct RouteConfig {
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// This server's region: the hint for target groups when a request
+    /// gives none (`x-backstop-region`).
+    pub region: Option<String>,
     /// Where the admin endpoints are served (loopback by default).
     pub admin_listen: SocketAddr,
     /// The bearer token that opens the admin endpoints on the client
@@ -382,6 +404,79 @@ impl Config {
     }
 }
 
+/// The groups, each with its members' names: every member a target, in
+/// one group at most, a group's name no target's.
+fn validate_groups(
+    raw: Vec<RawGroup>,
+    targets: &BTreeMap<String, RetryPolicy>,
+    regions: &BTreeMap<String, String>,
+) -> Result<Vec<(Group, Vec<String>)>, ConfigError> {
+    let mut groups: Vec<(Group, Vec<String>)> = Vec::new();
+    for (i, g) in raw.into_iter().enumerate() {
+        let at = |field: &str| format!("groups[{i}].{field}");
+        if g.name.is_empty() || targets.contains_key(&g.name) {
+            return Err(invalid(
+                at("name"),
+                format!("`{}` must be a new name, not a target's", g.name),
+            ));
+        }
+        if groups.iter().any(|(o, _)| o.name == g.name) {
+            return Err(invalid(at("name"), format!("`{}` is named twice", g.name)));
+        }
+        if g.members.is_empty() {
+            return Err(invalid(at("members"), "at least one target is needed"));
+        }
+        let mut members = Vec::new();
+        for (j, name) in g.members.iter().enumerate() {
+            if !targets.contains_key(name) {
+                return Err(invalid(
+                    format!("groups[{i}].members[{j}]"),
+                    format!("no target is named `{name}`"),
+                ));
+            }
+            let elsewhere = groups.iter().any(|(_, m)| m.contains(name));
+            if elsewhere || g.members[..j].contains(name) {
+                return Err(invalid(
+                    format!("groups[{i}].members[{j}]"),
+                    format!("target `{name}` is in a group already"),
+                ));
+            }
+            let weight = g.weights.get(name).copied().unwrap_or(1);
+            if weight == 0 {
+                return Err(invalid(
+                    format!("groups[{i}].weights.{name}"),
+                    "must be greater than 0",
+                ));
+            }
+            members.push(Member {
+                weight,
+                region: regions.get(name).cloned(),
+            });
+        }
+        if let Some(stray) = g.weights.keys().find(|k| !g.members.contains(k)) {
+            return Err(invalid(
+                format!("groups[{i}].weights.{stray}"),
+                format!("`{stray}` is not a member"),
+            ));
+        }
+        let name = g.policy.as_deref().unwrap_or("least_latency");
+        let policy = Policy::parse(name).ok_or_else(|| {
+            invalid(
+                at("policy"),
+                format!("`{name}` is not one of weighted, least_latency, least_busy"),
+            )
+        })?;
+        let group = Group {
+            name: g.name,
+            start: 0,
+            members,
+            policy,
+        };
+        groups.push((group, g.members));
+    }
+    Ok(groups)
+}
+
 /// The local model as the last resort behind the upstream, when its file is
 /// there (`BACKSTOP_MODEL`, or the default that `models/fetch` downloads).
 fn default_local(env: &impl Fn(&str) -> Option<String>) -> Option<RawLocal> {
@@ -452,6 +547,7 @@ impl RawConfig {
         )?;
         let health = self.health.apply(&HealthConfig::default(), "health")?;
         let mut names = HashSet::new();
+        let mut regions: BTreeMap<String, String> = BTreeMap::new();
         // Per target: its breaker, and the retry policy its attempts follow
         // unless a route says otherwise.
         let mut breakers = BTreeMap::new();
@@ -516,6 +612,9 @@ impl RawConfig {
                 t.name.clone(),
                 t.health.unwrap_or_default().apply(&health, &at("health"))?,
             ));
+            if let Some(region) = t.region.filter(|r| !r.is_empty()) {
+                regions.insert(t.name.clone(), region);
+            }
             let mut u = UpstreamConfig::new(t.name, t.base_url);
             u.api_keys = t
                 .api_key_env
@@ -593,6 +692,7 @@ impl RawConfig {
         if let Some(l) = &local {
             names.insert(l.target.clone());
         }
+        let groups = validate_groups(self.groups, &target_retry, &regions)?;
         let mut routes = Vec::new();
         for (i, r) in self.routes.into_iter().enumerate() {
             let models = model_match(&r.models)
@@ -604,16 +704,35 @@ impl RawConfig {
                 ));
             }
             let overrides = r.retry.unwrap_or_default();
-            let mut hops = Vec::with_capacity(r.targets.len());
+            let mut hops: Vec<(String, RetryPolicy)> = Vec::with_capacity(r.targets.len());
+            let mut in_groups = Vec::new();
             for (j, name) in r.targets.into_iter().enumerate() {
-                let Some(base) = target_retry.get(&name) else {
-                    return Err(invalid(
-                        format!("routes[{i}].targets[{j}]"),
-                        format!("no target is named `{name}`"),
-                    ));
+                let (members, group) = match groups.iter().find(|(g, _)| g.name == name) {
+                    Some((group, members)) => (members.clone(), Some(group)),
+                    None => (vec![name.clone()], None),
                 };
-                let policy = overrides.apply(base, &format!("routes[{i}].retry"))?;
-                hops.push((name, policy));
+                if let Some(group) = group {
+                    in_groups.push(Group {
+                        start: hops.len(),
+                        ..group.clone()
+                    });
+                }
+                for member in members {
+                    let Some(base) = target_retry.get(&member) else {
+                        return Err(invalid(
+                            format!("routes[{i}].targets[{j}]"),
+                            format!("no target or group is named `{member}`"),
+                        ));
+                    };
+                    if hops.iter().any(|(n, _)| *n == member) {
+                        return Err(invalid(
+                            format!("routes[{i}].targets[{j}]"),
+                            format!("target `{member}` is in this route twice"),
+                        ));
+                    }
+                    let policy = overrides.apply(base, &format!("routes[{i}].retry"))?;
+                    hops.push((member, policy));
+                }
             }
             let deadline = millis(
                 overrides.deadline_ms,
@@ -624,6 +743,7 @@ impl RawConfig {
             routes.push(RouteConfig {
                 models,
                 hops,
+                groups: in_groups,
                 deadline,
             });
         }
@@ -639,11 +759,13 @@ impl RawConfig {
             routes.push(RouteConfig {
                 models: ModelMatch::Any,
                 hops,
+                groups: Vec::new(),
                 deadline,
             });
         }
         Ok(Config {
             listen,
+            region: self.server.region.filter(|r| !r.is_empty()),
             admin_listen,
             admin_token,
             limits,

@@ -413,3 +413,58 @@ fn authentication_is_off_unless_turned_on_and_is_checked() {
         assert!(err.starts_with(field), "{field}: {err}");
     }
 }
+
+#[test]
+fn a_group_is_a_hop_of_its_members_and_is_checked() {
+    let targets: String = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[targets]]\nname = \"{n}\"\nregion = \"r-{n}\"\nbase_url = \"http://{n}/v1\"\n"
+            )
+        })
+        .collect();
+    let group = "[[groups]]\nname = \"g\"\nmembers = [\"a\", \"b\"]\npolicy = \"weighted\"\n\
+                 weights = { a = 3 }\n";
+    let route = "[[routes]]\nmodels = \"*\"\ntargets = [\"c\", \"g\"]\n";
+    let config = Config::parse(
+        &format!("[server]\nregion = \"r-b\"\n{targets}{group}{route}"),
+        env,
+    )
+    .unwrap();
+    assert_eq!(chains(&config)[0].1, ["c", "a", "b"]);
+    let g = &config.routes[0].groups[0];
+    assert_eq!(
+        (g.name.as_str(), g.start, g.policy),
+        ("g", 1, Policy::Weighted)
+    );
+    let members: Vec<(u32, Option<&str>)> = g
+        .members
+        .iter()
+        .map(|m| (m.weight, m.region.as_deref()))
+        .collect();
+    assert_eq!(members, [(3, Some("r-a")), (1, Some("r-b"))]);
+    assert_eq!(config.region.as_deref(), Some("r-b"));
+    // Least latency unless said otherwise.
+    let plain = "[[groups]]\nname = \"g\"\nmembers = [\"a\", \"b\"]\n";
+    let config = Config::parse(&format!("{targets}{plain}{route}"), env).unwrap();
+    assert_eq!(config.routes[0].groups[0].policy, Policy::LeastLatency);
+
+    for (bad, field) in [
+        ("[[groups]]\nname = \"a\"\nmembers = [\"b\"]\n", "groups[0].name:"),
+        ("[[groups]]\nname = \"g\"\nmembers = []\n", "groups[0].members:"),
+        ("[[groups]]\nname = \"g\"\nmembers = [\"a\", \"x\"]\n", "groups[0].members[1]:"),
+        ("[[groups]]\nname = \"g\"\nmembers = [\"a\", \"a\"]\n", "groups[0].members[1]:"),
+        (
+            "[[groups]]\nname = \"g\"\nmembers = [\"a\"]\n[[groups]]\nname = \"h\"\nmembers = [\"a\"]\n",
+            "groups[1].members[0]:",
+        ),
+        ("[[groups]]\nname = \"g\"\nmembers = [\"a\"]\npolicy = \"random\"\n", "groups[0].policy:"),
+        ("[[groups]]\nname = \"g\"\nmembers = [\"a\"]\nweights = { a = 0 }\n", "groups[0].weights.a:"),
+        ("[[groups]]\nname = \"g\"\nmembers = [\"a\"]\nweights = { b = 2 }\n", "groups[0].weights.b:"),
+        ("[[groups]]\nname = \"g\"\nmembers = [\"a\", \"b\"]\n[[routes]]\nmodels = \"*\"\ntargets = [\"g\", \"a\"]\n", "routes[0].targets[1]:"),
+    ] {
+        let e = parse_err(&format!("{targets}{bad}"));
+        assert!(e.starts_with(field), "{e}");
+    }
+}

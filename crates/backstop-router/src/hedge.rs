@@ -6,6 +6,7 @@
 //! trips its breaker without waiting out every deadline.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,23 +23,45 @@ const SAMPLES: usize = 64;
 /// The share of first tokens that come before the hedge delay.
 const QUANTILE: f64 = 0.95;
 
-/// A target's recent times to first token.
+/// The weight of each new time in the moving average.
+const EWMA_WEIGHT: f64 = 0.2;
+
+/// A target's recent times to first token: the last [`SAMPLES`], and their
+/// exponentially weighted moving average.
 #[derive(Default)]
-pub struct FirstTokenTimes(Mutex<VecDeque<Duration>>);
+pub struct FirstTokenTimes {
+    samples: Mutex<VecDeque<Duration>>,
+    /// Microseconds; 0 before the first.
+    ewma: AtomicU64,
+}
 
 impl FirstTokenTimes {
     /// Notes one time to first token.
     pub fn record(&self, took: Duration) {
-        let mut samples = lock(&self.0);
+        let mut samples = lock(&self.samples);
         if samples.len() == SAMPLES {
             samples.pop_front();
         }
         samples.push_back(took);
+        let now = took.as_micros().max(1) as f64;
+        let before = self.ewma.load(Ordering::Relaxed);
+        let next = if before == 0 {
+            now
+        } else {
+            before as f64 * (1.0 - EWMA_WEIGHT) + now * EWMA_WEIGHT
+        };
+        self.ewma.store(next.max(1.0) as u64, Ordering::Relaxed);
+    }
+
+    /// The moving average of its times to first token, in microseconds; 0
+    /// before any is known.
+    pub fn ewma_micros(&self) -> u64 {
+        self.ewma.load(Ordering::Relaxed)
     }
 
     /// The recent time to first token that `q` (0..=1) of them were within.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
-        let mut sorted: Vec<Duration> = lock(&self.0).iter().copied().collect();
+        let mut sorted: Vec<Duration> = lock(&self.samples).iter().copied().collect();
         sorted.sort_unstable();
         let last = sorted.len().checked_sub(1)?;
         sorted

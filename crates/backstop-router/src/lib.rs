@@ -8,6 +8,7 @@
 
 pub mod breaker;
 mod continuation;
+pub mod group;
 pub use continuation::Serving;
 pub mod health;
 pub mod hedge;
@@ -71,8 +72,11 @@ pub struct Hop {
 pub struct Route {
     /// Which requests the route takes.
     pub models: ModelMatch,
-    /// The chain of targets, first preferred.
+    /// The chain of targets, first preferred; a group's members side by
+    /// side, in configured order.
     pub hops: Vec<Hop>,
+    /// The groups among the hops, each tried in its policy's order.
+    pub groups: Vec<group::Group>,
     /// Whole-request deadline: no attempt starts after it, and a request that
     /// has not committed by then fails with a 504.
     pub deadline: Duration,
@@ -95,6 +99,7 @@ impl Route {
                     retry: RetryPolicy::default(),
                 })
                 .collect(),
+            groups: Vec::new(),
             deadline: DEFAULT_DEADLINE,
         }
     }
@@ -166,6 +171,8 @@ pub struct Served<T> {
     pub serving: Serving,
     /// Shadows of this request waiting for the served answer's text.
     pub mirrored: Vec<tokio::sync::oneshot::Sender<String>>,
+    /// The serving target counts this request as in flight until dropped.
+    busy: Option<group::BusyGuard>,
 }
 
 impl<T> Served<T> {
@@ -299,6 +306,8 @@ pub struct TargetState {
     pub breaker: Arc<CircuitBreaker>,
     /// Its recent times to first token.
     pub first_tokens: Arc<hedge::FirstTokenTimes>,
+    /// Its requests in flight.
+    pub busy: Arc<group::Busy>,
 }
 
 impl TargetState {
@@ -307,6 +316,7 @@ impl TargetState {
         TargetState {
             breaker: Arc::new(CircuitBreaker::new(breaker)),
             first_tokens: Arc::default(),
+            busy: Arc::default(),
         }
     }
 }
@@ -316,8 +326,10 @@ impl TargetState {
 pub struct Router {
     table: RouteTable,
     breakers: HashMap<String, Arc<CircuitBreaker>>,
-    /// Each target's recent times to first token, for the hedge delay.
-    first_tokens: HashMap<String, Arc<hedge::FirstTokenTimes>>,
+    /// Each target's state: its breaker again, its recent times to first
+    /// token (the hedge delay, least-latency groups), its requests in flight
+    /// (least-busy groups).
+    states: HashMap<String, TargetState>,
     observer: Arc<dyn observer::Observer>,
     mirror: Option<Arc<dyn Mirror>>,
 }
@@ -332,23 +344,19 @@ impl Router {
     /// A router over this table, with each target's state from
     /// `state_for(target name)`: fresh, or kept from an earlier router.
     pub fn over(table: RouteTable, state_for: impl Fn(&str) -> TargetState) -> Self {
-        let states: Vec<(String, TargetState)> = table
+        let states: HashMap<String, TargetState> = table
             .targets()
             .iter()
             .map(|t| (t.name().to_string(), state_for(t.name())))
             .collect();
-        let first_tokens = states
-            .iter()
-            .map(|(name, s)| (name.clone(), s.first_tokens.clone()))
-            .collect();
         let breakers = states
-            .into_iter()
-            .map(|(name, s)| (name, s.breaker))
+            .iter()
+            .map(|(name, s)| (name.clone(), s.breaker.clone()))
             .collect();
         Router {
             table,
             breakers,
-            first_tokens,
+            states,
             observer: Arc::new(observer::Silent),
             mirror: None,
         }
@@ -459,27 +467,43 @@ impl Router {
                     serving: served.serving.clone(),
                 },
             );
-            served.reply.body = match self.table.resolve(&req.chat.model) {
+            let body = match self.table.resolve(&req.chat.model) {
                 Some(route) => cut_at(body, self.deadline(route, req, started), started),
                 None => body,
             };
+            // The serving target is busy with it until the stream is done.
+            let busy = served.busy.take();
+            served.reply.body = Box::pin(body.map(move |item| {
+                let _ = &busy;
+                item
+            }));
             served
         })
     }
 
     /// The targets after `serving` in the request's route, to continue a
     /// partial answer: as a prefill where they take one, otherwise through
-    /// a continuation prompt.
+    /// a continuation prompt. When `serving` is in a group, the group's
+    /// other members come first, wherever they stand in it.
     fn successors(&self, req: &Request, serving: &str) -> Vec<continuation::Successor> {
         let Some(route) = self.table.resolve(&req.chat.model) else {
             return Vec::new();
         };
-        route
-            .hops
+        let Some(at) = route.hops.iter().position(|h| h.backend.name() == serving) else {
+            return Vec::new();
+        };
+        let peers = route
+            .groups
             .iter()
+            .map(|g| g.start..g.start + g.members.len())
+            .find(|span| span.contains(&at))
+            .unwrap_or(at..at + 1);
+        peers
+            .clone()
+            .filter(|&i| i != at)
+            .chain(peers.end.max(at + 1)..route.hops.len())
+            .filter_map(|i| route.hops.get(i))
             .map(|hop| &hop.backend)
-            .skip_while(|t| t.name() != serving)
-            .skip(1)
             .map(|t| continuation::Successor {
                 backend: t.clone(),
                 breaker: self.breakers.get(t.name()).cloned(),
@@ -518,15 +542,16 @@ impl Router {
         let mut backend_time = Duration::ZERO;
         let started_walk = Instant::now();
         let deadline = self.deadline(route, req, started_walk);
+        let hops = self.order(route, req);
         // Hops before this were tried already, by a hedge.
         let mut next_hop = 0;
-        'targets: for (i, hop) in route.hops.iter().enumerate() {
+        'targets: for (i, hop) in hops.iter().copied().enumerate() {
             if i < next_hop {
                 continue;
             }
             let name = hop.backend.name();
             let breaker = self.breakers.get(name);
-            let hop_deadline = self.hop_deadline(route, i, deadline);
+            let hop_deadline = self.hop_deadline(&hops, i, deadline);
             for attempt in 0.. {
                 if Instant::now() >= hop_deadline {
                     if hop_deadline == deadline {
@@ -546,6 +571,7 @@ impl Router {
                     continue 'targets;
                 }
                 let started = Instant::now();
+                let busy = self.states.get(name).map(|s| s.busy.enter());
                 let primary = hedge::Call {
                     future: bounded(call(hop, req), hop_deadline, deadline, started_walk),
                     pending: breaker.cloned().map(Attempt::new),
@@ -555,12 +581,12 @@ impl Router {
                         .map(|after| started + after),
                 };
                 let hedge = if first_tokens && attempt == 0 {
-                    self.hedge(route, i, req, deadline, started_walk, &call)
+                    self.hedge(&hops, i, req, deadline, started_walk, &call)
                 } else {
                     None
                 };
                 let raced = hedge::race(primary, hedge).await;
-                let hedge_name = route.hops.get(i + 1).map_or("", |h| h.backend.name());
+                let hedge_name = hops.get(i + 1).map_or("", |h| h.backend.name());
                 let (served_by, reply, waited, pending) = match raced {
                     hedge::Raced {
                         primary: Some((Ok((reply, waited)), pending)),
@@ -617,10 +643,10 @@ impl Router {
                         }
                     }
                 };
-                let backend = route.hops[served_by].backend.name();
+                let backend = hops[served_by].backend.name();
                 if first_tokens {
-                    if let Some(times) = self.first_tokens.get(backend) {
-                        times.record(waited);
+                    if let Some(state) = self.states.get(backend) {
+                        state.first_tokens.record(waited);
                     }
                 }
                 let served = Served {
@@ -630,6 +656,8 @@ impl Router {
                     failed,
                     backend_time: backend_time + waited,
                     mirrored,
+                    // A hedge that served was not counted.
+                    busy: busy.filter(|_| served_by == i),
                 };
                 return Ok((served, pending));
             }
@@ -639,8 +667,8 @@ impl Router {
 
     /// How long hop `i` may take: the rest of the request's time, or half
     /// of it while a later target could still answer.
-    fn hop_deadline(&self, route: &Route, i: usize, deadline: Instant) -> Instant {
-        if self.can_follow(&route.hops[i + 1..]) {
+    fn hop_deadline(&self, hops: &[&Hop], i: usize, deadline: Instant) -> Instant {
+        if self.can_follow(&hops[i + 1..]) {
             let now = Instant::now();
             now + deadline.saturating_duration_since(now) / 2
         } else {
@@ -654,7 +682,7 @@ impl Router {
     /// learned hedge delay.
     fn hedge<'r, T: 'r, F>(
         &'r self,
-        route: &'r Route,
+        hops: &'r [&'r Hop],
         i: usize,
         req: &'r Request,
         deadline: Instant,
@@ -664,12 +692,16 @@ impl Router {
     where
         F: for<'c> Fn(&'c Hop, &'c Request) -> hedge::Called<'c, T> + Sync,
     {
-        let hop = &route.hops[i];
-        let next = route.hops.get(i + 1)?;
+        let hop = hops[i];
+        let next = *hops.get(i + 1)?;
         if !(hop.retry.hedge || next.backend.hedges_free()) {
             return None;
         }
-        let delay = self.first_tokens.get(hop.backend.name())?.delay(&hop.retry);
+        let delay = self
+            .states
+            .get(hop.backend.name())?
+            .first_tokens
+            .delay(&hop.retry);
         let start = move || {
             let breaker = self.breakers.get(next.backend.name());
             if !next.backend.ready() || breaker.is_some_and(|b| !b.admit()) {
@@ -677,7 +709,7 @@ impl Router {
             }
             self.observer
                 .hedged(hop.backend.name(), next.backend.name());
-            let hop_deadline = self.hop_deadline(route, i + 1, deadline);
+            let hop_deadline = self.hop_deadline(hops, i + 1, deadline);
             Some(hedge::Call {
                 future: bounded(call(next, req), hop_deadline, deadline, started_walk),
                 pending: breaker.cloned().map(Attempt::new),
@@ -706,8 +738,38 @@ impl Router {
 
     /// Whether any of `hops` could take the request now: it is ready, and
     /// its breaker is not open.
-    fn can_follow(&self, hops: &[Hop]) -> bool {
+    fn can_follow(&self, hops: &[&Hop]) -> bool {
         hops.iter().any(|hop| self.may_serve(&hop.backend))
+    }
+
+    /// The route's chain in the order this request tries it: as configured,
+    /// but each group's members in its policy's order, those of the
+    /// request's region first.
+    fn order<'r>(&self, route: &'r Route, req: &Request) -> Vec<&'r Hop> {
+        let mut hops: Vec<&Hop> = route.hops.iter().collect();
+        for g in &route.groups {
+            let span = g.start..(g.start + g.members.len()).min(hops.len());
+            let candidates = route.hops[span.clone()]
+                .iter()
+                .zip(&g.members)
+                .zip(span.clone())
+                .map(|((hop, member), index)| group::Candidate {
+                    index,
+                    weight: member.weight,
+                    state: self.states.get(hop.backend.name()),
+                    up: self.may_serve(&hop.backend),
+                })
+                .collect();
+            let home: Vec<bool> = g
+                .members
+                .iter()
+                .map(|m| req.region.is_none() || m.region == req.region)
+                .collect();
+            for (at, index) in span.zip(group::order(g.policy, candidates, &home)) {
+                hops[at] = &route.hops[index];
+            }
+        }
+        hops
     }
 
     /// Whether `target` could take a request now: it is ready, and its

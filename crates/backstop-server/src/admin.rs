@@ -167,7 +167,10 @@ pub(crate) async fn status(State(app): State<Arc<App>>) -> Response {
 /// place; what changed, or why nothing did.
 pub(crate) async fn reload(State(app): State<Arc<App>>) -> Result<Response, ServerError> {
     tracing::info!("POST /admin/reload: reloading the configuration");
-    let reloaded = app.reload().map_err(ServerError::Reload)?;
+    let reloaded = app
+        .reload_in_background()
+        .await
+        .map_err(ServerError::Reload)?;
     let body = serde_json::to_vec(&reloaded).unwrap_or_default();
     Ok(respond::json(200, body, Served::NONE, &Headers::new()))
 }

@@ -189,6 +189,14 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
     };
     let trailers = accepts_trailers(&req);
     let resume = Resume::from_headers(req.headers());
+    let region = req
+        .headers()
+        .get(REGION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+        .or_else(|| app.live().config.region.clone());
     let budget = match client_budget(req.headers()) {
         Ok(budget) => budget,
         Err(message) => {
@@ -285,6 +293,7 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
         .into_response();
     }
     request.deadline = budget.map(|b| (flight.started + b).into_std());
+    request.region = region;
     flight.stream = request.chat.is_stream();
     match (&app.generations, endpoint) {
         (Some(gens), Endpoint::Responses) => {
@@ -608,6 +617,10 @@ fn check_rate(read: usize, started: Instant, min_rate: u64) -> Result<(), Reject
 
 /// The client's own deadline header: milliseconds for the whole answer.
 pub const DEADLINE_HEADER: &str = "x-backstop-deadline-ms";
+
+/// The client's region: a target group tries its members of this region
+/// first (the server's own `server.region` when absent).
+pub const REGION_HEADER: &str = "x-backstop-region";
 /// The read timeout the official OpenAI SDKs announce, in seconds.
 const SDK_TIMEOUT_HEADER: &str = "x-stainless-read-timeout";
 

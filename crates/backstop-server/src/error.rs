@@ -128,6 +128,7 @@ impl ServerError {
             ServerError::NotJson => 415,
             ServerError::NotReady => 503,
             ServerError::NotVerified(_) => 409,
+            ServerError::Reload(crate::ReloadError::Stopped) => 503,
             ServerError::Reload(_) => 400,
             ServerError::Route(RouteError::NoRoute(_)) => 404,
             ServerError::Route(e) => e.last().map_or(503, |last| last.http_status()),
@@ -228,11 +229,12 @@ impl ServerError {
                 Some("not_verified"),
             ),
             ServerError::Reload(e) => {
-                let code = match e {
-                    crate::ReloadError::NoFile => "no_config_file",
-                    _ => "invalid_config",
+                let (kind, code) = match e {
+                    crate::ReloadError::NoFile => (invalid, "no_config_file"),
+                    crate::ReloadError::Stopped => ("server_error", "reload_stopped"),
+                    _ => (invalid, "invalid_config"),
                 };
-                (invalid, e.to_string(), None, Some(code))
+                (kind, e.to_string(), None, Some(code))
             }
             ServerError::UnknownResponse(id) => (
                 invalid,

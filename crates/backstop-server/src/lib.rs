@@ -156,6 +156,9 @@ pub enum ReloadError {
     /// A target or the authenticator could not be built from it.
     #[error("{0}")]
     Start(#[from] StartError),
+    /// The reload stopped before it finished (the server is shutting down).
+    #[error("the reload stopped before it finished")]
+    Stopped,
 }
 
 /// What a reload did.
@@ -194,6 +197,7 @@ fn build_live(
                     })
                 })
                 .collect(),
+            groups: route.groups.clone(),
             deadline: route.deadline,
         })
         .collect();
@@ -334,6 +338,16 @@ impl App {
     /// The snapshot a request runs on, from its start to its end.
     pub(crate) fn live(&self) -> Arc<Live> {
         self.live.load_full()
+    }
+
+    /// [`App::reload`] on the blocking pool: reading, validating and
+    /// building targets (TLS roots, a model to load) take CPU that must not
+    /// hold up the requests of an async worker.
+    pub async fn reload_in_background(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || app.reload())
+            .await
+            .unwrap_or_else(|_| Err(ReloadError::Stopped))
     }
 
     /// Reads the configuration file again and puts it in place (see
@@ -510,7 +524,7 @@ fn reload_on_signal(app: Arc<App>) -> tokio::task::JoinHandle<()> {
             };
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = app.reload();
+                let _ = app.reload_in_background().await;
             }
         }
         #[cfg(not(unix))]
@@ -544,7 +558,7 @@ fn watch(app: Arc<App>, path: PathBuf) -> tokio::task::JoinHandle<()> {
             if now.is_some() && now != seen {
                 seen = now;
                 tracing::info!(path = %path.display(), "the configuration file changed: reloading");
-                let _ = app.reload();
+                let _ = app.reload_in_background().await;
             }
         }
     })
