@@ -469,3 +469,87 @@ async fn the_python_sdk_calls_with_a_key_and_with_a_jwt() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_identity_sees_only_the_generations_it_made() {
+    let h = start("").await;
+    let made = h
+        .http
+        .post(h.url("/v1/responses"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "gpt-4o-mini", "input": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 200);
+    let id = made.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Another identity cannot read, follow, list, cancel or delete it: to
+    // it, the response does not exist.
+    let http = &h.http;
+    for (what, req) in [
+        ("get", http.get(h.url(&format!("/v1/responses/{id}")))),
+        (
+            "stream",
+            http.get(h.url(&format!("/v1/responses/{id}?stream=true&starting_after=0"))),
+        ),
+        (
+            "input_items",
+            http.get(h.url(&format!("/v1/responses/{id}/input_items"))),
+        ),
+        (
+            "cancel",
+            http.post(h.url(&format!("/v1/responses/{id}/cancel")))
+                .json(&json!({})),
+        ),
+        ("delete", http.delete(h.url(&format!("/v1/responses/{id}")))),
+    ] {
+        let resp = req.bearer_auth(OPS_KEY).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{what}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{what}");
+    }
+    let next = json!({"model": "gpt-4o-mini", "input": "and then?", "previous_response_id": id});
+    let resp = http
+        .post(h.url("/v1/responses"))
+        .bearer_auth(OPS_KEY)
+        .json(&next)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = refused(resp).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "previous_response_id");
+    // Its owner still can.
+    let own = http
+        .get(h.url(&format!("/v1/responses/{id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+
+    // An Idempotency-Key is the caller's own: the same key from another
+    // identity makes its own generation, never a replay of another's.
+    let keyed = |key: &'static str| {
+        http.post(h.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("idempotency-key", "order-42")
+            .json(&chat("gpt-4o-mini"))
+            .send()
+    };
+    for key in [KEY, KEY, OPS_KEY] {
+        assert_eq!(keyed(key).await.unwrap().status(), 200);
+    }
+    // The same caller's retry was a replay; the other caller's, its own.
+    let chats = h
+        .mock()
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .count();
+    assert_eq!(chats, 2);
+    h.shutdown().await;
+}

@@ -222,6 +222,15 @@ impl Auth {
         })
     }
 
+    /// The identity of this name, as a caller: a background job's owner,
+    /// after a restart.
+    pub(crate) fn caller(&self, name: &str) -> Option<Caller> {
+        self.identities
+            .iter()
+            .find(|i| i.config.name == name)
+            .map(|i| Caller(i.clone()))
+    }
+
     /// The caller a request's `Authorization` header proves.
     pub(crate) fn verify(&self, headers: &http::HeaderMap) -> Result<Caller, Refusal> {
         let token = headers

@@ -357,7 +357,11 @@ async fn keyed_chat(
     flight: InFlight,
 ) -> Response<Body> {
     let Resume { key, last_event } = resume;
-    let key = key.unwrap_or_default();
+    // One identity's keys are not another's: each is kept under its owner.
+    let key = match &flight.caller {
+        Some(caller) => format!("{}\u{1f}{}", caller.name(), key.unwrap_or_default()),
+        None => key.unwrap_or_default(),
+    };
     match gens.store.by_key(&key).await {
         Ok(Some(existing)) => {
             flight.record(respond::NO_BACKEND, 200);
@@ -377,6 +381,7 @@ async fn keyed_chat(
         Some(key),
         body,
         None,
+        flight.caller.as_ref(),
     );
     // From the record on, everything runs in a task of its own: a client
     // that drops cannot leave a record that nothing finishes.

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backstop_config::StoreConfig;
+
+use crate::auth::Caller;
 use backstop_store::{BoxFuture, Kind, Record, Retention, Sqlite, Status, Store, StoreError};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -97,6 +99,12 @@ impl Live {
 }
 
 /// Now, in Unix seconds.
+/// Whether `caller` may see `record`: anyone when clients do not
+/// authenticate (no caller), else only the identity that made it.
+pub(crate) fn visible(record: &Record, caller: Option<&Caller>) -> bool {
+    caller.is_none_or(|c| record.owner.as_deref() == Some(c.name()))
+}
+
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -123,7 +131,7 @@ impl Generations {
         })
     }
 
-    /// A new record, made now.
+    /// A new record, made now, by `owner` when clients authenticate.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn record(
         &self,
@@ -135,6 +143,7 @@ impl Generations {
         key: Option<String>,
         request: Bytes,
         object: Option<Bytes>,
+        owner: Option<&Caller>,
     ) -> Record {
         let now = unix_now();
         Record {
@@ -148,6 +157,7 @@ impl Generations {
             object,
             created_at: now,
             expires_at: self.retention.expiry(now, stored),
+            owner: owner.map(|c| c.name().to_string()),
         }
     }
 

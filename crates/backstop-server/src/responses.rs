@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
+use axum::Extension;
 use backstop_adapter::{Headers, Request, ResponseWriter, Writer};
 use backstop_store::{Kind, Record, Status};
 use bytes::Bytes;
@@ -17,20 +18,28 @@ use http_body_util::StreamBody;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::completions::{complete, failed, response_id, sse_response, start_stream, InFlight};
 use crate::error::{Rejection, ServerError};
-use crate::generations::{event_json, restatus, unix_now, Generations};
+use crate::generations::{event_json, restatus, unix_now, visible, Generations};
 use crate::respond::{self, Body, Served};
 use crate::App;
 
-/// The store and the record of `id`, or the 404.
-async fn find(app: &App, id: &str) -> Result<(Arc<Generations>, Record), ServerError> {
+/// The store and the record of `id`, or the 404: also for a record
+/// another identity made (its existence is not told).
+async fn find(
+    app: &App,
+    id: &str,
+    caller: Option<&Caller>,
+) -> Result<(Arc<Generations>, Record), ServerError> {
     let gens = app
         .generations
         .clone()
         .ok_or_else(|| ServerError::UnknownResponse(id.to_string()))?;
     match gens.get(id).await {
-        Ok(Some(record)) if record.kind == Kind::Response => Ok((gens, record)),
+        Ok(Some(record)) if record.kind == Kind::Response && visible(&record, caller) => {
+            Ok((gens, record))
+        }
         Ok(_) => Err(ServerError::UnknownResponse(id.to_string())),
         Err(e) => Err(ServerError::Store(e.to_string())),
     }
@@ -57,7 +66,8 @@ pub(crate) async fn create(
         ),
         None => (false, false),
     };
-    let (request, body) = match with_history(gens, request, body).await {
+    let owner = flight.caller.clone();
+    let (request, body) = match with_history(gens, request, body, owner.as_ref()).await {
         Ok(expanded) => expanded,
         Err(e) => {
             flight.record(respond::NO_BACKEND, e.status());
@@ -84,6 +94,7 @@ pub(crate) async fn create(
             None,
             body,
             None,
+            owner.as_ref(),
         );
         // Queued before its events, in order; the stream does not wait for
         // the commit (a reader finds it live meanwhile).
@@ -119,6 +130,7 @@ pub(crate) async fn create(
         None,
         body,
         Some(bytes.clone()),
+        owner.as_ref(),
     );
     // Queued, not waited for: a read finds it once the writer has it.
     drop(gens.store.insert(record));
@@ -159,6 +171,7 @@ async fn start_job(
         None,
         body,
         Some(Bytes::from(object.to_string())),
+        flight.caller.as_ref(),
     );
     // The job is registered and its runner spawned before anything is
     // awaited: a client that drops now cannot leave a record no runner has.
@@ -214,7 +227,7 @@ type Keep = (Record, tokio::sync::oneshot::Sender<Result<(), String>>);
 /// Runs a background job when a runner is free: its stream, from the
 /// first backend that answers, or its failure as events. With `keep`, its
 /// record is kept first (and the job ends there if it cannot be). Its
-/// tokens count for `caller` (not known after a restart).
+/// tokens count for `caller`.
 #[allow(clippy::too_many_arguments)]
 fn run_job(
     app: &Arc<App>,
@@ -277,6 +290,7 @@ async fn with_history(
     gens: &Generations,
     request: Request,
     body: Bytes,
+    caller: Option<&Caller>,
 ) -> Result<(Request, Bytes), ServerError> {
     let previous = request
         .api
@@ -294,7 +308,7 @@ async fn with_history(
         })
     };
     let record = match gens.get(&previous).await {
-        Ok(Some(r)) if r.kind == Kind::Response => r,
+        Ok(Some(r)) if r.kind == Kind::Response && visible(&r, caller) => r,
         Ok(_) => {
             return Err(bad(format!(
                 "Previous response with id '{previous}' not found."
@@ -327,6 +341,7 @@ async fn with_history(
     let bytes = Bytes::from(body.to_string());
     let mut expanded = Request::parse_responses(&bytes).map_err(ServerError::Invalid)?;
     expanded.deadline = request.deadline;
+    expanded.region = request.region.clone();
     Ok((expanded, bytes))
 }
 
@@ -355,12 +370,13 @@ pub(crate) async fn retrieve(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(query): Query<Retrieve>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Response<Body>, ServerError> {
+    let caller = caller.map(|Extension(c)| c);
+    let (gens, record) = find(&app, &id, caller.as_ref()).await?;
     if query.stream != Some(true) {
-        let (gens, record) = find(&app, &id).await?;
         return Ok(json_ok(gens.object(&record).await.to_vec()));
     }
-    let (gens, _) = find(&app, &id).await?;
     match gens.tail(&id, query.starting_after).await {
         Ok(Some(tail)) => Ok(sse_response(
             Body::new(StreamBody::new(tail)),
@@ -379,8 +395,10 @@ pub(crate) async fn retrieve(
 pub(crate) async fn cancel(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Response<Body>, ServerError> {
-    let (gens, record) = find(&app, &id).await?;
+    let caller = caller.map(|Extension(c)| c);
+    let (gens, record) = find(&app, &id, caller.as_ref()).await?;
     if !record.background {
         return Err(ServerError::NotCancellable(
             "Only responses created with background=true can be cancelled.".into(),
@@ -407,7 +425,7 @@ pub(crate) async fn cancel(
             }
         },
     }
-    let (gens, record) = find(&app, &id).await?;
+    let (gens, record) = find(&app, &id, caller.as_ref()).await?;
     Ok(json_ok(gens.object(&record).await.to_vec()))
 }
 
@@ -415,8 +433,10 @@ pub(crate) async fn cancel(
 pub(crate) async fn delete(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Response<Body>, ServerError> {
-    let (gens, _) = find(&app, &id).await?;
+    let caller = caller.map(|Extension(c)| c);
+    let (gens, _) = find(&app, &id, caller.as_ref()).await?;
     if let Some(live) = gens.live(&id) {
         live.cancel();
         gens.ended(&live).await;
@@ -446,8 +466,10 @@ pub(crate) async fn input_items(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(query): Query<ListItems>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Response<Body>, ServerError> {
-    let (_, record) = find(&app, &id).await?;
+    let caller = caller.map(|Extension(c)| c);
+    let (_, record) = find(&app, &id, caller.as_ref()).await?;
     let request: Value = serde_json::from_slice(&record.request).unwrap_or_default();
     let mut all: Vec<Value> = items(&request["input"])
         .into_iter()
@@ -566,11 +588,16 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
         );
         request.prefill = Some(text);
     }
-    // Every unfinished generation gets its turn, however many there are.
+    // Every unfinished generation gets its turn, however many there are;
+    // its tokens count for the identity that made it, if it still exists.
+    let caller = record
+        .owner
+        .as_deref()
+        .and_then(|name| app.live().auth.as_ref()?.caller(name));
     let (app, gens) = (app.clone(), gens.clone());
     tokio::spawn(async move {
         if let Ok(place) = gens.places.clone().acquire_owned().await {
-            run_job(&app, &gens, id, request, writer, live, place, None, None);
+            run_job(&app, &gens, id, request, writer, live, place, None, caller);
         }
     });
 }

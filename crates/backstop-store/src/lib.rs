@@ -117,6 +117,9 @@ pub struct Record {
     pub created_at: u64,
     /// Unix seconds after which the sweeper deletes it (once final).
     pub expires_at: u64,
+    /// The identity that made it, when clients authenticate: only it may
+    /// read, resume, cancel or delete it.
+    pub owner: Option<String>,
 }
 
 /// What [`Store::insert`] did.

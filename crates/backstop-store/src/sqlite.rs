@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS responses (
     request BLOB NOT NULL,
     object BLOB,
     created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
+    expires_at INTEGER NOT NULL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS responses_by_status ON responses (status);
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
@@ -75,8 +76,13 @@ CREATE TABLE IF NOT EXISTS segments (
 );
 ";
 
-/// Segments written before compression are kept as they are.
-const ADD_CODEC: &str = "ALTER TABLE segments ADD COLUMN codec INTEGER NOT NULL DEFAULT 0";
+/// Columns added since the first version, each with its table: a database
+/// made before has them added, its rows as they were (segments plain,
+/// records without an owner).
+const ADDED: [(&str, &str, &str); 2] = [
+    ("segments", "codec", "INTEGER NOT NULL DEFAULT 0"),
+    ("responses", "owner", "TEXT"),
+];
 
 /// The first version's log, a row an event, becomes one-event segments.
 const MIGRATE_EVENTS: &str = "
@@ -86,7 +92,7 @@ DROP TABLE events;
 ";
 
 const COLUMNS: &str =
-    "id, kind, status, background, stored, key, request, object, created_at, expires_at";
+    "id, kind, status, background, stored, key, request, object, created_at, expires_at, owner";
 
 /// A write for the writer thread, with where to say it is done.
 enum Write {
@@ -132,13 +138,15 @@ impl Sqlite {
         write.pragma_update(None, "synchronous", "NORMAL")?;
         write.busy_timeout(std::time::Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
-        let has_codec: bool = write.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('segments') WHERE name = 'codec')",
-            [],
-            |row| row.get(0),
-        )?;
-        if !has_codec {
-            write.execute_batch(ADD_CODEC)?;
+        for (table, column, kind) in ADDED {
+            let has: bool = write.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+                [table, column],
+                |row| row.get(0),
+            )?;
+            if !has {
+                write.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+            }
         }
         let old: bool = write.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')",
@@ -237,6 +245,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         object: row.get::<_, Option<Vec<u8>>>(7)?.map(Bytes::from),
         created_at: row.get::<_, i64>(8)? as u64,
         expires_at: row.get::<_, i64>(9)? as u64,
+        owner: row.get(10)?,
     })
 }
 
@@ -571,8 +580,8 @@ fn apply_one(
             let added = tx
                 .prepare_cached(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \
-                 object, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT DO NOTHING",
+                 object, created_at, expires_at, owner) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
                 )?
                 .execute(params![
                     r.id,
@@ -584,7 +593,8 @@ fn apply_one(
                     r.request.as_ref(),
                     r.object.as_deref(),
                     r.created_at as i64,
-                    r.expires_at as i64
+                    r.expires_at as i64,
+                    r.owner
                 ])?;
             let inserted = if added == 1 {
                 Inserted::New

@@ -16,6 +16,7 @@ fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
         object: None,
         created_at,
         expires_at: created_at + 100,
+        owner: None,
     }
 }
 
@@ -24,10 +25,11 @@ async fn records_and_their_events_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
-        assert_eq!(
-            store.insert(record("r1", None, 1)).await.unwrap(),
-            Inserted::New
-        );
+        let owned = Record {
+            owner: Some("billing".into()),
+            ..record("r1", None, 1)
+        };
+        assert_eq!(store.insert(owned).await.unwrap(), Inserted::New);
         store
             .update("r1", Status::InProgress, Some(Bytes::from_static(b"{}")))
             .await
@@ -45,6 +47,7 @@ async fn records_and_their_events_survive_a_reopen() {
     let r = store.get("r1").await.unwrap().unwrap();
     assert_eq!(r.status, Status::InProgress);
     assert_eq!(r.object.as_deref(), Some(&b"{}"[..]));
+    assert_eq!(r.owner.as_deref(), Some("billing"));
     assert_eq!(store.events("r1", None).await.unwrap().len(), 5);
     let unfinished = store.unfinished().await.unwrap();
     assert_eq!(unfinished.len(), 1);
