@@ -40,12 +40,12 @@ pub(crate) async fn guard(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let live = app.live();
-    let admin_token = match (&live.config.admin_token, token) {
+    let snapshot = app.snapshot();
+    let admin_token = match (&snapshot.config.admin_token, token) {
         (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
         _ => false,
     };
-    match (&live.auth, &live.config.admin_token) {
+    match (&snapshot.auth, &snapshot.config.admin_token) {
         _ if admin_token => {}
         (Some(auth), _) => {
             let caller = crate::auth::authenticate(&app, auth, headers)?;
@@ -110,7 +110,7 @@ fn breaker_json(target: &str, b: &CircuitBreaker) -> serde_json::Value {
 /// `GET /admin/breakers`: every target's breaker.
 pub(crate) async fn breakers(State(app): State<Arc<App>>) -> Response {
     let list = app
-        .live()
+        .snapshot()
         .router
         .breakers()
         .iter()
@@ -135,13 +135,13 @@ fn per_target(key: &str, mut list: Vec<serde_json::Value>) -> Response {
 /// latest failures, and for targets under shadow verification the window,
 /// confirmations, ramp stage and last comparison.
 pub(crate) async fn status(State(app): State<Arc<App>>) -> Response {
-    let live = app.live();
-    let shadows = live
+    let snapshot = app.snapshot();
+    let shadows = snapshot
         .shadows
         .as_ref()
         .map(|s| s.status())
         .unwrap_or_default();
-    let list = live
+    let list = snapshot
         .router
         .breakers()
         .iter()
@@ -183,8 +183,8 @@ pub(crate) async fn force_breaker(
     req: Request,
 ) -> Result<Response, ServerError> {
     let target = target.as_str();
-    let live = app.live();
-    let Some(breaker) = live.router.breakers().get(target) else {
+    let snapshot = app.snapshot();
+    let Some(breaker) = snapshot.router.breakers().get(target) else {
         return Err(ServerError::UnknownTarget(target.to_string()));
     };
     let read = tokio::time::timeout(
@@ -197,7 +197,7 @@ pub(crate) async fn force_breaker(
     };
     let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
     if body["verification"] == "restart" {
-        let restarted = live.shadows.as_ref().is_some_and(|s| s.restart(target));
+        let restarted = snapshot.shadows.as_ref().is_some_and(|s| s.restart(target));
         if !restarted {
             return Err(ServerError::NotVerified(target.to_string()));
         }

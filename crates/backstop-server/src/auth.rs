@@ -401,8 +401,8 @@ pub(crate) async fn client(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ServerError> {
-    let live = app.live();
-    let Some(auth) = &live.auth else {
+    let snapshot = app.snapshot();
+    let Some(auth) = &snapshot.auth else {
         return Ok(next.run(req).await);
     };
     let caller = authenticate(&app, auth, req.headers())?;

@@ -196,7 +196,7 @@ async fn completion(req: HttpRequest, app: Arc<App>, endpoint: Endpoint) -> Resp
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .map(str::to_string)
-        .or_else(|| app.live().config.region.clone());
+        .or_else(|| app.snapshot().config.region.clone());
     let budget = match client_budget(req.headers()) {
         Ok(budget) => budget,
         Err(message) => {
@@ -677,7 +677,7 @@ pub(crate) async fn complete(
     flight: InFlight,
     mut writer: Writer,
 ) -> Response<Body> {
-    let served = match app.live().router.complete(request).await {
+    let served = match app.snapshot().router.complete(request).await {
         Ok(s) => s,
         Err(e) => return failed(app, e, &flight),
     };
@@ -764,7 +764,7 @@ pub(crate) async fn start_stream(
     writer: Writer,
     trailers: bool,
 ) -> Result<Started, (RouteError, InFlight, Writer)> {
-    let served = match app.live().router.stream(request).await {
+    let served = match app.snapshot().router.stream(request).await {
         Ok(s) => s,
         Err(e) => return Err((e, flight, writer)),
     };

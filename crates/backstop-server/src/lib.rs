@@ -38,7 +38,7 @@ pub struct App {
     config: Config,
     /// What a reload replaces, as one snapshot: a request takes it once
     /// and finishes on it, whatever reloads meanwhile.
-    live: ArcSwap<Live>,
+    snapshot: ArcSwap<Snapshot>,
     /// Every target and what it has learned; held while a reload puts a
     /// configuration in place, one reload at a time.
     targets: Mutex<targets::Targets>,
@@ -54,7 +54,7 @@ pub struct App {
 }
 
 /// What a configuration builds and a reload replaces.
-pub(crate) struct Live {
+pub(crate) struct Snapshot {
     /// The configuration it was built from.
     pub(crate) config: Config,
     pub(crate) router: Router,
@@ -175,13 +175,13 @@ pub struct Reloaded {
 /// Builds what a configuration describes over the targets of `plan`,
 /// carrying the shadow verifier over from `previous` when its settings did
 /// not change. Nothing here fails: whatever can is built before.
-fn build_live(
+fn build_snapshot(
     config: Config,
     plan: &targets::Plan,
     auth: Option<auth::Auth>,
     metrics: &Metrics,
-    previous: Option<&Live>,
-) -> Live {
+    previous: Option<&Snapshot>,
+) -> Snapshot {
     let routes = config
         .routes
         .iter()
@@ -246,7 +246,7 @@ fn build_live(
         .iter()
         .filter_map(|t| plan.members.get(&t.name)?.upstream.clone())
         .collect();
-    Live {
+    Snapshot {
         config,
         router,
         upstreams,
@@ -294,7 +294,7 @@ impl App {
             .as_ref()
             .map(|a| auth::Auth::new(a, None))
             .transpose()?;
-        let live = build_live(config.clone(), &plan, auth, &metrics, None);
+        let snapshot = build_snapshot(config.clone(), &plan, auth, &metrics, None);
         targets.commit(plan);
         let generations = match &config.store {
             Some(store) => Some(Arc::new(generations::Generations::open(store)?)),
@@ -302,7 +302,7 @@ impl App {
         };
         Ok(App {
             generations,
-            live: ArcSwap::from_pointee(live),
+            snapshot: ArcSwap::from_pointee(snapshot),
             targets: Mutex::new(targets),
             source: None,
             metrics,
@@ -336,8 +336,8 @@ impl App {
     }
 
     /// The snapshot a request runs on, from its start to its end.
-    pub(crate) fn live(&self) -> Arc<Live> {
-        self.live.load_full()
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// [`App::reload`] on the blocking pool: reading, validating and
@@ -378,7 +378,7 @@ impl App {
     /// drain. Settings read only at start are reported, not applied.
     pub fn apply(&self, config: Config) -> Result<Reloaded, ReloadError> {
         let mut targets = backstop_router::lock(&self.targets);
-        let running = self.live();
+        let running = self.snapshot();
         let restart_needed = restart_needed(&self.config, &config);
         // What is read only at start stays as it started.
         let config = Config {
@@ -408,14 +408,14 @@ impl App {
             .transpose()
             .map_err(StartError::from)?;
         let plan = targets.plan(&config)?;
-        let live = build_live(config, &plan, auth, &self.metrics, Some(&running));
+        let snapshot = build_snapshot(config, &plan, auth, &self.metrics, Some(&running));
         let changes = targets.commit(plan);
         targets.start_health(&(Arc::new(self.metrics.clone()) as _));
-        if let Some(shadows) = &live.shadows {
+        if let Some(shadows) = &snapshot.shadows {
             shadows.start();
         }
         self.metrics.forget_targets(&changes.removed);
-        self.live.store(Arc::new(live));
+        self.snapshot.store(Arc::new(snapshot));
         self.metrics
             .config_reloads
             .with_label_values(&["applied"])
@@ -478,7 +478,7 @@ pub async fn run(
     let grace = app.config.shutdown_grace;
     let app = Arc::new(app);
     backstop_router::lock(&app.targets).start_health(&(Arc::new(app.metrics.clone()) as _));
-    if let Some(shadows) = &app.live().shadows {
+    if let Some(shadows) = &app.snapshot().shadows {
         shadows.start();
     }
     let mut tasks = vec![reload_on_signal(app.clone())];
@@ -488,7 +488,7 @@ pub async fn run(
     if let Some(gens) = &app.generations {
         tasks.push(gens.spawn_sweeper());
     }
-    match &app.live().config.auth {
+    match &app.snapshot().config.auth {
         Some(auth) => tracing::info!("authentication is on: {}", auth::describe(auth)),
         None => tracing::warn!(
             "authentication is off: anyone who reaches {addr} can use it ([auth] turns it on)"
@@ -501,7 +501,7 @@ pub async fn run(
             task.abort();
         }
         backstop_router::lock(&app.targets).stop_health();
-        if let Some(shadows) = &app.live().shadows {
+        if let Some(shadows) = &app.snapshot().shadows {
             shadows.stop();
         }
     });

@@ -593,7 +593,7 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
     let caller = record
         .owner
         .as_deref()
-        .and_then(|name| app.live().auth.as_ref()?.caller(name));
+        .and_then(|name| app.snapshot().auth.as_ref()?.caller(name));
     let (app, gens) = (app.clone(), gens.clone());
     tokio::spawn(async move {
         if let Ok(place) = gens.places.clone().acquire_owned().await {

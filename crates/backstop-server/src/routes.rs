@@ -117,7 +117,7 @@ async fn healthz() -> Response {
 /// Ready while any target can serve: loaded (the local model), healthy by its
 /// health checks, and its breaker neither open nor forced open.
 async fn ready(State(app): State<Arc<App>>) -> Response {
-    let router = &app.live().router;
+    let router = &app.snapshot().router;
     if router.table().targets().iter().any(|t| router.may_serve(t)) {
         plain_json(br#"{"status":"ready"}"#)
     } else {
@@ -127,7 +127,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 
 /// The models the caller may use (all, without authentication).
 async fn models(State(app): State<Arc<App>>, caller: Option<Extension<Caller>>) -> Response {
-    let mut data = app.live().router.models().await;
+    let mut data = app.snapshot().router.models().await;
     if let Some(Extension(caller)) = caller {
         data.retain(|m| caller.may_use(&m.id));
     }
@@ -144,9 +144,9 @@ async fn models(State(app): State<Arc<App>>, caller: Option<Extension<Caller>>) 
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let live = app.live();
-    app.metrics.observe_breakers(&live.router);
-    app.metrics.observe_keys(&live.upstreams);
+    let snapshot = app.snapshot();
+    app.metrics.observe_breakers(&snapshot.router);
+    app.metrics.observe_keys(&snapshot.upstreams);
     app.metrics
         .request_memory
         .set(app.request_memory_held() as i64);
