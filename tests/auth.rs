@@ -553,3 +553,27 @@ async fn an_identity_sees_only_the_generations_it_made() {
     assert_eq!(chats, 2);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_model_list_holds_only_the_models_the_caller_may_use() {
+    let h = start("").await;
+    let list = |key: &'static str| {
+        let req = h.http.get(h.url("/v1/models")).bearer_auth(key).send();
+        async move {
+            let body: Value = req.await.unwrap().json().await.unwrap();
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    // The upstream lists `mock-model`: ops may use any model, billing only
+    // gpt-4o-mini.
+    assert_eq!(list(OPS_KEY).await, ["mock-model"]);
+    assert!(list(KEY).await.is_empty());
+    let anonymous = h.get("/v1/models").await;
+    assert_eq!(anonymous.status(), 401);
+    h.shutdown().await;
+}

@@ -581,3 +581,32 @@ fn a_huge_text_costs_only_its_start_to_cap() {
         "Hello there"
     );
 }
+
+#[tokio::test]
+async fn a_refused_key_comes_back_once_its_time_out_is_over() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut cfg = UpstreamConfig::new("mock", mock.url());
+    cfg.api_keys = vec!["sk-a".into(), "sk-b".into()];
+    let up = Upstream::new(cfg).unwrap();
+    mock.push([MockReply::error(
+        401,
+        "invalid_request_error",
+        "Incorrect API key provided.",
+    )]);
+    up.complete(&chat(false)).await.unwrap();
+    assert_eq!(up.keys_in_use(), [false, true]);
+    // KEY_OUT later: the moment it was out until has passed.
+    *up.keys[0].out_until.lock().unwrap() = Some(Instant::now());
+    assert_eq!(up.keys_in_use(), [true, true]);
+    for _ in 0..4 {
+        up.complete(&chat(false)).await.unwrap();
+    }
+    let keys: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys[..2], ["Bearer sk-a", "Bearer sk-b"]);
+    assert!(keys[2..].contains(&"Bearer sk-a".to_string()), "{keys:?}");
+    assert!(keys[2..].contains(&"Bearer sk-b".to_string()), "{keys:?}");
+}
