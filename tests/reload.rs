@@ -359,3 +359,39 @@ async fn clients_see_no_error_while_the_configuration_changes_under_them() {
         8 * 15
     );
 }
+
+#[tokio::test]
+async fn keys_from_a_file_rotate_with_a_reload() {
+    let mocks = mocks(1).await;
+    let keys = tempfile::tempdir().unwrap();
+    let secret = keys.path().join("openai-key");
+    std::fs::write(&secret, "sk-file-old\n").unwrap();
+    let toml = format!(
+        "{HEAD}[[targets]]\nname = \"up0\"\nbase_url = \"{}\"\napi_key_file = {:?}\n",
+        mocks[0].url(),
+        secret
+    );
+    let h = Harness::with_file(mocks, &toml, false).await;
+    served_by(&h).await;
+    // The secret is rotated where it is mounted; the config file is as it was.
+    std::fs::write(&secret, "sk-file-new\n").unwrap();
+    let (status, body) = reload(&h).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["targets"]["started"], json!(["up0"]));
+    served_by(&h).await;
+    let used: Vec<String> = h.mocks[0]
+        .requests()
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(used, ["Bearer sk-file-old", "Bearer sk-file-new"]);
+    // A secret that cannot be read leaves the running keys in place.
+    std::fs::remove_file(&secret).unwrap();
+    let (status, body) = reload(&h).await;
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("api_key_file"), "{message}");
+    assert!(!message.contains("sk-file"), "{message}");
+    served_by(&h).await;
+    h.shutdown().await;
+}

@@ -251,6 +251,7 @@ struct RawTarget {
     region: Option<String>,
     api_key_env: Option<String>,
     api_keys_env: Option<Vec<String>>,
+    api_key_file: Option<PathBuf>,
     model: Option<String>,
     pool_max_idle: Option<usize>,
     pool_idle_timeout_ms: Option<u64>,
@@ -402,6 +403,28 @@ impl Config {
     pub fn is_offline(&self) -> bool {
         self.targets.is_empty()
     }
+}
+
+/// The most a key file may hold: keys, not a stream (a device file).
+const MAX_KEY_FILE: u64 = 64 << 10;
+
+/// A secret file's text, or why not (never its contents).
+fn read_secret(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {}", path.display(), e.kind());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_KEY_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        return Err(format!(
+            "{} is larger than {MAX_KEY_FILE} bytes",
+            path.display()
+        ));
+    }
+    Ok(text)
 }
 
 /// The groups, each with its members' names: every member a target, in
@@ -638,6 +661,27 @@ impl RawConfig {
                             at(&format!("api_keys_env[{j}]")),
                             format!("`{var}` is not set"),
                         ))
+                    }
+                }
+            }
+            // Keys from a file (a mounted secret), one a line, read again at
+            // each reload: rotating them needs no restart.
+            if let Some(path) = &t.api_key_file {
+                let text = read_secret(path).map_err(|why| invalid(at("api_key_file"), why))?;
+                let keys: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .collect();
+                if keys.is_empty() {
+                    return Err(invalid(
+                        at("api_key_file"),
+                        format!("{} holds no key", path.display()),
+                    ));
+                }
+                for key in keys {
+                    if !u.api_keys.iter().any(|k| k == key) {
+                        u.api_keys.push(key.to_string());
                     }
                 }
             }

@@ -468,3 +468,24 @@ fn a_group_is_a_hop_of_its_members_and_is_checked() {
         assert!(e.starts_with(field), "{e}");
     }
 }
+
+#[test]
+fn keys_may_come_from_a_file_one_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "sk-file-1\n\n  sk-file-2  \nsk-file-1\n").unwrap();
+    let target = |path: &std::path::Path| {
+        format!(
+            "[[targets]]\nname = \"a\"\nbase_url = \"http://a/v1\"\napi_key_env = \"OPENAI_API_KEY\"\n\
+             api_key_file = {:?}\n",
+            path
+        )
+    };
+    let config = Config::parse(&target(&file), env).unwrap();
+    assert_eq!(config.targets[0].api_keys[1..], ["sk-file-1", "sk-file-2"]);
+    let e = parse_err(&target(&dir.path().join("missing")));
+    assert!(e.starts_with("targets[0].api_key_file:"), "{e}");
+    std::fs::write(&file, "\n \n").unwrap();
+    let e = parse_err(&target(&file));
+    assert!(e.starts_with("targets[0].api_key_file:"), "{e}");
+}
