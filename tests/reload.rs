@@ -54,6 +54,26 @@ async fn reload(h: &Harness) -> (u16, Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+/// The `Authorization` each request `mock` got carried, in order.
+fn keys_seen(mock: &MockUpstream) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
+        .collect()
+}
+
+/// An operator forces `target`'s breaker open: state a reload must keep.
+async fn force_open(h: &Harness, target: &str) {
+    let forced = h
+        .http
+        .post(h.admin_url(&format!("/admin/breakers/{target}")))
+        .json(&json!({"force": "open"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forced.status(), 200);
+}
+
 async fn breaker(h: &Harness, target: &str) -> Value {
     let all: Value = h.admin_get("/admin/breakers").await.json().await.unwrap();
     all["breakers"]
@@ -76,14 +96,7 @@ async fn a_reload_keeps_what_unchanged_targets_learned_and_starts_the_rest() {
     );
     let h = Harness::with_file(mocks, &first, false).await;
     // What up0 has learned: an operator forced its breaker open.
-    let forced = h
-        .http
-        .post(h.admin_url("/admin/breakers/up0"))
-        .json(&json!({"force": "open"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(forced.status(), 200);
+    force_open(&h, "up0").await;
     assert_eq!(served_by(&h).await, "up1");
 
     // up0 as it was, up1 changed (a bigger pool), up2 new, and the route
@@ -280,11 +293,7 @@ async fn upstream_keys_are_replaced_by_a_reload() {
     for _ in 0..4 {
         served_by(&h).await;
     }
-    let keys: Vec<String> = h.mocks[0]
-        .requests()
-        .iter()
-        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
-        .collect();
+    let keys = keys_seen(&h.mocks[0]);
     assert_eq!(keys[0], "Bearer sk-test");
     let mut after = keys[1..].to_vec();
     after.sort();
@@ -318,14 +327,7 @@ async fn clients_see_no_error_while_the_configuration_changes_under_them() {
     ];
     let h = std::sync::Arc::new(Harness::with_file(mocks, &versions[0], false).await);
     // What a reload must not reset: an operator's hold on up2's breaker.
-    let forced = h
-        .http
-        .post(h.admin_url("/admin/breakers/up2"))
-        .json(&json!({"force": "open"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(forced.status(), 200);
+    force_open(&h, "up2").await;
     let clients: Vec<_> = (0..8)
         .map(|_| {
             let h = h.clone();
@@ -379,11 +381,7 @@ async fn keys_from_a_file_rotate_with_a_reload() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["targets"]["started"], json!(["up0"]));
     served_by(&h).await;
-    let used: Vec<String> = h.mocks[0]
-        .requests()
-        .iter()
-        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
-        .collect();
+    let used = keys_seen(&h.mocks[0]);
     assert_eq!(used, ["Bearer sk-file-old", "Bearer sk-file-new"]);
     // A secret that cannot be read leaves the running keys in place.
     std::fs::remove_file(&secret).unwrap();
