@@ -12,8 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod postgres;
+mod segment;
 mod sqlite;
+mod write;
 
+pub use postgres::Postgres;
 pub use sqlite::Sqlite;
 
 /// A boxed future, as the store's methods return.
@@ -180,6 +184,15 @@ pub enum StoreError {
     /// The store's writer has stopped.
     #[error("the store's writer has stopped")]
     Closed,
+    /// PostgreSQL refused what was asked.
+    #[error("database: {0}")]
+    Postgres(String),
+    /// The database cannot be reached (a restart, a dropped connection).
+    #[error("the database is unreachable: {0}")]
+    Unreachable(String),
+    /// The batch a write was in could not be committed.
+    #[error("a batch of writes could not be committed: {0}")]
+    Batch(String),
 }
 
 /// Durable generations: the interface every store implements.

@@ -4,14 +4,11 @@
 //! One writer thread owns the write connection and applies writes in
 //! batches: it gathers writes for [`LINGER`] (or until [`Store::flush`]
 //! asks) and commits them in one transaction, so a thousand streams
-//! appending events cost a commit per batch, not per event. The events a
-//! batch appends to one generation go in one row (a segment), not a row
-//! each, compressed with LZ4: a stream's events repeat their field names
-//! and response objects, and fewer bytes written is less for the kernel to
-//! copy and write back beside the streams. Reads use their own connection
-//! (WAL lets them run beside the writer) on tokio's blocking pool.
+//! appending events cost a commit per batch, not per event, and a batch's
+//! events to one generation go in one segment (see `segment`). Reads use
+//! their own connection (WAL lets them run beside the writer) on tokio's
+//! blocking pool.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -22,14 +19,16 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use crate::segment::{self, Row, Segments};
+use crate::write::{self, Answer, Write};
 use crate::{BoxFuture, Inserted, Kind, Record, Retention, Status, Store, StoreError};
 
 /// Most writes committed in one transaction.
-const BATCH: usize = 4096;
+pub(crate) const BATCH: usize = 4096;
 /// How long the writer gathers writes before committing them. A commit
 /// writes every page it touched, so fewer, larger ones cost far less than
 /// one a write; only a flush commits sooner.
-const LINGER: Duration = Duration::from_millis(10);
+pub(crate) const LINGER: Duration = Duration::from_millis(10);
 /// The writer's nice value (Linux): below the threads that serve streams,
 /// so that a commit never holds up an event on a busy machine; it runs in
 /// the time they leave.
@@ -37,18 +36,9 @@ const NICE: i32 = 10;
 /// Event bytes queued for the writer past which an append asks its stream
 /// to wait for the writer, unless set otherwise: what a writer that falls
 /// behind (an overloaded machine, a slow disk) may hold in memory.
-const MAX_UNWRITTEN: usize = 64 << 20;
+pub(crate) const MAX_UNWRITTEN: usize = 64 << 20;
 /// Records deleted at a time while the database is over its size.
-const SHED: usize = 16;
-/// A segment's `codec`: its events as they are.
-const PLAIN: i64 = 0;
-/// A segment's `codec`: an LZ4 block of its events.
-pub(crate) const LZ4: i64 = 1;
-/// A segment shorter than this is kept as it is: too little to gain.
-const COMPRESS_FROM: usize = 256;
-/// The most event bytes one segment may say it holds; past it, it is
-/// treated as damaged rather than decompressed.
-const MAX_SEGMENT: usize = 256 << 20;
+pub(crate) const SHED: usize = 16;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS responses (
@@ -93,21 +83,6 @@ DROP TABLE events;
 
 const COLUMNS: &str =
     "id, kind, status, background, stored, key, request, object, created_at, expires_at, owner";
-
-/// A write for the writer thread, with where to say it is done.
-enum Write {
-    Insert(Record, oneshot::Sender<Result<Inserted, StoreError>>),
-    Update(
-        String,
-        Status,
-        Option<Bytes>,
-        oneshot::Sender<Result<(), StoreError>>,
-    ),
-    Append(String, u64, Bytes),
-    Delete(String, oneshot::Sender<Result<bool, StoreError>>),
-    Sweep(u64, oneshot::Sender<Result<u64, StoreError>>),
-    Flush(oneshot::Sender<Result<(), StoreError>>),
-}
 
 /// The embedded SQLite store.
 pub struct Sqlite {
@@ -304,30 +279,27 @@ impl Store for Sqlite {
         after: Option<u64>,
     ) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>> {
         let id = id.to_string();
-        // The first event wanted, and so the segment that holds it on.
-        let from = after.map_or(0, |a| a.saturating_add(1));
+        let from = segment::first_wanted(after);
         self.read(move |conn| {
+            // From the segment that holds the first event wanted on.
             let mut query = conn.prepare_cached(
                 "SELECT seq, lens, data, codec FROM segments WHERE response_id = ?1 AND seq >= \
                  IFNULL((SELECT MAX(seq) FROM segments WHERE response_id = ?1 AND seq <= ?2), 0) \
                  ORDER BY seq",
             )?;
-            let mut rows = query.query(params![id, i64::try_from(from).unwrap_or(i64::MAX)])?;
-            let mut events = Vec::new();
-            while let Some(row) = rows.next()? {
-                let first = row.get::<_, i64>(0)? as u64;
-                let lens: String = row.get(1)?;
-                let data = decode(&lens, row.get(2)?, row.get(3)?);
-                for (seq, event) in (first..).zip(split(&lens, &data)) {
-                    // Segments may overlap (an event appended twice): each
-                    // event once, in order.
-                    let next = events.last().map_or(from, |(s, _): &(u64, Bytes)| s + 1);
-                    if seq >= next {
-                        events.push((seq, event));
-                    }
-                }
-            }
-            Ok(events)
+            let rows = query.query_map(
+                params![id, i64::try_from(from).unwrap_or(i64::MAX)],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)? as u64,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                    ))
+                },
+            )?;
+            let rows = rows.collect::<Result<Vec<_>, _>>()?;
+            Ok(segment::events(rows, after))
         })
     }
 
@@ -360,125 +332,6 @@ impl Store for Sqlite {
     }
 }
 
-/// A segment's event bytes, decompressed as its codec says; nothing for a
-/// segment that cannot be read (logged, and [`split`] then reads none of
-/// its events).
-fn decode(lens: &str, data: Vec<u8>, codec: i64) -> Bytes {
-    if codec == PLAIN {
-        return Bytes::from(data);
-    }
-    let total = lens
-        .split(' ')
-        .map(str::parse::<usize>)
-        .try_fold(0usize, |sum, len| {
-            len.ok().and_then(|len| sum.checked_add(len))
-        })
-        .filter(|&total| total <= MAX_SEGMENT);
-    let plain = match (codec, total) {
-        (LZ4, Some(total)) => lz4_flex::block::decompress(&data, total).ok(),
-        _ => None,
-    };
-    plain.map(Bytes::from).unwrap_or_else(|| {
-        tracing::error!("the store holds a segment it cannot decompress (codec {codec})");
-        Bytes::new()
-    })
-}
-
-/// A segment's events, by their lengths (decimal, space-separated).
-fn split(lens: &str, data: &Bytes) -> Vec<Bytes> {
-    let mut events = Vec::new();
-    let mut at = 0;
-    for len in lens.split(' ').map(str::parse::<usize>) {
-        let Some(end) = len
-            .ok()
-            .map(|len| at + len)
-            .filter(|&end| end <= data.len())
-        else {
-            tracing::error!("the store holds a damaged segment: its events are not all read");
-            break;
-        };
-        events.push(data.slice(at..end));
-        at = end;
-    }
-    events
-}
-
-/// Events a batch appends to one generation, in order, to write as one row.
-struct Segment {
-    first: u64,
-    count: u64,
-    lens: String,
-    data: Vec<u8>,
-}
-
-impl Segment {
-    fn new(seq: u64, event: &[u8]) -> Self {
-        Segment {
-            first: seq,
-            count: 1,
-            lens: event.len().to_string(),
-            data: event.to_vec(),
-        }
-    }
-
-    fn push(&mut self, event: &[u8]) {
-        self.count += 1;
-        self.lens.push(' ');
-        self.lens.push_str(&event.len().to_string());
-        self.data.extend_from_slice(event);
-    }
-
-    fn write(&self, tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {
-        let compressed = (self.data.len() >= COMPRESS_FROM)
-            .then(|| lz4_flex::block::compress(&self.data))
-            .filter(|c| c.len() < self.data.len());
-        let (codec, data) = match &compressed {
-            Some(c) => (LZ4, c.as_slice()),
-            None => (PLAIN, self.data.as_slice()),
-        };
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO segments (response_id, seq, lens, data, codec) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![id, self.first as i64, self.lens, data, codec])?;
-        Ok(())
-    }
-}
-
-/// A batch's segments not yet written.
-#[derive(Default)]
-struct Segments(HashMap<String, Segment>);
-
-impl Segments {
-    fn append(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        id: String,
-        seq: u64,
-        event: &[u8],
-    ) -> rusqlite::Result<()> {
-        match self.0.get_mut(&id) {
-            Some(segment) if segment.first + segment.count == seq => segment.push(event),
-            Some(segment) => {
-                // Not the next event: what came before goes as it is.
-                segment.write(tx, &id)?;
-                *segment = Segment::new(seq, event);
-            }
-            None => {
-                self.0.insert(id, Segment::new(seq, event));
-            }
-        }
-        Ok(())
-    }
-
-    fn write(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-        for (id, segment) in self.0.drain() {
-            segment.write(tx, &id)?;
-        }
-        Ok(())
-    }
-}
-
 /// Bytes the database holds (its pages less the free ones).
 fn size(conn: &Connection) -> rusqlite::Result<u64> {
     let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
@@ -502,9 +355,6 @@ fn background_priority() {
     }
 }
 
-/// An answer to send once the batch's transaction is settled.
-type Reply = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
-
 impl Writer {
     fn run(mut self, writes: mpsc::Receiver<Write>) {
         let mut batch = Vec::with_capacity(BATCH);
@@ -520,63 +370,61 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let appended: usize = batch
-                .iter()
-                .map(|w| match w {
-                    Write::Append(_, _, event) => event.len(),
-                    _ => 0,
-                })
-                .sum();
-            self.apply(&mut batch, appended);
+            let appended: usize = batch.iter().map(Write::appended).sum();
+            let result = self.apply(&batch);
+            if let Err(e) = &result {
+                tracing::error!("the store could not commit {} writes: {e}", batch.len());
+            }
+            // A flush's waiter sees the bytes it waited for gone from the
+            // count.
+            self.queued.fetch_sub(appended, Ordering::Relaxed);
+            write::answer_all(std::mem::take(&mut batch), result);
         }
     }
 
-    /// Applies a batch in one transaction (whose `appended` event bytes
-    /// are then no longer waiting), then answers each write: a flush's
-    /// waiter sees the bytes it waited for gone from the count.
-    fn apply(&mut self, batch: &mut Vec<Write>, appended: usize) {
-        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
-        let result = (|| -> Result<(), StoreError> {
-            let tx = self.conn.transaction()?;
-            let mut segments = Segments::default();
-            for write in batch.drain(..) {
-                replies.push(apply_one(&tx, &self.retention, &mut segments, write)?);
-            }
-            segments.write(&tx)?;
-            tx.commit()?;
-            Ok(())
-        })();
-        if let Err(e) = &result {
-            tracing::error!("the store could not commit {} writes: {e}", replies.len());
-        }
-        self.queued.fetch_sub(appended, Ordering::Relaxed);
-        for reply in replies {
-            reply(result.as_ref().map(|_| ()));
-        }
-        // Writes after the failing one got no reply: their senders dropped,
-        // and their waiters see the store as failed.
-        batch.clear();
+    /// Applies a batch in one transaction; what each write found.
+    fn apply(&mut self, batch: &[Write]) -> Result<Vec<Answer>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut segments = Segments::default();
+        let answers = batch
+            .iter()
+            .map(|write| apply_one(&tx, &self.retention, &mut segments, write))
+            .collect::<Result<Vec<_>, _>>()?;
+        write_segments(&tx, segments.drain())?;
+        tx.commit()?;
+        Ok(answers)
     }
 }
 
-/// Applies one write inside the batch's transaction; what to answer once
-/// the transaction is settled.
+fn write_segments(
+    tx: &rusqlite::Transaction<'_>,
+    rows: impl IntoIterator<Item = Row>,
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO segments (response_id, seq, lens, data, codec) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for row in rows {
+        insert.execute(params![
+            row.id,
+            row.first as i64,
+            row.lens,
+            row.data,
+            row.codec
+        ])?;
+    }
+    Ok(())
+}
+
+/// Applies one write inside the batch's transaction; what it found.
 fn apply_one(
     tx: &rusqlite::Transaction<'_>,
     retention: &Retention,
     segments: &mut Segments,
-    write: Write,
-) -> Result<Reply, StoreError> {
-    fn settle<T: Send + 'static>(reply: oneshot::Sender<Result<T, StoreError>>, value: T) -> Reply {
-        Box::new(move |committed| {
-            let _ = reply.send(match committed {
-                Ok(()) => Ok(value),
-                Err(_) => Err(StoreError::Closed),
-            });
-        })
-    }
+    write: &Write,
+) -> Result<Answer, StoreError> {
     Ok(match write {
-        Write::Insert(r, reply) => {
+        Write::Insert(r, _) => {
             let added = tx
                 .prepare_cached(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \
@@ -608,34 +456,35 @@ fn apply_one(
                     None => Inserted::New,
                 }
             };
-            settle(reply, inserted)
+            Answer::Inserted(inserted)
         }
-        Write::Update(id, status, object, reply) => {
+        Write::Update(id, status, object, _) => {
             tx.prepare_cached("UPDATE responses SET status = ?2, object = ?3 WHERE id = ?1")?
                 .execute(params![id, status.as_str(), object.as_deref()])?;
-            settle(reply, ())
+            Answer::Done
         }
         Write::Append(id, seq, data) => {
-            segments.append(tx, id, seq, &data)?;
-            Box::new(|_| {})
+            if let Some(row) = segments.append(id.clone(), *seq, data) {
+                write_segments(tx, [row])?;
+            }
+            Answer::Done
         }
-        Write::Delete(id, reply) => {
+        Write::Delete(id, _) => {
             // Whatever was appended before goes with it.
-            segments.write(tx)?;
+            write_segments(tx, segments.drain())?;
             tx.prepare_cached("DELETE FROM segments WHERE response_id = ?1")?
-                .execute([&id])?;
+                .execute([id])?;
             let gone = tx
                 .prepare_cached("DELETE FROM responses WHERE id = ?1")?
-                .execute([&id])?
+                .execute([id])?
                 > 0;
-            settle(reply, gone)
+            Answer::Deleted(gone)
         }
-        Write::Sweep(now, reply) => {
-            segments.write(tx)?;
-            let gone = sweep(tx, retention, now)?;
-            settle(reply, gone)
+        Write::Sweep(now, _) => {
+            write_segments(tx, segments.drain())?;
+            Answer::Swept(sweep(tx, retention, *now)?)
         }
-        Write::Flush(reply) => settle(reply, ()),
+        Write::Flush(_) => Answer::Done,
     })
 }
 

@@ -1,8 +1,120 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+//! The conformance suite every store passes (`conformance!` runs each test
+//! against SQLite and against PostgreSQL), then the embedded store's own.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
 
-use crate::{Inserted, Kind, Record, Retention, Sqlite, Status, Store};
+use crate::{Inserted, Kind, Postgres, Record, Retention, Sqlite, Status, Store};
+
+/// Where a test's store lives: opening it again reads what an earlier
+/// opening wrote.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+/// The server the PostgreSQL tests use, as a URL naming a database
+/// (`scripts/test` starts one and sets it).
+const POSTGRES_URL: &str = "BACKSTOP_TEST_POSTGRES";
+
+impl Backend {
+    fn sqlite() -> Self {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    /// A database of its own on the test server.
+    async fn postgres() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let url = std::env::var(POSTGRES_URL).unwrap_or_else(|_| {
+            panic!(
+                "{POSTGRES_URL} is not set: run scripts/test, which starts PostgreSQL, or set it \
+                 to postgres://user@host:port/db"
+            )
+        });
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let name = format!(
+            "backstop_store_{}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let (server, _) = url.rsplit_once('/').unwrap();
+        Backend::Postgres(format!("{server}/{name}"))
+    }
+
+    async fn open(&self, retention: Retention) -> Box<dyn Store> {
+        self.open_with(retention, None).await
+    }
+
+    async fn open_with(
+        &self,
+        retention: Retention,
+        max_unwritten: Option<usize>,
+    ) -> Box<dyn Store> {
+        match self {
+            Backend::Sqlite(dir) => {
+                let store = Sqlite::open(dir.path(), retention).unwrap();
+                Box::new(match max_unwritten {
+                    Some(bytes) => store.max_unwritten(bytes),
+                    None => store,
+                })
+            }
+            Backend::Postgres(url) => {
+                let store = Postgres::connect(url, retention).await.unwrap();
+                Box::new(match max_unwritten {
+                    Some(bytes) => store.max_unwritten(bytes),
+                    None => store,
+                })
+            }
+        }
+    }
+}
+
+/// Runs each named test against each store.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Backend::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Backend::postgres().await).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    records_and_their_events_survive_a_reopen,
+    one_generation_per_idempotency_key,
+    the_sweeper_deletes_expired_final_records,
+    the_sweeper_keeps_to_the_size_budget,
+    deleting_removes_the_record_and_its_log,
+    a_log_read_from_any_event_whatever_rows_its_batches_made,
+    segments_are_compressed,
+    an_append_says_when_the_writer_has_fallen_behind,
+);
 
 fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
     Record {
@@ -20,11 +132,9 @@ fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
     }
 }
 
-#[tokio::test]
-async fn records_and_their_events_survive_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+async fn records_and_their_events_survive_a_reopen(backend: Backend) {
     {
-        let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+        let store = backend.open(Retention::default()).await;
         let owned = Record {
             owner: Some("billing".into()),
             ..record("r1", None, 1)
@@ -43,21 +153,25 @@ async fn records_and_their_events_survive_a_reopen() {
         assert_eq!(seqs, [3, 4]);
         assert_eq!(after[0].1, Bytes::from("event 3"));
     }
-    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+    let store = backend.open(Retention::default()).await;
     let r = store.get("r1").await.unwrap().unwrap();
-    assert_eq!(r.status, Status::InProgress);
-    assert_eq!(r.object.as_deref(), Some(&b"{}"[..]));
-    assert_eq!(r.owner.as_deref(), Some("billing"));
+    assert_eq!(
+        r,
+        Record {
+            status: Status::InProgress,
+            object: Some(Bytes::from_static(b"{}")),
+            owner: Some("billing".into()),
+            ..record("r1", None, 1)
+        }
+    );
     assert_eq!(store.events("r1", None).await.unwrap().len(), 5);
     let unfinished = store.unfinished().await.unwrap();
     assert_eq!(unfinished.len(), 1);
     assert!(store.get("nope").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn one_generation_per_idempotency_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+async fn one_generation_per_idempotency_key(backend: Backend) {
+    let store = backend.open(Retention::default()).await;
     assert_eq!(
         store.insert(record("a", Some("k"), 1)).await.unwrap(),
         Inserted::New
@@ -66,14 +180,18 @@ async fn one_generation_per_idempotency_key() {
         Inserted::Exists(r) => assert_eq!(r.id, "a"),
         other => panic!("{other:?}"),
     }
+    // The same id again (a retried insert) finds itself.
+    match store.insert(record("a", None, 3)).await.unwrap() {
+        Inserted::Exists(r) => assert_eq!(r.key.as_deref(), Some("k")),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(store.by_key("k").await.unwrap().unwrap().id, "a");
+    assert!(store.by_key("other").await.unwrap().is_none());
     assert!(store.get("b").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn the_sweeper_deletes_expired_final_records_and_keeps_to_the_disk_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+async fn the_sweeper_deletes_expired_final_records(backend: Backend) {
+    let store = backend.open(Retention::default()).await;
     store.insert(record("done", None, 1)).await.unwrap();
     store.update("done", Status::Completed, None).await.unwrap();
     store.insert(record("running", None, 1)).await.unwrap();
@@ -82,6 +200,7 @@ async fn the_sweeper_deletes_expired_final_records_and_keeps_to_the_disk_budget(
         .await
         .unwrap();
     store.append("done", 0, Bytes::from_static(b"e"));
+    store.append("running", 0, Bytes::from_static(b"e"));
     // Not yet expired: nothing goes.
     assert_eq!(store.sweep(50).await.unwrap(), 0);
     // Expired: the finished one goes with its events; the running one stays.
@@ -89,14 +208,16 @@ async fn the_sweeper_deletes_expired_final_records_and_keeps_to_the_disk_budget(
     assert!(store.get("done").await.unwrap().is_none());
     assert!(store.events("done", None).await.unwrap().is_empty());
     assert!(store.get("running").await.unwrap().is_some());
+    assert_eq!(store.events("running", None).await.unwrap().len(), 1);
+}
 
-    let dir = tempfile::tempdir().unwrap();
+async fn the_sweeper_keeps_to_the_size_budget(backend: Backend) {
     let budget = Retention {
         max_bytes: 512 << 10,
         ..Retention::default()
     };
-    let store = Sqlite::open(dir.path(), budget).unwrap();
-    // Bytes that do not compress: the budget counts what is on disk.
+    let store = backend.open(budget).await;
+    // Bytes that do not compress: the budget counts what is kept.
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let big: Bytes = (0..8 << 10)
         .map(|_| {
@@ -117,31 +238,33 @@ async fn the_sweeper_deletes_expired_final_records_and_keeps_to_the_disk_budget(
             .unwrap();
         store.append(&format!("r{i}"), 0, big.clone());
     }
+    // One still running, the oldest of all: it stays whatever its size.
+    store.insert(record("running", None, 0)).await.unwrap();
+    store.append("running", 0, big.clone());
     store.flush().await.unwrap();
     assert!(store.size().await.unwrap() > 512 << 10);
     let gone = store.sweep(0).await.unwrap();
     assert!(gone > 0);
+    assert!(gone < 100, "{gone} went");
     assert!(store.size().await.unwrap() <= 512 << 10);
     // The oldest went first.
     assert!(store.get("r0").await.unwrap().is_none());
     assert!(store.get("r99").await.unwrap().is_some());
+    assert!(store.get("running").await.unwrap().is_some());
 }
 
-#[tokio::test]
-async fn deleting_removes_the_record_and_its_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+async fn deleting_removes_the_record_and_its_log(backend: Backend) {
+    let store = backend.open(Retention::default()).await;
     store.insert(record("r", None, 1)).await.unwrap();
     store.append("r", 0, Bytes::from_static(b"e"));
     assert!(store.delete("r").await.unwrap());
     assert!(!store.delete("r").await.unwrap());
+    assert!(store.get("r").await.unwrap().is_none());
     assert!(store.events("r", None).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn a_log_read_from_any_event_whatever_rows_its_batches_made() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
+async fn a_log_read_from_any_event_whatever_rows_its_batches_made(backend: Backend) {
+    let store = backend.open(Retention::default()).await;
     // Two generations' events interleaved, committed in three batches; one
     // event appended twice (a retry), and an empty event.
     for seq in 0..4 {
@@ -183,6 +306,80 @@ async fn a_log_read_from_any_event_whatever_rows_its_batches_made() {
     assert!(store.events("b", Some(3)).await.unwrap().is_empty());
 }
 
+/// A stream's events: the same fields again and again, as JSON events are.
+fn delta(seq: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":"word{seq} ","sequence_number":{seq}}}"#
+    ))
+}
+
+async fn segments_are_compressed(backend: Backend) {
+    let store = backend.open(Retention::default()).await;
+    let want: Vec<(u64, Bytes)> = (0..40).map(|seq| (seq, delta(seq))).collect();
+    for (seq, event) in &want {
+        store.append("r", *seq, event.clone());
+    }
+    // Too short to gain from compressing: kept as it is.
+    store.append("short", 0, Bytes::from_static(b"tiny"));
+    store.flush().await.unwrap();
+    assert_eq!(store.events("r", None).await.unwrap(), want);
+    assert_eq!(store.events("r", Some(20)).await.unwrap(), want[21..]);
+    assert_eq!(
+        store.events("short", None).await.unwrap(),
+        [(0, Bytes::from_static(b"tiny"))]
+    );
+    let plain: u64 = want.iter().map(|(_, e)| e.len() as u64).sum();
+    if let Backend::Postgres(_) = backend {
+        // What PostgreSQL's store counts is what it keeps.
+        assert!(store.size().await.unwrap() * 3 < plain);
+    }
+}
+
+async fn an_append_says_when_the_writer_has_fallen_behind(backend: Backend) {
+    let store = backend.open_with(Retention::default(), Some(1 << 20)).await;
+    assert!(!store.append("r", 0, Bytes::from_static(b"e")));
+    // More than the bound, appended at once.
+    let big = Bytes::from(vec![b'x'; 64 << 10]);
+    let behind = (1..=256).find(|&seq| store.append("r", seq, big.clone()));
+    assert!(behind.is_some(), "never behind");
+    store.flush().await.unwrap();
+    let next = behind.unwrap() + 1;
+    assert!(!store.append("r", next, Bytes::from_static(b"e")));
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.events("r", None).await.unwrap().len() as u64,
+        next + 1
+    );
+}
+
+#[tokio::test]
+async fn replicas_starting_together_migrate_the_schema_once() {
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    let (a, b, c) = tokio::join!(
+        Postgres::connect(&url, Retention::default()),
+        Postgres::connect(&url, Retention::default()),
+        Postgres::connect(&url, Retention::default()),
+    );
+    let (a, b, _) = (a.unwrap(), b.unwrap(), c.unwrap());
+    // What one writes the others read.
+    a.insert(record("r", None, 1)).await.unwrap();
+    a.append("r", 0, Bytes::from_static(b"e"));
+    a.flush().await.unwrap();
+    assert!(b.get("r").await.unwrap().is_some());
+    assert_eq!(b.events("r", None).await.unwrap().len(), 1);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let versions = client
+        .query_one("SELECT count(*) FROM backstop_schema", &[])
+        .await
+        .unwrap();
+    assert_eq!(versions.get::<_, i64>(0), 1);
+}
+
 #[tokio::test]
 async fn a_database_of_the_first_version_is_read_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,7 +413,7 @@ async fn a_database_of_the_first_version_is_read_on() {
 }
 
 #[tokio::test]
-async fn segments_are_compressed_and_those_of_the_second_version_read_on() {
+async fn sqlite_segments_are_lz4_and_those_of_the_second_version_read_on() {
     let dir = tempfile::tempdir().unwrap();
     {
         // The second version: segments without a codec, kept as they are.
@@ -229,29 +426,20 @@ async fn segments_are_compressed_and_those_of_the_second_version_read_on() {
         .unwrap();
     }
     let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
-    // A stream's events: the same fields again and again, as JSON events are.
-    let event = |seq: u64| {
-        Bytes::from(format!(
-            r#"{{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":"word{seq} ","sequence_number":{seq}}}"#
-        ))
-    };
     let mut want = vec![
         (0, Bytes::from_static(b"e0")),
         (1, Bytes::from_static(b"e1")),
     ];
     for seq in 2..40 {
-        store.append("r", seq, event(seq));
-        want.push((seq, event(seq)));
+        store.append("r", seq, delta(seq));
+        want.push((seq, delta(seq)));
     }
-    // Too short to gain from compressing: kept as it is.
     store.append("short", 0, Bytes::from_static(b"tiny"));
     store.flush().await.unwrap();
     assert_eq!(store.events("r", None).await.unwrap(), want);
-    assert_eq!(store.events("r", Some(20)).await.unwrap(), want[21..]);
-    assert_eq!(store.events("short", None).await.unwrap().len(), 1);
 
     let raw = rusqlite::Connection::open(dir.path().join("backstop.db")).unwrap();
-    let (codec, stored): (i64, usize) = raw
+    let (codec, stored): (i16, usize) = raw
         .query_row(
             "SELECT codec, length(data) FROM segments WHERE response_id = 'r' AND seq = 2",
             [],
@@ -259,9 +447,9 @@ async fn segments_are_compressed_and_those_of_the_second_version_read_on() {
         )
         .unwrap();
     let plain: usize = want[2..].iter().map(|(_, e)| e.len()).sum();
-    assert_eq!(codec, crate::sqlite::LZ4);
+    assert_eq!(codec, crate::segment::LZ4);
     assert!(stored * 3 < plain, "{stored} bytes stored for {plain}");
-    let codecs: Vec<i64> = raw
+    let codecs: Vec<i16> = raw
         .prepare("SELECT codec FROM segments WHERE response_id IN ('r', 'short') ORDER BY response_id, seq")
         .unwrap()
         .query_map([], |row| row.get(0))
@@ -271,23 +459,85 @@ async fn segments_are_compressed_and_those_of_the_second_version_read_on() {
     assert_eq!(codecs, [0, 1, 0]);
 }
 
+/// A TCP relay to the test server that can be cut: while it is down, its
+/// connections are dropped and new ones refused, as a restarting or
+/// partitioned database looks to its clients.
+struct Relay {
+    url: String,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn to(url: &str) -> Self {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let server = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(host) => format!("{host}:{}", config.get_ports()[0]),
+            other => panic!("not a TCP server: {other:?}"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = listener.local_addr().unwrap().to_string();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let state = up.clone();
+        let target = server.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut up = state.subscribe();
+                if !*up.borrow_and_update() {
+                    continue; // refused: dropped at once
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut out) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        _ = up.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Relay {
+            url: url.replacen(&server, &relay, 1),
+            up,
+        }
+    }
+}
+
 #[tokio::test]
-async fn an_append_says_when_the_writer_has_fallen_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Sqlite::open(dir.path(), Retention::default())
-        .unwrap()
-        .max_unwritten(1 << 20);
-    assert!(!store.append("r", 0, Bytes::from_static(b"e")));
-    // More than the bound, appended at once.
-    let big = Bytes::from(vec![b'x'; 64 << 10]);
-    let behind = (1..=256).find(|&seq| store.append("r", seq, big.clone()));
-    assert!(behind.is_some(), "never behind");
-    store.flush().await.unwrap();
-    let next = behind.unwrap() + 1;
-    assert!(!store.append("r", next, Bytes::from_static(b"e")));
-    store.flush().await.unwrap();
+async fn postgres_writes_wait_while_the_database_is_away_and_land_when_it_is_back() {
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    let relay = Relay::to(&url).await;
+    let store = Postgres::connect(&relay.url, Retention::default())
+        .await
+        .unwrap();
+    store.insert(record("r", None, 1)).await.unwrap();
+    relay.up.send_replace(false);
+    for seq in 0..10 {
+        store.append("r", seq, delta(seq));
+    }
+    let update = store.update("r", Status::Completed, None);
+    let mut flush = std::pin::pin!(store.flush());
+    // Away: the writes wait rather than fail.
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(500), &mut flush).await;
+    assert!(
+        waited.is_err(),
+        "a flush finished while the database was away"
+    );
+    relay.up.send_replace(true);
+    tokio::time::timeout(std::time::Duration::from_secs(20), flush)
+        .await
+        .expect("the writes never landed")
+        .unwrap();
+    update.await.unwrap();
     assert_eq!(
-        store.events("r", None).await.unwrap().len() as u64,
-        next + 1
+        store.events("r", None).await.unwrap(),
+        (0..10).map(|seq| (seq, delta(seq))).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.get("r").await.unwrap().unwrap().status,
+        Status::Completed
     );
 }

@@ -1,0 +1,618 @@
+//! The shared store: PostgreSQL, for several replicas that serve the same
+//! generations. The same tables as the embedded store, made by numbered
+//! migrations that one replica at a time applies (an advisory lock).
+//!
+//! One writer task applies writes in batches, as the embedded store does:
+//! it gathers writes for [`LINGER`] (or until [`Store::flush`] asks) and
+//! commits them in one transaction on a pooled connection, a batch's events
+//! to one generation in one segment. A batch that fails because the
+//! database went away (a restart, a dropped connection) is applied again
+//! once it is back, for up to [`OUTAGE`]; until then its writes wait, and
+//! appends say the store is behind once [`MAX_UNWRITTEN`] bytes wait, so
+//! streams pause instead of losing events. Reads take their own pooled
+//! connections.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_postgres::NoTls;
+
+use crate::segment::{self, Row, Segments};
+use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
+use crate::write::{self, Answer, Write};
+use crate::{BoxFuture, Inserted, Kind, Record, Retention, Status, Store, StoreError};
+
+/// Connections in the pool, readers and the writer together.
+const POOL: usize = 16;
+/// How long a batch is tried again while the database is unreachable,
+/// before its writes fail.
+const OUTAGE: Duration = Duration::from_secs(30);
+/// The longest wait between two tries of a batch.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Records deleted at a time while the store is over its size.
+const SHED: i64 = 64;
+/// The advisory lock a replica holds while it migrates.
+const MIGRATION_LOCK: i64 = 0x6261_636b_7374_6f70; // "backstop"
+
+/// The schema's versions, in order: each is applied once, in one
+/// transaction, and recorded in `backstop_schema`.
+const MIGRATIONS: [&str; 1] = ["
+CREATE TABLE responses (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    background BOOLEAN NOT NULL,
+    stored BOOLEAN NOT NULL,
+    key TEXT UNIQUE,
+    request BYTEA NOT NULL,
+    object BYTEA,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    owner TEXT
+);
+CREATE INDEX responses_by_status ON responses (status);
+CREATE INDEX responses_by_expiry ON responses (expires_at);
+CREATE INDEX responses_by_age ON responses (created_at);
+CREATE TABLE segments (
+    response_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    lens TEXT NOT NULL,
+    data BYTEA NOT NULL,
+    codec SMALLINT NOT NULL,
+    PRIMARY KEY (response_id, seq)
+);
+"];
+
+const COLUMNS: &str =
+    "id, kind, status, background, stored, key, request, object, created_at, expires_at, owner";
+const FINAL: &str = "status NOT IN ('queued', 'in_progress')";
+
+/// The PostgreSQL store.
+pub struct Postgres {
+    pool: Pool,
+    writes: mpsc::UnboundedSender<Write>,
+    /// Wakes the writer for a flush.
+    wake: Arc<Notify>,
+    /// Event bytes appended and not yet committed.
+    queued: Arc<AtomicUsize>,
+    /// Past it, an append says the store is behind.
+    max_unwritten: usize,
+}
+
+/// A database error as the store reports it: the connection's loss (or a
+/// server shutting down) is [`StoreError::Unreachable`], worth trying
+/// again; anything else is the database's refusal.
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let gone = e.is_closed()
+            || e.code().is_none_or(|code| {
+                // Class 08: connection exceptions; 57P0x: the server is
+                // shutting down or restarting.
+                code.code().starts_with("08") || code.code().starts_with("57P0")
+            });
+        if gone {
+            StoreError::Unreachable(e.to_string())
+        } else {
+            StoreError::Postgres(e.to_string())
+        }
+    }
+}
+
+/// A connection the pool cannot make: the database is unreachable.
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        StoreError::Unreachable(e.to_string())
+    }
+}
+
+impl Postgres {
+    /// Connects to the database at `url` (`postgres://user@host/db`),
+    /// brings its schema up to date, and starts the writer.
+    pub async fn connect(url: &str, retention: Retention) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Postgres(e.to_string()))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL)
+            .build()
+            .map_err(|e| StoreError::Postgres(e.to_string()))?;
+        migrate(&pool).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let wake = Arc::new(Notify::new());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = Writer {
+            pool: pool.clone(),
+            retention,
+            queued: queued.clone(),
+            wake: wake.clone(),
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(Postgres {
+            pool,
+            writes: tx,
+            wake,
+            queued,
+            max_unwritten: MAX_UNWRITTEN,
+        })
+    }
+
+    /// Sets how many event bytes may wait for the database before an
+    /// append says the store is behind (64 MiB unless set).
+    pub fn max_unwritten(mut self, bytes: usize) -> Self {
+        self.max_unwritten = bytes;
+        self
+    }
+
+    fn send(&self, write: Write) -> Result<(), StoreError> {
+        let flush = matches!(write, Write::Flush(_));
+        self.writes.send(write).map_err(|_| StoreError::Closed)?;
+        if flush {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Sends a write and waits for its answer.
+    fn ask<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(write(tx));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    async fn record_where(&self, column: &str, value: &str) -> Result<Option<Record>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(get(&client, column, value).await?)
+    }
+}
+
+/// Applies the migrations the database has not had, one replica at a time.
+async fn migrate(pool: &Pool) -> Result<(), StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS backstop_schema (version INTEGER PRIMARY KEY)")
+        .await?;
+    let done: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM backstop_schema", &[])
+        .await?
+        .get(0);
+    for (version, migration) in (1i32..).zip(MIGRATIONS) {
+        if version > done {
+            tx.batch_execute(migration).await?;
+            tx.execute("INSERT INTO backstop_schema VALUES ($1)", &[&version])
+                .await?;
+            tracing::info!(version, "the store's schema is migrated");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn record(row: &tokio_postgres::Row) -> Result<Record, tokio_postgres::Error> {
+    let status: &str = row.try_get(2)?;
+    let kind: &str = row.try_get(1)?;
+    Ok(Record {
+        id: row.try_get(0)?,
+        kind: Kind::parse(kind),
+        status: Status::parse(status).unwrap_or(Status::Failed),
+        background: row.try_get(3)?,
+        stored: row.try_get(4)?,
+        key: row.try_get(5)?,
+        request: Bytes::from(row.try_get::<_, Vec<u8>>(6)?),
+        object: row.try_get::<_, Option<Vec<u8>>>(7)?.map(Bytes::from),
+        created_at: row.try_get::<_, i64>(8)? as u64,
+        expires_at: row.try_get::<_, i64>(9)? as u64,
+        owner: row.try_get(10)?,
+    })
+}
+
+async fn get(
+    client: &impl GenericClient,
+    column: &str,
+    value: &str,
+) -> Result<Option<Record>, tokio_postgres::Error> {
+    let query = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM responses WHERE {column} = $1"
+        ))
+        .await?;
+    client
+        .query_opt(&query, &[&value])
+        .await?
+        .as_ref()
+        .map(record)
+        .transpose()
+}
+
+/// Bytes the store holds: its records' requests, objects and event logs.
+async fn size(client: &impl GenericClient) -> Result<u64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT COALESCE(SUM(octet_length(request) + \
+             COALESCE(octet_length(object), 0)), 0) FROM responses)::BIGINT + \
+             (SELECT COALESCE(SUM(octet_length(data) + octet_length(lens)), 0) \
+             FROM segments)::BIGINT",
+            &[],
+        )
+        .await?;
+    Ok(row.try_get::<_, i64>(0)?.max(0) as u64)
+}
+
+fn sql_seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+impl Store for Postgres {
+    fn insert(&self, record: Record) -> BoxFuture<'_, Result<Inserted, StoreError>> {
+        self.ask(|tx| Write::Insert(record, tx))
+    }
+
+    fn update(
+        &self,
+        id: &str,
+        status: Status,
+        object: Option<Bytes>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let id = id.to_string();
+        self.ask(move |tx| Write::Update(id, status, object, tx))
+    }
+
+    fn append(&self, id: &str, seq: u64, event: Bytes) -> bool {
+        let len = event.len();
+        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
+        if self
+            .send(Write::Append(id.to_string(), seq, event))
+            .is_err()
+        {
+            tracing::error!(
+                id,
+                seq,
+                "the store's writer has stopped: an event is not kept"
+            );
+        }
+        queued > self.max_unwritten
+    }
+
+    fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
+        let id = id.to_string();
+        Box::pin(async move { self.record_where("id", &id).await })
+    }
+
+    fn by_key(&self, key: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
+        let key = key.to_string();
+        Box::pin(async move { self.record_where("key", &key).await })
+    }
+
+    fn events(
+        &self,
+        id: &str,
+        after: Option<u64>,
+    ) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>> {
+        let id = id.to_string();
+        Box::pin(async move {
+            let client = self.pool.get().await?;
+            // From the segment that holds the first event wanted on.
+            let query = client
+                .prepare_cached(
+                    "SELECT seq, lens, data, codec FROM segments WHERE response_id = $1 AND \
+                     seq >= COALESCE((SELECT MAX(seq) FROM segments WHERE response_id = $1 \
+                     AND seq <= $2), 0) ORDER BY seq",
+                )
+                .await?;
+            let from = sql_seq(segment::first_wanted(after));
+            let rows = client.query(&query, &[&id, &from]).await?;
+            let segments = rows
+                .iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get::<_, i64>(0)? as u64,
+                        row.try_get(1)?,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+            Ok(segment::events(segments, after))
+        })
+    }
+
+    fn delete(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let id = id.to_string();
+        self.ask(move |tx| Write::Delete(id, tx))
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM responses WHERE status IN ('queued', \
+                         'in_progress') ORDER BY created_at"
+                    ),
+                    &[],
+                )
+                .await?;
+            Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.ask(move |tx| Write::Sweep(now, tx))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.ask(Write::Flush)
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await?;
+            Ok(size(&client).await?)
+        })
+    }
+}
+
+/// The writer task's state.
+struct Writer {
+    pool: Pool,
+    retention: Retention,
+    queued: Arc<AtomicUsize>,
+    wake: Arc<Notify>,
+}
+
+/// Whether a failure is the database's absence (worth trying again)
+/// rather than its refusal of what was asked.
+fn unreachable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unreachable(_))
+}
+
+impl Writer {
+    async fn run(self, mut writes: mpsc::UnboundedReceiver<Write>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some(first) = writes.recv().await {
+            if !matches!(first, Write::Flush(_)) {
+                // Gathers the writes of the next moments (a flush wakes it).
+                tokio::select! {
+                    () = tokio::time::sleep(LINGER) => {}
+                    () = self.wake.notified() => {}
+                }
+            }
+            batch.push(first);
+            while batch.len() < BATCH {
+                match writes.try_recv() {
+                    Ok(write) => batch.push(write),
+                    Err(_) => break,
+                }
+            }
+            let appended: usize = batch.iter().map(Write::appended).sum();
+            let result = self.apply_until_reachable(&batch).await;
+            if let Err(e) = &result {
+                tracing::error!("the store could not commit {} writes: {e}", batch.len());
+            }
+            self.queued.fetch_sub(appended, Ordering::Relaxed);
+            write::answer_all(std::mem::take(&mut batch), result);
+        }
+    }
+
+    /// Applies a batch, again and again while the database is unreachable,
+    /// for up to [`OUTAGE`].
+    async fn apply_until_reachable(&self, batch: &[Write]) -> Result<Vec<Answer>, StoreError> {
+        let mut waited = Duration::ZERO;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.apply(batch).await {
+                Err(e) if unreachable(&e) && waited < OUTAGE => {
+                    if waited.is_zero() {
+                        tracing::warn!("the store is unreachable, its writes wait: {e}");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                result => {
+                    if !waited.is_zero() && result.is_ok() {
+                        tracing::info!("the store is back after {waited:?}");
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// Applies a batch in one transaction; what each write found.
+    async fn apply(&self, batch: &[Write]) -> Result<Vec<Answer>, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut segments = Segments::default();
+        let mut answers = Vec::with_capacity(batch.len());
+        for write in batch {
+            answers.push(apply_one(&tx, &self.retention, &mut segments, write).await?);
+        }
+        write_segments(&tx, segments.drain()).await?;
+        tx.commit().await?;
+        Ok(answers)
+    }
+}
+
+async fn write_segments(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rows: impl IntoIterator<Item = Row>,
+) -> Result<(), tokio_postgres::Error> {
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO segments (response_id, seq, lens, data, codec) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    for row in rows {
+        tx.execute(
+            &insert,
+            &[
+                &row.id,
+                &sql_seq(row.first),
+                &row.lens,
+                &row.data,
+                &row.codec,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies one write inside the batch's transaction; what it found.
+async fn apply_one(
+    tx: &deadpool_postgres::Transaction<'_>,
+    retention: &Retention,
+    segments: &mut Segments,
+    write: &Write,
+) -> Result<Answer, tokio_postgres::Error> {
+    Ok(match write {
+        Write::Insert(r, _) => {
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO responses (id, kind, status, background, stored, key, request, \
+                     object, created_at, expires_at, owner) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            let added = tx
+                .execute(
+                    &insert,
+                    &[
+                        &r.id,
+                        &r.kind.as_str(),
+                        &r.status.as_str(),
+                        &r.background,
+                        &r.stored,
+                        &r.key,
+                        &r.request.as_ref(),
+                        &r.object.as_deref(),
+                        &(r.created_at as i64),
+                        &(r.expires_at as i64),
+                        &r.owner,
+                    ],
+                )
+                .await?;
+            let inserted = if added == 1 {
+                Inserted::New
+            } else {
+                let existing = match &r.key {
+                    Some(key) => get(tx, "key", key).await?,
+                    None => None,
+                };
+                let existing = match existing {
+                    Some(existing) => Some(existing),
+                    None => get(tx, "id", &r.id).await?,
+                };
+                match existing {
+                    Some(existing) => Inserted::Exists(Box::new(existing)),
+                    None => Inserted::New,
+                }
+            };
+            Answer::Inserted(inserted)
+        }
+        Write::Update(id, status, object, _) => {
+            let update = tx
+                .prepare_cached("UPDATE responses SET status = $2, object = $3 WHERE id = $1")
+                .await?;
+            tx.execute(&update, &[id, &status.as_str(), &object.as_deref()])
+                .await?;
+            Answer::Done
+        }
+        Write::Append(id, seq, data) => {
+            if let Some(row) = segments.append(id.clone(), *seq, data) {
+                write_segments(tx, [row]).await?;
+            }
+            Answer::Done
+        }
+        Write::Delete(id, _) => {
+            // Whatever was appended before goes with it.
+            write_segments(tx, segments.drain()).await?;
+            tx.execute("DELETE FROM segments WHERE response_id = $1", &[id])
+                .await?;
+            let gone = tx
+                .execute("DELETE FROM responses WHERE id = $1", &[id])
+                .await?
+                > 0;
+            Answer::Deleted(gone)
+        }
+        Write::Sweep(now, _) => {
+            write_segments(tx, segments.drain()).await?;
+            Answer::Swept(sweep(tx, retention, *now).await?)
+        }
+        Write::Flush(_) => Answer::Done,
+    })
+}
+
+/// Deletes expired final records, then the oldest final ones while the
+/// store holds more than its budget; how many went.
+async fn sweep(
+    tx: &deadpool_postgres::Transaction<'_>,
+    retention: &Retention,
+    now: u64,
+) -> Result<u64, tokio_postgres::Error> {
+    let expired = tx
+        .query(
+            &format!("DELETE FROM responses WHERE expires_at <= $1 AND {FINAL} RETURNING id"),
+            &[&(now as i64)],
+        )
+        .await?;
+    let mut ids: Vec<String> = expired
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    tx.execute("DELETE FROM segments WHERE response_id = ANY($1)", &[&ids])
+        .await?;
+    let mut over = size(tx).await?.saturating_sub(retention.max_bytes);
+    while over > 0 {
+        // The oldest final records, each with the bytes it holds.
+        let oldest = tx
+            .query(
+                &format!(
+                    "SELECT id, octet_length(request) + COALESCE(octet_length(object), 0) + \
+                     COALESCE((SELECT SUM(octet_length(data) + octet_length(lens)) FROM segments \
+                     WHERE response_id = responses.id), 0)::BIGINT FROM responses WHERE {FINAL} \
+                     ORDER BY created_at, id LIMIT $1"
+                ),
+                &[&SHED],
+            )
+            .await?;
+        if oldest.is_empty() {
+            break; // only unfinished generations left: they stay
+        }
+        let mut shed = Vec::new();
+        for row in &oldest {
+            if over == 0 {
+                break;
+            }
+            shed.push(row.try_get::<_, String>(0)?);
+            over = over.saturating_sub(row.try_get::<_, i64>(1)?.max(0) as u64);
+        }
+        tx.execute("DELETE FROM responses WHERE id = ANY($1)", &[&shed])
+            .await?;
+        tx.execute("DELETE FROM segments WHERE response_id = ANY($1)", &[&shed])
+            .await?;
+        ids.extend(shed);
+    }
+    Ok(ids.len() as u64)
+}
