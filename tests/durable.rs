@@ -9,35 +9,11 @@
 use std::time::Duration;
 
 use backstop_testkit::MockReply;
-use backstop_tests::{output_text, Harness};
+use backstop_tests::{events, output_text, text_of, Harness};
 use serde_json::{json, Value};
 
 /// Bound on every wait: a hang guard, not a timing assertion.
 const HANG: Duration = Duration::from_secs(30);
-
-/// The `data:` JSON of each SSE event, with its `id:` when it has one.
-fn events(body: &str) -> Vec<(Option<u64>, Value)> {
-    body.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .filter_map(|e| {
-            let id = e
-                .lines()
-                .find_map(|l| l.strip_prefix("id: "))
-                .map(|i| i.parse().unwrap());
-            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
-            let v = serde_json::from_str(data).unwrap_or(Value::String(data.to_string()));
-            Some((id, v))
-        })
-        .collect()
-}
-
-fn text_of(events: &[(Option<u64>, Value)]) -> String {
-    events
-        .iter()
-        .filter(|(_, e)| e["type"] == "response.output_text.delta")
-        .map(|(_, e)| e["delta"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// A slow echo: each stream event a while after the last.
 fn slow(chunk_ms: u64) -> MockReply {

@@ -120,12 +120,15 @@ impl Harness {
             let source = ConfigSource::new(config_file.path(), |path| Config::load(path, test_env))
                 .watched(watch);
             let config = source.read().expect("config is valid");
-            let app = App::new(config).expect("app builds").with_source(source);
+            let app = App::new(config)
+                .await
+                .expect("app builds")
+                .with_source(source);
             (app, Some(config_file))
         } else {
             let config =
                 Config::parse(&format!("{toml}\n{store}"), test_env).expect("config is valid");
-            (App::new(config).expect("app builds"), None)
+            (App::new(config).await.expect("app builds"), None)
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let running = run(app, async {
@@ -318,5 +321,30 @@ pub fn output_text(response: &Value) -> String {
         .filter(|i| i["type"] == "message")
         .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p["text"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The `data:` JSON of each SSE event, with its `id:` when it has one.
+pub fn events(body: &str) -> Vec<(Option<u64>, Value)> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .filter_map(|e| {
+            let id = e
+                .lines()
+                .find_map(|l| l.strip_prefix("id: "))
+                .map(|i| i.parse().unwrap());
+            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
+            let v = serde_json::from_str(data).unwrap_or(Value::String(data.to_string()));
+            Some((id, v))
+        })
+        .collect()
+}
+
+/// The text of a Responses stream's `response.output_text.delta` events.
+pub fn text_of(events: &[(Option<u64>, Value)]) -> String {
+    events
+        .iter()
+        .filter(|(_, e)| e["type"] == "response.output_text.delta")
+        .map(|(_, e)| e["delta"].as_str().unwrap().to_string())
         .collect()
 }

@@ -229,7 +229,7 @@ async fn cell(
     config.listen = "127.0.0.1:0".parse()?;
     config.admin_listen = "127.0.0.1:0".parse()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = run(App::new(config)?, async {
+    let running = run(App::new(config).await?, async {
         let _ = stopped.await;
     })
     .await?;

@@ -62,7 +62,7 @@ async fn scenario(
     );
     let config = Config::parse(&toml, |_| None)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = run(App::new(config)?, async {
+    let running = run(App::new(config).await?, async {
         let _ = stopped.await;
     })
     .await?;

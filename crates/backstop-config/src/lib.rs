@@ -110,6 +110,7 @@ struct RawConfig {
 struct RawStore {
     enabled: Option<bool>,
     path: Option<PathBuf>,
+    url: Option<String>,
     keep_stored_days: Option<u64>,
     keep_unstored_s: Option<u64>,
     max_disk_mb: Option<u64>,
@@ -123,9 +124,8 @@ struct RawStore {
 /// run and wait.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
-    /// The data directory (made on first start): `[store] path`, else
-    /// `BACKSTOP_DATA`, else `data` under the working directory.
-    pub path: PathBuf,
+    /// The database.
+    pub database: Database,
     /// How long a response stored at the client's request is kept.
     pub keep_stored: Duration,
     /// How long any other generation is kept (for polling and resuming).
@@ -826,6 +826,18 @@ impl RawConfig {
     }
 }
 
+/// Where the store keeps generations.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Database {
+    /// Embedded SQLite in a data directory (made on first start): `[store]
+    /// path`, else `BACKSTOP_DATA`, else `data` under the working
+    /// directory. The default: no setup, one replica.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server that several replicas share: `[store] url`
+    /// (`postgres://user@host:port/db`), else `BACKSTOP_STORE_URL`.
+    Postgres(String),
+}
+
 impl RawStore {
     fn validate(
         &self,
@@ -844,18 +856,39 @@ impl RawStore {
             Some(v) => Ok(v),
             None => Ok(default),
         };
-        let path = self
-            .path
+        let url = self
+            .url
             .clone()
-            .or_else(|| {
-                env("BACKSTOP_DATA")
-                    .filter(|p| !p.is_empty())
-                    .map(PathBuf::from)
-            })
-            .unwrap_or_else(|| PathBuf::from("data"));
+            .or_else(|| env("BACKSTOP_STORE_URL").filter(|u| !u.is_empty()));
+        let database = match (url, &self.path) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "store.url",
+                    "names a PostgreSQL store, and store.path an SQLite one: give one",
+                ))
+            }
+            (Some(url), None) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(invalid(
+                        "store.url",
+                        "must be a PostgreSQL URL (postgres://user@host:port/db)",
+                    ));
+                }
+                Database::Postgres(url)
+            }
+            (None, path) => Database::Sqlite(
+                path.clone()
+                    .or_else(|| {
+                        env("BACKSTOP_DATA")
+                            .filter(|p| !p.is_empty())
+                            .map(PathBuf::from)
+                    })
+                    .unwrap_or_else(|| PathBuf::from("data")),
+            ),
+        };
         let days = positive(self.keep_stored_days, "store.keep_stored_days", 30)?;
         Ok(Some(StoreConfig {
-            path,
+            database,
             keep_stored: Duration::from_secs(days.saturating_mul(24 * 3600)),
             keep_unstored: Duration::from_secs(positive(
                 self.keep_unstored_s,

@@ -337,9 +337,10 @@ fn an_admin_listener_off_loopback_needs_a_token() {
     let with = format!(
         "{open}admin_token_env = \"ADMIN\"\n[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n"
     );
-    let short = Config::parse(&with, |_| Some("short".into())).unwrap_err();
+    let admin = |token: &'static str| move |name: &str| (name == "ADMIN").then(|| token.into());
+    let short = Config::parse(&with, admin("short")).unwrap_err();
     assert!(short.to_string().contains("at least 16"), "{short}");
-    let config = Config::parse(&with, |_| Some("0123456789abcdef".into())).unwrap();
+    let config = Config::parse(&with, admin("0123456789abcdef")).unwrap();
     assert_eq!(config.admin_token.as_deref(), Some("0123456789abcdef"));
 }
 
@@ -488,4 +489,39 @@ fn keys_may_come_from_a_file_one_a_line() {
     std::fs::write(&file, "\n \n").unwrap();
     let e = parse_err(&target(&file));
     assert!(e.starts_with("targets[0].api_key_file:"), "{e}");
+}
+
+#[test]
+fn the_store_is_sqlite_unless_a_postgres_url_is_given() {
+    let target = "[[targets]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n";
+    let store = |toml: &str, env: &dyn Fn(&str) -> Option<String>| {
+        Config::parse(&format!("{target}{toml}"), env).map(|c| c.store.map(|s| s.database))
+    };
+    let none = env;
+    assert_eq!(
+        store("", &none).unwrap(),
+        Some(Database::Sqlite("data".into()))
+    );
+    let url = "postgres://backstop@db.internal:5432/backstop";
+    assert_eq!(
+        store(&format!("[store]\nurl = {url:?}"), &none).unwrap(),
+        Some(Database::Postgres(url.into()))
+    );
+    let from_env = |name: &str| match name {
+        "BACKSTOP_STORE_URL" => Some(url.to_string()),
+        _ => env(name),
+    };
+    assert_eq!(
+        store("", &from_env).unwrap(),
+        Some(Database::Postgres(url.into()))
+    );
+    let err = store("[store]\nurl = \"mysql://x/y\"", &none).unwrap_err();
+    assert!(err.to_string().contains("store.url"), "{err}");
+    let err = store(
+        &format!("[store]\nurl = {url:?}\npath = \"/var/lib/backstop\""),
+        &none,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("give one"), "{err}");
+    assert_eq!(store("[store]\nenabled = false", &from_env).unwrap(), None);
 }

@@ -13,16 +13,25 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backstop_config::StoreConfig;
+use backstop_config::{Database, StoreConfig};
 
 use crate::auth::Caller;
-use backstop_store::{BoxFuture, Kind, Record, Retention, Sqlite, Status, Store, StoreError};
+use backstop_store::{
+    BoxFuture, Kind, Postgres, Record, Retention, Sqlite, Status, Store, StoreError,
+};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use hyper::body::Frame;
 use serde_json::Value;
 use tokio::sync::{watch, Semaphore};
+
+/// How often a client following a generation that runs elsewhere looks at
+/// the store, whether or not it heard of a change.
+const FOLLOW_CHECK: Duration = Duration::from_secs(1);
+/// Reads of the store in a row that may fail before a follower gives up
+/// (its stream then ends without a final event, as a cut one does).
+const FOLLOW_FAILURES: u32 = 30;
 
 /// The store, the generations running now, and the bounds on background jobs.
 pub(crate) struct Generations {
@@ -113,16 +122,24 @@ pub(crate) fn unix_now() -> u64 {
 
 impl Generations {
     /// Opens the store a config describes.
-    pub(crate) fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub(crate) async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let retention = Retention {
             stored: config.keep_stored,
             unstored: config.keep_unstored,
             max_bytes: config.max_disk_bytes,
         };
-        let store = Sqlite::open(&config.path, retention.clone())?
-            .max_unwritten(config.max_unwritten_bytes);
+        let store: Arc<dyn Store> = match &config.database {
+            Database::Sqlite(path) => Arc::new(
+                Sqlite::open(path, retention.clone())?.max_unwritten(config.max_unwritten_bytes),
+            ),
+            Database::Postgres(url) => Arc::new(
+                Postgres::connect(url, retention.clone())
+                    .await?
+                    .max_unwritten(config.max_unwritten_bytes),
+            ),
+        };
         Ok(Generations {
-            store: Arc::new(store),
+            store,
             live: Mutex::new(HashMap::new()),
             runners: Arc::new(Semaphore::new(config.max_running)),
             places: Arc::new(Semaphore::new(config.max_running + config.max_queued)),
@@ -341,8 +358,13 @@ impl Generations {
             );
             return Ok(Some(stream.boxed()));
         }
-        if self.get(id).await?.is_none() {
+        let Some(record) = self.get(id).await? else {
             return Ok(None);
+        };
+        if !record.status.is_final() {
+            // Running elsewhere (another replica, or not yet started here):
+            // followed through the store.
+            return Ok(Some(self.follow(id.to_string(), after).boxed()));
         }
         let events = self.store.events(id, after).await?;
         let Some((start, _)) = events.first() else {
@@ -354,6 +376,60 @@ impl Generations {
         Ok(Some(
             futures_util::stream::once(async move { Ok(Frame::data(frame)) }).boxed(),
         ))
+    }
+
+    /// Generation `id`'s events after `after`, read from the store as they
+    /// are committed, until its record is final: each batch of them as one
+    /// frame. The store says when it may have changed ([`Store::changed`]),
+    /// and it is looked at again every [`FOLLOW_CHECK`] whatever it says.
+    fn follow(
+        self: &Arc<Self>,
+        id: String,
+        after: Option<u64>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
+        futures_util::stream::unfold(
+            (self.clone(), id, after, false),
+            |(gens, id, mut after, done)| async move {
+                if done {
+                    return None;
+                }
+                let mut failures = 0;
+                loop {
+                    let changed = gens.store.changed(&id, FOLLOW_CHECK);
+                    // The status first: once it is final, every event is in.
+                    let read = async {
+                        let record = gens.store.get(&id).await?;
+                        let last = record.is_none_or(|r| r.status.is_final());
+                        Ok::<_, StoreError>((last, gens.store.events(&id, after).await?))
+                    };
+                    let (last, events) = match read.await {
+                        Ok(read) => read,
+                        // The store away for a moment: looked at again.
+                        Err(e) if failures < FOLLOW_FAILURES => {
+                            failures += 1;
+                            tracing::warn!(id, "cannot follow a generation, trying again: {e}");
+                            changed.await;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(id, "cannot follow a generation: {e}");
+                            return None;
+                        }
+                    };
+                    if let Some((start, _)) = events.first() {
+                        let start = *start;
+                        after = events.last().map(|(seq, _)| *seq);
+                        let events: Vec<Bytes> = events.into_iter().map(|(_, e)| e).collect();
+                        let frame = Frame::data(with_ids(start, &events));
+                        return Some((Ok(frame), (gens, id, after, last)));
+                    }
+                    if last {
+                        return None;
+                    }
+                    changed.await;
+                }
+            },
+        )
     }
 
     /// Deletes final records past their retention, now and every

@@ -285,7 +285,7 @@ fn restart_needed(running: &Config, next: &Config) -> Vec<&'static str> {
 
 impl App {
     /// Builds the backends and routes a configuration describes.
-    pub fn new(config: Config) -> Result<Self, StartError> {
+    pub async fn new(config: Config) -> Result<Self, StartError> {
         let metrics = Metrics::new()?;
         let mut targets = targets::Targets::default();
         let plan = targets.plan(&config)?;
@@ -297,7 +297,7 @@ impl App {
         let snapshot = build_snapshot(config.clone(), &plan, auth, &metrics, None);
         targets.commit(plan);
         let generations = match &config.store {
-            Some(store) => Some(Arc::new(generations::Generations::open(store)?)),
+            Some(store) => Some(Arc::new(generations::Generations::open(store).await?)),
             None => None,
         };
         Ok(App {

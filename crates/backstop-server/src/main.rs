@@ -147,7 +147,7 @@ async fn serve(config: Config, source: Option<ConfigSource>) -> anyhow::Result<(
         };
         tracing::info!(target = %t.name, base_url = %t.base_url, "upstream target, {key}");
     }
-    let mut app = App::new(config)?;
+    let mut app = App::new(config).await?;
     if let Some(source) = source {
         tracing::info!(
             path = %source.path().display(),

@@ -242,6 +242,12 @@ pub trait Store: Send + Sync {
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// The database's size in bytes.
     fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Resolves once generation `id` may have changed (new events, a new
+    /// status) at another process's hands, or after `wait`, whichever is
+    /// first. The watch starts when this is called: call it, read, then
+    /// await it, and no change is missed. A store no other process writes
+    /// (SQLite) only waits.
+    fn changed(&self, id: &str, wait: Duration) -> BoxFuture<'static, ()>;
 }
 
 #[cfg(test)]

@@ -11,6 +11,12 @@
 //! appends say the store is behind once [`MAX_UNWRITTEN`] bytes wait, so
 //! streams pause instead of losing events. Reads take their own pooled
 //! connections.
+//!
+//! Each batch tells the other replicas which generations it changed, with
+//! one `NOTIFY` that PostgreSQL delivers when the batch commits; each
+//! replica `LISTEN`s on a connection of its own, so a client that follows a
+//! generation another replica runs hears of each batch of its events
+//! without polling.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,8 +24,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_postgres::NoTls;
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::segment::{self, Row, Segments};
 use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
@@ -33,8 +39,13 @@ const POOL: usize = 16;
 const OUTAGE: Duration = Duration::from_secs(30);
 /// The longest wait between two tries of a batch.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Changes a slow follower may fall behind by before it is told that
+/// anything may have changed.
+const CHANGES: usize = 1024;
 /// Records deleted at a time while the store is over its size.
 const SHED: i64 = 64;
+/// The channel on which batches name the generations they changed.
+const CHANNEL: &str = "backstop_changes";
 /// The advisory lock a replica holds while it migrates.
 const MIGRATION_LOCK: i64 = 0x6261_636b_7374_6f70; // "backstop"
 
@@ -74,6 +85,12 @@ const FINAL: &str = "status NOT IN ('queued', 'in_progress')";
 /// The PostgreSQL store.
 pub struct Postgres {
     pool: Pool,
+    /// The ids of generations changed by any replica's batches, as they
+    /// commit; an empty id: anything may have changed (the listener was
+    /// away).
+    changes: broadcast::Sender<Arc<str>>,
+    /// The task that listens for them.
+    listener: tokio::task::JoinHandle<()>,
     writes: mpsc::UnboundedSender<Write>,
     /// Wakes the writer for a flush.
     wake: Arc<Notify>,
@@ -116,6 +133,7 @@ impl Postgres {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Postgres(e.to_string()))?;
+        let listen = config.clone();
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -138,8 +156,15 @@ impl Postgres {
             wake: wake.clone(),
         };
         tokio::spawn(writer.run(rx));
+        let (changes, _) = broadcast::channel(CHANGES);
+        let (listening, ready) = oneshot::channel();
+        let listener = tokio::spawn(listen_for_changes(listen, changes.clone(), listening));
+        // A replica follows other replicas' changes from its first request.
+        let _ = ready.await;
         Ok(Postgres {
             pool,
+            changes,
+            listener,
             writes: tx,
             wake,
             queued,
@@ -179,6 +204,55 @@ impl Postgres {
     async fn record_where(&self, column: &str, value: &str) -> Result<Option<Record>, StoreError> {
         let client = self.pool.get().await?;
         Ok(get(&client, column, value).await?)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Listens for the generations batches change, on a connection of its own,
+/// connecting again whenever it is lost; tells every follower that anything
+/// may have changed after each loss (a change may have gone unheard).
+/// `listening` hears once the first try is done.
+async fn listen_for_changes(
+    config: tokio_postgres::Config,
+    changes: broadcast::Sender<Arc<str>>,
+    listening: oneshot::Sender<()>,
+) {
+    let mut listening = Some(listening);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let heard = changes.clone();
+                let messages = tokio::spawn(async move {
+                    while let Some(Ok(message)) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        if let AsyncMessage::Notification(n) = message {
+                            let _ = heard.send(Arc::from(n.payload()));
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(50);
+                        let _ = changes.send(Arc::from(""));
+                    }
+                    Err(e) => tracing::warn!("the store cannot listen for changes: {e}"),
+                }
+                listening.take().map(|l| l.send(()));
+                let _ = messages.await;
+            }
+            Err(e) => tracing::warn!("the store cannot listen for changes: {e}"),
+        }
+        listening.take().map(|l| l.send(()));
+        let _ = changes.send(Arc::from(""));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -369,6 +443,27 @@ impl Store for Postgres {
             Ok(size(&client).await?)
         })
     }
+
+    fn changed(&self, id: &str, wait: Duration) -> BoxFuture<'static, ()> {
+        let mut changes = self.changes.subscribe();
+        let id = id.to_string();
+        Box::pin(async move {
+            let heard = async {
+                loop {
+                    match changes.recv().await {
+                        Ok(changed) if changed.is_empty() || *changed == *id => return,
+                        Ok(_) => {}
+                        // Fell behind: whatever was missed may be it.
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(wait, heard).await;
+        })
+    }
 }
 
 /// The writer task's state.
@@ -448,6 +543,16 @@ impl Writer {
             answers.push(apply_one(&tx, &self.retention, &mut segments, write).await?);
         }
         write_segments(&tx, segments.drain()).await?;
+        let mut changed: Vec<&str> = batch.iter().filter_map(Write::changes).collect();
+        changed.sort_unstable();
+        changed.dedup();
+        if !changed.is_empty() {
+            tx.execute(
+                &format!("SELECT pg_notify('{CHANNEL}', id) FROM unnest($1::text[]) AS id"),
+                &[&changed],
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(answers)
     }

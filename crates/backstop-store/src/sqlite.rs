@@ -330,6 +330,10 @@ impl Store for Sqlite {
     fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.read(size)
     }
+
+    fn changed(&self, _id: &str, wait: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(wait))
+    }
 }
 
 /// Bytes the database holds (its pages less the free ones).

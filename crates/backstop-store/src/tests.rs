@@ -3,8 +3,6 @@
 //! The conformance suite every store passes (`conformance!` runs each test
 //! against SQLite and against PostgreSQL), then the embedded store's own.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use bytes::Bytes;
 
 use crate::{Inserted, Kind, Postgres, Record, Retention, Sqlite, Status, Store};
@@ -16,10 +14,6 @@ enum Backend {
     Postgres(String),
 }
 
-/// The server the PostgreSQL tests use, as a URL naming a database
-/// (`scripts/test` starts one and sets it).
-const POSTGRES_URL: &str = "BACKSTOP_TEST_POSTGRES";
-
 impl Backend {
     fn sqlite() -> Self {
         Backend::Sqlite(tempfile::tempdir().unwrap())
@@ -27,32 +21,7 @@ impl Backend {
 
     /// A database of its own on the test server.
     async fn postgres() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let url = std::env::var(POSTGRES_URL).unwrap_or_else(|_| {
-            panic!(
-                "{POSTGRES_URL} is not set: run scripts/test, which starts PostgreSQL, or set it \
-                 to postgres://user@host:port/db"
-            )
-        });
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let name = format!(
-            "backstop_store_{}_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let (server, _) = url.rsplit_once('/').unwrap();
-        Backend::Postgres(format!("{server}/{name}"))
+        Backend::Postgres(backstop_testkit::postgres::database().await.unwrap())
     }
 
     async fn open(&self, retention: Retention) -> Box<dyn Store> {
@@ -540,4 +509,34 @@ async fn postgres_writes_wait_while_the_database_is_away_and_land_when_it_is_bac
         store.get("r").await.unwrap().unwrap().status,
         Status::Completed
     );
+}
+
+#[tokio::test]
+async fn postgres_replicas_hear_of_each_others_changes_as_they_commit() {
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    let a = Postgres::connect(&url, Retention::default()).await.unwrap();
+    let b = Postgres::connect(&url, Retention::default()).await.unwrap();
+    let long = std::time::Duration::from_secs(60);
+    let bound = std::time::Duration::from_secs(20);
+    a.insert(record("r", None, 1)).await.unwrap();
+    // Watches started before the change: one for it, one for another id.
+    let heard = b.changed("r", long);
+    let mut other = std::pin::pin!(b.changed("other", long));
+    a.append("r", 0, delta(0));
+    a.flush().await.unwrap();
+    tokio::time::timeout(bound, heard)
+        .await
+        .expect("an append was not heard");
+    assert_eq!(b.events("r", None).await.unwrap().len(), 1);
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), &mut other).await;
+    assert!(quiet.is_err(), "a change to r woke a watch of another id");
+    // A status is heard too.
+    let heard = b.changed("r", long);
+    a.update("r", Status::Completed, None).await.unwrap();
+    tokio::time::timeout(bound, heard)
+        .await
+        .expect("an update was not heard");
+    assert_eq!(b.get("r").await.unwrap().unwrap().status, Status::Completed);
 }

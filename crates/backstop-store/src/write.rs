@@ -42,6 +42,15 @@ impl Write {
         }
     }
 
+    /// The generation whose events or status it changes (or that it
+    /// deletes), if it does.
+    pub(crate) fn changes(&self) -> Option<&str> {
+        match self {
+            Write::Update(id, ..) | Write::Append(id, ..) | Write::Delete(id, _) => Some(id),
+            _ => None,
+        }
+    }
+
     /// Tells its waiter how its batch went: `answer` is what applying it
     /// found, or the batch's failure.
     pub(crate) fn answer(self, answer: Result<Answer, &StoreError>) {

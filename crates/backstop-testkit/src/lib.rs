@@ -7,6 +7,7 @@
 //! is recorded with its arrival time, so tests can count and space attempts.
 
 mod echo;
+pub mod postgres;
 mod tls;
 
 use std::collections::VecDeque;
