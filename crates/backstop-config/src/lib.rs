@@ -111,6 +111,7 @@ struct RawStore {
     enabled: Option<bool>,
     path: Option<PathBuf>,
     url: Option<String>,
+    lease_s: Option<u64>,
     keep_stored_days: Option<u64>,
     keep_unstored_s: Option<u64>,
     max_disk_mb: Option<u64>,
@@ -126,6 +127,9 @@ struct RawStore {
 pub struct StoreConfig {
     /// The database.
     pub database: Database,
+    /// How long a replica's hold on the generations it runs lasts unless
+    /// renewed (a shared store): past it, another replica takes them over.
+    pub lease: Duration,
     /// How long a response stored at the client's request is kept.
     pub keep_stored: Duration,
     /// How long any other generation is kept (for polling and resuming).
@@ -889,6 +893,7 @@ impl RawStore {
         let days = positive(self.keep_stored_days, "store.keep_stored_days", 30)?;
         Ok(Some(StoreConfig {
             database,
+            lease: Duration::from_secs(positive(self.lease_s, "store.lease_s", 10)?),
             keep_stored: Duration::from_secs(days.saturating_mul(24 * 3600)),
             keep_unstored: Duration::from_secs(positive(
                 self.keep_unstored_s,

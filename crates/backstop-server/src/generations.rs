@@ -43,6 +43,8 @@ pub(crate) struct Generations {
     pub(crate) places: Arc<Semaphore>,
     retention: Retention,
     sweep_every: Duration,
+    /// How long this replica's hold on a generation lasts unless renewed.
+    pub(crate) lease: Duration,
 }
 
 /// A generation running in this process.
@@ -133,7 +135,7 @@ impl Generations {
                 Sqlite::open(path, retention.clone())?.max_unwritten(config.max_unwritten_bytes),
             ),
             Database::Postgres(url) => Arc::new(
-                Postgres::connect(url, retention.clone())
+                Postgres::connect(url, retention.clone(), config.lease)
                     .await?
                     .max_unwritten(config.max_unwritten_bytes),
             ),
@@ -145,6 +147,7 @@ impl Generations {
             places: Arc::new(Semaphore::new(config.max_running + config.max_queued)),
             retention,
             sweep_every: config.sweep_every,
+            lease: config.lease,
         })
     }
 
@@ -284,8 +287,12 @@ impl Generations {
         tokio::spawn(async move {
             let mut cancel = live.cancel.subscribe();
             let mut cancelled = *cancel.borrow_and_update();
+            // Another replica took it over, or ended it: it is not this
+            // one's to go on with, nor to end.
+            let mut released = gens.store.released(&id);
+            let mut lost = false;
             let first = live.since(0).len() as u64;
-            while !cancelled {
+            while !cancelled && !lost {
                 tokio::select! {
                     frame = frames.next() => {
                         let Some(frame) = frame else { break };
@@ -312,6 +319,7 @@ impl Generations {
                         }
                     }
                     _ = cancel.changed() => cancelled = true,
+                    () = &mut released => lost = true,
                 }
             }
             // Dropping the frames stops the generation.
@@ -319,9 +327,11 @@ impl Generations {
             // Its clients are done now; it stays live (in memory) until its
             // end is committed, so no reader finds the log short.
             live.finish();
-            let (status, object) = outcome(kind, &live.since(0), cancelled);
-            if let Err(e) = gens.store.update(&id, status, object).await {
-                tracing::error!(id, "cannot keep a generation's end: {e}");
+            if !lost {
+                let (status, object) = outcome(kind, &live.since(0), cancelled);
+                if let Err(e) = gens.store.update(&id, status, object).await {
+                    tracing::error!(id, "cannot keep a generation's end: {e}");
+                }
             }
             backstop_router::lock(&gens.live).remove(&id);
             live.kept.send_replace(true);

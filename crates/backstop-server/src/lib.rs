@@ -495,6 +495,9 @@ pub async fn run(
         ),
     }
     responses::recover(&app).await;
+    if let Some(gens) = &app.generations {
+        tasks.push(responses::spawn_takeover(app.clone(), gens.lease / 2));
+    }
     let task = tokio::spawn(async move {
         listener::serve(client, admin, app.clone(), shutdown, grace).await;
         for task in tasks {

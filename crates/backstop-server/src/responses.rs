@@ -5,6 +5,7 @@
 //! finishing, after a restart, what was running.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
@@ -509,29 +510,31 @@ pub(crate) async fn input_items(
     Ok(json_ok(body.to_string().into_bytes()))
 }
 
-/// Finishes, after a restart, every generation the store holds unfinished:
-/// a queued job runs; a running response goes on from the text it had
-/// made, through the targets' prefill continuation, under the same id and
-/// numbering; one that cannot go on (a function call under way, a chat
-/// stream) ends `failed` with the reason in its log.
+/// Takes over, at start and then every half a lease, the unfinished
+/// generations nobody runs ([`backstop_store::Store::claim`]): those the
+/// last run left, and those of a replica that is gone. A queued job runs; a
+/// running response goes on from the text it had made, through the
+/// targets' prefill continuation, under the same id and numbering; one that
+/// cannot go on (a function call under way, a chat stream) ends `failed`
+/// with the reason in its log.
 pub(crate) async fn recover(app: &Arc<App>) {
     let Some(gens) = app.generations.clone() else {
         return;
     };
-    let unfinished = match gens.store.unfinished().await {
-        Ok(u) => u,
+    let claimed = match gens.store.claim().await {
+        Ok(claimed) => claimed,
         Err(e) => {
-            tracing::error!("cannot read the store's unfinished generations: {e}");
+            tracing::error!("cannot claim the store's unfinished generations: {e}");
             return;
         }
     };
-    if !unfinished.is_empty() {
+    if !claimed.is_empty() {
         tracing::info!(
-            "finishing {} generations left by the last run",
-            unfinished.len()
+            "finishing {} generations that nobody runs (left by the last run, or by a replica that is gone)",
+            claimed.len()
         );
     }
-    for record in unfinished {
+    for record in claimed {
         let events: Vec<Bytes> = match gens.store.events(&record.id, None).await {
             Ok(e) => e.into_iter().map(|(_, e)| e).collect(),
             Err(e) => {
@@ -541,6 +544,21 @@ pub(crate) async fn recover(app: &Arc<App>) {
         };
         resume(app, &gens, record, events);
     }
+}
+
+/// Runs [`recover`] every `every`: a replica that is gone leaves its
+/// generations to the first survivor that claims them once its leases run
+/// out.
+pub(crate) fn spawn_takeover(app: Arc<App>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await; // the first claim was made at start
+        loop {
+            every.tick().await;
+            recover(&app).await;
+        }
+    })
 }
 
 /// Goes on with one unfinished generation (see [`recover`]).
@@ -553,7 +571,7 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
     };
     let Some(mut request) = request else {
         // A chat stream's chunks cannot be numbered on by another run.
-        let error = json!({"error": {"message": "Backstop restarted while this stream was being answered; it cannot be continued", "type": "server_error", "code": "restarted"}});
+        let error = json!({"error": {"message": "The Backstop answering this stream stopped; it cannot be continued", "type": "server_error", "code": "restarted"}});
         let mut out = Vec::new();
         let _ = backstop_adapter::sse::encode_json(&error, &mut out);
         let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
@@ -570,7 +588,7 @@ fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<B
     }
     let said: Vec<Value> = events.iter().filter_map(|e| event_json(e)).collect();
     let Some(text) = writer.resume(&said) else {
-        let error = json!({"message": "Backstop restarted during a function call, which cannot be continued", "type": "server_error", "code": "restarted"});
+        let error = json!({"message": "The Backstop answering this response stopped during a function call, which cannot be continued", "type": "server_error", "code": "restarted"});
         let mut out = Vec::new();
         let _ = writer.fail(&error, &mut out);
         let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();

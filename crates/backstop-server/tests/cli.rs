@@ -3,7 +3,9 @@
 //! it: no config file, only `OPENAI_BASE_URL` and `OPENAI_API_KEY`, so the
 //! default local model is last in the chain, and an ordinary streaming
 //! client (no `max_tokens`, the default temperature, a 20 s timeout that
-//! its SDK announces). And background jobs through a SIGKILL and restart.
+//! its SDK announces). And background jobs through a SIGKILL and restart,
+//! and through the SIGKILL of one of two replicas that share a PostgreSQL
+//! store.
 
 // Test helpers panic to report failure, as the tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -320,5 +322,176 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
         .filter(|r| r.path == "/v1/chat/completions" && r.body.to_string().contains("cut off"))
         .count();
     assert!(continued > 0, "no job was continued after the restart");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A replica sharing the PostgreSQL database at `url`, with one-second
+/// leases, in front of `up`.
+fn replica(up: &MockUpstream, url: &str, dir: &std::path::Path, name: &str) -> (Child, String) {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [[targets]]\nname = \"up\"\nbase_url = \"{}\"\napi_key_env = \"OPENAI_API_KEY\"\n\
+             [store]\nurl = \"{url}\"\nlease_s = 1\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(dir)
+        .arg("--config")
+        .arg(&config)
+        .env("OPENAI_API_KEY", "sk-test")
+        .env_remove("BACKSTOP_MODEL");
+    listening(command)
+}
+
+/// The `data:` JSON of each SSE event in a body.
+fn sse_json(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// Checks a whole response stream: numbered from 0 without a gap, created
+/// once, completed at its end, its deltas the final text.
+fn whole(events: &[Value], what: &str) -> String {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i, "{what}: {events:?}");
+    }
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "response.created").count(),
+        1,
+        "{what}"
+    );
+    assert_eq!(kinds.last(), Some(&"response.completed"), "{what}");
+    events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .filter_map(|e| e["delta"].as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let up = MockUpstream::start().await.unwrap();
+    up.set_default(MockReply::Echo {
+        delay: Duration::ZERO,
+        chunk_delay: Duration::from_millis(60),
+    });
+    let dir = std::env::temp_dir().join(format!("backstop-replicas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, a_addr) = replica(&up, &url, &dir, "a");
+    let mut a = Stop(a);
+    let (b, b_addr) = replica(&up, &url, &dir, "b");
+    let _b = Stop(b);
+    let http = reqwest::Client::new();
+    let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi \
+                 omicron pi rho sigma tau upsilon";
+    // Background jobs, and a stream a client reads, all on A.
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let body =
+            json!({"model": "gpt-4o-mini", "input": format!("{i} {words}"), "background": true});
+        let v: Value = http
+            .post(format!("http://{a_addr}/v1/responses"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        jobs.push(v["id"].as_str().unwrap().to_string());
+    }
+    let body = json!({"model": "gpt-4o-mini", "input": format!("stream {words}"), "stream": true});
+    let mut stream = http
+        .post(format!("http://{a_addr}/v1/responses"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while sse_json(&seen).len() < 6 {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
+            .await
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
+    }
+    a.0.kill().unwrap(); // SIGKILL, mid-answer
+    let _ = a.0.wait();
+    drop(stream);
+    // Only whole events count: the last may have been cut.
+    let before: Vec<Value> = sse_json(&seen[..seen.rfind("\n\n").unwrap() + 2]);
+    let id = before[0]["response"]["id"].as_str().unwrap().to_string();
+    let last = before.last().unwrap()["sequence_number"].as_u64().unwrap();
+
+    // The client resumes at B, which follows the stream until it has taken
+    // it over and finished it, under the same id and numbering.
+    let resumed = tokio::time::timeout(
+        Duration::from_secs(60),
+        http.get(format!(
+            "http://{b_addr}/v1/responses/{id}?stream=true&starting_after={last}"
+        ))
+        .send(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let after = sse_json(
+        &tokio::time::timeout(Duration::from_secs(60), resumed.text())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let all: Vec<Value> = before.into_iter().chain(after).collect();
+    let text = whole(&all, "the resumed stream");
+    assert!(text.starts_with("You said: "), "{text}");
+    for id in &jobs {
+        let mut done = Value::Null;
+        for _ in 0..1500 {
+            done = http
+                .get(format!("http://{b_addr}/v1/responses/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(done["status"], "completed", "{id}: {done}");
+        let replay = http
+            .get(format!("http://{b_addr}/v1/responses/{id}?stream=true"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let text = whole(&sse_json(&replay), id);
+        assert_eq!(
+            text,
+            done["output"][0]["content"][0]["text"].as_str().unwrap(),
+            "{id}"
+        );
+    }
+    // B went on from what A had made, once each.
+    let continued = up
+        .requests()
+        .iter()
+        .filter(|r| r.body.to_string().contains("cut off"))
+        .count();
+    assert!(continued > 0, "nothing was continued from A's text");
+    assert!(continued <= 4, "{continued} continuations of 4 generations");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -190,6 +190,9 @@ pub enum StoreError {
     /// The database cannot be reached (a restart, a dropped connection).
     #[error("the database is unreachable: {0}")]
     Unreachable(String),
+    /// The database undid a transaction that met another (a deadlock).
+    #[error("a conflict in the database: {0}")]
+    Conflict(String),
     /// The batch a write was in could not be committed.
     #[error("a batch of writes could not be committed: {0}")]
     Batch(String),
@@ -233,8 +236,17 @@ pub trait Store: Send + Sync {
     ) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>>;
     /// Deletes a record and its events; whether there was one.
     fn delete(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
-    /// Every record not yet final: what a restart must finish.
-    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
+    /// Takes over the unfinished generations nobody runs, for this
+    /// process to finish: those an earlier run of it left (SQLite), or those
+    /// whose holder's lease ran out, its replica gone (PostgreSQL). Until it
+    /// finishes them, this process holds them; each is claimed by one
+    /// process only.
+    fn claim(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
+    /// Resolves if this process loses its hold on generation `id`: its
+    /// lease ran out and another replica claimed it, or another replica
+    /// ended it (a cancel). Its writes to that generation are then dropped,
+    /// and it should stop making it. (Never, for a store one process owns.)
+    fn released(&self, id: &str) -> BoxFuture<'static, ()>;
     /// Deletes final records past their expiry, then the oldest final ones
     /// while the database is over its size; how many went.
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>>;

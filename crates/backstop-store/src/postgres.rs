@@ -18,6 +18,7 @@
 //! generation another replica runs hears of each batch of its events
 //! without polling.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,9 +64,14 @@ CREATE TABLE responses (
     object BYTEA,
     created_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL,
-    owner TEXT
+    owner TEXT,
+    holder TEXT,
+    epoch BIGINT NOT NULL DEFAULT 0,
+    lease_until BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX responses_by_status ON responses (status);
+CREATE INDEX responses_unheld ON responses (lease_until)
+    WHERE status IN ('queued', 'in_progress');
 CREATE INDEX responses_by_expiry ON responses (expires_at);
 CREATE INDEX responses_by_age ON responses (created_at);
 CREATE TABLE segments (
@@ -81,6 +87,12 @@ CREATE TABLE segments (
 const COLUMNS: &str =
     "id, kind, status, background, stored, key, request, object, created_at, expires_at, owner";
 const FINAL: &str = "status NOT IN ('queued', 'in_progress')";
+const UNFINISHED: &str = "status IN ('queued', 'in_progress')";
+/// The database's clock, in Unix milliseconds: leases are timed by one
+/// clock, whatever the replicas' say.
+const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
+/// Generations claimed at a time.
+const CLAIM: i64 = 64;
 
 /// The PostgreSQL store.
 pub struct Postgres {
@@ -89,8 +101,10 @@ pub struct Postgres {
     /// commit; an empty id: anything may have changed (the listener was
     /// away).
     changes: broadcast::Sender<Arc<str>>,
-    /// The task that listens for them.
-    listener: tokio::task::JoinHandle<()>,
+    /// The generations this replica holds.
+    holds: Arc<Holds>,
+    /// The tasks that listen for changes and renew the leases.
+    tasks: [tokio::task::JoinHandle<()>; 2],
     writes: mpsc::UnboundedSender<Write>,
     /// Wakes the writer for a flush.
     wake: Arc<Notify>,
@@ -111,8 +125,12 @@ impl From<tokio_postgres::Error> for StoreError {
                 // shutting down or restarting.
                 code.code().starts_with("08") || code.code().starts_with("57P0")
             });
+        // Class 40: a deadlock or a serialization failure, undone whole.
+        let conflict = e.code().is_some_and(|code| code.code().starts_with("40"));
         if gone {
             StoreError::Unreachable(e.to_string())
+        } else if conflict {
+            StoreError::Conflict(e.to_string())
         } else {
             StoreError::Postgres(e.to_string())
         }
@@ -128,8 +146,13 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 
 impl Postgres {
     /// Connects to the database at `url` (`postgres://user@host/db`),
-    /// brings its schema up to date, and starts the writer.
-    pub async fn connect(url: &str, retention: Retention) -> Result<Self, StoreError> {
+    /// brings its schema up to date, and starts the writer. The generations
+    /// this replica makes or claims it holds by leases of `lease`.
+    pub async fn connect(
+        url: &str,
+        retention: Retention,
+        lease: Duration,
+    ) -> Result<Self, StoreError> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Postgres(e.to_string()))?;
@@ -149,11 +172,21 @@ impl Postgres {
         let (tx, rx) = mpsc::unbounded_channel();
         let wake = Arc::new(Notify::new());
         let queued = Arc::new(AtomicUsize::new(0));
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let holds = Arc::new(Holds {
+            holder: format!("{}-{since:x}", std::process::id()),
+            lease,
+            epochs: std::sync::Mutex::new(HashMap::new()),
+            lost: broadcast::channel(CHANGES).0,
+        });
         let writer = Writer {
             pool: pool.clone(),
             retention,
             queued: queued.clone(),
             wake: wake.clone(),
+            holds: holds.clone(),
         };
         tokio::spawn(writer.run(rx));
         let (changes, _) = broadcast::channel(CHANGES);
@@ -161,10 +194,12 @@ impl Postgres {
         let listener = tokio::spawn(listen_for_changes(listen, changes.clone(), listening));
         // A replica follows other replicas' changes from its first request.
         let _ = ready.await;
+        let renewer = tokio::spawn(renew(pool.clone(), holds.clone()));
         Ok(Postgres {
             pool,
             changes,
-            listener,
+            holds,
+            tasks: [listener, renewer],
             writes: tx,
             wake,
             queued,
@@ -209,7 +244,66 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        self.listener.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The generations a replica runs, each held by a lease: renewed while the
+/// replica lives, taken over by another replica once it runs out. Each
+/// claim adds one to the generation's epoch; a batch writes to a held
+/// generation only while its epoch is still the one this replica got (a
+/// fence: a replica that lost its lease cannot write over its successor).
+struct Holds {
+    /// This replica, as the database names holders.
+    holder: String,
+    /// How long a lease lasts unless renewed.
+    lease: Duration,
+    /// Held generations and their epochs.
+    epochs: std::sync::Mutex<HashMap<String, i64>>,
+    /// Generations whose hold was lost.
+    lost: broadcast::Sender<Arc<str>>,
+}
+
+impl Holds {
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn epochs(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Renews this replica's leases, every third of a lease.
+async fn renew(pool: Pool, holds: Arc<Holds>) {
+    let every = (holds.lease / 3).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        if holds.epochs().is_empty() {
+            continue;
+        }
+        let renewed = async {
+            let client = pool.get().await?;
+            // Rows locked in id order, as a batch's fence locks them.
+            client
+                .execute(
+                    &format!(
+                        "UPDATE responses SET lease_until = {NOW_MS} + $2 WHERE id IN \
+                         (SELECT id FROM responses WHERE holder = $1 AND {UNFINISHED} \
+                         ORDER BY id FOR UPDATE)"
+                    ),
+                    &[&holds.holder, &holds.lease_ms()],
+                )
+                .await?;
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = renewed.await {
+            tracing::warn!("the store cannot renew this replica's leases: {e}");
+        }
     }
 }
 
@@ -413,19 +507,46 @@ impl Store for Postgres {
         self.ask(move |tx| Write::Delete(id, tx))
     }
 
-    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+    fn claim(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
         Box::pin(async move {
             let client = self.pool.get().await?;
+            // Rows another claimer has locked are skipped: each generation
+            // goes to one replica.
             let rows = client
                 .query(
                     &format!(
-                        "SELECT {COLUMNS} FROM responses WHERE status IN ('queued', \
-                         'in_progress') ORDER BY created_at"
+                        "UPDATE responses SET holder = $1, epoch = epoch + 1, \
+                         lease_until = {NOW_MS} + $2 WHERE id IN (SELECT id FROM responses \
+                         WHERE {UNFINISHED} AND lease_until < {NOW_MS} AND holder IS DISTINCT \
+                         FROM $1 ORDER BY created_at LIMIT {CLAIM} FOR UPDATE SKIP LOCKED) \
+                         RETURNING {COLUMNS}, epoch"
                     ),
-                    &[],
+                    &[&self.holds.holder, &self.holds.lease_ms()],
                 )
                 .await?;
-            Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+            let mut claimed = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let record = record(row)?;
+                let epoch: i64 = row.try_get(11)?;
+                self.holds.epochs().insert(record.id.clone(), epoch);
+                claimed.push(record);
+            }
+            claimed.sort_by_key(|r| r.created_at);
+            Ok(claimed)
+        })
+    }
+
+    fn released(&self, id: &str) -> BoxFuture<'static, ()> {
+        let mut lost = self.holds.lost.subscribe();
+        let id = id.to_string();
+        Box::pin(async move {
+            loop {
+                match lost.recv().await {
+                    Ok(gone) if *gone == *id => return,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
         })
     }
 
@@ -472,12 +593,13 @@ struct Writer {
     retention: Retention,
     queued: Arc<AtomicUsize>,
     wake: Arc<Notify>,
+    holds: Arc<Holds>,
 }
 
-/// Whether a failure is the database's absence (worth trying again)
-/// rather than its refusal of what was asked.
-fn unreachable(e: &StoreError) -> bool {
-    matches!(e, StoreError::Unreachable(_))
+/// Whether a failure is the database's absence or a conflict it undid
+/// (worth trying again) rather than its refusal of what was asked.
+fn transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unreachable(_) | StoreError::Conflict(_))
 }
 
 impl Writer {
@@ -515,7 +637,7 @@ impl Writer {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.apply(batch).await {
-                Err(e) if unreachable(&e) && waited < OUTAGE => {
+                Err(e) if transient(&e) && waited < OUTAGE => {
                     if waited.is_zero() {
                         tracing::warn!("the store is unreachable, its writes wait: {e}");
                     }
@@ -537,10 +659,15 @@ impl Writer {
     async fn apply(&self, batch: &[Write]) -> Result<Vec<Answer>, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        let lost = self.fence(&tx, batch).await?;
         let mut segments = Segments::default();
         let mut answers = Vec::with_capacity(batch.len());
         for write in batch {
-            answers.push(apply_one(&tx, &self.retention, &mut segments, write).await?);
+            let answer = match write {
+                Write::Append(id, ..) | Write::Update(id, ..) if lost.contains(id) => Answer::Done,
+                write => apply_one(&tx, &self.retention, &self.holds, &mut segments, write).await?,
+            };
+            answers.push(answer);
         }
         write_segments(&tx, segments.drain()).await?;
         let mut changed: Vec<&str> = batch.iter().filter_map(Write::changes).collect();
@@ -554,7 +681,82 @@ impl Writer {
             .await?;
         }
         tx.commit().await?;
+        self.settle_holds(batch, &answers, lost);
         Ok(answers)
+    }
+
+    /// Locks the rows of the held generations a batch writes to, in id
+    /// order, for the rest of its transaction; those whose epoch moved on
+    /// (another replica claimed them) or that ended at another replica's
+    /// hands (a cancel) are lost: the batch's writes to them are dropped.
+    async fn fence(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        batch: &[Write],
+    ) -> Result<HashSet<String>, StoreError> {
+        let held: HashMap<&str, i64> = {
+            let epochs = self.holds.epochs();
+            batch
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Append(id, ..) | Write::Update(id, ..) => {
+                        epochs.get(id).map(|e| (id.as_str(), *e))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        if held.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let (ids, epochs): (Vec<&str>, Vec<i64>) = held.iter().map(|(i, e)| (*i, *e)).unzip();
+        let ours = tx
+            .query(
+                &format!(
+                    "SELECT r.id FROM responses r JOIN unnest($1::text[], $2::bigint[]) AS \
+                     h(id, epoch) ON r.id = h.id WHERE r.epoch = h.epoch AND r.{UNFINISHED} \
+                     ORDER BY r.id FOR UPDATE OF r"
+                ),
+                &[&ids, &epochs],
+            )
+            .await?;
+        let ours: HashSet<&str> = ours
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        Ok(ids
+            .into_iter()
+            .filter(|id| !ours.contains(id))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// After a commit: holds taken by inserts, given up by ends and
+    /// deletes, and lost (each told to its waiter).
+    fn settle_holds(&self, batch: &[Write], answers: &[Answer], lost: HashSet<String>) {
+        let mut epochs = self.holds.epochs();
+        for (write, answer) in batch.iter().zip(answers) {
+            match (write, answer) {
+                (Write::Insert(r, _), Answer::Inserted(Inserted::New)) if !r.status.is_final() => {
+                    epochs.insert(r.id.clone(), 1);
+                }
+                (Write::Update(id, status, ..), _) if status.is_final() => {
+                    epochs.remove(id);
+                }
+                (Write::Delete(id, _), _) => {
+                    epochs.remove(id);
+                }
+                _ => {}
+            }
+        }
+        for id in lost {
+            epochs.remove(&id);
+            tracing::warn!(
+                id,
+                "another replica holds this generation now: this one stops"
+            );
+            let _ = self.holds.lost.send(Arc::from(id));
+        }
     }
 }
 
@@ -588,17 +790,19 @@ async fn write_segments(
 async fn apply_one(
     tx: &deadpool_postgres::Transaction<'_>,
     retention: &Retention,
+    holds: &Holds,
     segments: &mut Segments,
     write: &Write,
 ) -> Result<Answer, tokio_postgres::Error> {
     Ok(match write {
         Write::Insert(r, _) => {
             let insert = tx
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \
-                     object, created_at, expires_at, owner) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-                )
+                     object, created_at, expires_at, owner, holder, epoch, lease_until) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, {NOW_MS} + $13) \
+                     ON CONFLICT DO NOTHING"
+                ))
                 .await?;
             let added = tx
                 .execute(
@@ -615,6 +819,8 @@ async fn apply_one(
                         &(r.created_at as i64),
                         &(r.expires_at as i64),
                         &r.owner,
+                        &holds.holder,
+                        &holds.lease_ms(),
                     ],
                 )
                 .await?;

@@ -10,7 +10,7 @@
 //! blocking pool.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,6 +94,8 @@ pub struct Sqlite {
     /// Past it, an append says the store is behind.
     max_unwritten: usize,
     read: Arc<Mutex<Connection>>,
+    /// Whether what the last run left has been claimed.
+    claimed: AtomicBool,
 }
 
 impl Sqlite {
@@ -158,6 +160,7 @@ impl Sqlite {
             queued,
             max_unwritten: MAX_UNWRITTEN,
             read: Arc::new(Mutex::new(read)),
+            claimed: AtomicBool::new(false),
         })
     }
 
@@ -308,7 +311,12 @@ impl Store for Sqlite {
         self.ask(move |tx| Write::Delete(id, tx))
     }
 
-    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+    fn claim(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+        // One process owns the file: what is unfinished when it starts was
+        // left by its last run, and all it makes later it holds.
+        if self.claimed.swap(true, Ordering::Relaxed) {
+            return Box::pin(async { Ok(Vec::new()) });
+        }
         self.read(|conn| {
             let mut query = conn.prepare(&format!(
                 "SELECT {COLUMNS} FROM responses WHERE status IN ('queued', 'in_progress') \
@@ -333,6 +341,10 @@ impl Store for Sqlite {
 
     fn changed(&self, _id: &str, wait: Duration) -> BoxFuture<'static, ()> {
         Box::pin(tokio::time::sleep(wait))
+    }
+
+    fn released(&self, _id: &str) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
     }
 }
 

@@ -42,7 +42,7 @@ impl Backend {
                 })
             }
             Backend::Postgres(url) => {
-                let store = Postgres::connect(url, retention).await.unwrap();
+                let store = Postgres::connect(url, retention, LEASE).await.unwrap();
                 Box::new(match max_unwritten {
                     Some(bytes) => store.max_unwritten(bytes),
                     None => store,
@@ -50,6 +50,23 @@ impl Backend {
             }
         }
     }
+}
+
+/// The leases PostgreSQL stores hold generations by in these tests: short,
+/// so that a store opened again (a new replica) claims what an earlier one
+/// left soon.
+const LEASE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Claims until something is claimed (a lease may have to run out first).
+async fn claim_some(store: &dyn Store) -> Vec<Record> {
+    for _ in 0..200 {
+        let claimed = store.claim().await.unwrap();
+        if !claimed.is_empty() {
+            return claimed;
+        }
+        tokio::time::sleep(LEASE / 5).await;
+    }
+    panic!("nothing was ever claimed");
 }
 
 /// Runs each named test against each store.
@@ -134,8 +151,11 @@ async fn records_and_their_events_survive_a_reopen(backend: Backend) {
         }
     );
     assert_eq!(store.events("r1", None).await.unwrap().len(), 5);
-    let unfinished = store.unfinished().await.unwrap();
-    assert_eq!(unfinished.len(), 1);
+    // What the last run left unfinished is this one's to finish, once.
+    let claimed = claim_some(&*store).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, "r1");
+    assert!(store.claim().await.unwrap().is_empty());
     assert!(store.get("nope").await.unwrap().is_none());
 }
 
@@ -327,9 +347,9 @@ async fn replicas_starting_together_migrate_the_schema_once() {
         unreachable!()
     };
     let (a, b, c) = tokio::join!(
-        Postgres::connect(&url, Retention::default()),
-        Postgres::connect(&url, Retention::default()),
-        Postgres::connect(&url, Retention::default()),
+        Postgres::connect(&url, Retention::default(), LEASE),
+        Postgres::connect(&url, Retention::default(), LEASE),
+        Postgres::connect(&url, Retention::default(), LEASE),
     );
     let (a, b, _) = (a.unwrap(), b.unwrap(), c.unwrap());
     // What one writes the others read.
@@ -378,7 +398,7 @@ async fn a_database_of_the_first_version_is_read_on() {
             (2, Bytes::from_static(b"e2"))
         ]
     );
-    assert_eq!(store.unfinished().await.unwrap().len(), 1);
+    assert_eq!(store.claim().await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -479,7 +499,7 @@ async fn postgres_writes_wait_while_the_database_is_away_and_land_when_it_is_bac
         unreachable!()
     };
     let relay = Relay::to(&url).await;
-    let store = Postgres::connect(&relay.url, Retention::default())
+    let store = Postgres::connect(&relay.url, Retention::default(), LEASE)
         .await
         .unwrap();
     store.insert(record("r", None, 1)).await.unwrap();
@@ -516,8 +536,12 @@ async fn postgres_replicas_hear_of_each_others_changes_as_they_commit() {
     let Backend::Postgres(url) = Backend::postgres().await else {
         unreachable!()
     };
-    let a = Postgres::connect(&url, Retention::default()).await.unwrap();
-    let b = Postgres::connect(&url, Retention::default()).await.unwrap();
+    let a = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    let b = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
     let long = std::time::Duration::from_secs(60);
     let bound = std::time::Duration::from_secs(20);
     a.insert(record("r", None, 1)).await.unwrap();
@@ -539,4 +563,104 @@ async fn postgres_replicas_hear_of_each_others_changes_as_they_commit() {
         .await
         .expect("an update was not heard");
     assert_eq!(b.get("r").await.unwrap().unwrap().status, Status::Completed);
+}
+
+#[tokio::test]
+async fn postgres_a_gone_replicas_generation_goes_to_one_claimer_only() {
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    {
+        let gone = Postgres::connect(&url, Retention::default(), LEASE)
+            .await
+            .unwrap();
+        gone.insert(record("r", None, 1)).await.unwrap();
+        gone.append("r", 0, delta(0));
+        gone.flush().await.unwrap();
+        // Running elsewhere, held: nobody else may claim it.
+        let other = Postgres::connect(&url, Retention::default(), LEASE)
+            .await
+            .unwrap();
+        assert!(other.claim().await.unwrap().is_empty());
+    } // gone: its leases are no longer renewed
+    let claimers = futures_util::future::join_all((0..3).map(|_| async {
+        let store = Postgres::connect(&url, Retention::default(), LEASE)
+            .await
+            .unwrap();
+        // Each tries for four leases' time, together.
+        let mut claimed = Vec::new();
+        for _ in 0..20 {
+            claimed.extend(store.claim().await.unwrap());
+            tokio::time::sleep(LEASE / 5).await;
+        }
+        (store, claimed)
+    }))
+    .await;
+    let claimed: Vec<&Record> = claimers.iter().flat_map(|(_, c)| c).collect();
+    assert_eq!(claimed.len(), 1, "claimed by {claimed:?}");
+    assert_eq!(claimed[0].id, "r");
+}
+
+#[tokio::test]
+async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor() {
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    let relay = Relay::to(&url).await;
+    let old = Postgres::connect(&relay.url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    old.insert(record("r", None, 1)).await.unwrap();
+    for seq in 0..3 {
+        old.append("r", seq, delta(seq));
+    }
+    old.flush().await.unwrap();
+    let released = old.released("r");
+    // Cut off from the database, the old holder's lease runs out, and a
+    // successor claims the generation and goes on with it.
+    relay.up.send_replace(false);
+    let new = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    let claimed = claim_some(&new).await;
+    assert_eq!(claimed[0].id, "r");
+    let theirs = |seq: u64| Bytes::from(format!("successor {seq}"));
+    for seq in 3..5 {
+        new.append("r", seq, theirs(seq));
+    }
+    new.flush().await.unwrap();
+    // The old holder comes back and writes on: fenced out, and told so.
+    relay.up.send_replace(true);
+    for seq in 3..6 {
+        old.append("r", seq, delta(seq));
+    }
+    let ended = old.update("r", Status::Completed, None);
+    tokio::time::timeout(std::time::Duration::from_secs(20), old.flush())
+        .await
+        .unwrap()
+        .unwrap();
+    ended.await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), released)
+        .await
+        .expect("the old holder was never told it lost the generation");
+    let log = new.events("r", None).await.unwrap();
+    let want: Vec<(u64, Bytes)> = (0..3)
+        .map(|seq| (seq, delta(seq)))
+        .chain((3..5).map(|seq| (seq, theirs(seq))))
+        .collect();
+    assert_eq!(log, want);
+    assert_eq!(
+        new.get("r").await.unwrap().unwrap().status,
+        Status::Queued,
+        "the old holder's end was dropped"
+    );
+    // Another replica's cancel ends the successor's hold too.
+    let released = new.released("r");
+    old.update("r", Status::Cancelled, None).await.unwrap();
+    new.append("r", 5, theirs(5));
+    new.flush().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), released)
+        .await
+        .expect("a cancel elsewhere did not release the generation");
+    assert_eq!(new.events("r", None).await.unwrap().len(), 5);
 }
