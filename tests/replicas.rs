@@ -152,3 +152,125 @@ async fn a_keyed_chat_stream_dropped_on_one_replica_resumes_on_another() {
         "one generation for the key, across replicas"
     );
 }
+
+/// Waits (bounded) until a replica's `/readyz` answers `status`.
+async fn readyz_becomes(h: &Harness, status: u16) {
+    for _ in 0..300 {
+        if h.get("/readyz").await.status() == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("/readyz never answered {status}");
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_the_store_says_so_and_takes_no_jobs_until_it_is_back() {
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let relay = backstop_testkit::postgres::Relay::to(&url).await.unwrap();
+    let a = replica(&relay.url).await;
+    let b = replica(&url).await;
+    let job = json!({"model": "m", "input": "hello", "background": true});
+    readyz_becomes(&a, 200).await;
+    relay.cut();
+    readyz_becomes(&a, 503).await;
+    let not_ready: Value = a.get("/readyz").await.json().await.unwrap();
+    assert_eq!(
+        not_ready["error"]["code"], "store_unreachable",
+        "{not_ready}"
+    );
+    let refused = a.post("/v1/responses", &job).await;
+    assert_eq!(refused.status(), 503);
+    let refused: Value = refused.json().await.unwrap();
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("store"),
+        "{refused}"
+    );
+    // The other replica serves on.
+    assert_eq!(b.get("/readyz").await.status(), 200);
+    let taken: Value = b.post("/v1/responses", &job).await.json().await.unwrap();
+    assert_eq!(taken["status"], "queued");
+    relay.restore();
+    readyz_becomes(&a, 200).await;
+    let queued: Value = a.post("/v1/responses", &job).await.json().await.unwrap();
+    assert_eq!(queued["status"], "queued", "{queued}");
+    // And what it takes, the other replica reads.
+    let id = queued["id"].as_str().unwrap();
+    let followed = events(&text(b.get(&format!("/v1/responses/{id}?stream=true")).await).await);
+    assert_eq!(followed.last().unwrap().1["type"], "response.completed");
+}
+
+/// A PostgreSQL server of the test's own (`scripts/postgres`), to restart.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl OwnServer {
+    fn script(command: &str, dir: &std::path::Path) -> String {
+        let out =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/postgres"))
+                .arg(command)
+                .arg(dir)
+                .output()
+                .unwrap();
+        assert!(out.status.success(), "scripts/postgres {command}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Self::script("start", &dir.path().join("pg"));
+        OwnServer { dir, url }
+    }
+
+    fn restart(&self) {
+        Self::script("restart", &self.dir.path().join("pg"));
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        Self::script("stop", &self.dir.path().join("pg"));
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_restart_mid_run_pauses_jobs_and_loses_nothing() {
+    let server = OwnServer::start();
+    let a = replica(&server.url).await;
+    let b = replica(&server.url).await;
+    let mut ids = Vec::new();
+    for (i, h) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let job = json!({"model": "m", "input": format!("{i} {LONG}"), "background": true});
+        let queued: Value = h.post("/v1/responses", &job).await.json().await.unwrap();
+        ids.push(queued["id"].as_str().unwrap().to_string());
+    }
+    // Under way, then the database restarts under them.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.restart();
+    for (i, id) in ids.iter().enumerate() {
+        let mut done = Value::Null;
+        for _ in 0..600 {
+            let resp = a.get(&format!("/v1/responses/{id}")).await;
+            if resp.status() == 200 {
+                done = resp.json().await.unwrap();
+                if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(done["status"], "completed", "{id}: {done}");
+        assert_eq!(output_text(&done), format!("You said: {i} {LONG}"));
+        // Its whole log, on either replica, numbered without a gap.
+        let log = events(&text(b.get(&format!("/v1/responses/{id}?stream=true")).await).await);
+        numbered_from_zero(&log);
+        assert_eq!(text_of(&log), format!("You said: {i} {LONG}"));
+        assert_eq!(log.last().unwrap().1["type"], "response.completed");
+    }
+    assert_eq!(a.mock().requests().len() + b.mock().requests().len(), 4);
+}

@@ -47,6 +47,8 @@ pub enum ServerError {
     NotJson,
     /// No target can serve: `/readyz`'s 503.
     NotReady,
+    /// The shared store does not answer: `/readyz`'s 503.
+    StoreUnreachable,
     /// An admin request names no target: a 404.
     UnknownTarget(String),
     /// Verification restarted for a target not under it: a 409.
@@ -126,7 +128,7 @@ impl ServerError {
             ServerError::RateLimited { .. } => 429,
             ServerError::Forbidden(_) => 403,
             ServerError::NotJson => 415,
-            ServerError::NotReady => 503,
+            ServerError::NotReady | ServerError::StoreUnreachable => 503,
             ServerError::NotVerified(_) => 409,
             ServerError::Reload(crate::ReloadError::Stopped) => 503,
             ServerError::Reload(_) => 400,
@@ -204,6 +206,14 @@ impl ServerError {
                 "admin requests must have Content-Type: application/json".into(),
                 None,
                 Some("unsupported_media_type"),
+            ),
+            ServerError::StoreUnreachable => (
+                "server_error",
+                "the store does not answer: this replica keeps no generation for now (another \
+                 replica may)"
+                    .into(),
+                None,
+                Some("store_unreachable"),
             ),
             ServerError::NotReady => (
                 "server_error",

@@ -151,6 +151,15 @@ async fn start_job(
     id: String,
     stream: bool,
 ) -> Response<Body> {
+    if !gens.store.reachable() {
+        return flight.reject(Rejection {
+            status: 503,
+            reason: "store",
+            message: "the store does not answer, so this replica takes no background response \
+                      now; retry shortly (another replica may take it)"
+                .into(),
+        });
+    }
     let Ok(place) = gens.places.clone().try_acquire_owned() else {
         return flight.reject(Rejection {
             status: 429,

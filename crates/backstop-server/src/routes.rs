@@ -117,6 +117,15 @@ async fn healthz() -> Response {
 /// Ready while any target can serve: loaded (the local model), healthy by its
 /// health checks, and its breaker neither open nor forced open.
 async fn ready(State(app): State<Arc<App>>) -> Response {
+    // Cut off from a shared store, a replica can keep no generation for
+    // another to resume: the balancer should send its clients elsewhere.
+    if app
+        .generations
+        .as_ref()
+        .is_some_and(|gens| !gens.store.reachable())
+    {
+        return ServerError::StoreUnreachable.into_response();
+    }
     let router = &app.snapshot().router;
     if router.table().targets().iter().any(|t| router.may_serve(t)) {
         plain_json(br#"{"status":"ready"}"#)

@@ -247,6 +247,10 @@ pub trait Store: Send + Sync {
     /// ended it (a cancel). Its writes to that generation are then dropped,
     /// and it should stop making it. (Never, for a store one process owns.)
     fn released(&self, id: &str) -> BoxFuture<'static, ()>;
+    /// Whether the database answered when last asked (every few seconds
+    /// at most): false while it is away, as far as this process can tell.
+    /// (Always, for an embedded store.)
+    fn reachable(&self) -> bool;
     /// Deletes final records past their expiry, then the oldest final ones
     /// while the database is over its size; how many went.
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>>;

@@ -19,7 +19,7 @@
 //! without polling.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +103,8 @@ pub struct Postgres {
     changes: broadcast::Sender<Arc<str>>,
     /// The generations this replica holds.
     holds: Arc<Holds>,
+    /// Whether the database answered when last asked.
+    reachable: Arc<AtomicBool>,
     /// The tasks that listen for changes and renew the leases.
     tasks: [tokio::task::JoinHandle<()>; 2],
     writes: mpsc::UnboundedSender<Write>,
@@ -181,24 +183,32 @@ impl Postgres {
             epochs: std::sync::Mutex::new(HashMap::new()),
             lost: broadcast::channel(CHANGES).0,
         });
+        let reachable = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             pool: pool.clone(),
             retention,
             queued: queued.clone(),
             wake: wake.clone(),
             holds: holds.clone(),
+            reachable: reachable.clone(),
         };
         tokio::spawn(writer.run(rx));
         let (changes, _) = broadcast::channel(CHANGES);
         let (listening, ready) = oneshot::channel();
-        let listener = tokio::spawn(listen_for_changes(listen, changes.clone(), listening));
+        let listener = tokio::spawn(listen_for_changes(
+            listen,
+            changes.clone(),
+            listening,
+            reachable.clone(),
+        ));
         // A replica follows other replicas' changes from its first request.
         let _ = ready.await;
-        let renewer = tokio::spawn(renew(pool.clone(), holds.clone()));
+        let renewer = tokio::spawn(renew(pool.clone(), holds.clone(), reachable.clone()));
         Ok(Postgres {
             pool,
             changes,
             holds,
+            reachable,
             tasks: [listener, renewer],
             writes: tx,
             wake,
@@ -278,16 +288,20 @@ impl Holds {
     }
 }
 
-/// Renews this replica's leases, every third of a lease.
-async fn renew(pool: Pool, holds: Arc<Holds>) {
+/// Renews this replica's leases, every third of a lease, and so learns
+/// whether the database answers (a statement that does not finish within
+/// the period counts as no answer, as a partition that drops packets
+/// looks).
+async fn renew(pool: Pool, holds: Arc<Holds>, reachable: Arc<AtomicBool>) {
     let every = (holds.lease / 3).max(Duration::from_millis(50));
     loop {
         tokio::time::sleep(every).await;
-        if holds.epochs().is_empty() {
-            continue;
-        }
         let renewed = async {
             let client = pool.get().await?;
+            if holds.epochs().is_empty() {
+                client.execute("SELECT 1", &[]).await?;
+                return Ok(());
+            }
             // Rows locked in id order, as a batch's fence locks them.
             client
                 .execute(
@@ -301,8 +315,16 @@ async fn renew(pool: Pool, holds: Arc<Holds>) {
                 .await?;
             Ok::<_, StoreError>(())
         };
-        if let Err(e) = renewed.await {
-            tracing::warn!("the store cannot renew this replica's leases: {e}");
+        match tokio::time::timeout(every, renewed).await {
+            Ok(Ok(())) => reachable.store(true, Ordering::Relaxed),
+            Ok(Err(e)) => {
+                reachable.store(false, Ordering::Relaxed);
+                tracing::warn!("the store cannot renew this replica's leases: {e}");
+            }
+            Err(_) => {
+                reachable.store(false, Ordering::Relaxed);
+                tracing::warn!("the store did not answer within {every:?}");
+            }
         }
     }
 }
@@ -315,6 +337,7 @@ async fn listen_for_changes(
     config: tokio_postgres::Config,
     changes: broadcast::Sender<Arc<str>>,
     listening: oneshot::Sender<()>,
+    reachable: Arc<AtomicBool>,
 ) {
     let mut listening = Some(listening);
     let mut backoff = Duration::from_millis(50);
@@ -334,6 +357,7 @@ async fn listen_for_changes(
                 match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                     Ok(()) => {
                         backoff = Duration::from_millis(50);
+                        reachable.store(true, Ordering::Relaxed);
                         let _ = changes.send(Arc::from(""));
                     }
                     Err(e) => tracing::warn!("the store cannot listen for changes: {e}"),
@@ -344,6 +368,8 @@ async fn listen_for_changes(
             Err(e) => tracing::warn!("the store cannot listen for changes: {e}"),
         }
         listening.take().map(|l| l.send(()));
+        // Its connection lost: the database is away until it is back.
+        reachable.store(false, Ordering::Relaxed);
         let _ = changes.send(Arc::from(""));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -536,6 +562,10 @@ impl Store for Postgres {
         })
     }
 
+    fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
     fn released(&self, id: &str) -> BoxFuture<'static, ()> {
         let mut lost = self.holds.lost.subscribe();
         let id = id.to_string();
@@ -594,6 +624,7 @@ struct Writer {
     queued: Arc<AtomicUsize>,
     wake: Arc<Notify>,
     holds: Arc<Holds>,
+    reachable: Arc<AtomicBool>,
 }
 
 /// Whether a failure is the database's absence or a conflict it undid
@@ -638,6 +669,7 @@ impl Writer {
         loop {
             match self.apply(batch).await {
                 Err(e) if transient(&e) && waited < OUTAGE => {
+                    self.reachable.store(false, Ordering::Relaxed);
                     if waited.is_zero() {
                         tracing::warn!("the store is unreachable, its writes wait: {e}");
                     }
@@ -646,8 +678,11 @@ impl Writer {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 result => {
-                    if !waited.is_zero() && result.is_ok() {
-                        tracing::info!("the store is back after {waited:?}");
+                    if result.is_ok() {
+                        self.reachable.store(true, Ordering::Relaxed);
+                        if !waited.is_zero() {
+                            tracing::info!("the store is back after {waited:?}");
+                        }
                     }
                     return result;
                 }

@@ -346,6 +346,10 @@ impl Store for Sqlite {
     fn released(&self, _id: &str) -> BoxFuture<'static, ()> {
         Box::pin(std::future::pending())
     }
+
+    fn reachable(&self) -> bool {
+        true
+    }
 }
 
 /// Bytes the database holds (its pages less the free ones).

@@ -448,62 +448,17 @@ async fn sqlite_segments_are_lz4_and_those_of_the_second_version_read_on() {
     assert_eq!(codecs, [0, 1, 0]);
 }
 
-/// A TCP relay to the test server that can be cut: while it is down, its
-/// connections are dropped and new ones refused, as a restarting or
-/// partitioned database looks to its clients.
-struct Relay {
-    url: String,
-    up: tokio::sync::watch::Sender<bool>,
-}
-
-impl Relay {
-    async fn to(url: &str) -> Self {
-        let config: tokio_postgres::Config = url.parse().unwrap();
-        let server = match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(host) => format!("{host}:{}", config.get_ports()[0]),
-            other => panic!("not a TCP server: {other:?}"),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay = listener.local_addr().unwrap().to_string();
-        let (up, _) = tokio::sync::watch::channel(true);
-        let state = up.clone();
-        let target = server.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut up = state.subscribe();
-                if !*up.borrow_and_update() {
-                    continue; // refused: dropped at once
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut out) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
-                        _ = up.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Relay {
-            url: url.replacen(&server, &relay, 1),
-            up,
-        }
-    }
-}
-
 #[tokio::test]
 async fn postgres_writes_wait_while_the_database_is_away_and_land_when_it_is_back() {
     let Backend::Postgres(url) = Backend::postgres().await else {
         unreachable!()
     };
-    let relay = Relay::to(&url).await;
+    let relay = backstop_testkit::postgres::Relay::to(&url).await.unwrap();
     let store = Postgres::connect(&relay.url, Retention::default(), LEASE)
         .await
         .unwrap();
     store.insert(record("r", None, 1)).await.unwrap();
-    relay.up.send_replace(false);
+    relay.cut();
     for seq in 0..10 {
         store.append("r", seq, delta(seq));
     }
@@ -515,7 +470,7 @@ async fn postgres_writes_wait_while_the_database_is_away_and_land_when_it_is_bac
         waited.is_err(),
         "a flush finished while the database was away"
     );
-    relay.up.send_replace(true);
+    relay.restore();
     tokio::time::timeout(std::time::Duration::from_secs(20), flush)
         .await
         .expect("the writes never landed")
@@ -606,7 +561,7 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
     let Backend::Postgres(url) = Backend::postgres().await else {
         unreachable!()
     };
-    let relay = Relay::to(&url).await;
+    let relay = backstop_testkit::postgres::Relay::to(&url).await.unwrap();
     let old = Postgres::connect(&relay.url, Retention::default(), LEASE)
         .await
         .unwrap();
@@ -618,7 +573,7 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
     let released = old.released("r");
     // Cut off from the database, the old holder's lease runs out, and a
     // successor claims the generation and goes on with it.
-    relay.up.send_replace(false);
+    relay.cut();
     let new = Postgres::connect(&url, Retention::default(), LEASE)
         .await
         .unwrap();
@@ -630,7 +585,7 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
     }
     new.flush().await.unwrap();
     // The old holder comes back and writes on: fenced out, and told so.
-    relay.up.send_replace(true);
+    relay.restore();
     for seq in 3..6 {
         old.append("r", seq, delta(seq));
     }
