@@ -18,6 +18,11 @@ const LONG: &str = "one two three four five six seven eight nine ten eleven twel
 /// A replica in front of a mock of its own that echoes slowly, keeping
 /// generations in the shared database at `url`.
 async fn replica(url: &str) -> Harness {
+    replica_with(url, "").await
+}
+
+/// A replica as [`replica`], with `target` added to its target's table.
+async fn replica_with(url: &str, target: &str) -> Harness {
     let mock = MockUpstream::start().await.unwrap();
     mock.set_default(MockReply::Echo {
         delay: Duration::ZERO,
@@ -26,7 +31,7 @@ async fn replica(url: &str) -> Harness {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n\
-         [[targets]]\nname = \"up\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n\
+         [[targets]]\nname = \"up\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n{target}\n\
          [store]\nurl = \"{url}\"\n",
         mock.url()
     );
@@ -273,4 +278,62 @@ async fn a_postgres_restart_mid_run_pauses_jobs_and_loses_nothing() {
         assert_eq!(log.last().unwrap().1["type"], "response.completed");
     }
     assert_eq!(a.mock().requests().len() + b.mock().requests().len(), 4);
+}
+
+#[tokio::test]
+async fn replicas_share_one_rate_budget() {
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let limit = "requests_per_minute = 60";
+    let a = replica_with(&url, limit).await;
+    let b = replica_with(&url, limit).await;
+    for h in [&a, &b] {
+        h.mock().set_default(MockReply::echo());
+    }
+    // Both have reported: each knows it shares the budget with the other.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut answered = 0;
+    for i in 0..100 {
+        let h = if i % 2 == 0 { &a } else { &b };
+        if h.post("/v1/chat/completions", &body).await.status() == 200 {
+            answered += 1;
+        }
+    }
+    let sent = a.mock().requests().len() + b.mock().requests().len();
+    eprintln!("{sent} of 100 requests reached the upstream");
+    assert_eq!(sent, answered);
+    // One minute's budget for the two (and what refilled meanwhile), where
+    // each alone would have spent its own 60: all 100.
+    assert!(sent <= 70, "{sent} requests reached the upstream");
+    assert!(sent >= 50, "only {sent} requests reached the upstream");
+    assert_eq!(a.metric("backstop_rate_budgets_shared").await, 1.0);
+}
+
+/// Waits (bounded) until a replica's metric `sample` reads `value`.
+async fn metric_becomes(h: &Harness, sample: &str, value: f64) {
+    for _ in 0..300 {
+        if h.metric(sample).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{sample} never read {value}");
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_the_store_keeps_its_own_rate_limit_and_serves_on() {
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let relay = backstop_testkit::postgres::Relay::to(&url).await.unwrap();
+    let a = replica_with(&relay.url, "requests_per_minute = 600").await;
+    a.mock().set_default(MockReply::echo());
+    metric_becomes(&a, "backstop_rate_budgets_shared", 1.0).await;
+    relay.cut();
+    metric_becomes(&a, "backstop_rate_budgets_shared", 0.0).await;
+    // Its own limit now: requests still go through.
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..10 {
+        assert_eq!(a.post("/v1/chat/completions", &body).await.status(), 200);
+    }
+    relay.restore();
+    metric_becomes(&a, "backstop_rate_budgets_shared", 1.0).await;
 }

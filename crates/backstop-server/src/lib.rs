@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod budgets;
 pub mod catalogue;
 mod completions;
 mod error;
@@ -498,6 +499,7 @@ pub async fn run(
     if let Some(gens) = &app.generations {
         tasks.push(responses::spawn_takeover(app.clone(), gens.lease / 2));
     }
+    tasks.extend(budgets::spawn(app.clone()).await);
     let task = tokio::spawn(async move {
         listener::serve(client, admin, app.clone(), shutdown, grace).await;
         for task in tasks {

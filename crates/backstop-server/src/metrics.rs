@@ -76,6 +76,9 @@ pub struct Metrics {
     pub key_in_use: IntGaugeVec,
     /// `backstop_config_reloads_total{outcome}`.
     pub config_reloads: IntCounterVec,
+    /// `backstop_rate_budgets_shared`: 1 while upstream rate limits are
+    /// shared across replicas, 0 while each keeps its own.
+    pub rate_budgets_shared: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -315,6 +318,11 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(config_reloads.clone()))?;
+        let rate_budgets_shared = IntGauge::new(
+            "backstop_rate_budgets_shared",
+            "Whether upstream rate limits are shared across the replicas of a shared store (1), or each replica keeps its own because the store does not answer (0); 0 without a shared store.",
+        )?;
+        registry.register(Box::new(rate_budgets_shared.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -347,6 +355,7 @@ impl Metrics {
             auth_failures,
             key_in_use,
             config_reloads,
+            rate_budgets_shared,
         })
     }
 
@@ -392,7 +401,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 30] = [
+        let collectors: [&dyn prometheus::core::Collector; 31] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -423,6 +432,7 @@ impl Metrics {
             &self.auth_failures,
             &self.key_in_use,
             &self.config_reloads,
+            &self.rate_budgets_shared,
         ];
         collectors
             .iter()

@@ -167,6 +167,33 @@ impl Retention {
     }
 }
 
+/// A rate limit the replicas share (one of an upstream's keys), as one
+/// replica reports it: what it spent and heard since its last report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    /// The limit's name (`{target}#{key}`).
+    pub name: String,
+    /// Requests and tokens per minute configured (`None`: not counted).
+    pub per_minute: [Option<f64>; 2],
+    /// Requests and tokens spent.
+    pub spent: [f64; 2],
+    /// The upstream's latest count of requests and tokens left.
+    pub remaining: [Option<f64>; 2],
+    /// How long the upstream said to wait, in milliseconds.
+    pub held_ms: u64,
+}
+
+/// What the fleet has left of a shared limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    /// Requests and tokens left (`None`: not counted).
+    pub level: [Option<f64>; 2],
+    /// How long the fleet waits, in milliseconds.
+    pub held_ms: u64,
+    /// Replicas sharing it now, the reporter included.
+    pub replicas: u32,
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -251,6 +278,14 @@ pub trait Store: Send + Sync {
     /// at most): false while it is away, as far as this process can tell.
     /// (Always, for an embedded store.)
     fn reachable(&self) -> bool;
+    /// Reports what this replica spent of each shared rate limit, and
+    /// answers what the fleet has left of each, in order; `None` for a
+    /// store no other replica shares (each limit is then this process's
+    /// own).
+    fn share_budgets(
+        &self,
+        budgets: Vec<Budget>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Shared>>, StoreError>>;
     /// Deletes final records past their expiry, then the oldest final ones
     /// while the database is over its size; how many went.
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>>;

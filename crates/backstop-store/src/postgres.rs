@@ -31,10 +31,14 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use crate::segment::{self, Row, Segments};
 use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
 use crate::write::{self, Answer, Write};
-use crate::{BoxFuture, Inserted, Kind, Record, Retention, Status, Store, StoreError};
+use crate::{
+    BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
+};
 
 /// Connections in the pool, readers and the writer together.
 const POOL: usize = 16;
+/// The longest wait for a pooled connection, a new one included.
+const CONNECT: Duration = Duration::from_secs(5);
 /// How long a batch is tried again while the database is unreachable,
 /// before its writes fail.
 const OUTAGE: Duration = Duration::from_secs(30);
@@ -52,7 +56,8 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_7374_6f70; // "backstop"
 
 /// The schema's versions, in order: each is applied once, in one
 /// transaction, and recorded in `backstop_schema`.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE responses (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -82,7 +87,21 @@ CREATE TABLE segments (
     codec SMALLINT NOT NULL,
     PRIMARY KEY (response_id, seq)
 );
-"];
+",
+    "
+CREATE TABLE budgets (
+    name TEXT PRIMARY KEY,
+    requests DOUBLE PRECISION,
+    tokens DOUBLE PRECISION,
+    at_ms BIGINT NOT NULL,
+    held_until_ms BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE budget_replicas (
+    holder TEXT PRIMARY KEY,
+    seen_ms BIGINT NOT NULL
+);
+",
+];
 
 const COLUMNS: &str =
     "id, kind, status, background, stored, key, request, object, created_at, expires_at, owner";
@@ -91,6 +110,9 @@ const UNFINISHED: &str = "status IN ('queued', 'in_progress')";
 /// The database's clock, in Unix milliseconds: leases are timed by one
 /// clock, whatever the replicas' say.
 const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
+/// A replica that has not reported its budgets for this long no longer
+/// counts among those sharing them.
+const BUDGET_PRESENCE_MS: i64 = 2_000;
 /// Generations claimed at a time.
 const CLAIM: i64 = 64;
 
@@ -166,8 +188,16 @@ impl Postgres {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // A database that stops answering (a partition that drops packets)
+        // fails a wait for a connection instead of hanging it.
         let pool = Pool::builder(manager)
             .max_size(POOL)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .timeouts(deadpool_postgres::Timeouts {
+                wait: Some(CONNECT),
+                create: Some(CONNECT),
+                recycle: Some(CONNECT),
+            })
             .build()
             .map_err(|e| StoreError::Postgres(e.to_string()))?;
         migrate(&pool).await?;
@@ -376,6 +406,64 @@ async fn listen_for_changes(
     }
 }
 
+/// Brings one shared limit up to `now`: refilled at its rate since it was
+/// last brought up, less what the reporter spent, no more than the
+/// upstream's latest count; held as long as anyone was told to wait.
+async fn share_budget(
+    tx: &deadpool_postgres::Transaction<'_>,
+    budget: &Budget,
+    now: i64,
+    replicas: u32,
+) -> Result<Shared, tokio_postgres::Error> {
+    let [requests, tokens] = budget.per_minute;
+    tx.execute(
+        "INSERT INTO budgets (name, requests, tokens, at_ms) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT DO NOTHING",
+        &[&budget.name, &requests, &tokens, &now],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT requests, tokens, at_ms, held_until_ms FROM budgets WHERE name = $1 \
+             FOR UPDATE",
+            &[&budget.name],
+        )
+        .await?;
+    let at: i64 = row.try_get(2)?;
+    let elapsed_min = (now - at).max(0) as f64 / 60_000.0;
+    let mut level = [None, None];
+    for (i, per_minute) in budget.per_minute.iter().enumerate() {
+        let Some(per_minute) = per_minute else {
+            continue;
+        };
+        let was: Option<f64> = row.try_get(i)?;
+        let refilled = (was.unwrap_or(*per_minute) + elapsed_min * per_minute).min(*per_minute);
+        let mut left = refilled - budget.spent[i];
+        if let Some(remaining) = budget.remaining[i] {
+            left = left.min(remaining);
+        }
+        level[i] = Some(left);
+    }
+    let held_until: i64 = row.try_get(3)?;
+    let said = now.saturating_add(i64::try_from(budget.held_ms).unwrap_or(i64::MAX));
+    let held_until = if budget.held_ms > 0 {
+        held_until.max(said)
+    } else {
+        held_until
+    };
+    tx.execute(
+        "UPDATE budgets SET requests = $2, tokens = $3, at_ms = $4, held_until_ms = $5 \
+         WHERE name = $1",
+        &[&budget.name, &level[0], &level[1], &now, &held_until],
+    )
+    .await?;
+    Ok(Shared {
+        level,
+        held_ms: u64::try_from(held_until - now).unwrap_or(0),
+        replicas,
+    })
+}
+
 /// Applies the migrations the database has not had, one replica at a time.
 async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     let mut client = pool.get().await?;
@@ -564,6 +652,43 @@ impl Store for Postgres {
 
     fn reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
+    }
+
+    fn share_budgets(
+        &self,
+        budgets: Vec<Budget>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Shared>>, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let now: i64 = tx
+                .query_one(&format!("SELECT {NOW_MS}"), &[])
+                .await?
+                .try_get(0)?;
+            tx.execute(
+                "INSERT INTO budget_replicas VALUES ($1, $2) \
+                 ON CONFLICT (holder) DO UPDATE SET seen_ms = $2",
+                &[&self.holds.holder, &now],
+            )
+            .await?;
+            let replicas: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM budget_replicas WHERE seen_ms > $1",
+                    &[&(now - BUDGET_PRESENCE_MS)],
+                )
+                .await?
+                .try_get(0)?;
+            let replicas = u32::try_from(replicas.max(1)).unwrap_or(u32::MAX);
+            // Rows locked in name order, whoever reports.
+            let mut order: Vec<usize> = (0..budgets.len()).collect();
+            order.sort_by(|&a, &b| budgets[a].name.cmp(&budgets[b].name));
+            let mut shared = vec![None; budgets.len()];
+            for i in order {
+                shared[i] = Some(share_budget(&tx, &budgets[i], now, replicas).await?);
+            }
+            tx.commit().await?;
+            Ok(Some(shared.into_iter().flatten().collect()))
+        })
     }
 
     fn released(&self, id: &str) -> BoxFuture<'static, ()> {

@@ -21,7 +21,9 @@ use tokio::sync::oneshot;
 
 use crate::segment::{self, Row, Segments};
 use crate::write::{self, Answer, Write};
-use crate::{BoxFuture, Inserted, Kind, Record, Retention, Status, Store, StoreError};
+use crate::{
+    BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
+};
 
 /// Most writes committed in one transaction.
 pub(crate) const BATCH: usize = 4096;
@@ -349,6 +351,13 @@ impl Store for Sqlite {
 
     fn reachable(&self) -> bool {
         true
+    }
+
+    fn share_budgets(
+        &self,
+        _budgets: Vec<Budget>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Shared>>, StoreError>> {
+        Box::pin(async { Ok(None) })
     }
 }
 

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::{Inserted, Kind, Postgres, Record, Retention, Sqlite, Status, Store};
+use crate::{Budget, Inserted, Kind, Postgres, Record, Retention, Shared, Sqlite, Status, Store};
 
 /// Where a test's store lives: opening it again reads what an earlier
 /// opening wrote.
@@ -618,4 +618,57 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
         .await
         .expect("a cancel elsewhere did not release the generation");
     assert_eq!(new.events("r", None).await.unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn postgres_replicas_share_one_budget_and_sqlite_shares_none() {
+    let sqlite = Backend::sqlite().open(Retention::default()).await;
+    assert_eq!(sqlite.share_budgets(Vec::new()).await.unwrap(), None);
+
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    let a = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    let b = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    let report = |spent: f64, remaining: Option<f64>, held_ms: u64| Budget {
+        name: "up#0".into(),
+        per_minute: [Some(60.0), None],
+        spent: [spent, 0.0],
+        remaining: [remaining, None],
+        held_ms,
+    };
+    let level = |shared: &[Shared]| shared[0].level[0].unwrap();
+    let first = a
+        .share_budgets(vec![report(10.0, None, 0)])
+        .await
+        .unwrap()
+        .unwrap();
+    // A full minute's worth, less what A spent (and a moment's refill).
+    assert!((50.0..51.0).contains(&level(&first)), "{first:?}");
+    assert_eq!(first[0].replicas, 1);
+    let second = b
+        .share_budgets(vec![report(5.0, None, 0)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!((45.0..46.0).contains(&level(&second)), "{second:?}");
+    assert_eq!(second[0].replicas, 2);
+    // The upstream's own count rules, and a hold reaches every replica.
+    let said = b
+        .share_budgets(vec![report(0.0, Some(20.0), 5_000)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(level(&said) <= 20.0, "{said:?}");
+    let seen = a
+        .share_budgets(vec![report(0.0, None, 0)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(seen[0].held_ms > 4_000, "{seen:?}");
+    assert!(level(&seen) <= 21.0, "{seen:?}");
 }

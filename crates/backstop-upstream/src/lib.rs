@@ -221,6 +221,15 @@ impl Upstream {
         self.keys.iter().map(|k| !k.is_out(now)).collect()
     }
 
+    /// Its rate limits, one a key, each named `{target}#{key}` (key 0 when
+    /// it has none): the names replicas share them by.
+    pub fn rate_limits(&self) -> impl Iterator<Item = (String, &ratelimit::RateLimit)> + '_ {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("{}#{i}", self.config.name), &k.limit))
+    }
+
     /// The keys to try for one request, in order: each in turn first, the
     /// refused ones left out while another is in use.
     fn key_order(&self) -> impl Iterator<Item = usize> + '_ {

@@ -6,6 +6,12 @@
 //! holds the target back until the reset or the `Retry-After`. A held-back
 //! target is skipped, so requests go to the next target instead of being sent
 //! to earn a 429.
+//!
+//! Replicas that share a store share each limit: every moment a replica
+//! reports what it spent and what the upstream said ([`RateLimit::report`]),
+//! and takes back its share of what the fleet has left
+//! ([`RateLimit::share`]): its part of the level, refilled at its part of
+//! the rate, and the fleet's hold.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -16,18 +22,34 @@ use tokio::time::Instant;
 /// One bucket: a capacity per minute, refilled continuously.
 #[derive(Debug)]
 struct Bucket {
+    /// This replica's part of the capacity: all of it, unless replicas
+    /// share it.
     per_minute: f64,
+    /// The capacity configured, for the whole fleet.
+    configured: f64,
     level: f64,
     at: Instant,
+    /// Spent since the last report.
+    spent: f64,
+    /// The upstream's latest count, since the last report.
+    remaining: Option<f64>,
 }
 
 impl Bucket {
     fn new(per_minute: u64, now: Instant) -> Self {
         Bucket {
             per_minute: per_minute as f64,
+            configured: per_minute as f64,
             level: per_minute as f64,
             at: now,
+            spent: 0.0,
+            remaining: None,
         }
+    }
+
+    fn take(&mut self, n: f64) {
+        self.level -= n;
+        self.spent += n;
     }
 
     fn refill(&mut self, now: Instant) {
@@ -146,10 +168,10 @@ impl RateLimit {
             return Err(wait);
         }
         if let Some(b) = &mut s.requests {
-            b.level -= 1.0;
+            b.take(1.0);
         }
         if let Some(b) = &mut s.tokens {
-            b.level -= tokens.min(b.per_minute);
+            b.take(tokens.min(b.per_minute));
         }
         Ok(())
     }
@@ -161,7 +183,7 @@ impl RateLimit {
         let now = Instant::now();
         if let Some(b) = &mut self.lock().tokens {
             b.refill(now);
-            b.level -= tokens as f64;
+            b.take(tokens as f64);
         }
     }
 
@@ -187,6 +209,7 @@ impl RateLimit {
             if let Some(b) = slot {
                 b.refill(now);
                 b.level = b.level.min(remaining);
+                b.remaining = Some(remaining);
             }
             if remaining <= 0.0 {
                 hold(now + reset.unwrap_or(Duration::from_secs(1)), &mut s);
@@ -203,6 +226,80 @@ impl RateLimit {
                 })
                 .unwrap_or(Duration::from_secs(1));
             hold(now + wait, &mut s);
+        }
+    }
+}
+
+/// What one replica tells the fleet about a limit since its last report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Requests and tokens per minute configured (`None`: not counted).
+    pub per_minute: [Option<f64>; 2],
+    /// Requests and tokens spent.
+    pub spent: [f64; 2],
+    /// The upstream's latest count of requests and tokens left.
+    pub remaining: [Option<f64>; 2],
+    /// How long the upstream said to wait (a 429, or nothing left).
+    pub held_for: Duration,
+}
+
+/// This replica's share of a limit the fleet shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Share {
+    /// Requests and tokens the fleet has left.
+    pub level: [Option<f64>; 2],
+    /// How long the fleet waits (the upstream said so to one of them).
+    pub held_for: Duration,
+    /// Replicas sharing it, this one included.
+    pub replicas: u32,
+}
+
+impl RateLimit {
+    /// What this replica spent and heard since the last report.
+    pub fn report(&self) -> Report {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let held_for = s
+            .held_until
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        let mut report = Report {
+            per_minute: [None, None],
+            spent: [0.0, 0.0],
+            remaining: [None, None],
+            held_for,
+        };
+        for (i, bucket) in [&mut s.requests, &mut s.tokens].into_iter().enumerate() {
+            if let Some(b) = bucket {
+                report.per_minute[i] = Some(b.configured);
+                report.spent[i] = std::mem::take(&mut b.spent);
+                report.remaining[i] = b.remaining.take();
+            }
+        }
+        report
+    }
+
+    /// Takes this replica's share of what the fleet has left: its part of
+    /// the level, refilled at its part of the rate; `None` (the fleet cannot
+    /// be reached): the whole configured limit, as a replica alone.
+    pub fn share(&self, share: Option<&Share>) {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let part = share.map_or(1.0, |sh| 1.0 / f64::from(sh.replicas.max(1)));
+        for (i, bucket) in [&mut s.requests, &mut s.tokens].into_iter().enumerate() {
+            if let Some(b) = bucket {
+                b.refill(now);
+                b.per_minute = b.configured * part;
+                b.level = match share.and_then(|sh| sh.level[i]) {
+                    Some(level) => level * part,
+                    None => b.level.min(b.per_minute),
+                };
+            }
+        }
+        if let Some(held_for) = share.map(|sh| sh.held_for).filter(|h| !h.is_zero()) {
+            let until = now + held_for;
+            s.held_until = Some(s.held_until.map_or(until, |h| h.max(until)));
         }
     }
 }

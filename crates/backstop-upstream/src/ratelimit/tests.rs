@@ -81,3 +81,42 @@ async fn tokens_charged_after_the_fact_hold_later_requests() {
     requests_only.charge(1_000_000);
     assert!(requests_only.acquire(0).is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_limit_reports_what_was_spent_and_takes_its_share() {
+    let limit = RateLimit::new(Some(60), None);
+    for _ in 0..10 {
+        limit.acquire(0).unwrap();
+    }
+    limit.observe(&headers(&[("x-ratelimit-remaining-requests", "40")]), 200);
+    let report = limit.report();
+    assert_eq!(report.per_minute, [Some(60.0), None]);
+    assert_eq!(report.spent, [10.0, 0.0]);
+    assert_eq!(report.remaining, [Some(40.0), None]);
+    assert_eq!(report.held_for, Duration::ZERO);
+    // Reported once.
+    assert_eq!(limit.report().spent, [0.0, 0.0]);
+    // Three replicas share 30 left: this one may spend 10, refilled at a
+    // third of the rate (20 a minute: one each 3 s).
+    limit.share(Some(&Share {
+        level: [Some(30.0), None],
+        held_for: Duration::ZERO,
+        replicas: 3,
+    }));
+    for _ in 0..10 {
+        limit.acquire(0).unwrap();
+    }
+    assert_eq!(limit.acquire(0), Err(Duration::from_secs(3)));
+    // Another replica heard a 429: the fleet waits.
+    limit.share(Some(&Share {
+        level: [Some(30.0), None],
+        held_for: Duration::from_secs(5),
+        replicas: 3,
+    }));
+    assert_eq!(limit.acquire(0), Err(Duration::from_secs(5)));
+    // The fleet out of reach: a replica alone, at its whole rate.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    limit.share(None);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(limit.acquire(0).is_ok());
+}
