@@ -337,3 +337,103 @@ async fn a_replica_cut_off_from_the_store_keeps_its_own_rate_limit_and_serves_on
     relay.restore();
     metric_becomes(&a, "backstop_rate_budgets_shared", 1.0).await;
 }
+
+/// Shadow calls a replica made to `target`, whatever their outcome.
+async fn shadows_sent(h: &Harness, target: &str) -> f64 {
+    let text = h.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("backstop_shadow_requests_total{"))
+        .filter(|l| l.contains(&format!("target=\"{target}\"")) && !l.contains("dropped"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The phase of `target`'s verification on a replica.
+async fn phase(h: &Harness, target: &str) -> String {
+    let status: Value = h.admin_get("/admin/status").await.json().await.unwrap();
+    status["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .map(|t| t["shadow"]["phase"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_verifies_a_sick_upstream_for_the_fleet_and_the_other_follows() {
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let sick = MockUpstream::start().await.unwrap();
+    sick.set_default(MockReply::error(503, "server_error", "down"));
+    let sick_url = sick.url();
+    let replica = |fallback: MockUpstream, first: Option<MockUpstream>| {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n\
+             [shadow]\nsample_rate = 1.0\nmin_interval_ms = 50\nmax_interval_ms = 200\n\
+             max_tokens = 8\nprobe_interval_ms = 100\nfirst_token_slo_ms = 300\n\
+             total_slo_ms = 1000\nwindow = 6\nlast_k = 3\nthreshold = 0.8\n\
+             ramp = [0.5, 1.0]\nramp_step_ms = 400\n\
+             [[targets]]\nname = \"up0\"\nbase_url = \"{sick_url}\"\n\
+             breaker = {{ consecutive_failures = 2, open_ms = 200, max_open_ms = 400, jitter = 0.0 }}\n\
+             [[targets]]\nname = \"up1\"\nbase_url = \"{}\"\n\
+             [store]\nurl = \"{url}\"\n",
+            fallback.url()
+        );
+        let mocks: Vec<MockUpstream> = first.into_iter().chain([fallback]).collect();
+        async move { Harness::with_config(mocks, &toml).await }
+    };
+    let a = replica(MockUpstream::start().await.unwrap(), Some(sick)).await;
+    let b = replica(MockUpstream::start().await.unwrap(), None).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}]});
+    // Traffic on both, the upstream down: both breakers open, and both
+    // replicas verify, but only one of them sends shadows.
+    for _ in 0..40 {
+        for h in [&a, &b] {
+            assert_eq!(h.post("/v1/chat/completions", &body).await.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        a.metric("backstop_breaker_open_replicas{target=\"up0\"}")
+            .await,
+        2.0
+    );
+    let (by_a, by_b) = (shadows_sent(&a, "up0").await, shadows_sent(&b, "up0").await);
+    assert!(
+        (by_a > 0.0) != (by_b > 0.0),
+        "shadows by A: {by_a}, by B: {by_b}: one replica's worth, not two"
+    );
+    let (leader, follower) = if by_a > 0.0 { (&a, &b) } else { (&b, &a) };
+    // The upstream recovers: the verifying replica confirms it and ramps it
+    // back, and the other follows each step to serving.
+    a.mocks[0].set_default(MockReply::echo());
+    let mut serving = false;
+    for _ in 0..300 {
+        for h in [&a, &b] {
+            assert_eq!(h.post("/v1/chat/completions", &body).await.status(), 200);
+        }
+        if phase(leader, "up0").await == "serving" && phase(follower, "up0").await == "serving" {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        serving,
+        "leader {}, follower {}",
+        phase(leader, "up0").await,
+        phase(follower, "up0").await
+    );
+    assert_eq!(
+        shadows_sent(follower, "up0").await,
+        0.0,
+        "the follower sent shadows"
+    );
+    assert_eq!(
+        follower
+            .metric("backstop_shadow_ramp_fraction{target=\"up0\"}")
+            .await,
+        1.0
+    );
+}

@@ -7,6 +7,7 @@ mod budgets;
 pub mod catalogue;
 mod completions;
 mod error;
+mod fleet;
 mod generations;
 mod listener;
 pub mod metrics;
@@ -52,6 +53,9 @@ pub struct App {
     request_memory: Arc<tokio::sync::Semaphore>,
     /// The store of generations, unless turned off.
     generations: Option<Arc<generations::Generations>>,
+    /// Shadow verification shared with the other replicas, when the store
+    /// is shared.
+    verifiers: Option<Arc<fleet::Verifiers>>,
 }
 
 /// What a configuration builds and a reload replaces.
@@ -182,6 +186,7 @@ fn build_snapshot(
     auth: Option<auth::Auth>,
     metrics: &Metrics,
     previous: Option<&Snapshot>,
+    verifiers: Option<&Arc<fleet::Verifiers>>,
 ) -> Snapshot {
     let routes = config
         .routes
@@ -240,6 +245,9 @@ fn build_snapshot(
         }
     };
     if let Some(shadows) = &shadows {
+        if let Some(verifiers) = verifiers {
+            shadows.join(verifiers.clone());
+        }
         router = router.with_mirror(shadows.clone());
     }
     let upstreams = config
@@ -295,14 +303,26 @@ impl App {
             .as_ref()
             .map(|a| auth::Auth::new(a, None))
             .transpose()?;
-        let snapshot = build_snapshot(config.clone(), &plan, auth, &metrics, None);
-        targets.commit(plan);
         let generations = match &config.store {
             Some(store) => Some(Arc::new(generations::Generations::open(store).await?)),
             None => None,
         };
+        let verifiers = generations
+            .as_ref()
+            .filter(|gens| gens.store.shared())
+            .map(|_| Arc::new(fleet::Verifiers::default()));
+        let snapshot = build_snapshot(
+            config.clone(),
+            &plan,
+            auth,
+            &metrics,
+            None,
+            verifiers.as_ref(),
+        );
+        targets.commit(plan);
         Ok(App {
             generations,
+            verifiers,
             snapshot: ArcSwap::from_pointee(snapshot),
             targets: Mutex::new(targets),
             source: None,
@@ -409,7 +429,14 @@ impl App {
             .transpose()
             .map_err(StartError::from)?;
         let plan = targets.plan(&config)?;
-        let snapshot = build_snapshot(config, &plan, auth, &self.metrics, Some(&running));
+        let snapshot = build_snapshot(
+            config,
+            &plan,
+            auth,
+            &self.metrics,
+            Some(&running),
+            self.verifiers.as_ref(),
+        );
         let changes = targets.commit(plan);
         targets.start_health(&(Arc::new(self.metrics.clone()) as _));
         if let Some(shadows) = &snapshot.shadows {
@@ -500,6 +527,9 @@ pub async fn run(
         tasks.push(responses::spawn_takeover(app.clone(), gens.lease / 2));
     }
     tasks.extend(budgets::spawn(app.clone()).await);
+    if let Some(verifiers) = &app.verifiers {
+        tasks.push(fleet::spawn(app.clone(), verifiers.clone()));
+    }
     let task = tokio::spawn(async move {
         listener::serve(client, admin, app.clone(), shutdown, grace).await;
         for task in tasks {

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub key_in_use: IntGaugeVec,
     /// `backstop_config_reloads_total{outcome}`.
     pub config_reloads: IntCounterVec,
+    /// `backstop_breaker_open_replicas{target}`: replicas of a shared
+    /// store whose breaker for the target is open now.
+    pub breaker_open_replicas: IntGaugeVec,
     /// `backstop_rate_budgets_shared`: 1 while upstream rate limits are
     /// shared across replicas, 0 while each keeps its own.
     pub rate_budgets_shared: IntGauge,
@@ -323,6 +326,14 @@ impl Metrics {
             "Whether upstream rate limits are shared across the replicas of a shared store (1), or each replica keeps its own because the store does not answer (0); 0 without a shared store.",
         )?;
         registry.register(Box::new(rate_budgets_shared.clone()))?;
+        let breaker_open_replicas = IntGaugeVec::new(
+            Opts::new(
+                "backstop_breaker_open_replicas",
+                "Replicas of a shared store whose breaker for the target is open now (this one included), as the fleet last told it.",
+            ),
+            &["target"],
+        )?;
+        registry.register(Box::new(breaker_open_replicas.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -356,6 +367,7 @@ impl Metrics {
             key_in_use,
             config_reloads,
             rate_budgets_shared,
+            breaker_open_replicas,
         })
     }
 
@@ -364,6 +376,7 @@ impl Metrics {
     pub(crate) fn forget_targets(&self, removed: &[String]) {
         for target in removed {
             let _ = self.shadow_ramp.remove_label_values(&[target]);
+            let _ = self.breaker_open_replicas.remove_label_values(&[target]);
         }
     }
 
@@ -401,7 +414,7 @@ impl Metrics {
 
     /// The name of every metric family Backstop exports, used or not yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 31] = [
+        let collectors: [&dyn prometheus::core::Collector; 32] = [
             &self.requests,
             &self.duration,
             &self.ttft,
@@ -433,6 +446,7 @@ impl Metrics {
             &self.key_in_use,
             &self.config_reloads,
             &self.rate_budgets_shared,
+            &self.breaker_open_replicas,
         ];
         collectors
             .iter()

@@ -146,6 +146,26 @@ pub trait ShadowObserver: Send + Sync {
     fn similarity(&self, target: &str, similarity: Similarity);
 }
 
+/// The replicas one verifier works for, when several share a store: one
+/// replica at a time verifies each target (sends its shadows and probes,
+/// and decides when it is back), and the others follow the steps it
+/// reaches. What it answers is what the fleet said when last asked; the
+/// server keeps it current a few times a second.
+pub trait Fleet: Send + Sync {
+    /// Tells the fleet whether `target` is open (`open`) and whether it is
+    /// verifying or ramping here (`verifying`): a replica verifies for the
+    /// fleet only while it is.
+    fn report(&self, target: &str, open: bool, verifying: bool);
+    /// Whether this replica verifies `target` for the fleet.
+    fn leads(&self, target: &str) -> bool;
+    /// The fraction of live traffic the verifying replica reached for
+    /// `target`, with how many times it has said so (a follower acts on a
+    /// new one only).
+    fn reached(&self, target: &str) -> Option<(f64, u64)>;
+    /// Tells the fleet this replica, verifying `target`, reached `fraction`.
+    fn publish(&self, target: &str, fraction: f64);
+}
+
 /// One target's verification state.
 struct Target {
     backend: Arc<dyn Backend>,
@@ -161,6 +181,9 @@ struct Target {
     confirmations: AtomicU64,
     similarity: Mutex<Option<Similarity>>,
     ramp: Mutex<Option<(usize, Instant)>>,
+    /// The fleet's word on it when it last opened: a follower acts only on
+    /// what the verifying replica says after that.
+    heard: AtomicU64,
 }
 
 impl Target {
@@ -195,6 +218,8 @@ pub struct Shadows {
     /// The queue's receiving end until [`Shadows::start`], then the
     /// dispatcher and each target's control loop.
     tasks: Mutex<Tasks>,
+    /// The replicas it verifies for, when they share a store.
+    fleet: std::sync::OnceLock<Arc<dyn Fleet>>,
 }
 
 #[derive(Default)]
@@ -242,6 +267,7 @@ impl Shadows {
                 jobs: Some(jobs),
                 ..Tasks::default()
             }),
+            fleet: std::sync::OnceLock::new(),
         });
         shadows.reconcile(targets);
         shadows
@@ -250,6 +276,19 @@ impl Shadows {
     /// The settings it runs with.
     pub fn config(&self) -> &ShadowConfig {
         &self.config
+    }
+
+    /// Verifies for these replicas from now on (once; later calls do
+    /// nothing): it sends shadows for a target only while it verifies that
+    /// target for them, and otherwise follows the steps of the one that
+    /// does.
+    pub fn join(&self, fleet: Arc<dyn Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Whether this replica verifies `name` (always, alone).
+    fn leads(&self, name: &str) -> bool {
+        self.fleet.get().is_none_or(|f| f.leads(name))
     }
 
     /// Checks these targets from now on: a target it checks already, with
@@ -285,6 +324,7 @@ impl Shadows {
                         confirmations: AtomicU64::new(0),
                         similarity: Mutex::new(None),
                         ramp: Mutex::new(None),
+                        heard: AtomicU64::new(0),
                     })
                 }
             };
@@ -469,6 +509,7 @@ impl Mirror for Shadows {
         // Legacy bodies go upstream as they came, so their answers could not
         // be capped: only chat requests are mirrored.
         if t.phase() != Phase::Verifying
+            || !self.leads(target)
             || req.api != Api::Chat
             || rand::random::<f64>() >= self.config.sample_rate
             || !self.allowed(req)
@@ -557,11 +598,30 @@ async fn control(shadows: Arc<Shadows>, name: String, target: Arc<Target>) {
     loop {
         ticks.tick().await;
         let phase = target.phase();
+        let fleet = shadows.fleet.get();
         if phase == Phase::Cooling && was != Phase::Cooling {
             // Opened (again): evidence from before says nothing about after.
             lock(&target.window).clear();
             *lock(&target.ramp) = None;
             shadows.observer.ramp(&name, 0.0);
+        }
+        let opened = (phase == Phase::Cooling && was != Phase::Cooling)
+            || (phase != Phase::Serving && was == Phase::Serving);
+        if let Some((_, seq)) = fleet.filter(|_| opened).and_then(|f| f.reached(&name)) {
+            // What the fleet said before this opening is about another.
+            target.heard.store(seq, Ordering::Release);
+        }
+        if let Some(fleet) = fleet {
+            fleet.report(
+                &name,
+                phase != Phase::Serving,
+                matches!(phase, Phase::Verifying | Phase::Ramping),
+            );
+            if matches!(phase, Phase::Verifying | Phase::Ramping) && !fleet.leads(&name) {
+                follow(&shadows, &name, &target, fleet.as_ref());
+                was = target.phase();
+                continue;
+            }
         }
         match phase {
             Phase::Verifying => {
@@ -586,9 +646,18 @@ async fn control(shadows: Arc<Shadows>, name: String, target: Arc<Target>) {
                 }
             }
             Phase::Ramping => {
-                let due = lock(&target.ramp)
+                let mut ramp = lock(&target.ramp);
+                if ramp.is_none() {
+                    // Ramping on another replica's word, and now verifying
+                    // for the fleet: on from the stage reached.
+                    let admitted = target.breaker.admitted_fraction();
+                    let stage = config.ramp.iter().position(|f| *f >= admitted).unwrap_or(0);
+                    *ramp = Some((stage, Instant::now()));
+                }
+                let due = ramp
                     .filter(|(_, since)| since.elapsed() >= config.ramp_step)
                     .map(|(stage, _)| stage + 1);
+                drop(ramp);
                 if let Some(next) = due {
                     step(&shadows, &name, &target, next);
                 }
@@ -599,13 +668,39 @@ async fn control(shadows: Arc<Shadows>, name: String, target: Arc<Target>) {
     }
 }
 
-/// Moves `target` to ramp stage `stage` (past the last: fully back).
+/// Moves `target` to ramp stage `stage` (past the last: fully back), and
+/// tells the fleet.
 fn step(shadows: &Shadows, name: &str, target: &Target, stage: usize) {
     let fraction = shadows.config.ramp.get(stage).copied().unwrap_or(1.0);
     target.breaker.recover(fraction);
     *lock(&target.ramp) = (fraction < 1.0).then(|| (stage, Instant::now()));
     lock(&target.window).clear();
     shadows.observer.ramp(name, fraction);
+    if let Some(fleet) = shadows.fleet.get() {
+        fleet.publish(name, fraction);
+    }
+}
+
+/// A replica that does not verify `target` takes each step the verifying
+/// replica reached since `target` opened here; its own breaker still
+/// decides whether it opens again.
+fn follow(shadows: &Shadows, name: &str, target: &Target, fleet: &dyn Fleet) {
+    let Some((fraction, seq)) = fleet.reached(name) else {
+        return;
+    };
+    if seq <= target.heard.load(Ordering::Acquire) || fraction <= 0.0 {
+        return;
+    }
+    target.heard.store(seq, Ordering::Release);
+    target.breaker.recover(fraction);
+    *lock(&target.ramp) = None;
+    lock(&target.window).clear();
+    shadows.observer.ramp(name, fraction);
+    tracing::info!(
+        target = %name,
+        fraction,
+        "following the verifying replica: traffic returns"
+    );
 }
 
 #[cfg(test)]

@@ -194,6 +194,33 @@ pub struct Shared {
     pub replicas: u32,
 }
 
+/// One target's verification, as one replica reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verification {
+    /// The target.
+    pub target: String,
+    /// Its breaker here is open.
+    pub open: bool,
+    /// It is verifying or ramping here: it would verify for the fleet.
+    pub verifying: bool,
+    /// The fraction of live traffic this replica's verification reached,
+    /// to tell the fleet (when it verifies for the fleet).
+    pub publish: Option<f64>,
+}
+
+/// The fleet's verification of one target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verifier {
+    /// This replica verifies it for the fleet (holds its lease).
+    pub leads: bool,
+    /// The fraction of live traffic the verifying replica last reached.
+    pub fraction: f64,
+    /// How many times it was told: a follower acts on a new one only.
+    pub seq: u64,
+    /// Replicas whose breaker for it is open now, this one included.
+    pub open_replicas: u32,
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -286,6 +313,17 @@ pub trait Store: Send + Sync {
         &self,
         budgets: Vec<Budget>,
     ) -> BoxFuture<'_, Result<Option<Vec<Shared>>, StoreError>>;
+    /// Reports this replica's verification of each target, and answers the
+    /// fleet's, in order: one replica at a time verifies a target (a lease,
+    /// taken by one that is verifying, renewed while it is, given up once
+    /// it serves), and tells the others how far it got. `None` for a store
+    /// no other replica shares.
+    fn verifiers(
+        &self,
+        verifications: Vec<Verification>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Verifier>>, StoreError>>;
+    /// Whether other replicas may share this store.
+    fn shared(&self) -> bool;
     /// Deletes final records past their expiry, then the oldest final ones
     /// while the database is over its size; how many went.
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>>;

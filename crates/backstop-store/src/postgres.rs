@@ -33,6 +33,7 @@ use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
 use crate::write::{self, Answer, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
+    Verification, Verifier,
 };
 
 /// Connections in the pool, readers and the writer together.
@@ -56,7 +57,7 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_7374_6f70; // "backstop"
 
 /// The schema's versions, in order: each is applied once, in one
 /// transaction, and recorded in `backstop_schema`.
-const MIGRATIONS: [&str; 2] = [
+pub(crate) const MIGRATIONS: [&str; 3] = [
     "
 CREATE TABLE responses (
     id TEXT PRIMARY KEY,
@@ -101,6 +102,22 @@ CREATE TABLE budget_replicas (
     seen_ms BIGINT NOT NULL
 );
 ",
+    "
+CREATE TABLE verifiers (
+    target TEXT PRIMARY KEY,
+    holder TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    fraction DOUBLE PRECISION NOT NULL DEFAULT 0,
+    seq BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE breakers (
+    target TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    open BOOLEAN NOT NULL,
+    seen_ms BIGINT NOT NULL,
+    PRIMARY KEY (target, holder)
+);
+",
 ];
 
 const COLUMNS: &str =
@@ -110,8 +127,8 @@ const UNFINISHED: &str = "status IN ('queued', 'in_progress')";
 /// The database's clock, in Unix milliseconds: leases are timed by one
 /// clock, whatever the replicas' say.
 const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
-/// A replica that has not reported its budgets for this long no longer
-/// counts among those sharing them.
+/// A replica that has not reported its budgets (or its breakers) for this
+/// long no longer counts among those sharing them.
 const BUDGET_PRESENCE_MS: i64 = 2_000;
 /// Generations claimed at a time.
 const CLAIM: i64 = 64;
@@ -151,12 +168,17 @@ impl From<tokio_postgres::Error> for StoreError {
             });
         // Class 40: a deadlock or a serialization failure, undone whole.
         let conflict = e.code().is_some_and(|code| code.code().starts_with("40"));
+        // The server's own words, where it said any.
+        let said = match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => e.to_string(),
+        };
         if gone {
-            StoreError::Unreachable(e.to_string())
+            StoreError::Unreachable(said)
         } else if conflict {
-            StoreError::Conflict(e.to_string())
+            StoreError::Conflict(said)
         } else {
-            StoreError::Postgres(e.to_string())
+            StoreError::Postgres(said)
         }
     }
 }
@@ -464,6 +486,71 @@ async fn share_budget(
     })
 }
 
+/// One target's verification for the fleet: the lease taken or renewed by
+/// a replica that verifies (once the holder's lapsed), given up by one that
+/// serves again; what the holder publishes; and who has it open.
+async fn verify(
+    tx: &deadpool_postgres::Transaction<'_>,
+    v: &Verification,
+    holds: &Holds,
+    now: i64,
+) -> Result<Verifier, tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO verifiers (target) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&v.target],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT holder, lease_until, fraction, seq FROM verifiers WHERE target = $1 \
+             FOR UPDATE",
+            &[&v.target],
+        )
+        .await?;
+    let holder: Option<String> = row.try_get(0)?;
+    let lease_until: i64 = row.try_get(1)?;
+    let mut fraction: f64 = row.try_get(2)?;
+    let mut seq: i64 = row.try_get(3)?;
+    let mine = holder.as_deref() == Some(holds.holder.as_str()) && lease_until > now;
+    if let (true, Some(published)) = (mine, v.publish) {
+        fraction = published;
+        seq += 1;
+    }
+    let leads = v.verifying && (mine || lease_until <= now);
+    let (holder, lease_until) = if leads {
+        (Some(holds.holder.clone()), now + holds.lease_ms())
+    } else if mine {
+        (holder, 0) // serving again here: another replica may verify
+    } else {
+        (holder, lease_until)
+    };
+    tx.execute(
+        "UPDATE verifiers SET holder = $2, lease_until = $3, fraction = $4, seq = $5 \
+         WHERE target = $1",
+        &[&v.target, &holder, &lease_until, &fraction, &seq],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO breakers VALUES ($1, $2, $3, $4) ON CONFLICT (target, holder) \
+         DO UPDATE SET open = $3, seen_ms = $4",
+        &[&v.target, &holds.holder, &v.open, &now],
+    )
+    .await?;
+    let open: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM breakers WHERE target = $1 AND open AND seen_ms > $2",
+            &[&v.target, &(now - BUDGET_PRESENCE_MS)],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(Verifier {
+        leads,
+        fraction,
+        seq: u64::try_from(seq).unwrap_or(0),
+        open_replicas: u32::try_from(open).unwrap_or(0),
+    })
+}
+
 /// Applies the migrations the database has not had, one replica at a time.
 async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     let mut client = pool.get().await?;
@@ -689,6 +776,32 @@ impl Store for Postgres {
             tx.commit().await?;
             Ok(Some(shared.into_iter().flatten().collect()))
         })
+    }
+
+    fn verifiers(
+        &self,
+        verifications: Vec<Verification>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Verifier>>, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let now: i64 = tx
+                .query_one(&format!("SELECT {NOW_MS}"), &[])
+                .await?
+                .try_get(0)?;
+            let mut order: Vec<usize> = (0..verifications.len()).collect();
+            order.sort_by(|&a, &b| verifications[a].target.cmp(&verifications[b].target));
+            let mut verifiers = vec![None; verifications.len()];
+            for i in order {
+                verifiers[i] = Some(verify(&tx, &verifications[i], &self.holds, now).await?);
+            }
+            tx.commit().await?;
+            Ok(Some(verifiers.into_iter().flatten().collect()))
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn released(&self, id: &str) -> BoxFuture<'static, ()> {

@@ -23,6 +23,7 @@ use crate::segment::{self, Row, Segments};
 use crate::write::{self, Answer, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
+    Verification, Verifier,
 };
 
 /// Most writes committed in one transaction.
@@ -358,6 +359,17 @@ impl Store for Sqlite {
         _budgets: Vec<Budget>,
     ) -> BoxFuture<'_, Result<Option<Vec<Shared>>, StoreError>> {
         Box::pin(async { Ok(None) })
+    }
+
+    fn verifiers(
+        &self,
+        _verifications: Vec<Verification>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Verifier>>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn shared(&self) -> bool {
+        false
     }
 }
 

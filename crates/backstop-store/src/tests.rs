@@ -5,7 +5,10 @@
 
 use bytes::Bytes;
 
-use crate::{Budget, Inserted, Kind, Postgres, Record, Retention, Shared, Sqlite, Status, Store};
+use crate::{
+    Budget, Inserted, Kind, Postgres, Record, Retention, Shared, Sqlite, Status, Store,
+    Verification,
+};
 
 /// Where a test's store lives: opening it again reads what an earlier
 /// opening wrote.
@@ -366,7 +369,10 @@ async fn replicas_starting_together_migrate_the_schema_once() {
         .query_one("SELECT count(*) FROM backstop_schema", &[])
         .await
         .unwrap();
-    assert_eq!(versions.get::<_, i64>(0), 1);
+    assert_eq!(
+        versions.get::<_, i64>(0),
+        crate::postgres::MIGRATIONS.len() as i64
+    );
 }
 
 #[tokio::test]
@@ -671,4 +677,59 @@ async fn postgres_replicas_share_one_budget_and_sqlite_shares_none() {
         .unwrap();
     assert!(seen[0].held_ms > 4_000, "{seen:?}");
     assert!(level(&seen) <= 21.0, "{seen:?}");
+}
+
+#[tokio::test]
+async fn postgres_one_replica_verifies_a_target_for_the_fleet_and_the_others_follow() {
+    let sqlite = Backend::sqlite().open(Retention::default()).await;
+    assert_eq!(sqlite.verifiers(Vec::new()).await.unwrap(), None);
+    assert!(!sqlite.shared());
+
+    let Backend::Postgres(url) = Backend::postgres().await else {
+        unreachable!()
+    };
+    let a = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    let b = Postgres::connect(&url, Retention::default(), LEASE)
+        .await
+        .unwrap();
+    assert!(a.shared());
+    async fn ask(store: &Postgres, verifying: bool, publish: Option<f64>) -> crate::Verifier {
+        let report = vec![Verification {
+            target: "up".into(),
+            open: verifying,
+            verifying,
+            publish,
+        }];
+        store.verifiers(report).await.unwrap().unwrap().remove(0)
+    }
+    // Both verifying: the first to ask verifies for the fleet.
+    let first = ask(&a, true, None).await;
+    assert!(first.leads);
+    let second = ask(&b, true, None).await;
+    assert!(!second.leads);
+    assert_eq!(second.open_replicas, 2);
+    // What the verifier reached, the other hears, once each time.
+    assert!(ask(&a, true, Some(0.5)).await.leads);
+    let heard = ask(&b, true, None).await;
+    assert_eq!((heard.fraction, heard.seq), (0.5, 1));
+    // Serving again, the verifier tells its last step and gives way.
+    let done = ask(&a, false, Some(1.0)).await;
+    assert!(!done.leads);
+    assert_eq!(done.open_replicas, 1);
+    let took = ask(&b, true, None).await;
+    assert!(took.leads, "the lease was given up: {took:?}");
+    assert_eq!((took.fraction, took.seq), (1.0, 2));
+    // A verifier that is gone leaves the lease to lapse.
+    drop(b);
+    let mut taken = false;
+    for _ in 0..100 {
+        if ask(&a, true, None).await.leads {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(LEASE / 5).await;
+    }
+    assert!(taken, "a gone verifier's lease never lapsed");
 }
