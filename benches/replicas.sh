@@ -21,6 +21,7 @@ secs=${1:-10}
 rate=${2:-500}
 rounds=${3:-3}
 work=$(mktemp -d)
+pg=$(mktemp -d) # its own: the server's user must reach it
 mock_addr=127.0.0.1:18281
 
 command -v oha >/dev/null || { echo "oha is needed: cargo install oha --locked" >&2; exit 1; }
@@ -30,11 +31,11 @@ cargo build --release --locked -q -p backstop-server -p backstop-benches
 pids=()
 cleanup() {
   kill "${pids[@]}" 2>/dev/null || true
-  scripts/postgres stop "$work/pg" || true
+  scripts/postgres stop "$pg" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
-BACKSTOP_TEST_POSTGRES=$(scripts/postgres start "$work/pg")
+BACKSTOP_TEST_POSTGRES=$(scripts/postgres start "$pg")
 export BACKSTOP_TEST_POSTGRES
 db=$(python3 - <<EOF
 import subprocess, sys

@@ -519,7 +519,7 @@ pub(crate) async fn input_items(
     Ok(json_ok(body.to_string().into_bytes()))
 }
 
-/// Takes over, at start and then every half a lease, the unfinished
+/// Takes over, at start and then every second (or half a lease), the unfinished
 /// generations nobody runs ([`backstop_store::Store::claim`]): those the
 /// last run left, and those of a replica that is gone. A queued job runs; a
 /// running response goes on from the text it had made, through the

@@ -550,23 +550,23 @@ struct Tally {
     errors: usize,
 }
 
-/// A Responses client that resumes: POST a stream through Envoy; if it is
+/// A Responses client that resumes: POST a stream through the proxy; if it is
 /// cut, GET it again after the last event it saw, until it completes.
-async fn resuming_client(http: &reqwest::Client, envoy: &str, n: usize, tally: &mut Tally) {
+async fn resuming_client(http: &reqwest::Client, proxy: &str, n: usize, tally: &mut Tally) {
     let body = json!({"model": "gpt-4o-mini", "input": format!("{n} one two three four five six seven eight"), "stream": true});
     let mut seen: Vec<Value> = Vec::new();
     let mut id: Option<String> = None;
     for attempt in 0..20 {
         let request = match &id {
             None => http
-                .post(format!("http://{envoy}/v1/responses"))
+                .post(format!("http://{proxy}/v1/responses"))
                 .json(&body),
             Some(id) => {
                 let last = seen
                     .last()
                     .map_or(0, |e| e["sequence_number"].as_u64().unwrap());
                 http.get(format!(
-                    "http://{envoy}/v1/responses/{id}?stream=true&starting_after={last}"
+                    "http://{proxy}/v1/responses/{id}?stream=true&starting_after={last}"
                 ))
             }
         };
@@ -607,11 +607,11 @@ async fn resuming_client(http: &reqwest::Client, envoy: &str, n: usize, tally: &
 /// A chat client that does not resume: each stream must end whole
 /// (`[DONE]` after a finish reason) or as an error it can see; never cut
 /// short and looking complete.
-async fn plain_client(http: &reqwest::Client, envoy: &str, tally: &mut Tally) {
+async fn plain_client(http: &reqwest::Client, proxy: &str, tally: &mut Tally) {
     let body = json!({"model": "gpt-4o-mini", "stream": true,
                       "messages": [{"role": "user", "content": "one two three four five six"}]});
     let Ok(mut resp) = http
-        .post(format!("http://{envoy}/v1/chat/completions"))
+        .post(format!("http://{proxy}/v1/chat/completions"))
         .json(&body)
         .send()
         .await
@@ -656,27 +656,66 @@ async fn plain_client(http: &reqwest::Client, envoy: &str, tally: &mut Tally) {
     tally.whole += 1;
 }
 
+/// HAProxy running `deploy/haproxy.cfg`, its replicas' placeholders
+/// rewritten to `replicas`, listening on a free port: its address.
+fn haproxy(replicas: &[&str], dir: &std::path::Path) -> (Child, String) {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/haproxy.cfg"
+    ))
+    .unwrap();
+    let port = free_port();
+    let mut config = shipped.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    for (placeholder, replica) in ["127.0.0.1:8081", "127.0.0.1:8082"].iter().zip(replicas) {
+        config = config.replace(placeholder, replica);
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy (Debian haproxy; scripts/test installs it)");
+    (child, format!("127.0.0.1:{port}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_envoy_a_sigkilled_replica_costs_resuming_clients_nothing() {
+    sigkill_behind(envoy, "envoy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_haproxy_a_sigkilled_replica_costs_resuming_clients_nothing() {
+    sigkill_behind(haproxy, "haproxy").await;
+}
+
+/// Two replicas on one PostgreSQL store behind a proxy (`start` runs it in
+/// front of them), one SIGKILLed under steady streaming load: clients that
+/// resume lose nothing, and the others see an error, never a short answer
+/// passed off as whole.
+async fn sigkill_behind(start: fn(&[&str], &std::path::Path) -> (Child, String), name: &str) {
     let url = backstop_testkit::postgres::database().await.unwrap();
     let up = MockUpstream::start().await.unwrap();
     up.set_default(MockReply::Echo {
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(50),
     });
-    let dir = std::env::temp_dir().join(format!("backstop-envoy-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("backstop-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (a, a_addr) = replica(&up, &url, &dir, "a");
     let mut a = Stop(a);
     let (b, b_addr) = replica(&up, &url, &dir, "b");
     let _b = Stop(b);
-    let (envoy_child, envoy_addr) = envoy(&[&a_addr, &b_addr], &dir);
-    let _envoy = Stop(envoy_child);
+    let (proxy, proxy_addr) = start(&[&a_addr, &b_addr], &dir);
+    let _proxy = Stop(proxy);
     let http = reqwest::Client::new();
     // Envoy is up once a request passes through it to a ready replica.
     let mut up_yet = false;
     for _ in 0..300 {
-        if let Ok(r) = http.get(format!("http://{envoy_addr}/readyz")).send().await {
+        if let Ok(r) = http.get(format!("http://{proxy_addr}/readyz")).send().await {
             if r.status() == 200 {
                 up_yet = true;
                 break;
@@ -684,22 +723,22 @@ async fn through_envoy_a_sigkilled_replica_costs_resuming_clients_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(up_yet, "envoy never passed a request");
+    assert!(up_yet, "{name} never passed a request");
 
     // Steady streaming load: clients that resume, and clients that do not,
     // each making requests one after another until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..9 {
-        let (http, envoy_addr, stop) = (http.clone(), envoy_addr.clone(), stop.clone());
+        let (http, proxy_addr, stop) = (http.clone(), proxy_addr.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if c < 6 {
-                    resuming_client(&http, &envoy_addr, c * 1000 + n, &mut tally).await;
+                    resuming_client(&http, &proxy_addr, c * 1000 + n, &mut tally).await;
                 } else {
-                    plain_client(&http, &envoy_addr, &mut tally).await;
+                    plain_client(&http, &proxy_addr, &mut tally).await;
                 }
                 n += 1;
             }
@@ -729,7 +768,7 @@ async fn through_envoy_a_sigkilled_replica_costs_resuming_clients_nothing() {
         whole_answers += tally.whole;
     }
     eprintln!(
-        "{whole_answers} whole answers, {resumed} resumed after the kill, \
+        "{name}: {whole_answers} whole answers, {resumed} resumed after the kill, \
          {plain_errors} errors seen by clients that do not resume"
     );
     assert!(
