@@ -437,3 +437,45 @@ async fn one_replica_verifies_a_sick_upstream_for_the_fleet_and_the_other_follow
         1.0
     );
 }
+
+#[tokio::test]
+async fn replicas_share_one_rate_budget_per_client_identity() {
+    use sha2::{Digest, Sha256};
+    const KEY: &str = "sk-batch-93e1f0c7d2b4a6958e7f6d5c4b3a2910";
+    let url = backstop_testkit::postgres::database().await.unwrap();
+    let hash: String = Sha256::digest(KEY.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // The identity's table follows the target's, as part of its [auth].
+    let identity = format!(
+        "[auth]\nenabled = true\n[[auth.identities]]\nname = \"batch\"\n\
+         requests_per_minute = 60\nkey_sha256 = [\"{hash}\"]\n"
+    );
+    let a = replica_with(&url, &identity).await;
+    let b = replica_with(&url, &identity).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut answered = 0;
+    for i in 0..100 {
+        let h = if i % 2 == 0 { &a } else { &b };
+        let resp = h
+            .http
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 => answered += 1,
+            429 => {}
+            other => panic!("answered {other}"),
+        }
+    }
+    eprintln!("{answered} of 100 requests of one identity answered");
+    // One minute's budget for the identity across both replicas, where
+    // each alone would have let its own 60 through: all 100.
+    assert!(answered <= 70, "{answered} answered");
+    assert!(answered >= 50, "only {answered} answered");
+}

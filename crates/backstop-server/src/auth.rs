@@ -224,6 +224,15 @@ impl Auth {
 
     /// The identity of this name, as a caller: a background job's owner,
     /// after a restart.
+    /// Each limited identity's rate limit, named `identity/{name}`: the
+    /// names replicas share them by.
+    pub(crate) fn rate_limits(&self) -> impl Iterator<Item = (String, &RateLimit)> + '_ {
+        self.identities.iter().filter_map(|i| {
+            let limit = i.limit.as_ref()?;
+            Some((format!("identity/{}", i.config.name), limit))
+        })
+    }
+
     pub(crate) fn caller(&self, name: &str) -> Option<Caller> {
         self.identities
             .iter()

@@ -1,6 +1,7 @@
 //! Rate limits the replicas of a shared store share: every [`EVERY`] this
-//! replica reports what it spent of each upstream key's limit, and what the
-//! upstream said, and takes its share of what the fleet has left
+//! replica reports what it spent of each upstream key's limit (and what the
+//! upstream said) and of each client identity's, and takes its share of
+//! what the fleet has left
 //! (`RateLimit::share`). A store that cannot be reached for [`GRACE`]
 //! leaves each replica its whole configured limit, as if alone: more 429s
 //! from the upstream, never an outage; the log and
@@ -10,11 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop_store::{Budget, StoreError};
-use backstop_upstream::ratelimit::{Report, Share};
-use backstop_upstream::Upstream;
+use backstop_upstream::ratelimit::{RateLimit, Report, Share};
 
 use crate::generations::Generations;
-use crate::App;
+use crate::{App, Snapshot};
 
 /// How often the replica reports and takes its shares.
 const EVERY: Duration = Duration::from_millis(250);
@@ -22,21 +22,26 @@ const EVERY: Duration = Duration::from_millis(250);
 /// limits.
 const GRACE: Duration = Duration::from_secs(2);
 
+/// Every rate limit a snapshot holds, by the name replicas share it by:
+/// each upstream key's, and each limited identity's.
+fn limits(snapshot: &Snapshot) -> Vec<(String, &RateLimit)> {
+    let upstreams = snapshot.upstreams.iter().flat_map(|u| u.rate_limits());
+    let identities = snapshot.auth.iter().flat_map(|a| a.rate_limits());
+    upstreams.chain(identities).collect()
+}
+
 /// Reports and takes shares once; whether the store shares budgets.
 pub(crate) async fn sync(app: &App, gens: &Generations) -> Result<bool, StoreError> {
-    let upstreams: Vec<Arc<Upstream>> = app.snapshot().upstreams.clone();
-    let budgets: Vec<Budget> = upstreams
+    let snapshot = app.snapshot();
+    let limits = limits(&snapshot);
+    let budgets: Vec<Budget> = limits
         .iter()
-        .flat_map(|u| {
-            u.rate_limits()
-                .map(|(name, limit)| budget(name, limit.report()))
-        })
+        .map(|(name, limit)| budget(name.clone(), limit.report()))
         .collect();
     let Some(shares) = gens.store.share_budgets(budgets).await? else {
         return Ok(false);
     };
-    let limits = upstreams.iter().flat_map(|u| u.rate_limits());
-    for ((_, limit), shared) in limits.zip(shares) {
+    for ((_, limit), shared) in limits.iter().zip(shares) {
         limit.share(Some(&Share {
             level: shared.level,
             held_for: Duration::from_millis(shared.held_ms),
@@ -58,10 +63,8 @@ fn budget(name: String, report: Report) -> Budget {
 
 /// Every limit as this replica's alone.
 fn alone(app: &App) {
-    for upstream in &app.snapshot().upstreams {
-        for (_, limit) in upstream.rate_limits() {
-            limit.share(None);
-        }
+    for (_, limit) in limits(&app.snapshot()) {
+        limit.share(None);
     }
 }
 
