@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use backstop_testkit::MockReply;
-use backstop_tests::{events, output_text, text_of, Harness};
+use backstop_tests::{events, keyed, output_text, text_of, Harness};
 use serde_json::{json, Value};
 
 /// Bound on every wait: a hang guard, not a timing assertion.
@@ -328,19 +328,6 @@ async fn a_conversation_continues_from_its_previous_response() {
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["param"], "previous_response_id");
-}
-
-/// POSTs a chat with an `Idempotency-Key` (and a `Last-Event-ID`).
-async fn keyed(h: &Harness, body: &Value, key: &str, last: Option<u64>) -> reqwest::Response {
-    let mut req = h
-        .http
-        .post(h.url("/v1/chat/completions"))
-        .header("idempotency-key", key)
-        .json(body);
-    if let Some(last) = last {
-        req = req.header("last-event-id", last.to_string());
-    }
-    req.send().await.unwrap()
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use backstop_testkit::{MockReply, MockUpstream};
-use backstop_tests::{events, output_text, text_of, Harness};
+use backstop_tests::{events, keyed, output_text, text_of, Harness};
 use serde_json::{json, Value};
 
 /// Bound on every wait: a hang guard, not a timing assertion.
@@ -114,19 +114,6 @@ async fn a_responses_stream_dropped_on_one_replica_resumes_on_another() {
     assert_eq!(all.last().unwrap().1["type"], "response.completed");
     assert_eq!(text_of(&all), format!("You said: {LONG}"));
     assert_eq!(a.mock().requests().len() + b.mock().requests().len(), 1);
-}
-
-/// POSTs a chat with an `Idempotency-Key` (and a `Last-Event-ID`).
-async fn keyed(h: &Harness, body: &Value, key: &str, last: Option<u64>) -> reqwest::Response {
-    let mut req = h
-        .http
-        .post(h.url("/v1/chat/completions"))
-        .header("idempotency-key", key)
-        .json(body);
-    if let Some(last) = last {
-        req = req.header("last-event-id", last.to_string());
-    }
-    req.send().await.unwrap()
 }
 
 #[tokio::test]

@@ -348,3 +348,16 @@ pub fn text_of(events: &[(Option<u64>, Value)]) -> String {
         .map(|(_, e)| e["delta"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// POSTs a chat with an `Idempotency-Key` (and a `Last-Event-ID`).
+pub async fn keyed(h: &Harness, body: &Value, key: &str, last: Option<u64>) -> reqwest::Response {
+    let mut req = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .header("idempotency-key", key)
+        .json(body);
+    if let Some(last) = last {
+        req = req.header("last-event-id", last.to_string());
+    }
+    req.send().await.unwrap()
+}

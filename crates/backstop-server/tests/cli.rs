@@ -267,50 +267,11 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
     let (child, addr) = backstop_in(&up, &data, &dir);
     let _second = Stop(child);
     for id in &ids {
-        let mut done = Value::Null;
-        for _ in 0..1500 {
-            done = http
-                .get(format!("http://{addr}/v1/responses/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let done = settled(&http, &addr, id).await;
         assert_eq!(done["status"], "completed", "{id}: {done}");
         // One response, numbered without a gap across both runs.
-        let replay = http
-            .get(format!("http://{addr}/v1/responses/{id}?stream=true"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let events: Vec<Value> = replay
-            .split("\n\n")
-            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
-        for (i, e) in events.iter().enumerate() {
-            assert_eq!(e["sequence_number"], i, "{id}: {replay}");
-        }
-        let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
-        assert_eq!(
-            kinds.iter().filter(|k| **k == "response.created").count(),
-            1
-        );
-        assert_eq!(kinds.last(), Some(&"response.completed"));
-        let text: String = events
-            .iter()
-            .filter(|e| e["type"] == "response.output_text.delta")
-            .filter_map(|e| e["delta"].as_str())
-            .collect();
+        let replay = replay(&http, &addr, id).await;
+        let text = whole(&sse_json(&replay), id);
         let output = done["output"][0]["content"][0]["text"].as_str().unwrap();
         assert_eq!(text, output, "{id}");
         assert!(output.starts_with("You said: "), "{output}");
@@ -323,6 +284,37 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
         .count();
     assert!(continued > 0, "no job was continued after the restart");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls a response until it is final (bounded): its object.
+async fn settled(http: &reqwest::Client, addr: &str, id: &str) -> Value {
+    let mut done = Value::Null;
+    for _ in 0..1500 {
+        done = http
+            .get(format!("http://{addr}/v1/responses/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done
+}
+
+/// A response's whole stream, replayed from the store.
+async fn replay(http: &reqwest::Client, addr: &str, id: &str) -> String {
+    http.get(format!("http://{addr}/v1/responses/{id}?stream=true"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// A replica sharing the PostgreSQL database at `url`, with one-second
@@ -454,30 +446,9 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
     let text = whole(&all, "the resumed stream");
     assert!(text.starts_with("You said: "), "{text}");
     for id in &jobs {
-        let mut done = Value::Null;
-        for _ in 0..1500 {
-            done = http
-                .get(format!("http://{b_addr}/v1/responses/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let done = settled(&http, &b_addr, id).await;
         assert_eq!(done["status"], "completed", "{id}: {done}");
-        let replay = http
-            .get(format!("http://{b_addr}/v1/responses/{id}?stream=true"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let replay = replay(&http, &b_addr, id).await;
         let text = whole(&sse_json(&replay), id);
         assert_eq!(
             text,

@@ -428,6 +428,21 @@ async fn listen_for_changes(
     }
 }
 
+/// The database's clock now, in Unix milliseconds.
+async fn db_now(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, tokio_postgres::Error> {
+    tx.query_one(&format!("SELECT {NOW_MS}"), &[])
+        .await?
+        .try_get(0)
+}
+
+/// The indexes of `items` in the order of their names: every replica locks
+/// shared rows in that order, so two never wait on each other.
+fn in_order<T>(items: &[T], name: impl Fn(&T) -> &str) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| name(&items[a]).cmp(name(&items[b])));
+    order
+}
+
 /// Brings one shared limit up to `now`: refilled at its rate since it was
 /// last brought up, less what the reporter spent, no more than the
 /// upstream's latest count; held as long as anyone was told to wait.
@@ -748,10 +763,7 @@ impl Store for Postgres {
         Box::pin(async move {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
-            let now: i64 = tx
-                .query_one(&format!("SELECT {NOW_MS}"), &[])
-                .await?
-                .try_get(0)?;
+            let now = db_now(&tx).await?;
             tx.execute(
                 "INSERT INTO budget_replicas VALUES ($1, $2) \
                  ON CONFLICT (holder) DO UPDATE SET seen_ms = $2",
@@ -766,11 +778,8 @@ impl Store for Postgres {
                 .await?
                 .try_get(0)?;
             let replicas = u32::try_from(replicas.max(1)).unwrap_or(u32::MAX);
-            // Rows locked in name order, whoever reports.
-            let mut order: Vec<usize> = (0..budgets.len()).collect();
-            order.sort_by(|&a, &b| budgets[a].name.cmp(&budgets[b].name));
             let mut shared = vec![None; budgets.len()];
-            for i in order {
+            for i in in_order(&budgets, |b| &b.name) {
                 shared[i] = Some(share_budget(&tx, &budgets[i], now, replicas).await?);
             }
             tx.commit().await?;
@@ -785,14 +794,9 @@ impl Store for Postgres {
         Box::pin(async move {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
-            let now: i64 = tx
-                .query_one(&format!("SELECT {NOW_MS}"), &[])
-                .await?
-                .try_get(0)?;
-            let mut order: Vec<usize> = (0..verifications.len()).collect();
-            order.sort_by(|&a, &b| verifications[a].target.cmp(&verifications[b].target));
+            let now = db_now(&tx).await?;
             let mut verifiers = vec![None; verifications.len()];
-            for i in order {
+            for i in in_order(&verifications, |v| &v.target) {
                 verifiers[i] = Some(verify(&tx, &verifications[i], &self.holds, now).await?);
             }
             tx.commit().await?;
