@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use crate::chat::{ChatChunk, ChatCompletion};
+use crate::chat::{ChatChunk, ChatCompletion, ChatWriter};
 use crate::legacy::TextCompletion;
 use crate::request::{Legacy, Request};
 use crate::responses::{self, ResponseWriter, Responses};
@@ -108,8 +108,8 @@ impl Wire {
 /// body, or a stream's events and its end.
 #[derive(Debug)]
 pub enum Writer {
-    /// Chat completions.
-    Chat,
+    /// Chat completions, whose stream may go on from another run's.
+    Chat(ChatWriter),
     /// Legacy completions.
     Legacy,
     /// Responses, which number their events and end with the response.
@@ -121,7 +121,7 @@ impl Writer {
     /// made at `created_at` (Unix seconds).
     pub fn new(req: &Request, id: impl FnOnce() -> String, created_at: u64) -> Self {
         match req.api.wire() {
-            Wire::Chat => Writer::Chat,
+            Wire::Chat => Writer::Chat(ChatWriter::default()),
             Wire::Legacy => Writer::Legacy,
             Wire::Responses => {
                 Writer::Responses(Box::new(ResponseWriter::new(req, id(), created_at)))
@@ -132,16 +132,19 @@ impl Writer {
     /// A whole answer.
     pub fn completion(&mut self, completion: ChatCompletion) -> serde_json::Result<Vec<u8>> {
         match self {
-            Writer::Chat => serde_json::to_vec(&completion),
+            Writer::Chat(_) => serde_json::to_vec(&completion),
             Writer::Legacy => serde_json::to_vec(&TextCompletion::from(completion)),
             Writer::Responses(w) => serde_json::to_vec(&w.completion(completion)),
         }
     }
 
     /// One stream chunk, as SSE onto `out`.
-    pub fn chunk(&mut self, chunk: ChatChunk, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    pub fn chunk(&mut self, mut chunk: ChatChunk, out: &mut Vec<u8>) -> serde_json::Result<()> {
         match self {
-            Writer::Chat => sse::encode_json(&chunk, out),
+            Writer::Chat(w) => {
+                w.stamp(&mut chunk);
+                sse::encode_json(&chunk, out)
+            }
             Writer::Legacy => sse::encode_json(&TextCompletion::from(chunk), out),
             Writer::Responses(w) => w.chunk(chunk, out),
         }
@@ -150,7 +153,7 @@ impl Writer {
     /// The end of a complete stream onto `out`.
     pub fn end(&mut self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         match self {
-            Writer::Chat | Writer::Legacy => {
+            Writer::Chat(_) | Writer::Legacy => {
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 Ok(())
             }
@@ -162,7 +165,7 @@ impl Writer {
     /// error body, `{"error": {...}}`.
     pub fn fail(&mut self, body: &Value, out: &mut Vec<u8>) -> serde_json::Result<()> {
         match self {
-            Writer::Chat | Writer::Legacy => sse::encode_json(body, out),
+            Writer::Chat(_) | Writer::Legacy => sse::encode_json(body, out),
             Writer::Responses(w) => w.fail(body.get("error").unwrap_or(body), out),
         }
     }

@@ -8,7 +8,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 mod fields;
+mod writer;
 use fields::Fields;
+pub use writer::ChatWriter;
 
 /// Fields a type does not model, kept verbatim for the round trip.
 pub type Extra = Map<String, Value>;

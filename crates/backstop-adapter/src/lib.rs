@@ -18,8 +18,8 @@ pub mod sse;
 pub use api::{Api, Wire, Writer};
 pub use backend::{Backend, BoxFuture, ChunkStream, Reply};
 pub use chat::{
-    ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content, Delta, Message, Model,
-    ModelList, Role, Usage,
+    ChatChunk, ChatCompletion, ChatRequest, ChatWriter, Choice, ChunkChoice, Content, Delta,
+    Message, Model, ModelList, Role, Usage,
 };
 pub use error::{ApiError, BackendError, ErrorBody, FailureKind, Headers, InvalidRequest};
 pub use legacy::{Echo, TextChoice, TextCompletion};

@@ -395,26 +395,7 @@ async fn keyed_chat(
                 Ok(Inserted::Exists(existing)) => return replay(&gens, &existing, None).await,
                 Err(e) => return ServerError::Store(e.to_string()).into_response(),
             }
-            let writer = Writer::new(&request, response_id, unix_now());
-            let resp = complete(&app, &request, flight, writer).await;
-            let (parts, body) = resp.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX)
-                .await
-                .unwrap_or_default();
-            let kept = serde_json::json!({
-                "status": parts.status.as_u16(),
-                "body": serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default(),
-            });
-            let status = if parts.status.is_success() {
-                Status::Completed
-            } else {
-                Status::Failed
-            };
-            let object = Some(Bytes::from(kept.to_string()));
-            if let Err(e) = gens.at_once(gens.store.update(&id, status, object)).await {
-                tracing::error!(id, "cannot keep a keyed answer: {e}");
-            }
-            Response::from_parts(parts, Body::from(bytes))
+            answer_whole(&app, &gens, &id, &request, flight).await
         });
         return job.await.unwrap_or_else(|_| {
             ServerError::Store("the answer's task failed".into()).into_response()
@@ -453,6 +434,37 @@ async fn keyed_chat(
         Ok(Err(existing)) => replay(gens, &existing, last_event).await,
         Err(_) => ServerError::Store("the stream's task failed".into()).into_response(),
     }
+}
+
+/// A keyed chat's whole answer, made and kept under `id` for the client
+/// that asks again with its key (after a restart or a takeover as well).
+pub(crate) async fn answer_whole(
+    app: &Arc<App>,
+    gens: &Arc<Generations>,
+    id: &str,
+    request: &Request,
+    flight: InFlight,
+) -> Response<Body> {
+    let writer = Writer::new(request, response_id, unix_now());
+    let resp = complete(app, request, flight, writer).await;
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let kept = serde_json::json!({
+        "status": parts.status.as_u16(),
+        "body": serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default(),
+    });
+    let status = if parts.status.is_success() {
+        Status::Completed
+    } else {
+        Status::Failed
+    };
+    let object = Some(Bytes::from(kept.to_string()));
+    if let Err(e) = gens.at_once(gens.store.update(id, status, object)).await {
+        tracing::error!(id, "cannot keep a keyed answer: {e}");
+    }
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// A keyed generation given again: a stream from after `last_event` (or

@@ -523,6 +523,21 @@ fn final_status(event: &[u8]) -> Option<Status> {
     }
 }
 
+/// Whether a generation's log has its last event already: a Responses
+/// stream's final event, a chat stream's `[DONE]` or its error.
+pub(crate) fn ends(kind: Kind, events: &[Bytes]) -> bool {
+    let Some(last) = events.last() else {
+        return false;
+    };
+    match kind {
+        Kind::Response => final_status(last).is_some(),
+        Kind::Chat => {
+            last.as_ref() == b"data: [DONE]\n\n"
+                || event_json(last).is_some_and(|e| e.get("error").is_some())
+        }
+    }
+}
+
 /// How a generation ended, from its events: its status, and its final
 /// object where its log does not end with it.
 pub(crate) fn outcome(kind: Kind, events: &[Bytes], cancelled: bool) -> (Status, Option<Bytes>) {

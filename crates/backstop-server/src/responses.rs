@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::Extension;
-use backstop_adapter::{Headers, Request, ResponseWriter, Writer};
+use backstop_adapter::{ChatWriter, Headers, Request, ResponseWriter, Writer};
 use backstop_store::{Kind, Record, Status};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::completions::{complete, failed, response_id, sse_response, start_stream, InFlight};
 use crate::error::{Rejection, ServerError};
-use crate::generations::{event_json, restatus, unix_now, visible, Generations};
+use crate::generations::{ends, event_json, restatus, unix_now, visible, Generations, Live};
 use crate::respond::{self, Body, Served};
 use crate::App;
 
@@ -191,8 +191,9 @@ async fn start_job(
         app,
         gens,
         id.clone(),
+        Kind::Response,
         request,
-        writer,
+        Writer::Responses(Box::new(writer)),
         live,
         place,
         Some((record, kept)),
@@ -234,8 +235,9 @@ fn as_job(request: &mut Request) {
 /// A job's record to keep first, and whom to tell it is kept.
 type Keep = (Record, tokio::sync::oneshot::Sender<Result<(), String>>);
 
-/// Runs a background job when a runner is free: its stream, from the
-/// first backend that answers, or its failure as events. With `keep`, its
+/// Runs a background job (or a stream taken over) when a runner is free:
+/// its stream, from the first backend that answers, or its failure as
+/// events. With `keep`, its
 /// record is kept first (and the job ends there if it cannot be). Its
 /// tokens count for `caller`.
 #[allow(clippy::too_many_arguments)]
@@ -243,9 +245,10 @@ fn run_job(
     app: &Arc<App>,
     gens: &Arc<Generations>,
     id: String,
+    kind: Kind,
     request: Request,
-    writer: ResponseWriter,
-    live: Arc<crate::generations::Live>,
+    writer: Writer,
+    live: Arc<Live>,
     place: tokio::sync::OwnedSemaphorePermit,
     keep: Option<Keep>,
     caller: Option<crate::auth::Caller>,
@@ -267,7 +270,6 @@ fn run_job(
         let start = async {
             let runner = gens.runners.clone().acquire_owned().await.ok()?;
             let flight = InFlight::detached(app.clone(), caller);
-            let writer = Writer::Responses(Box::new(writer));
             Some((
                 runner,
                 start_stream(&app, &request, flight, writer, false).await,
@@ -289,7 +291,7 @@ fn run_job(
                 (Some(runner), frames)
             }
         };
-        let _ = gens.pump(id, Kind::Response, live, frames, true).await;
+        let _ = gens.pump(id, kind, live, frames, true).await;
     });
 }
 
@@ -522,10 +524,11 @@ pub(crate) async fn input_items(
 /// Takes over, at start and then every second (or half a lease), the unfinished
 /// generations nobody runs ([`backstop_store::Store::claim`]): those the
 /// last run left, and those of a replica that is gone. A queued job runs; a
-/// running response goes on from the text it had made, through the
-/// targets' prefill continuation, under the same id and numbering; one that
-/// cannot go on (a function call under way, a chat stream) ends `failed`
-/// with the reason in its log.
+/// running response or keyed chat stream goes on from the text it had
+/// made, through the targets' prefill continuation, under the same id and
+/// numbering; a keyed whole chat nobody was answered is made again; one
+/// that cannot go on (a tool call under way) ends `failed` with the reason
+/// in its log.
 pub(crate) async fn recover(app: &Arc<App>) {
     let Some(gens) = app.generations.clone() else {
         return;
@@ -573,58 +576,98 @@ pub(crate) fn spawn_takeover(app: Arc<App>, every: Duration) -> tokio::task::Joi
 /// Goes on with one unfinished generation (see [`recover`]).
 fn resume(app: &Arc<App>, gens: &Arc<Generations>, record: Record, events: Vec<Bytes>) {
     let id = record.id.clone();
-    let live = gens.start(&id, events.clone());
-    let request = match record.kind {
-        Kind::Response => Request::parse_responses(&record.request).ok(),
-        Kind::Chat => None,
-    };
-    let Some(mut request) = request else {
-        // A chat stream's chunks cannot be numbered on by another run.
-        let error = json!({"error": {"message": "The Backstop answering this stream stopped; it cannot be continued", "type": "server_error", "code": "restarted"}});
-        let mut out = Vec::new();
-        let _ = backstop_adapter::sse::encode_json(&error, &mut out);
-        let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
-        let gens = gens.clone();
-        tokio::spawn(async move {
-            let _ = gens.pump(id, record.kind, live, frames, false).await;
-        });
-        return;
-    };
-    as_job(&mut request);
-    let mut writer = ResponseWriter::new(&request, id.clone(), record.created_at);
-    if record.background {
-        writer = writer.queued();
-    }
-    let said: Vec<Value> = events.iter().filter_map(|e| event_json(e)).collect();
-    let Some(text) = writer.resume(&said) else {
-        let error = json!({"message": "The Backstop answering this response stopped during a function call, which cannot be continued", "type": "server_error", "code": "restarted"});
-        let mut out = Vec::new();
-        let _ = writer.fail(&error, &mut out);
-        let frames = futures_util::stream::once(async move { Bytes::from(out) }).boxed();
-        let gens = gens.clone();
-        tokio::spawn(async move {
-            let _ = gens.pump(id, Kind::Response, live, frames, false).await;
-        });
-        return;
-    };
-    if !text.is_empty() {
-        tracing::info!(
-            id,
-            "continuing a response from its {} bytes of text",
-            text.len()
-        );
-        request.prefill = Some(text);
-    }
-    // Every unfinished generation gets its turn, however many there are;
-    // its tokens count for the identity that made it, if it still exists.
+    // Its tokens count for the identity that made it, if it still exists.
     let caller = record
         .owner
         .as_deref()
         .and_then(|name| app.snapshot().auth.as_ref()?.caller(name));
+    let request = match record.kind {
+        Kind::Response => Request::parse_responses(&record.request),
+        Kind::Chat => Request::parse_chat(&record.request),
+    };
+    let mut request = match request {
+        Ok(request) => request,
+        Err(e) => {
+            let error = json!({"error": {"message": format!("The Backstop answering this stopped, and its request cannot be read again: {}", e.message), "type": "server_error", "code": "restarted"}});
+            let mut out = Vec::new();
+            let _ = backstop_adapter::sse::encode_json(&error, &mut out);
+            let live = gens.start(&id, events);
+            return pump_once(gens, id, record.kind, live, out);
+        }
+    };
+    if record.kind == Kind::Chat && !request.chat.is_stream() {
+        // A whole answer nobody has seen yet: made again, and kept for the
+        // client that asks with its key.
+        let (app, gens) = (app.clone(), gens.clone());
+        tokio::spawn(async move {
+            let flight = InFlight::detached(app.clone(), caller);
+            let _ = crate::completions::answer_whole(&app, &gens, &id, &request, flight).await;
+        });
+        return;
+    }
+    let mut writer = match record.kind {
+        Kind::Response => {
+            as_job(&mut request);
+            let writer = ResponseWriter::new(&request, id.clone(), record.created_at);
+            Writer::Responses(Box::new(if record.background {
+                writer.queued()
+            } else {
+                writer
+            }))
+        }
+        Kind::Chat => Writer::Chat(ChatWriter::default()),
+    };
+    let live = gens.start(&id, events.clone());
+    if ends(record.kind, &events) {
+        // Only its end was not recorded: it is recorded as it stands.
+        return pump_once(gens, id, record.kind, live, Vec::new());
+    }
+    let said: Vec<Value> = events.iter().filter_map(|e| event_json(e)).collect();
+    let text = match &mut writer {
+        Writer::Responses(w) => w.resume(&said),
+        Writer::Chat(w) => w.resume(&said),
+        Writer::Legacy => None,
+    };
+    let whole = matches!(&writer, Writer::Chat(w) if w.finished());
+    let text = match text {
+        Some(text) if !whole => text,
+        text => {
+            let mut out = Vec::new();
+            if text.is_some() {
+                // The answer is whole; only its end was not sent.
+                let _ = writer.end(&mut out);
+            } else {
+                let error = json!({"error": {"message": "The Backstop answering this stopped during a tool call (or with several choices), which cannot be continued", "type": "server_error", "code": "restarted"}});
+                let _ = writer.fail(&error, &mut out);
+            }
+            return pump_once(gens, id, record.kind, live, out);
+        }
+    };
+    if !text.is_empty() {
+        tracing::info!(
+            id,
+            "continuing a generation from its {} bytes of text",
+            text.len()
+        );
+        request.prefill = Some(text);
+    }
+    // Every unfinished generation gets its turn, however many there are.
     let (app, gens) = (app.clone(), gens.clone());
+    let kind = record.kind;
     tokio::spawn(async move {
         if let Ok(place) = gens.places.clone().acquire_owned().await {
-            run_job(&app, &gens, id, request, writer, live, place, None, caller);
+            run_job(
+                &app, &gens, id, kind, request, writer, live, place, None, caller,
+            );
         }
     });
+}
+
+/// Runs a generation whose last events are `out`.
+fn pump_once(gens: &Arc<Generations>, id: String, kind: Kind, live: Arc<Live>, out: Vec<u8>) {
+    let frames = match out.is_empty() {
+        true => futures_util::stream::empty().boxed(),
+        false => futures_util::stream::once(async move { Bytes::from(out) }).boxed(),
+    };
+    gens.pump(id, kind, live, frames, false);
 }

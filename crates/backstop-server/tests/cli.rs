@@ -369,6 +369,56 @@ fn whole(events: &[Value], what: &str) -> String {
         .collect()
 }
 
+/// Each SSE event of a chat stream's body with its `id:`, and its `data:`.
+fn numbered(body: &str) -> Vec<(u64, String)> {
+    body.split("\n\n")
+        .filter_map(|e| {
+            let id = e.lines().find_map(|l| l.strip_prefix("id: "))?;
+            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((id.parse().unwrap(), data.to_string()))
+        })
+        .collect()
+}
+
+/// Checks a whole chat stream: numbered from 0 without a gap, one
+/// completion throughout, finished (`stop`), then `[DONE]`, with no error.
+/// Its text.
+fn whole_chat_stream(events: &[(u64, String)], what: &str) -> String {
+    for (i, (id, _)) in events.iter().enumerate() {
+        assert_eq!(*id, i as u64, "{what}: {events:?}");
+    }
+    assert_eq!(
+        events.last().map(|(_, d)| d.as_str()),
+        Some("[DONE]"),
+        "{what}: {events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{what}: {events:?}"
+    );
+    let first = &chunks[0];
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["id"] == first["id"] && c["created"] == first["created"]),
+        "{what}: more than one completion: {events:?}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c.pointer("/choices/0/finish_reason") == Some(&json!("stop"))),
+        "{what}: {events:?}"
+    );
+    chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/content")?.as_str())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
     let url = backstop_testkit::postgres::database().await.unwrap();
@@ -386,7 +436,23 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
     let http = reqwest::Client::new();
     let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi \
                  omicron pi rho sigma tau upsilon";
-    // Background jobs, and a stream a client reads, all on A.
+    // A keyed chat for a whole answer, on A, whose upstream never answers A.
+    up.push([MockReply::Hang]);
+    let whole_chat = json!({"model": "gpt-4o-mini",
+                            "messages": [{"role": "user", "content": "the whole of it"}]});
+    let asked = http
+        .post(format!("http://{a_addr}/v1/chat/completions"))
+        .header("idempotency-key", "whole-1")
+        .json(&whole_chat)
+        .send();
+    let asked = tokio::spawn(asked);
+    for _ in 0..300 {
+        if !up.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Background jobs, and streams clients read, all on A.
     let mut jobs = Vec::new();
     for i in 0..3 {
         let body =
@@ -416,10 +482,28 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
             .unwrap();
         seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
     }
+    let chat = json!({"model": "gpt-4o-mini", "stream": true,
+                      "messages": [{"role": "user", "content": format!("chat {words}")}]});
+    let mut chat_stream = http
+        .post(format!("http://{a_addr}/v1/chat/completions"))
+        .header("idempotency-key", "stream-1")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    let mut chat_seen = String::new();
+    while numbered(&chat_seen).len() < 6 {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), chat_stream.chunk())
+            .await
+            .unwrap();
+        chat_seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
+    }
     a.0.kill().unwrap(); // SIGKILL, mid-answer
     let _ = a.0.wait();
     drop(stream);
-    // Only whole events count: the last may have been cut.
+    drop(chat_stream);
+    let _ = asked.await; // cut by the kill
+                         // Only whole events count: the last may have been cut.
     let before: Vec<Value> = sse_json(&seen[..seen.rfind("\n\n").unwrap() + 2]);
     let id = before[0]["response"]["id"].as_str().unwrap().to_string();
     let last = before.last().unwrap()["sequence_number"].as_u64().unwrap();
@@ -456,6 +540,49 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
             "{id}"
         );
     }
+    // The keyed chat stream, resumed at B after the last event the client
+    // saw, goes on as the same completion, numbered without a gap.
+    let mut chat_events = numbered(&chat_seen[..chat_seen.rfind("\n\n").unwrap() + 2]);
+    let last = chat_events.last().unwrap().0;
+    let resumed = http
+        .post(format!("http://{b_addr}/v1/chat/completions"))
+        .header("idempotency-key", "stream-1")
+        .header("last-event-id", last.to_string())
+        .json(&chat)
+        .send();
+    let resumed = tokio::time::timeout(Duration::from_secs(60), resumed)
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(60), resumed.text())
+        .await
+        .unwrap()
+        .unwrap();
+    chat_events.extend(numbered(&rest));
+    let text = whole_chat_stream(&chat_events, "the resumed chat stream");
+    assert!(text.starts_with("You said: chat alpha"), "{text}");
+    // The keyed chat's whole answer: B made it again (nobody had seen it),
+    // and the same key gets it (a 409 while it is being made).
+    let mut answer = Value::Null;
+    for _ in 0..300 {
+        let resp = http
+            .post(format!("http://{b_addr}/v1/chat/completions"))
+            .header("idempotency-key", "whole-1")
+            .json(&whole_chat)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            answer = resp.json().await.unwrap();
+            break;
+        }
+        assert_eq!(resp.status(), 409, "{}", resp.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "You said: the whole of it",
+        "{answer}"
+    );
     // B went on from what A had made, once each.
     let continued = up
         .requests()
@@ -463,7 +590,7 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
         .filter(|r| r.body.to_string().contains("cut off"))
         .count();
     assert!(continued > 0, "nothing was continued from A's text");
-    assert!(continued <= 4, "{continued} continuations of 4 generations");
+    assert!(continued <= 5, "{continued} continuations of 5 streams");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -573,6 +700,47 @@ async fn resuming_client(http: &reqwest::Client, proxy: &str, n: usize, tally: &
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("client {n} never got its whole answer: {seen:?}");
+}
+
+/// A chat client that resumes: POST a stream with an `Idempotency-Key`
+/// through the proxy; if it is cut, POST it again with the key and the
+/// `Last-Event-ID` it saw, until `[DONE]`.
+async fn keyed_chat_client(http: &reqwest::Client, proxy: &str, n: usize, tally: &mut Tally) {
+    let body = json!({"model": "gpt-4o-mini", "stream": true,
+                      "messages": [{"role": "user", "content": format!("{n} one two three four five six seven eight")}]});
+    let key = format!("client-{n}-{}", std::process::id());
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    for attempt in 0..20 {
+        let mut request = http
+            .post(format!("http://{proxy}/v1/chat/completions"))
+            .header("idempotency-key", &key)
+            .json(&body);
+        if let Some((last, _)) = seen.last() {
+            request = request.header("last-event-id", last.to_string());
+        }
+        let mut body_text = String::new();
+        if let Ok(mut resp) = request.send().await {
+            while let Ok(Ok(Some(chunk))) =
+                tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await
+            {
+                body_text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        }
+        // Whole events only: a cut may leave half of one.
+        let whole_events = body_text
+            .rfind("\n\n")
+            .map_or("", |end| &body_text[..end + 2]);
+        seen.extend(numbered(whole_events));
+        if seen.last().is_some_and(|(_, d)| d == "[DONE]") {
+            let text = whole_chat_stream(&seen, &format!("chat client {n}"));
+            assert!(text.starts_with(&format!("You said: {n} one")), "{text}");
+            tally.whole += 1;
+            tally.resumed += usize::from(attempt > 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("chat client {n} never got its whole answer: {seen:?}");
 }
 
 /// A chat client that does not resume: each stream must end whole
@@ -696,8 +864,10 @@ async fn sigkill_behind(start: fn(&[&str], &std::path::Path) -> (Child, String),
     }
     assert!(up_yet, "{name} never passed a request");
 
-    // Steady streaming load: clients that resume, and clients that do not,
-    // each making requests one after another until told to stop.
+    // Steady streaming load: clients that resume (Responses streams with
+    // `starting_after`, chat streams with `Idempotency-Key` and
+    // `Last-Event-ID`), and chat clients that do not, each making requests
+    // one after another until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..9 {
@@ -706,14 +876,16 @@ async fn sigkill_behind(start: fn(&[&str], &std::path::Path) -> (Child, String),
             let mut tally = Tally::default();
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if c < 6 {
+                if c < 3 {
                     resuming_client(&http, &proxy_addr, c * 1000 + n, &mut tally).await;
+                } else if c < 6 {
+                    keyed_chat_client(&http, &proxy_addr, c * 1000 + n, &mut tally).await;
                 } else {
                     plain_client(&http, &proxy_addr, &mut tally).await;
                 }
                 n += 1;
             }
-            (c < 6, tally)
+            (c, tally)
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -721,25 +893,29 @@ async fn sigkill_behind(start: fn(&[&str], &std::path::Path) -> (Child, String),
     let _ = a.0.wait();
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut resumed = 0;
+    let (mut responses_resumed, mut chats_resumed) = (0, 0);
     let mut whole_answers = 0;
     let mut plain_errors = 0;
     for client in clients {
-        let (resuming, tally) = tokio::time::timeout(Duration::from_secs(120), client)
+        let (c, tally) = tokio::time::timeout(Duration::from_secs(120), client)
             .await
             .expect("a client hung")
             .unwrap();
-        if resuming {
+        if c < 6 {
             // Every request of a resuming client ended whole.
             assert_eq!(tally.errors, 0, "{tally:?}");
-            resumed += tally.resumed;
-        } else {
-            plain_errors += tally.errors;
+        }
+        match c {
+            0..3 => responses_resumed += tally.resumed,
+            3..6 => chats_resumed += tally.resumed,
+            _ => plain_errors += tally.errors,
         }
         whole_answers += tally.whole;
     }
+    let resumed = responses_resumed + chats_resumed;
     eprintln!(
-        "{name}: {whole_answers} whole answers, {resumed} resumed after the kill, \
+        "{name}: {whole_answers} whole answers; resumed after the kill: \
+         {responses_resumed} Responses streams, {chats_resumed} keyed chat streams; \
          {plain_errors} errors seen by clients that do not resume"
     );
     assert!(
