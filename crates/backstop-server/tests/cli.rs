@@ -260,12 +260,46 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A keyed chat stream, read for a few events.
+    let chat = json!({"model": "gpt-4o-mini", "stream": true,
+                      "messages": [{"role": "user", "content": format!("chat {words}")}]});
+    let mut chat_stream = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("idempotency-key", "restart-1")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    let mut chat_seen = String::new();
+    while numbered(&chat_seen).len() < 4 {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), chat_stream.chunk())
+            .await
+            .unwrap();
+        chat_seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.0.kill().unwrap(); // SIGKILL
     let _ = first.0.wait();
+    drop(chat_stream);
 
     let (child, addr) = backstop_in(&up, &data, &dir);
     let _second = Stop(child);
+    // The chat stream goes on after the restart, as the same completion.
+    let mut chat_events = numbered(&chat_seen[..chat_seen.rfind("\n\n").unwrap() + 2]);
+    let rest = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("idempotency-key", "restart-1")
+        .header("last-event-id", chat_events.last().unwrap().0.to_string())
+        .json(&chat)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    chat_events.extend(numbered(&rest));
+    let text = whole_chat_stream(&chat_events, "the chat stream after the restart");
+    assert!(text.starts_with("You said: chat alpha"), "{text}");
     for id in &ids {
         let done = settled(&http, &addr, id).await;
         assert_eq!(done["status"], "completed", "{id}: {done}");
