@@ -2,9 +2,9 @@
 # Replicas on one PostgreSQL store, behind Envoy (deploy/envoy.yaml):
 #
 # 1. streamed chats straight to one replica, and through Envoy to 1, 2 and 3
-#    replicas, side by side at a fixed rate and at the most oha gets (on a
-#    2-core machine this shows Envoy's and the replicas' overhead, not
-#    scaling);
+#    replicas, and to 2 over HTTP/2 instead of HTTP/1.1, side by side at a
+#    fixed rate and at the most oha gets (on a 2-core machine this shows
+#    Envoy's and the replicas' overhead, not scaling);
 # 2. the time for a survivor to take over a killed replica's generation;
 # 3. shadow calls a minute to a sick upstream: one replica, two sharing a
 #    store, two that do not;
@@ -54,8 +54,9 @@ for i in 1 2 3; do
   BACKSTOP_LOG=warn target/release/backstop --config "$work/r$i.toml" >/dev/null &
   pids+=($!)
 done
-# Envoy in front of the first N replicas, on 1810N.
-for n in 1 2 3; do
+# Envoy in front of the first N replicas, on 1810N; on 18104, in front of
+# two over HTTP/2 (h2c) instead of HTTP/1.1.
+for n in 1 2 3 4; do
   python3 - "$n" "$work/envoy$n.yaml" <<'EOF'
 import re, sys
 n, out = int(sys.argv[1]), sys.argv[2]
@@ -63,6 +64,15 @@ text = open("deploy/envoy.yaml").read()
 text = text.replace("port_value: 8080", f"port_value: 1810{n}")
 text = text.replace("address: 0.0.0.0", "address: 127.0.0.1")
 text = text.replace("port_value: 9901", f"port_value: 1811{n}")
+if n == 4:
+    n = 2
+    h2 = """      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {}
+"""
+    text = text.replace("      load_assignment:", h2 + "      load_assignment:")
 endpoint = "              - endpoint:\n                  address:\n                    socket_address: { address: 127.0.0.1, port_value: %d }\n"
 start = text.index("              - endpoint:")
 text = text[:start] + "".join(endpoint % (18180 + i) for i in range(1, n + 1))
@@ -73,7 +83,7 @@ EOF
 done
 for _ in $(seq 100); do
   ok=1
-  for port in 18181 18182 18183 18101 18102 18103; do
+  for port in 18181 18182 18183 18101 18102 18103 18104; do
     curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || ok=0
   done
   [ $ok = 1 ] && break
@@ -90,13 +100,13 @@ load() { # url rate|max
 }
 median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
 
-echo "| load | one replica, direct p50 / p99 (ms) | Envoy + 1 replica | Envoy + 2 replicas | Envoy + 3 replicas | achieved direct / 1 / 2 / 3 (req/s) |"
-echo "|---|---|---|---|---|---|"
+echo "| load | one replica, direct p50 / p99 (ms) | Envoy + 1 replica | Envoy + 2 replicas | Envoy + 3 replicas | Envoy + 2 replicas over HTTP/2 | achieved direct / 1 / 2 / 3 / 2 over HTTP/2 (req/s) |"
+echo "|---|---|---|---|---|---|---|"
 for r in "$rate" max; do
   declare -A p50 p99 rps
-  for k in d 1 2 3; do p50[$k]=""; p99[$k]=""; rps[$k]=""; done
+  for k in d 1 2 3 4; do p50[$k]=""; p99[$k]=""; rps[$k]=""; done
   for _ in $(seq "$rounds"); do
-    for k in d 1 2 3; do
+    for k in d 1 2 3 4; do
       if [ $k = d ]; then url=http://127.0.0.1:18181; else url=http://127.0.0.1:1810$k; fi
       read -r a b c _ <<<"$(load "$url/v1/chat/completions" "$r")"
       p50[$k]+="$a "; p99[$k]+="$b "; rps[$k]+="$c "
@@ -104,12 +114,12 @@ for r in "$rate" max; do
   done
   row="| $r req/s"
   [ "$r" = max ] && row="| as fast as it goes"
-  for k in d 1 2 3; do
+  for k in d 1 2 3 4; do
     # shellcheck disable=SC2086
     row+=" | $(median ${p50[$k]}) / $(median ${p99[$k]})"
   done
   # shellcheck disable=SC2086
-  row+=" | $(median ${rps[d]}) / $(median ${rps[1]}) / $(median ${rps[2]}) / $(median ${rps[3]}) |"
+  row+=" | $(median ${rps[d]}) / $(median ${rps[1]}) / $(median ${rps[2]}) / $(median ${rps[3]}) / $(median ${rps[4]}) |"
   echo "$row"
 done
 kill "${pids[@]}" 2>/dev/null || true

@@ -12,6 +12,12 @@
 //! - `budgets SECONDS`: two replicas each offered twice the upstream's
 //!   limit; requests that reach it past the limit (what it answers with
 //!   429s), with the limit shared and with each replica keeping its own.
+//! - `sync SECONDS REPLICAS`: what sharing the budgets costs PostgreSQL:
+//!   REPLICAS stores each sync two budgets (an upstream key's and a client
+//!   identity's) back to back, as a replica does every 250 ms; each sync's
+//!   time, and how many the database takes a second (benches/counters.sh
+//!   sets this beside a counter bumped per request in PostgreSQL and in
+//!   Redis).
 //!
 //! The PostgreSQL server is `BACKSTOP_TEST_POSTGRES` (benches/replicas.sh
 //! starts one); each run gets a database of its own.
@@ -20,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use backstop_server::{run, App, Config, Running};
+use backstop_store::{Budget, Postgres, Retention, Store};
 use backstop_testkit::{MockReply, MockUpstream};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -39,8 +46,13 @@ fn main() -> anyhow::Result<()> {
             }
             Some("shadows") => shadows(seconds(&args)?).await,
             Some("budgets") => budgets(seconds(&args)?).await,
+            Some("sync") => {
+                let replicas: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
+                sync(seconds(&args)?, replicas).await
+            }
             _ => anyhow::bail!(
-                "usage: bench-replicas takeover BIN ROUNDS LEASE_S | shadows SECONDS | budgets SECONDS"
+                "usage: bench-replicas takeover BIN ROUNDS LEASE_S | shadows SECONDS | \
+                 budgets SECONDS | sync SECONDS REPLICAS"
             ),
         }
     })
@@ -323,5 +335,51 @@ async fn budgets(secs: Duration) -> anyhow::Result<()> {
             let _ = stop.send(());
         }
     }
+    Ok(())
+}
+
+/// See the module's docs (`sync`).
+async fn sync(secs: Duration, replicas: usize) -> anyhow::Result<()> {
+    let url = backstop_testkit::postgres::database().await?;
+    let retention = Retention {
+        stored: Duration::from_secs(3600),
+        unstored: Duration::from_secs(600),
+        max_bytes: u64::MAX,
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..replicas {
+        let store = Postgres::connect(&url, retention.clone(), Duration::from_secs(10)).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            let start = Instant::now();
+            let mut spent = 0.0;
+            while start.elapsed() < secs {
+                spent += 1.0;
+                let budgets = ["up#0", "identity/team-a"].map(|name| Budget {
+                    name: name.to_string(),
+                    per_minute: [Some(10_000.0), Some(2_000_000.0)],
+                    spent: [spent, spent * 100.0],
+                    remaining: [Some(10_000.0 - spent), None],
+                    held_ms: 0,
+                });
+                let began = Instant::now();
+                store.share_budgets(budgets.to_vec()).await?;
+                took.push(began.elapsed());
+            }
+            anyhow::Ok(took)
+        }));
+    }
+    let mut took = Vec::new();
+    for task in tasks {
+        took.extend(task.await??);
+    }
+    took.sort();
+    let at = |p: f64| took[((took.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+    println!(
+        "| Backstop's budget sync (2 budgets), {replicas} replicas back to back | {:.0} | {:.2} | {:.2} |",
+        took.len() as f64 / secs.as_secs_f64(),
+        at(0.5),
+        at(0.99)
+    );
     Ok(())
 }
