@@ -9,7 +9,8 @@
 # 3. shadow calls a minute to a sick upstream: one replica, two sharing a
 #    store, two that do not;
 # 4. requests past an upstream's limit (its 429s) when two replicas are
-#    offered twice it, with the limit shared and per replica.
+#    offered twice it, with the limit shared and per replica;
+# 5. how soon a breaker that opens on one replica is known to the other.
 #
 #   benches/replicas.sh [SECONDS_PER_STEP] [RATE] [ROUNDS]   (defaults 10, 500, 3)
 #
@@ -134,3 +135,5 @@ echo
 target/release/bench-replicas shadows 30
 echo
 target/release/bench-replicas budgets 30
+echo
+target/release/bench-replicas breakers 10

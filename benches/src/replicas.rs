@@ -12,6 +12,9 @@
 //! - `budgets SECONDS`: two replicas each offered twice the upstream's
 //!   limit; requests that reach it past the limit (what it answers with
 //!   429s), with the limit shared and with each replica keeping its own.
+//! - `breakers ROUNDS`: two replicas share a store; an upstream fails for
+//!   one of them only, whose breaker opens; the time until the other counts
+//!   it in `backstop_breaker_open_replicas`.
 //! - `sync SECONDS REPLICAS`: what sharing the budgets costs PostgreSQL:
 //!   REPLICAS stores each sync two budgets (an upstream key's and a client
 //!   identity's) back to back, as a replica does every 250 ms; each sync's
@@ -46,13 +49,14 @@ fn main() -> anyhow::Result<()> {
             }
             Some("shadows") => shadows(seconds(&args)?).await,
             Some("budgets") => budgets(seconds(&args)?).await,
+            Some("breakers") => breakers(args.get(1).map_or(Ok(10), |s| s.parse())?).await,
             Some("sync") => {
                 let replicas: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
                 sync(seconds(&args)?, replicas).await
             }
             _ => anyhow::bail!(
                 "usage: bench-replicas takeover BIN ROUNDS LEASE_S | shadows SECONDS | \
-                 budgets SECONDS | sync SECONDS REPLICAS"
+                 budgets SECONDS | breakers ROUNDS | sync SECONDS REPLICAS"
             ),
         }
     })
@@ -380,6 +384,84 @@ async fn sync(secs: Duration, replicas: usize) -> anyhow::Result<()> {
         took.len() as f64 / secs.as_secs_f64(),
         at(0.5),
         at(0.99)
+    );
+    Ok(())
+}
+
+/// A metric's value on a replica's admin endpoint (0 when absent).
+async fn metric(client: &reqwest::Client, running: &Running, sample: &str) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("http://{}/metrics", running.admin_addr))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// See the module's docs (`breakers`).
+async fn breakers(rounds: usize) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]});
+    let mut took = Vec::new();
+    for _ in 0..rounds {
+        let url = backstop_testkit::postgres::database().await?;
+        let fallback = MockUpstream::start().await?;
+        let sick = MockUpstream::start().await?;
+        sick.set_default(MockReply::error(503, "server_error", "down"));
+        let well = MockUpstream::start().await?;
+        let mut replicas = Vec::new();
+        for up in [&sick, &well] {
+            let toml = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [retry]\nmax_retries = 0\n[health]\nprobe = \"off\"\n\
+                 [[targets]]\nname = \"up\"\nbase_url = \"{}\"\n\
+                 breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
+                 [[targets]]\nname = \"fallback\"\nbase_url = \"{}\"\n",
+                up.url(),
+                fallback.url()
+            );
+            replicas.push(replica(&toml, &format!("[store]\nurl = \"{url}\"\n")).await?);
+        }
+        let (a, b) = (&replicas[0].0, &replicas[1].0);
+        // Both replicas report to the store before the breaker opens.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Two failures in a row open A's breaker as the second returns.
+        for _ in 0..2 {
+            client
+                .post(format!("http://{}/v1/chat/completions", a.addr))
+                .json(&body)
+                .send()
+                .await?;
+        }
+        let opened = Instant::now();
+        let sample = "backstop_breaker_open_replicas{target=\"up\"}";
+        loop {
+            if metric(&client, b, sample).await? >= 1.0 {
+                took.push(opened.elapsed());
+                break;
+            }
+            if opened.elapsed() > Duration::from_secs(10) {
+                anyhow::bail!("the other replica never heard of the open breaker");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for (_, stop) in replicas {
+            let _ = stop.send(());
+        }
+    }
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("| rounds | another replica counts the open breaker after: min / median / max (ms) |");
+    println!("|---|---|");
+    println!(
+        "| {rounds} | {:.0} / {:.0} / {:.0} |",
+        ms(took[0]),
+        ms(took[took.len() / 2]),
+        ms(took[took.len() - 1])
     );
     Ok(())
 }
