@@ -10,7 +10,9 @@
 #    store, two that do not;
 # 4. requests past an upstream's limit (its 429s) when two replicas are
 #    offered twice it, with the limit shared and per replica;
-# 5. how soon a breaker that opens on one replica is known to the other.
+# 5. how soon a breaker that opens on one replica is known to the other;
+# 6. how much later a client following a stream on another replica gets
+#    each event than one on the replica that makes it.
 #
 #   benches/replicas.sh [SECONDS_PER_STEP] [RATE] [ROUNDS]   (defaults 10, 500, 3)
 #
@@ -137,3 +139,5 @@ echo
 target/release/bench-replicas budgets 30
 echo
 target/release/bench-replicas breakers 10
+echo
+target/release/bench-replicas follow 5

@@ -15,6 +15,10 @@
 //! - `breakers ROUNDS`: two replicas share a store; an upstream fails for
 //!   one of them only, whose breaker opens; the time until the other counts
 //!   it in `backstop_breaker_open_replicas`.
+//! - `follow ROUNDS`: a background response streams on one replica, and
+//!   clients follow it there (from memory) and on another replica (through
+//!   the store and its notifications); how much later each event reaches
+//!   the second.
 //! - `sync SECONDS REPLICAS`: what sharing the budgets costs PostgreSQL:
 //!   REPLICAS stores each sync two budgets (an upstream key's and a client
 //!   identity's) back to back, as a replica does every 250 ms; each sync's
@@ -50,13 +54,14 @@ fn main() -> anyhow::Result<()> {
             Some("shadows") => shadows(seconds(&args)?).await,
             Some("budgets") => budgets(seconds(&args)?).await,
             Some("breakers") => breakers(args.get(1).map_or(Ok(10), |s| s.parse())?).await,
+            Some("follow") => follow(args.get(1).map_or(Ok(5), |s| s.parse())?).await,
             Some("sync") => {
                 let replicas: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
                 sync(seconds(&args)?, replicas).await
             }
             _ => anyhow::bail!(
                 "usage: bench-replicas takeover BIN ROUNDS LEASE_S | shadows SECONDS | \
-                 budgets SECONDS | breakers ROUNDS | sync SECONDS REPLICAS"
+                 budgets SECONDS | breakers ROUNDS | follow ROUNDS | sync SECONDS REPLICAS"
             ),
         }
     })
@@ -462,6 +467,89 @@ async fn breakers(rounds: usize) -> anyhow::Result<()> {
         ms(took[0]),
         ms(took[took.len() / 2]),
         ms(took[took.len() - 1])
+    );
+    Ok(())
+}
+
+/// When each event (by its `sequence_number`) of a response's stream
+/// arrives at a client following it on `addr`.
+async fn arrivals(
+    client: reqwest::Client,
+    addr: std::net::SocketAddr,
+    id: String,
+) -> anyhow::Result<std::collections::HashMap<u64, Instant>> {
+    let mut resp = client
+        .get(format!("http://{addr}/v1/responses/{id}?stream=true"))
+        .send()
+        .await?;
+    let (mut seen, mut buffer) = (std::collections::HashMap::new(), String::new());
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), resp.chunk()).await?? {
+        let now = Instant::now();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+            if let Some(seq) = data
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                .and_then(|v| v["sequence_number"].as_u64())
+            {
+                seen.insert(seq, now);
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// See the module's docs (`follow`).
+async fn follow(rounds: usize) -> anyhow::Result<()> {
+    let up = MockUpstream::start().await?;
+    up.set_default(MockReply::Echo {
+        delay: Duration::ZERO,
+        chunk_delay: Duration::from_millis(50),
+    });
+    let url = backstop_testkit::postgres::database().await?;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [[targets]]\nname = \"up\"\nbase_url = \"{}\"\n",
+        up.url()
+    );
+    let store = format!("[store]\nurl = \"{url}\"\n");
+    let (a, stop_a) = replica(&toml, &store).await?;
+    let (b, stop_b) = replica(&toml, &store).await?;
+    let client = reqwest::Client::new();
+    let mut later = Vec::new();
+    for _ in 0..rounds {
+        let made: Value = client
+            .post(format!("http://{}/v1/responses", a.addr))
+            .json(&json!({"model": "gpt-4o-mini", "input": "word ".repeat(60), "background": true}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = made["id"].as_str().unwrap_or_default().to_string();
+        let here = tokio::spawn(arrivals(client.clone(), a.addr, id.clone()));
+        let there = tokio::spawn(arrivals(client.clone(), b.addr, id));
+        let (here, there) = (here.await??, there.await??);
+        // Events both saw live (the first ones may predate a follower).
+        for (seq, at) in &there {
+            if let Some(first) = here.get(seq) {
+                if *seq > 2 {
+                    later.push(at.saturating_duration_since(*first));
+                }
+            }
+        }
+    }
+    let _ = (stop_a.send(()), stop_b.send(()));
+    later.sort();
+    let at = |p: f64| later[((later.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+    println!("| events | on another replica, later by p50 / p99 / max (ms) |");
+    println!("|---|---|");
+    println!(
+        "| {} | {:.1} / {:.1} / {:.1} |",
+        later.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
     );
     Ok(())
 }
