@@ -83,7 +83,7 @@ struct State {
     successors: Vec<Successor>,
     /// The id the client saw first; continuation chunks keep it.
     id: Option<String>,
-    /// Assistant text sent so far (choice 0).
+    /// Assistant text so far (choice 0), a prefill included.
     text: String,
     /// A tool call or a second choice was streamed: not continuable.
     continuable: bool,
@@ -142,7 +142,9 @@ pub(crate) fn continuing(
         continuable: request.chat.n.unwrap_or(1) == 1 && !successors.is_empty(),
         successors,
         id: None,
-        text: String::new(),
+        // A stream that goes on from a prefill (a generation taken over)
+        // has said that much already: a successor continues all of it.
+        text: request.prefill.clone().unwrap_or_default(),
         finished: false,
         done: false,
         seam: None,

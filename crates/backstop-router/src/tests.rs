@@ -274,7 +274,14 @@ async fn a_target_with_an_open_breaker_is_skipped_without_an_attempt() {
 }
 
 async fn stream_text(router: &Router) -> (String, Vec<String>, Option<FailureKind>) {
-    let mut body = router.stream(&req("m")).await.unwrap().reply.body;
+    stream_text_of(router, &req("m")).await
+}
+
+async fn stream_text_of(
+    router: &Router,
+    request: &Request,
+) -> (String, Vec<String>, Option<FailureKind>) {
+    let mut body = router.stream(request).await.unwrap().reply.body;
     let (mut text, mut ids) = (String::new(), Vec::new());
     while let Some(item) = body.next().await {
         match item {
@@ -311,6 +318,33 @@ async fn a_stream_broken_mid_answer_is_continued_by_a_target_that_takes_a_prefil
     assert_eq!(
         local.prefill.lock().unwrap().as_deref(),
         Some("The answer is")
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_began_from_a_prefill_is_continued_from_all_of_it() {
+    // A generation taken over goes on from "Once upon"; its stream breaks
+    // again, and the next target gets the whole answer, not what this
+    // stream added.
+    let first = streaming(
+        "up",
+        None,
+        vec![Ok(" a time"), Err(FailureKind::StreamBroken)],
+        true,
+    );
+    let local = streaming("local", None, vec![Ok(", there was.")], true);
+    let router = Router::new_default(RouteTable::new(vec![route(
+        ModelMatch::Any,
+        &[first, local.clone()],
+    )]));
+    let mut request = req("m");
+    request.prefill = Some("Once upon".into());
+    let (text, _, err) = stream_text_of(&router, &request).await;
+    assert_eq!(err, None);
+    assert_eq!(text, " a time, there was.");
+    assert_eq!(
+        local.prefill.lock().unwrap().as_deref(),
+        Some("Once upon a time")
     );
 }
 
