@@ -263,20 +263,7 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
     // A keyed chat stream, read for a few events.
     let chat = json!({"model": "gpt-4o-mini", "stream": true,
                       "messages": [{"role": "user", "content": format!("chat {words}")}]});
-    let mut chat_stream = http
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("idempotency-key", "restart-1")
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
-    let mut chat_seen = String::new();
-    while numbered(&chat_seen).len() < 4 {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), chat_stream.chunk())
-            .await
-            .unwrap();
-        chat_seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
-    }
+    let (chat_stream, chat_seen) = keyed_chat_stream(&http, &addr, "restart-1", &chat, 4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.0.kill().unwrap(); // SIGKILL
     let _ = first.0.wait();
@@ -285,19 +272,7 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
     let (child, addr) = backstop_in(&up, &data, &dir);
     let _second = Stop(child);
     // The chat stream goes on after the restart, as the same completion.
-    let mut chat_events = numbered(&chat_seen[..chat_seen.rfind("\n\n").unwrap() + 2]);
-    let rest = http
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("idempotency-key", "restart-1")
-        .header("last-event-id", chat_events.last().unwrap().0.to_string())
-        .json(&chat)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    chat_events.extend(numbered(&rest));
+    let chat_events = resume_keyed_chat(&http, &addr, "restart-1", &chat, &chat_seen).await;
     let text = whole_chat_stream(&chat_events, "the chat stream after the restart");
     assert!(text.starts_with("You said: chat alpha"), "{text}");
     for id in &ids {
@@ -401,6 +376,60 @@ fn whole(events: &[Value], what: &str) -> String {
         .filter(|e| e["type"] == "response.output_text.delta")
         .filter_map(|e| e["delta"].as_str())
         .collect()
+}
+
+/// A keyed chat stream posted to `addr`, read until `n` numbered events
+/// have come: the response, still open, and what it sent so far.
+async fn keyed_chat_stream(
+    http: &reqwest::Client,
+    addr: &str,
+    key: &str,
+    body: &Value,
+    n: usize,
+) -> (reqwest::Response, String) {
+    let mut stream = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while numbered(&seen).len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
+            .await
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
+    }
+    (stream, seen)
+}
+
+/// A keyed chat stream resumed at `addr` after the last whole event of
+/// `seen` (with its key and `Last-Event-ID`): every event, before and after.
+async fn resume_keyed_chat(
+    http: &reqwest::Client,
+    addr: &str,
+    key: &str,
+    body: &Value,
+    seen: &str,
+) -> Vec<(u64, String)> {
+    let mut events = numbered(&seen[..seen.rfind("\n\n").unwrap() + 2]);
+    let resumed = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("idempotency-key", key)
+        .header("last-event-id", events.last().unwrap().0.to_string())
+        .json(body)
+        .send();
+    let resumed = tokio::time::timeout(Duration::from_secs(60), resumed)
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(60), resumed.text())
+        .await
+        .unwrap()
+        .unwrap();
+    events.extend(numbered(&rest));
+    events
 }
 
 /// Each SSE event of a chat stream's body with its `id:`, and its `data:`.
@@ -518,26 +547,14 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
     }
     let chat = json!({"model": "gpt-4o-mini", "stream": true,
                       "messages": [{"role": "user", "content": format!("chat {words}")}]});
-    let mut chat_stream = http
-        .post(format!("http://{a_addr}/v1/chat/completions"))
-        .header("idempotency-key", "stream-1")
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
-    let mut chat_seen = String::new();
-    while numbered(&chat_seen).len() < 6 {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), chat_stream.chunk())
-            .await
-            .unwrap();
-        chat_seen.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
-    }
+    let (chat_stream, chat_seen) = keyed_chat_stream(&http, &a_addr, "stream-1", &chat, 6).await;
     a.0.kill().unwrap(); // SIGKILL, mid-answer
     let _ = a.0.wait();
     drop(stream);
     drop(chat_stream);
-    let _ = asked.await; // cut by the kill
-                         // Only whole events count: the last may have been cut.
+    // The whole chat's request was cut by the kill.
+    let _ = asked.await;
+    // Only whole events count: the last may have been cut.
     let before: Vec<Value> = sse_json(&seen[..seen.rfind("\n\n").unwrap() + 2]);
     let id = before[0]["response"]["id"].as_str().unwrap().to_string();
     let last = before.last().unwrap()["sequence_number"].as_u64().unwrap();
@@ -576,23 +593,7 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
     }
     // The keyed chat stream, resumed at B after the last event the client
     // saw, goes on as the same completion, numbered without a gap.
-    let mut chat_events = numbered(&chat_seen[..chat_seen.rfind("\n\n").unwrap() + 2]);
-    let last = chat_events.last().unwrap().0;
-    let resumed = http
-        .post(format!("http://{b_addr}/v1/chat/completions"))
-        .header("idempotency-key", "stream-1")
-        .header("last-event-id", last.to_string())
-        .json(&chat)
-        .send();
-    let resumed = tokio::time::timeout(Duration::from_secs(60), resumed)
-        .await
-        .unwrap()
-        .unwrap();
-    let rest = tokio::time::timeout(Duration::from_secs(60), resumed.text())
-        .await
-        .unwrap()
-        .unwrap();
-    chat_events.extend(numbered(&rest));
+    let chat_events = resume_keyed_chat(&http, &b_addr, "stream-1", &chat, &chat_seen).await;
     let text = whole_chat_stream(&chat_events, "the resumed chat stream");
     assert!(text.starts_with("You said: chat alpha"), "{text}");
     // The keyed chat's whole answer: B made it again (nobody had seen it),
