@@ -219,14 +219,14 @@ async fn main() -> anyhow::Result<()> {
             next_sample += Duration::from_secs(10);
         }
         sent += 1;
-        let content = if sent % 50 == 0 {
+        let content = if sent.is_multiple_of(50) {
             big.as_str()
         } else {
             "Say something short."
         };
         let body = serde_json::json!({
             "model": "gpt-4o-mini",
-            "stream": sent % 2 == 0,
+            "stream": sent.is_multiple_of(2),
             "max_tokens": 32,
             "messages": [{"role": "user", "content": content}],
         });

@@ -77,7 +77,7 @@ impl Linear {
 /// them (`QTensor::data` borrows candle's own `Vec<BlockQ4K>`).
 fn q4k_blocks(bytes: &[u8]) -> Result<&[BlockQ4K]> {
     let size = std::mem::size_of::<BlockQ4K>();
-    if bytes.len() % size != 0
+    if !bytes.len().is_multiple_of(size)
         || bytes
             .as_ptr()
             .align_offset(std::mem::align_of::<BlockQ4K>())

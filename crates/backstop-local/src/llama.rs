@@ -154,7 +154,7 @@ impl Llama {
             hidden,
             context: metadata(ct, "llama.context_length").map_or(2048, |v| v as usize),
         };
-        if shape.heads % shape.kv_heads != 0 || shape.head_dim * shape.heads != hidden {
+        if !shape.heads.is_multiple_of(shape.kv_heads) || shape.head_dim * shape.heads != hidden {
             return Err(candle_core::Error::Msg(format!(
                 "unsupported llama shape {shape:?}"
             )));

@@ -5,8 +5,9 @@
 //! ggml's Q4_1 × Q8_1 product — activations quantized per block of 32 to
 //! 8-bit with one scale, weights' 4-bit values times the activations' 8-bit
 //! values summed in integers, then `d_w · d_x · Σ q_w q_x + m_w · d_x · Σ q_x` —
-//! with AVX2 (`maddubs`/`madd` on 32 values a block, scales applied with FMA)
-//! when the CPU has it and a portable loop otherwise, over the columns in
+//! with AVX-512 VNNI (`dpbusd` on 32 values a block, scales applied with FMA)
+//! or AVX2 (`maddubs`/`madd`) when the CPU has them, and a portable loop
+//! otherwise, over the columns in
 //! parallel on candle's own worker pool (a second pool would fight it for the
 //! cores).
 //!
@@ -93,11 +94,12 @@ fn dot_row(w: &[Block], x: &[Q8]) -> f32 {
         .sum()
 }
 
-/// The AVX2 path: the same arithmetic, 32 values a block in a few
-/// instructions. Every intrinsic here is safe to call inside this function,
-/// which enables the features it needs; loads are built from plain arrays.
+/// The x86-64 paths: the same arithmetic, 32 values a block in a few
+/// instructions, with AVX2 or with AVX-512 VNNI. Every intrinsic here is
+/// safe to call inside the functions, which enable the features they need;
+/// loads are built from plain arrays.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Block, Q8};
@@ -135,79 +137,121 @@ mod avx2 {
         _mm_cvtss_f32(half)
     }
 
+    /// `Σ w·x` of a block's 32 unsigned and 32 signed bytes, as eight i32
+    /// lanes to add up: AVX2 multiplies pairs to i16 (at most 2 · 15 · 127)
+    /// and adds pairs of those to i32.
+    #[target_feature(enable = "avx2,fma")]
+    fn block_avx2(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    /// The same sums in one AVX-512 VNNI instruction (four products to
+    /// i32 at once), on 256-bit registers.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    fn block_vnni(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+    }
+
     /// Weight rows `rows` against activation rows `xs`, `R × M` independent
     /// accumulator chains: each weight block is unpacked once for all the
     /// activation rows, and each activation block loaded once for all the
-    /// weight rows.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_tile<const R: usize, const M: usize>(
-        rows: [&[Block]; R],
-        xs: [&[Q8]; M],
-    ) -> [[f32; R]; M] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); R]; M];
-        let mut mins = [[0f32; R]; M];
-        let mut xv = [_mm256_setzero_si256(); M];
-        for b in 0..xs[0].len() {
-            for i in 0..M {
-                let p = &xs[i][b].packed;
-                xv[i] = _mm256_set_epi64x(p[3], p[2], p[1], p[0]);
-            }
-            for r in 0..R {
-                let w = &rows[r][b];
-                let wv = nibbles(w);
-                let (d, m) = (w.d.to_f32(), w.m.to_f32());
-                for i in 0..M {
-                    let x = &xs[i][b];
-                    // u8 × i8 pairs summed to i16 (at most 2 · 15 · 127),
-                    // then to i32.
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[i]), ones);
-                    let scale = _mm256_set1_ps(d * x.d);
-                    acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i][r]);
-                    mins[i][r] += m * x.sum;
+    /// weight rows. `$block` sums a block's products.
+    macro_rules! dot_tile {
+        ($name:ident, $features:literal, $block:ident) => {
+            #[target_feature(enable = $features)]
+            pub(in super::super) fn $name<const R: usize, const M: usize>(
+                rows: [&[Block]; R],
+                xs: [&[Q8]; M],
+            ) -> [[f32; R]; M] {
+                let mut acc = [[_mm256_setzero_ps(); R]; M];
+                let mut mins = [[0f32; R]; M];
+                let mut xv = [_mm256_setzero_si256(); M];
+                for b in 0..xs[0].len() {
+                    for i in 0..M {
+                        let p = &xs[i][b].packed;
+                        xv[i] = _mm256_set_epi64x(p[3], p[2], p[1], p[0]);
+                    }
+                    for r in 0..R {
+                        let w = &rows[r][b];
+                        let wv = nibbles(w);
+                        let (d, m) = (w.d.to_f32(), w.m.to_f32());
+                        for i in 0..M {
+                            let x = &xs[i][b];
+                            let sums = $block(wv, xv[i]);
+                            let scale = _mm256_set1_ps(d * x.d);
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i][r]);
+                            mins[i][r] += m * x.sum;
+                        }
+                    }
                 }
+                let mut out = [[0f32; R]; M];
+                for i in 0..M {
+                    for r in 0..R {
+                        out[i][r] = total(acc[i][r]) + mins[i][r];
+                    }
+                }
+                out
             }
-        }
-        let mut out = [[0f32; R]; M];
-        for i in 0..M {
-            for r in 0..R {
-                out[i][r] = total(acc[i][r]) + mins[i][r];
-            }
-        }
-        out
+        };
+    }
+
+    /// A tile's product on each path an x86-64 CPU may have.
+    pub(super) mod tiles {
+        use super::*;
+        dot_tile!(avx2, "avx2,fma", block_avx2);
+        dot_tile!(vnni, "avx2,fma,avx512vnni,avx512vl", block_vnni);
     }
 }
 
-/// Whether this CPU runs the AVX2 path.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// The instructions a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Simd {
+    /// Plain Rust.
+    Portable,
+    /// AVX2 and FMA (x86-64-v3).
+    Avx2,
+    /// AVX2 with AVX-512 VNNI's byte dot products (Zen 4, Ice Lake and
+    /// later): one instruction a block where AVX2 takes two.
+    Vnni,
+}
+
+impl Simd {
+    /// The best path this CPU runs.
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+            {
+                Simd::Vnni
+            } else {
+                Simd::Avx2
+            };
+        }
+        Simd::Portable
     }
 }
 
-/// Weight rows against activation rows, on the best path the CPU has:
+/// Weight rows against activation rows, on path `simd`:
 /// `out[i][r]` is row `r` of the weights times activation row `i`.
 #[inline]
 fn dot<const R: usize, const M: usize>(
     rows: [&[Block]; R],
     xs: [&[Q8]; M],
-    avx2: bool,
+    simd: Simd,
 ) -> [[f32; R]; M] {
+    // SAFETY (both calls): `simd` names a path only when `Simd::detect`
+    // found the CPU features its function enables; the functions read
+    // nothing but their slices, each as long as the first of `xs` (checked
+    // by the caller).
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: `avx2` is true only when the CPU was found to have AVX2 and
-        // FMA (`has_avx2`), the features `avx2::dot_tile` enables; it reads
-        // nothing but its slices, each as long as the first of `xs` (checked
-        // by the caller).
+    match simd {
         #[allow(unsafe_code)]
-        return unsafe { avx2::dot_tile(rows, xs) };
+        Simd::Vnni => return unsafe { x86::tiles::vnni(rows, xs) },
+        #[allow(unsafe_code)]
+        Simd::Avx2 => return unsafe { x86::tiles::avx2(rows, xs) },
+        Simd::Portable => {}
     }
-    let _ = avx2;
+    let _ = simd;
     xs.map(|x| rows.map(|w| dot_row(w, x)))
 }
 
@@ -272,31 +316,13 @@ impl FastQ4_1 {
         QTensor::new(QStorage::Cpu(Box::new(fast)), tensor.shape().clone())
     }
 
-    fn dequantized(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.blocks.len() * QK);
-        for b in &self.blocks {
-            let (d, m) = (b.d.to_f32(), b.m.to_f32());
-            out.extend(b.qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
-            out.extend(b.qs.iter().map(|q| d * f32::from(q >> 4) + m));
-        }
-        out
-    }
-}
-
-fn unsupported(what: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!("FastQ4_1 does not support {what}"))
-}
-
-impl QuantizedType for FastQ4_1 {
-    fn dtype(&self) -> GgmlDType {
-        GgmlDType::Q4_1
-    }
-
-    fn matmul_t(
+    /// `lhs · selfᵀ` into `dst` on path `simd`.
+    fn product(
         &self,
         (m, k, n): (usize, usize, usize),
         lhs: &[f32],
         dst: &mut [f32],
+        simd: Simd,
     ) -> Result<()> {
         if k % QK != 0 || lhs.len() != m * k || dst.len() < m * n || self.blocks.len() != n * k / QK
         {
@@ -306,7 +332,6 @@ impl QuantizedType for FastQ4_1 {
             )));
         }
         let per_row = k / QK;
-        let avx2 = has_avx2();
         let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
         // One task per run of output columns, for every activation row: the
         // weights of four columns are read from memory once and stay in the
@@ -346,19 +371,19 @@ impl QuantizedType for FastQ4_1 {
                             let weights = [column(c), column(c + 1), column(c + 2), column(c + 3)];
                             let mut row = rows.start;
                             while row + 2 <= rows.end {
-                                let [a, b] = dot(weights, [x(row), x(row + 1)], avx2);
+                                let [a, b] = dot(weights, [x(row), x(row + 1)], simd);
                                 out[row * cols + quad..][..4].copy_from_slice(&a);
                                 out[(row + 1) * cols + quad..][..4].copy_from_slice(&b);
                                 row += 2;
                             }
                             if row < rows.end {
-                                let [a] = dot(weights, [x(row)], avx2);
+                                let [a] = dot(weights, [x(row)], simd);
                                 out[row * cols + quad..][..4].copy_from_slice(&a);
                             }
                             quad += 4;
                         } else {
                             for row in rows.clone() {
-                                [[out[row * cols + quad]]] = dot([column(c)], [x(row)], avx2);
+                                [[out[row * cols + quad]]] = dot([column(c)], [x(row)], simd);
                             }
                             quad += 1;
                         }
@@ -378,6 +403,30 @@ impl QuantizedType for FastQ4_1 {
             }
         }
         Ok(())
+    }
+
+    fn dequantized(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.blocks.len() * QK);
+        for b in &self.blocks {
+            let (d, m) = (b.d.to_f32(), b.m.to_f32());
+            out.extend(b.qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
+            out.extend(b.qs.iter().map(|q| d * f32::from(q >> 4) + m));
+        }
+        out
+    }
+}
+
+fn unsupported(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("FastQ4_1 does not support {what}"))
+}
+
+impl QuantizedType for FastQ4_1 {
+    fn dtype(&self) -> GgmlDType {
+        GgmlDType::Q4_1
+    }
+
+    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        self.product(mkn, lhs, dst, Simd::detect())
     }
 
     fn matmul_t_f16(
@@ -506,6 +555,46 @@ mod tests {
             dq.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             rq.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn every_path_this_cpu_has_gives_the_same_product() {
+        // Shapes that take every branch: 4-column quads and single columns,
+        // pairs of rows and a row left over, more than one row tile.
+        let (k, n) = (256, 70);
+        let w = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap();
+        let fast = FastQ4_1::from_bytes(
+            &QTensor::quantize(&w, GgmlDType::Q4_1)
+                .unwrap()
+                .data()
+                .unwrap(),
+        );
+        let best = Simd::detect();
+        for m in [1, 2, 3, 67] {
+            let x = values(m * k, 9);
+            let product = |simd| {
+                let mut dst = vec![0f32; m * n];
+                fast.product((m, k, n), &x, &mut dst, simd).unwrap();
+                dst
+            };
+            let portable = product(Simd::Portable);
+            let mut simd_paths = [Simd::Avx2, Simd::Vnni].into_iter().filter(|s| *s <= best);
+            let Some(first) = simd_paths.next() else {
+                continue;
+            };
+            let want = product(first);
+            // The integer sums are exact on every path, so the x86 ones
+            // agree to the bit; the portable one sums in another order.
+            for simd in simd_paths {
+                assert_eq!(product(simd), want, "{simd:?}, {m} rows");
+            }
+            for (a, b) in portable.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "{m} rows: {a} against {b}"
+                );
+            }
+        }
     }
 
     #[test]
