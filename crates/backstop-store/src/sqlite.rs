@@ -5,7 +5,10 @@
 //! batches: it gathers writes for [`LINGER`] (or until [`Store::flush`]
 //! asks) and commits them in one transaction, so a thousand streams
 //! appending events cost a commit per batch, not per event, and a batch's
-//! events to one generation go in one segment (see `segment`). Reads use
+//! events to one generation go in one segment (see `segment`). A record
+//! inserted and updated in one batch (a stream that starts and ends within
+//! it) is written once, with its last status and object (see `Folds`):
+//! a foreground stream costs two statements, not three. Reads use
 //! their own connection (WAL lets them run beside the writer) on tokio's
 //! blocking pool.
 
@@ -20,7 +23,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::segment::{self, Row, Segments};
-use crate::write::{self, Answer, Write};
+use crate::write::{self, Answer, Folds, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
@@ -427,9 +430,17 @@ impl Writer {
     fn apply(&mut self, batch: &[Write]) -> Result<Vec<Answer>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut segments = Segments::default();
+        let folds = Folds::of(batch);
         let answers = batch
             .iter()
-            .map(|write| apply_one(&tx, &self.retention, &mut segments, write))
+            .enumerate()
+            .map(|(at, write)| {
+                if folds.folded(at) {
+                    return Ok(Answer::Done);
+                }
+                let updates = folds.updates(batch, at);
+                apply_one(&tx, &self.retention, &mut segments, write, &updates)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         write_segments(&tx, segments.drain())?;
         tx.commit()?;
@@ -457,15 +468,35 @@ fn write_segments(
     Ok(())
 }
 
-/// Applies one write inside the batch's transaction; what it found.
+/// An update of a record's status and final object, as a batch holds it.
+type Update<'a> = (&'a str, Status, Option<&'a Bytes>);
+
+fn update(
+    tx: &rusqlite::Transaction<'_>,
+    (id, status, object): Update<'_>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE responses SET status = ?2, object = ?3 WHERE id = ?1")?
+        .execute(params![id, status.as_str(), object.map(Bytes::as_ref)])?;
+    Ok(())
+}
+
+/// Applies one write inside the batch's transaction; what it found. An
+/// insert writes its record with the last of `updates` (the batch's later
+/// updates folded into it: see [`Folds`]).
 fn apply_one(
     tx: &rusqlite::Transaction<'_>,
     retention: &Retention,
     segments: &mut Segments,
     write: &Write,
+    updates: &[Update<'_>],
 ) -> Result<Answer, StoreError> {
     Ok(match write {
         Write::Insert(r, _) => {
+            let (status, object) = updates
+                .last()
+                .map_or((r.status, r.object.as_ref()), |&(_, status, object)| {
+                    (status, object)
+                });
             let added = tx
                 .prepare_cached(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \
@@ -475,12 +506,12 @@ fn apply_one(
                 .execute(params![
                     r.id,
                     r.kind.as_str(),
-                    r.status.as_str(),
+                    status.as_str(),
                     r.background,
                     r.stored,
                     r.key,
                     r.request.as_ref(),
-                    r.object.as_deref(),
+                    object.map(Bytes::as_ref),
                     r.created_at as i64,
                     r.expires_at as i64,
                     r.owner
@@ -492,16 +523,21 @@ fn apply_one(
                     Some(key) => get(tx, "key", key)?,
                     None => None,
                 };
-                match existing.or(get(tx, "id", &r.id)?) {
+                let inserted = match existing.or(get(tx, "id", &r.id)?) {
                     Some(existing) => Inserted::Exists(Box::new(existing)),
                     None => Inserted::New,
+                };
+                // The record was there already: its updates apply to it
+                // as they would have unfolded.
+                for &folded in updates {
+                    update(tx, folded)?;
                 }
+                inserted
             };
             Answer::Inserted(inserted)
         }
         Write::Update(id, status, object, _) => {
-            tx.prepare_cached("UPDATE responses SET status = ?2, object = ?3 WHERE id = ?1")?
-                .execute(params![id, status.as_str(), object.as_deref()])?;
+            update(tx, (id, *status, object.as_ref()))?;
             Answer::Done
         }
         Write::Append(id, seq, data) => {

@@ -103,6 +103,7 @@ conformance!(
     a_log_read_from_any_event_whatever_rows_its_batches_made,
     segments_are_compressed,
     an_append_says_when_the_writer_has_fallen_behind,
+    a_record_inserted_and_updated_in_one_batch_ends_as_updated,
 );
 
 fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
@@ -119,6 +120,53 @@ fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
         expires_at: created_at + 100,
         owner: None,
     }
+}
+
+/// Writes queued back to back share a batch (the writer gathers for 10 ms
+/// after the first), where SQLite folds a record's updates into its insert:
+/// the outcome is the same as one write after the other.
+async fn a_record_inserted_and_updated_in_one_batch_ends_as_updated(backend: Backend) {
+    let store = backend.open(Retention::default()).await;
+    let object = |n: u8| Some(Bytes::from(format!(r#"{{"n":{n}}}"#)));
+    let (inserted, started, ended) = tokio::join!(
+        store.insert(record("a", Some("k"), 1)),
+        store.update("a", Status::InProgress, object(1)),
+        store.update("a", Status::Completed, object(2)),
+    );
+    assert!(matches!(inserted.unwrap(), Inserted::New));
+    started.unwrap();
+    ended.unwrap();
+    let kept = store.get("a").await.unwrap().unwrap();
+    assert_eq!((kept.status, kept.object), (Status::Completed, object(2)));
+    assert_eq!(kept.key.as_deref(), Some("k"));
+
+    // The same record again, updated in the same batch: the insert finds
+    // the first, and the update is applied to it.
+    let (again, failed) = tokio::join!(
+        store.insert(record("a", Some("k"), 1)),
+        store.update("a", Status::Failed, None),
+    );
+    match again.unwrap() {
+        Inserted::Exists(existing) => assert_eq!(existing.status, Status::Completed),
+        Inserted::New => panic!("a second record for the same id"),
+    }
+    failed.unwrap();
+    let kept = store.get("a").await.unwrap().unwrap();
+    assert_eq!((kept.status, kept.object), (Status::Failed, None));
+
+    // Another id under the same key: not inserted, and its update finds
+    // nothing to change.
+    let (other, update) = tokio::join!(
+        store.insert(record("b", Some("k"), 1)),
+        store.update("b", Status::Completed, object(3)),
+    );
+    assert!(matches!(other.unwrap(), Inserted::Exists(e) if e.id == "a"));
+    update.unwrap();
+    assert!(store.get("b").await.unwrap().is_none());
+    assert_eq!(
+        store.get("a").await.unwrap().unwrap().status,
+        Status::Failed
+    );
 }
 
 async fn records_and_their_events_survive_a_reopen(backend: Backend) {

@@ -96,6 +96,73 @@ impl Write {
     }
 }
 
+/// Which updates of a batch its inserts can write themselves: a record
+/// inserted and then updated in the same batch (a stream that starts and
+/// ends within one commit, the common case) is written once, with its last
+/// status and object, instead of inserted and then rewritten.
+///
+/// An update folds into the last insert of its id before it, unless a
+/// delete or a sweep (which read or remove records) comes between them.
+/// An insert that finds its record already there (`ON CONFLICT`) must then
+/// apply its folded updates itself, in order, as they would have been.
+pub(crate) struct Folds {
+    /// For each write, the insert it folds into, if it is such an update.
+    into: Vec<Option<usize>>,
+    /// For each insert, its folded updates, in order.
+    updates: std::collections::HashMap<usize, Vec<usize>>,
+}
+
+impl Folds {
+    /// The folds of `batch`.
+    pub(crate) fn of(batch: &[Write]) -> Self {
+        let mut open: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut into = vec![None; batch.len()];
+        let mut updates: std::collections::HashMap<usize, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (at, write) in batch.iter().enumerate() {
+            match write {
+                Write::Insert(record, _) => {
+                    open.insert(&record.id, at);
+                }
+                Write::Update(id, ..) => {
+                    if let Some(&insert) = open.get(id.as_str()) {
+                        into[at] = Some(insert);
+                        updates.entry(insert).or_default().push(at);
+                    }
+                }
+                Write::Delete(..) | Write::Sweep(..) => open.clear(),
+                Write::Append(..) | Write::Flush(_) => {}
+            }
+        }
+        Folds { into, updates }
+    }
+
+    /// Whether write `at` is an update its insert writes.
+    pub(crate) fn folded(&self, at: usize) -> bool {
+        self.into.get(at).is_some_and(Option::is_some)
+    }
+
+    /// The updates folded into the insert at `at`, in order, as (id,
+    /// status, object): the last gives the record its status and object.
+    pub(crate) fn updates<'a>(
+        &self,
+        batch: &'a [Write],
+        at: usize,
+    ) -> Vec<(&'a str, Status, Option<&'a Bytes>)> {
+        self.updates
+            .get(&at)
+            .into_iter()
+            .flatten()
+            .filter_map(|&u| match &batch[u] {
+                Write::Update(id, status, object, _) => {
+                    Some((id.as_str(), *status, object.as_ref()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Answers a batch's writes: each with what applying it found, or all with
 /// the batch's failure.
 pub(crate) fn answer_all(batch: Vec<Write>, result: Result<Vec<Answer>, StoreError>) {
@@ -110,5 +177,58 @@ pub(crate) fn answer_all(batch: Vec<Write>, result: Result<Vec<Answer>, StoreErr
                 write.answer(Err(&e));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::{Kind, Record};
+
+    fn insert(id: &str) -> Write {
+        let record = Record {
+            id: id.into(),
+            kind: Kind::Response,
+            status: Status::InProgress,
+            background: false,
+            stored: true,
+            key: None,
+            request: Bytes::new(),
+            object: None,
+            created_at: 0,
+            expires_at: 0,
+            owner: None,
+        };
+        Write::Insert(record, oneshot::channel().0)
+    }
+
+    fn update(id: &str, status: Status) -> Write {
+        Write::Update(id.into(), status, None, oneshot::channel().0)
+    }
+
+    #[test]
+    fn updates_fold_into_their_insert_unless_a_delete_or_sweep_comes_between() {
+        let batch = [
+            insert("a"),
+            Write::Append("a".into(), 0, Bytes::from_static(b"e")),
+            update("a", Status::InProgress),
+            insert("b"),
+            update("a", Status::Completed),
+            update("c", Status::Completed),
+            Write::Delete("x".into(), oneshot::channel().0),
+            update("b", Status::Completed),
+            insert("d"),
+            Write::Sweep(0, oneshot::channel().0),
+            update("d", Status::Completed),
+        ];
+        let folds = Folds::of(&batch);
+        let folded: Vec<usize> = (0..batch.len()).filter(|&at| folds.folded(at)).collect();
+        assert_eq!(folded, [2, 4]);
+        let statuses =
+            |at| -> Vec<Status> { folds.updates(&batch, at).iter().map(|u| u.1).collect() };
+        assert_eq!(statuses(0), [Status::InProgress, Status::Completed]);
+        assert!(statuses(3).is_empty() && statuses(8).is_empty());
     }
 }
