@@ -2,7 +2,8 @@
 # What keeping generations costs: Responses streams through Backstops in
 # front of the same mock upstream, one with the store (every stream kept and
 # resumable, the default) and two with it turned off (the second measures
-# the machine's noise), side by side at fixed rates, with oha; then
+# the machine's noise), side by side at fixed rates, with oha, and the CPU
+# time each Backstop used a stream (from /proc); then
 # background jobs accepted per second, and bytes on disk per stored
 # response.
 #
@@ -69,12 +70,17 @@ load() { # url body rate|max
 # each round: the store's, the one without, and a second one without, whose
 # difference from the first (A/A) is what this machine's noise alone makes.
 # The table gives the median of each column, and of the differences.
+# CPU time a process has used (user + system), in microseconds, from /proc:
+# what each stream costs the machine, which unlike latency this shared
+# machine's noise barely moves.
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+cpu_us() { awk -v t="$tick_us" '{print ($14 + $15) * t}' "/proc/$1/stat"; }
 median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
-echo "| rate (req/s) | direct p50 / p99 (ms) | store off p50 / p99 (ms) | store on p50 / p99 (ms) | the store adds p50 / p99 (ms) | A/A: store off twice, p50 / p99 apart (ms) | achieved off / on (req/s) |"
-echo "|---|---|---|---|---|---|---|"
+echo "| rate (req/s) | direct p50 / p99 (ms) | store off p50 / p99 (ms) | store on p50 / p99 (ms) | the store adds p50 / p99 (ms) | A/A: store off twice, p50 / p99 apart (ms) | achieved off / on (req/s) | Backstop's CPU a stream off / on (µs) |"
+echo "|---|---|---|---|---|---|---|---|"
 for rate in 500 1000 max; do
   read -r d50 d99 _ _ <<<"$(load http://$mock_addr/v1/responses "$stream" $rate)"
-  cols=(off50 off99 offrps on50 on99 onrps same50 same99 samerps a50 a99 aa50 aa99)
+  cols=(off50 off99 offrps offcpu on50 on99 onrps oncpu same50 same99 samerps samecpu a50 a99 aa50 aa99)
   for c in "${cols[@]}"; do eval "$c=()"; done
   for round in $(seq "$rounds"); do
     order=(off on same)
@@ -83,17 +89,20 @@ for rate in 500 1000 max; do
       0) order=(same off on) ;;
     esac
     for which in "${order[@]}"; do
-      addr_var=${which}_addr
+      addr_var=${which}_addr pid_var=${which}_pid
+      before=$(cpu_us "${!pid_var}")
       read -r p50 p99 rps ok <<<"$(load "http://${!addr_var}/v1/responses" "$stream" $rate)"
+      used=$(($(cpu_us "${!pid_var}") - before))
       [ "$ok" = 100.0 ] || echo "warning: $which at $rate: $ok% ok" >&2
-      eval "${which}50+=($p50); ${which}99+=($p99); ${which}rps+=($rps)"
+      per=$(python3 -c "print(f'{$used / ($rps * $secs):.1f}')")
+      eval "${which}50+=($p50); ${which}99+=($p99); ${which}rps+=($rps); ${which}cpu+=($per)"
     done
     a50+=("$(python3 -c "print(${on50[-1]} - ${off50[-1]})")")
     a99+=("$(python3 -c "print(${on99[-1]} - ${off99[-1]})")")
     aa50+=("$(python3 -c "print(abs(${same50[-1]} - ${off50[-1]}))")")
     aa99+=("$(python3 -c "print(abs(${same99[-1]} - ${off99[-1]}))")")
   done
-  echo "| $rate | $d50 / $d99 | $(median "${off50[@]}") / $(median "${off99[@]}") | $(median "${on50[@]}") / $(median "${on99[@]}") | $(median "${a50[@]}") / $(median "${a99[@]}") | $(median "${aa50[@]}") / $(median "${aa99[@]}") | $(median "${offrps[@]}") / $(median "${onrps[@]}") |"
+  echo "| $rate | $d50 / $d99 | $(median "${off50[@]}") / $(median "${off99[@]}") | $(median "${on50[@]}") / $(median "${on99[@]}") | $(median "${a50[@]}") / $(median "${a99[@]}") | $(median "${aa50[@]}") / $(median "${aa99[@]}") | $(median "${offrps[@]}") / $(median "${onrps[@]}") | $(median "${offcpu[@]}") / $(median "${oncpu[@]}") |"
 done
 echo
 read -r j50 j99 jrps jok <<<"$(load http://$on_addr/v1/responses "$background" max)"
