@@ -23,7 +23,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::segment::{self, Row, Segments};
-use crate::write::{self, Answer, Folds, Write};
+use crate::write::{self, Answer, Folds, Update, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
@@ -438,7 +438,11 @@ impl Writer {
                 if folds.folded(at) {
                     return Ok(Answer::Done);
                 }
-                let updates = folds.updates(batch, at);
+                // Only an insert has updates folded into it.
+                let updates = match write {
+                    Write::Insert(..) => folds.updates(batch, at),
+                    _ => Vec::new(),
+                };
                 apply_one(&tx, &self.retention, &mut segments, write, &updates)
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -467,9 +471,6 @@ fn write_segments(
     }
     Ok(())
 }
-
-/// An update of a record's status and final object, as a batch holds it.
-type Update<'a> = (&'a str, Status, Option<&'a Bytes>);
 
 fn update(
     tx: &rusqlite::Transaction<'_>,

@@ -3,6 +3,8 @@
 //! writes, so that a store whose database went away for a moment can apply
 //! the same batch again; only then is each write answered.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
@@ -106,19 +108,21 @@ impl Write {
 /// An insert that finds its record already there (`ON CONFLICT`) must then
 /// apply its folded updates itself, in order, as they would have been.
 pub(crate) struct Folds {
-    /// For each write, the insert it folds into, if it is such an update.
-    into: Vec<Option<usize>>,
-    /// For each insert, its folded updates, in order.
-    updates: std::collections::HashMap<usize, Vec<usize>>,
+    /// Whether each write is an update that its insert writes.
+    folded: Vec<bool>,
+    /// For each insert with folded updates, their places, in order.
+    updates: HashMap<usize, Vec<usize>>,
 }
+
+/// An update of a record's status and final object, as a batch holds it.
+pub(crate) type Update<'a> = (&'a str, Status, Option<&'a Bytes>);
 
 impl Folds {
     /// The folds of `batch`.
     pub(crate) fn of(batch: &[Write]) -> Self {
-        let mut open: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut into = vec![None; batch.len()];
-        let mut updates: std::collections::HashMap<usize, Vec<usize>> =
-            std::collections::HashMap::new();
+        let mut open: HashMap<&str, usize> = HashMap::new();
+        let mut folded = vec![false; batch.len()];
+        let mut updates: HashMap<usize, Vec<usize>> = HashMap::new();
         for (at, write) in batch.iter().enumerate() {
             match write {
                 Write::Insert(record, _) => {
@@ -126,7 +130,7 @@ impl Folds {
                 }
                 Write::Update(id, ..) => {
                     if let Some(&insert) = open.get(id.as_str()) {
-                        into[at] = Some(insert);
+                        folded[at] = true;
                         updates.entry(insert).or_default().push(at);
                     }
                 }
@@ -134,21 +138,17 @@ impl Folds {
                 Write::Append(..) | Write::Flush(_) => {}
             }
         }
-        Folds { into, updates }
+        Folds { folded, updates }
     }
 
     /// Whether write `at` is an update its insert writes.
     pub(crate) fn folded(&self, at: usize) -> bool {
-        self.into.get(at).is_some_and(Option::is_some)
+        self.folded.get(at).copied().unwrap_or(false)
     }
 
-    /// The updates folded into the insert at `at`, in order, as (id,
-    /// status, object): the last gives the record its status and object.
-    pub(crate) fn updates<'a>(
-        &self,
-        batch: &'a [Write],
-        at: usize,
-    ) -> Vec<(&'a str, Status, Option<&'a Bytes>)> {
+    /// The updates folded into the insert at `at`, in order: the last
+    /// gives the record its status and object.
+    pub(crate) fn updates<'a>(&self, batch: &'a [Write], at: usize) -> Vec<Update<'a>> {
         self.updates
             .get(&at)
             .into_iter()
