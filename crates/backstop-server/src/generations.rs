@@ -68,14 +68,16 @@ impl Live {
         }
     }
 
-    /// Adds the next event; its sequence number.
-    fn push(&self, event: Bytes) -> u64 {
+    /// Adds the next events (a frame's); the first one's sequence number.
+    /// Its followers are woken once for them all.
+    fn extend(&self, new: &[Bytes]) -> u64 {
         let mut events = backstop_router::lock(&self.events);
-        events.push(event);
+        let first = events.len();
+        events.extend_from_slice(new);
         let n = events.len();
         drop(events);
         self.progress.send_modify(|p| p.0 = n);
-        n as u64 - 1
+        first as u64
     }
 
     fn finish(&self) {
@@ -296,19 +298,18 @@ impl Generations {
                 tokio::select! {
                     frame = frames.next() => {
                         let Some(frame) = frame else { break };
-                        let mut behind = false;
-                        for event in split_events(&frame) {
-                            let seq = live.push(event.clone());
-                            behind |= gens.store.append(&id, seq, event.clone());
-                            // A job's first event says it has started. (The
-                            // write is queued in order; the stream does not
-                            // wait for its commit.)
-                            if announce && seq == first {
-                                if let Some((_, object)) = response_of(&event) {
-                                    let object = restatus(&object, Status::InProgress);
-                                    drop(gens.store.update(&id, Status::InProgress, Some(object)));
-                                }
-                            }
+                        let events = split_events(&frame);
+                        let seq = live.extend(&events);
+                        // A job's first event says it has started. (The
+                        // write is queued in order, after the event; the
+                        // stream does not wait for its commit.)
+                        let started = (announce && seq == first)
+                            .then(|| events.first().and_then(|e| response_of(e)))
+                            .flatten();
+                        let behind = gens.store.append(&id, seq, events);
+                        if let Some((_, object)) = started {
+                            let object = restatus(&object, Status::InProgress);
+                            drop(gens.store.update(&id, Status::InProgress, Some(object)));
                         }
                         if behind {
                             // The store has fallen far behind: the stream

@@ -274,10 +274,12 @@ pub trait Store: Send + Sync {
         status: Status,
         object: Option<Bytes>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// Appends event `seq` (the next one) to a record's log; whether the
-    /// store has fallen behind, so that the caller should wait for a
-    /// [`Store::flush`] before it makes more.
-    fn append(&self, id: &str, seq: u64, event: Bytes) -> bool;
+    /// Appends `events`, numbered from `first` (the next one), to a
+    /// record's log; whether the store has fallen behind, so that the
+    /// caller should wait for a [`Store::flush`] before it makes more. A
+    /// stream appends each frame's events at once: one write, not one an
+    /// event.
+    fn append(&self, id: &str, first: u64, events: Vec<Bytes>) -> bool;
     /// A record by id.
     fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
     /// A record by idempotency key.

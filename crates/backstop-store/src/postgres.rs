@@ -29,13 +29,17 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::segment::{self, Row, Segments};
-use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
+use crate::sqlite::{BATCH, MAX_UNWRITTEN};
 use crate::write::{self, Answer, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
 };
 
+/// How long the writer gathers writes before committing them: shorter than
+/// SQLite's, since each commit is also when followers on other replicas
+/// hear of the events (one `NOTIFY` a batch).
+const LINGER: Duration = Duration::from_millis(10);
 /// Connections in the pool, readers and the writer together.
 const POOL: usize = 16;
 /// The longest wait for a pooled connection, a new one included.
@@ -659,17 +663,17 @@ impl Store for Postgres {
         self.ask(move |tx| Write::Update(id, status, object, tx))
     }
 
-    fn append(&self, id: &str, seq: u64, event: Bytes) -> bool {
-        let len = event.len();
+    fn append(&self, id: &str, first: u64, events: Vec<Bytes>) -> bool {
+        let len = events.iter().map(Bytes::len).sum();
         let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
         if self
-            .send(Write::Append(id.to_string(), seq, event))
+            .send(Write::Append(id.to_string(), first, events))
             .is_err()
         {
             tracing::error!(
                 id,
-                seq,
-                "the store's writer has stopped: an event is not kept"
+                first,
+                "the store's writer has stopped: events are not kept"
             );
         }
         queued > self.max_unwritten
@@ -1127,8 +1131,8 @@ async fn apply_one(
                 .await?;
             Answer::Done
         }
-        Write::Append(id, seq, data) => {
-            if let Some(row) = segments.append(id.clone(), *seq, data) {
+        Write::Append(id, first, events) => {
+            if let Some(row) = segments.append(id, *first, events) {
                 write_segments(tx, [row]).await?;
             }
             Answer::Done

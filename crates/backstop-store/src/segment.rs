@@ -6,6 +6,7 @@
 //! lengths (decimal, space-separated), its codec and its bytes.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use bytes::Bytes;
 
@@ -42,20 +43,24 @@ struct Segment {
 }
 
 impl Segment {
-    fn new(seq: u64, event: &[u8]) -> Self {
+    fn new(first: u64) -> Self {
         Segment {
-            first: seq,
-            count: 1,
-            lens: event.len().to_string(),
-            data: event.to_vec(),
+            first,
+            count: 0,
+            lens: String::new(),
+            data: Vec::new(),
         }
     }
 
-    fn push(&mut self, event: &[u8]) {
-        self.count += 1;
-        self.lens.push(' ');
-        self.lens.push_str(&event.len().to_string());
-        self.data.extend_from_slice(event);
+    fn extend(&mut self, events: &[Bytes]) {
+        for event in events {
+            if self.count > 0 {
+                self.lens.push(' ');
+            }
+            self.count += 1;
+            let _ = write!(self.lens, "{}", event.len());
+            self.data.extend_from_slice(event);
+        }
     }
 
     /// The row to write: compressed when that is worth it.
@@ -82,21 +87,26 @@ impl Segment {
 pub(crate) struct Segments(HashMap<String, Segment>);
 
 impl Segments {
-    /// Adds event `seq` of generation `id`; a row to write first when it is
-    /// not the next event of that generation's segment (what came before
-    /// goes as it is).
-    pub(crate) fn append(&mut self, id: String, seq: u64, event: &[u8]) -> Option<Row> {
-        match self.0.get_mut(&id) {
-            Some(segment) if segment.first + segment.count == seq => {
-                segment.push(event);
+    /// Adds `events` of generation `id`, numbered from `first`; a row to
+    /// write first when they do not follow that generation's segment (what
+    /// came before goes as it is).
+    pub(crate) fn append(&mut self, id: &str, first: u64, events: &[Bytes]) -> Option<Row> {
+        if events.is_empty() {
+            return None;
+        }
+        let fresh = || {
+            let mut segment = Segment::new(first);
+            segment.extend(events);
+            segment
+        };
+        match self.0.get_mut(id) {
+            Some(segment) if segment.first + segment.count == first => {
+                segment.extend(events);
                 None
             }
-            Some(segment) => {
-                let before = std::mem::replace(segment, Segment::new(seq, event));
-                Some(before.row(id))
-            }
+            Some(segment) => Some(std::mem::replace(segment, fresh()).row(id.to_string())),
             None => {
-                self.0.insert(id, Segment::new(seq, event));
+                self.0.insert(id.to_string(), fresh());
                 None
             }
         }

@@ -122,8 +122,8 @@ fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
     }
 }
 
-/// Writes queued back to back share a batch (the writer gathers for 10 ms
-/// after the first), where SQLite folds a record's updates into its insert:
+/// Writes queued back to back share a batch (the writer gathers for a
+/// moment after the first), where SQLite folds a record's updates into its insert:
 /// the outcome is the same as one write after the other.
 async fn a_record_inserted_and_updated_in_one_batch_ends_as_updated(backend: Backend) {
     let store = backend.open(Retention::default()).await;
@@ -182,7 +182,7 @@ async fn records_and_their_events_survive_a_reopen(backend: Backend) {
             .await
             .unwrap();
         for seq in 0..5 {
-            store.append("r1", seq, Bytes::from(format!("event {seq}")));
+            store.append("r1", seq, vec![Bytes::from(format!("event {seq}"))]);
         }
         store.flush().await.unwrap();
         let after = store.events("r1", Some(2)).await.unwrap();
@@ -239,8 +239,8 @@ async fn the_sweeper_deletes_expired_final_records(backend: Backend) {
         .update("running", Status::InProgress, None)
         .await
         .unwrap();
-    store.append("done", 0, Bytes::from_static(b"e"));
-    store.append("running", 0, Bytes::from_static(b"e"));
+    store.append("done", 0, vec![Bytes::from_static(b"e")]);
+    store.append("running", 0, vec![Bytes::from_static(b"e")]);
     // Not yet expired: nothing goes.
     assert_eq!(store.sweep(50).await.unwrap(), 0);
     // Expired: the finished one goes with its events; the running one stays.
@@ -276,11 +276,11 @@ async fn the_sweeper_keeps_to_the_size_budget(backend: Backend) {
             .update(&format!("r{i}"), Status::Completed, None)
             .await
             .unwrap();
-        store.append(&format!("r{i}"), 0, big.clone());
+        store.append(&format!("r{i}"), 0, vec![big.clone()]);
     }
     // One still running, the oldest of all: it stays whatever its size.
     store.insert(record("running", None, 0)).await.unwrap();
-    store.append("running", 0, big.clone());
+    store.append("running", 0, vec![big.clone()]);
     store.flush().await.unwrap();
     assert!(store.size().await.unwrap() > 512 << 10);
     let gone = store.sweep(0).await.unwrap();
@@ -296,7 +296,7 @@ async fn the_sweeper_keeps_to_the_size_budget(backend: Backend) {
 async fn deleting_removes_the_record_and_its_log(backend: Backend) {
     let store = backend.open(Retention::default()).await;
     store.insert(record("r", None, 1)).await.unwrap();
-    store.append("r", 0, Bytes::from_static(b"e"));
+    store.append("r", 0, vec![Bytes::from_static(b"e")]);
     assert!(store.delete("r").await.unwrap());
     assert!(!store.delete("r").await.unwrap());
     assert!(store.get("r").await.unwrap().is_none());
@@ -306,17 +306,18 @@ async fn deleting_removes_the_record_and_its_log(backend: Backend) {
 async fn a_log_read_from_any_event_whatever_rows_its_batches_made(backend: Backend) {
     let store = backend.open(Retention::default()).await;
     // Two generations' events interleaved, committed in three batches; one
-    // event appended twice (a retry), and an empty event.
+    // event appended twice (a retry, in a frame with the next two), and an
+    // empty event.
     for seq in 0..4 {
-        store.append("a", seq, Bytes::from(format!("a{seq}")));
-        store.append("b", seq, Bytes::from(format!("b{seq}")));
+        store.append("a", seq, vec![Bytes::from(format!("a{seq}"))]);
+        store.append("b", seq, vec![Bytes::from(format!("b{seq}"))]);
     }
     store.flush().await.unwrap();
-    store.append("a", 3, Bytes::from_static(b"a3"));
-    store.append("a", 4, Bytes::new());
-    store.append("a", 5, Bytes::from_static(b"a5"));
+    // A frame of three events at once, the first already kept.
+    let frame = [&b"a3"[..], b"", b"a5"].map(Bytes::from_static).to_vec();
+    store.append("a", 3, frame);
     store.flush().await.unwrap();
-    store.append("a", 6, Bytes::from_static(b"a6"));
+    store.append("a", 6, vec![Bytes::from_static(b"a6")]);
     store.flush().await.unwrap();
     let texts = |events: Vec<(u64, Bytes)>| -> Vec<(u64, String)> {
         events
@@ -357,10 +358,10 @@ async fn segments_are_compressed(backend: Backend) {
     let store = backend.open(Retention::default()).await;
     let want: Vec<(u64, Bytes)> = (0..40).map(|seq| (seq, delta(seq))).collect();
     for (seq, event) in &want {
-        store.append("r", *seq, event.clone());
+        store.append("r", *seq, vec![event.clone()]);
     }
     // Too short to gain from compressing: kept as it is.
-    store.append("short", 0, Bytes::from_static(b"tiny"));
+    store.append("short", 0, vec![Bytes::from_static(b"tiny")]);
     store.flush().await.unwrap();
     assert_eq!(store.events("r", None).await.unwrap(), want);
     assert_eq!(store.events("r", Some(20)).await.unwrap(), want[21..]);
@@ -377,14 +378,14 @@ async fn segments_are_compressed(backend: Backend) {
 
 async fn an_append_says_when_the_writer_has_fallen_behind(backend: Backend) {
     let store = backend.open_with(Retention::default(), Some(1 << 20)).await;
-    assert!(!store.append("r", 0, Bytes::from_static(b"e")));
+    assert!(!store.append("r", 0, vec![Bytes::from_static(b"e")]));
     // More than the bound, appended at once.
     let big = Bytes::from(vec![b'x'; 64 << 10]);
-    let behind = (1..=256).find(|&seq| store.append("r", seq, big.clone()));
+    let behind = (1..=256).find(|&seq| store.append("r", seq, vec![big.clone()]));
     assert!(behind.is_some(), "never behind");
     store.flush().await.unwrap();
     let next = behind.unwrap() + 1;
-    assert!(!store.append("r", next, Bytes::from_static(b"e")));
+    assert!(!store.append("r", next, vec![Bytes::from_static(b"e")]));
     store.flush().await.unwrap();
     assert_eq!(
         store.events("r", None).await.unwrap().len() as u64,
@@ -405,7 +406,7 @@ async fn replicas_starting_together_migrate_the_schema_once() {
     let (a, b, _) = (a.unwrap(), b.unwrap(), c.unwrap());
     // What one writes the others read.
     a.insert(record("r", None, 1)).await.unwrap();
-    a.append("r", 0, Bytes::from_static(b"e"));
+    a.append("r", 0, vec![Bytes::from_static(b"e")]);
     a.flush().await.unwrap();
     assert!(b.get("r").await.unwrap().is_some());
     assert_eq!(b.events("r", None).await.unwrap().len(), 1);
@@ -442,7 +443,7 @@ async fn a_database_of_the_first_version_is_read_on() {
         .unwrap();
     }
     let store = Sqlite::open(dir.path(), Retention::default()).unwrap();
-    store.append("r", 2, Bytes::from_static(b"e2"));
+    store.append("r", 2, vec![Bytes::from_static(b"e2")]);
     store.flush().await.unwrap();
     let events = store.events("r", Some(0)).await.unwrap();
     assert_eq!(
@@ -474,10 +475,10 @@ async fn sqlite_segments_are_lz4_and_those_of_the_second_version_read_on() {
         (1, Bytes::from_static(b"e1")),
     ];
     for seq in 2..40 {
-        store.append("r", seq, delta(seq));
+        store.append("r", seq, vec![delta(seq)]);
         want.push((seq, delta(seq)));
     }
-    store.append("short", 0, Bytes::from_static(b"tiny"));
+    store.append("short", 0, vec![Bytes::from_static(b"tiny")]);
     store.flush().await.unwrap();
     assert_eq!(store.events("r", None).await.unwrap(), want);
 
@@ -514,7 +515,7 @@ async fn postgres_writes_wait_while_the_database_is_away_and_land_when_it_is_bac
     store.insert(record("r", None, 1)).await.unwrap();
     relay.cut();
     for seq in 0..10 {
-        store.append("r", seq, delta(seq));
+        store.append("r", seq, vec![delta(seq)]);
     }
     let update = store.update("r", Status::Completed, None);
     let mut flush = std::pin::pin!(store.flush());
@@ -557,7 +558,7 @@ async fn postgres_replicas_hear_of_each_others_changes_as_they_commit() {
     // Watches started before the change: one for it, one for another id.
     let heard = b.changed("r", long);
     let mut other = std::pin::pin!(b.changed("other", long));
-    a.append("r", 0, delta(0));
+    a.append("r", 0, vec![delta(0)]);
     a.flush().await.unwrap();
     tokio::time::timeout(bound, heard)
         .await
@@ -584,7 +585,7 @@ async fn postgres_a_gone_replicas_generation_goes_to_one_claimer_only() {
             .await
             .unwrap();
         gone.insert(record("r", None, 1)).await.unwrap();
-        gone.append("r", 0, delta(0));
+        gone.append("r", 0, vec![delta(0)]);
         gone.flush().await.unwrap();
         // Running elsewhere, held: nobody else may claim it.
         let other = Postgres::connect(&url, Retention::default(), LEASE)
@@ -621,7 +622,7 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
         .unwrap();
     old.insert(record("r", None, 1)).await.unwrap();
     for seq in 0..3 {
-        old.append("r", seq, delta(seq));
+        old.append("r", seq, vec![delta(seq)]);
     }
     old.flush().await.unwrap();
     let released = old.released("r");
@@ -635,13 +636,13 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
     assert_eq!(claimed[0].id, "r");
     let theirs = |seq: u64| Bytes::from(format!("successor {seq}"));
     for seq in 3..5 {
-        new.append("r", seq, theirs(seq));
+        new.append("r", seq, vec![theirs(seq)]);
     }
     new.flush().await.unwrap();
     // The old holder comes back and writes on: fenced out, and told so.
     relay.restore();
     for seq in 3..6 {
-        old.append("r", seq, delta(seq));
+        old.append("r", seq, vec![delta(seq)]);
     }
     let ended = old.update("r", Status::Completed, None);
     tokio::time::timeout(std::time::Duration::from_secs(20), old.flush())
@@ -666,7 +667,7 @@ async fn postgres_a_replica_that_lost_its_lease_cannot_write_over_its_successor(
     // Another replica's cancel ends the successor's hold too.
     let released = new.released("r");
     old.update("r", Status::Cancelled, None).await.unwrap();
-    new.append("r", 5, theirs(5));
+    new.append("r", 5, vec![theirs(5)]);
     new.flush().await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(20), released)
         .await

@@ -17,7 +17,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 pub(crate) enum Write {
     Insert(Record, Reply<Inserted>),
     Update(String, Status, Option<Bytes>, Reply<()>),
-    Append(String, u64, Bytes),
+    /// A generation's next events, the first numbered as given.
+    Append(String, u64, Vec<Bytes>),
     Delete(String, Reply<bool>),
     Sweep(u64, Reply<u64>),
     Flush(Reply<()>),
@@ -39,7 +40,7 @@ impl Write {
     /// Event bytes it appends.
     pub(crate) fn appended(&self) -> usize {
         match self {
-            Write::Append(_, _, event) => event.len(),
+            Write::Append(_, _, events) => events.iter().map(Bytes::len).sum(),
             _ => 0,
         }
     }
@@ -212,7 +213,7 @@ mod tests {
     fn updates_fold_into_their_insert_unless_a_delete_or_sweep_comes_between() {
         let batch = [
             insert("a"),
-            Write::Append("a".into(), 0, Bytes::from_static(b"e")),
+            Write::Append("a".into(), 0, vec![Bytes::from_static(b"e")]),
             update("a", Status::InProgress),
             insert("b"),
             update("a", Status::Completed),
