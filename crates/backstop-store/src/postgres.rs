@@ -29,17 +29,13 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::segment::{self, Row, Segments};
-use crate::sqlite::{BATCH, MAX_UNWRITTEN};
+use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
 use crate::write::{self, Answer, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
 };
 
-/// How long the writer gathers writes before committing them: shorter than
-/// SQLite's, since each commit is also when followers on other replicas
-/// hear of the events (one `NOTIFY` a batch).
-const LINGER: Duration = Duration::from_millis(10);
 /// Connections in the pool, readers and the writer together.
 const POOL: usize = 16;
 /// The longest wait for a pooled connection, a new one included.

@@ -34,11 +34,10 @@ pub(crate) const BATCH: usize = 4096;
 /// How long the writer gathers writes before committing them. A commit
 /// writes every page it touched in full (the tables' and indexes' last
 /// pages, however little was added to them), so fewer, larger ones cost
-/// far less than one a write: 50 ms took a fifth off the writer's CPU time
-/// a stream against 10 ms (`bench-writer`). Only a flush commits sooner;
-/// a `kill -9` can lose what was gathered, which a restarted generation
-/// makes again from the text the store holds.
-pub(crate) const LINGER: Duration = Duration::from_millis(50);
+/// far less than one a write; only a flush commits sooner. (50 ms took a
+/// fifth off the writer's CPU time a stream, `bench-writer`, but its longer
+/// bursts added to the streams' p99 at 1,000 a second: 10 ms it stays.)
+pub(crate) const LINGER: Duration = Duration::from_millis(10);
 /// The writer's nice value (Linux): below the threads that serve streams,
 /// so that a commit never holds up an event on a busy machine; it runs in
 /// the time they leave.
@@ -453,27 +452,13 @@ impl Writer {
                     Write::Insert(..) => folds.updates(batch, at),
                     _ => Vec::new(),
                 };
-                let answer = apply_one(&tx, &self.retention, &mut segments, write, &updates);
-                step_aside();
-                answer
+                apply_one(&tx, &self.retention, &mut segments, write, &updates)
             })
             .collect::<Result<Vec<_>, _>>()?;
         write_segments(&tx, segments.drain())?;
         tx.commit()?;
         Ok(answers)
     }
-}
-
-/// Lets any thread waiting for this core run first. The writer runs below
-/// the threads that serve streams (nice 10), but a lower priority is a
-/// smaller share, not a quicker handover: Linux's scheduler (EEVDF) lets a
-/// running thread go on to the end of its slice, so a stream's thread woken
-/// meanwhile would wait behind the writer's whole batch. Giving the core up
-/// after each statement costs a system call when nobody waits; at
-/// 1,000 streams a second it cut the p99 the store adds from 0.95 to
-/// 0.54 ms (`benches/README.md`).
-fn step_aside() {
-    std::thread::yield_now();
 }
 
 fn write_segments(
@@ -485,7 +470,6 @@ fn write_segments(
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for row in rows {
-        step_aside();
         insert.execute(params![
             row.id,
             row.first as i64,
