@@ -80,6 +80,11 @@ impl Live {
         first as u64
     }
 
+    /// Events so far.
+    fn len(&self) -> usize {
+        backstop_router::lock(&self.events).len()
+    }
+
     fn finish(&self) {
         self.progress.send_modify(|p| p.1 = true);
     }
@@ -293,7 +298,7 @@ impl Generations {
             // one's to go on with, nor to end.
             let mut released = gens.store.released(&id);
             let mut lost = false;
-            let first = live.since(0).len() as u64;
+            let first = live.len() as u64;
             while !cancelled && !lost {
                 tokio::select! {
                     frame = frames.next() => {

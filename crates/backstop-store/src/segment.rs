@@ -53,6 +53,7 @@ impl Segment {
     }
 
     fn extend(&mut self, events: &[Bytes]) {
+        self.data.reserve(events.iter().map(Bytes::len).sum());
         for event in events {
             if self.count > 0 {
                 self.lens.push(' ');
