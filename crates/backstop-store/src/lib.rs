@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 mod postgres;
+mod priority;
 mod segment;
 mod sqlite;
 mod write;

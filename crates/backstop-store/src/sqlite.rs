@@ -8,7 +8,8 @@
 //! events to one generation go in one segment (see `segment`). A record
 //! inserted and updated in one batch (a stream that starts and ends within
 //! it) is written once, with its last status and object (see `Folds`):
-//! a foreground stream costs two statements, not three. Reads use
+//! a foreground stream costs two statements, not three. The writer runs
+//! in the time the streams leave (see `priority`). Reads use
 //! their own connection (WAL lets them run beside the writer) on tokio's
 //! blocking pool.
 
@@ -22,6 +23,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use crate::priority::Priority;
 use crate::segment::{self, Row, Segments};
 use crate::write::{self, Answer, Folds, Update, Write};
 use crate::{
@@ -38,14 +40,14 @@ pub(crate) const BATCH: usize = 4096;
 /// fifth off the writer's CPU time a stream, `bench-writer`, but its longer
 /// bursts added to the streams' p99 at 1,000 a second: 10 ms it stays.)
 pub(crate) const LINGER: Duration = Duration::from_millis(10);
-/// The writer's nice value (Linux): below the threads that serve streams,
-/// so that a commit never holds up an event on a busy machine; it runs in
-/// the time they leave.
-const NICE: i32 = 10;
 /// Event bytes queued for the writer past which an append asks its stream
 /// to wait for the writer, unless set otherwise: what a writer that falls
 /// behind (an overloaded machine, a slow disk) may hold in memory.
 pub(crate) const MAX_UNWRITTEN: usize = 64 << 20;
+/// Event bytes queued for the writer past which it is behind, and runs as
+/// an ordinary thread rather than in idle time only (see `priority`):
+/// about a fifth of a second of streams at 1,000 a second.
+const BEHIND: usize = 1 << 20;
 /// Records deleted at a time while the database is over its size.
 pub(crate) const SHED: usize = 16;
 
@@ -159,10 +161,7 @@ impl Sqlite {
         };
         let writer = std::thread::Builder::new()
             .name("backstop-store".into())
-            .spawn(move || {
-                background_priority();
-                writer.run(rx)
-            })
+            .spawn(move || writer.run(rx))
             .map_err(|source| StoreError::Directory {
                 path: dir.display().to_string(),
                 source,
@@ -399,17 +398,9 @@ struct Writer {
     queued: Arc<AtomicUsize>,
 }
 
-/// Lowers the calling thread's priority to [`NICE`] (Linux; a no-op
-/// elsewhere).
-fn background_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE) {
-        tracing::warn!("the store's writer keeps its priority: {e}");
-    }
-}
-
 impl Writer {
     fn run(mut self, writes: mpsc::Receiver<Write>) {
+        let mut priority = Priority::lower();
         let mut batch = Vec::with_capacity(BATCH);
         while let Ok(first) = writes.recv() {
             if !matches!(first, Write::Flush(_)) {
@@ -423,6 +414,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            priority.keep_up(self.queued.load(Ordering::Relaxed) > BEHIND);
             let appended: usize = batch.iter().map(Write::appended).sum();
             let result = self.apply(&batch);
             if let Err(e) = &result {
