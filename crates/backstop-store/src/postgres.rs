@@ -5,7 +5,8 @@
 //! One writer task applies writes in batches, as the embedded store does:
 //! it gathers writes for [`LINGER`] (or until [`Store::flush`] asks) and
 //! commits them in one transaction on a pooled connection, a batch's events
-//! to one generation in one segment. A batch that fails because the
+//! to one generation in one segment, a record inserted and updated within
+//! it written once (see `Folds`). A batch that fails because the
 //! database went away (a restart, a dropped connection) is applied again
 //! once it is back, for up to [`OUTAGE`]; until then its writes wait, and
 //! appends say the store is behind once [`MAX_UNWRITTEN`] bytes wait, so
@@ -30,7 +31,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::segment::{self, Row, Segments};
 use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
-use crate::write::{self, Answer, Write};
+use crate::write::{self, Answer, Folds, Update, Write};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
@@ -938,11 +939,25 @@ impl Writer {
         let tx = client.transaction().await?;
         let lost = self.fence(&tx, batch).await?;
         let mut segments = Segments::default();
+        let folds = Folds::of(batch);
         let mut answers = Vec::with_capacity(batch.len());
-        for write in batch {
+        for (at, write) in batch.iter().enumerate() {
             let answer = match write {
+                _ if folds.folded(at) => Answer::Done,
                 Write::Append(id, ..) | Write::Update(id, ..) if lost.contains(id) => Answer::Done,
-                write => apply_one(&tx, &self.retention, &self.holds, &mut segments, write).await?,
+                write => {
+                    // Only an insert has updates folded into it.
+                    let updates = match write {
+                        Write::Insert(..) => folds.updates(batch, at),
+                        _ => Vec::new(),
+                    };
+                    let step = Step {
+                        retention: &self.retention,
+                        holds: &self.holds,
+                        lost: &lost,
+                    };
+                    apply_one(&tx, &step, &mut segments, write, &updates).await?
+                }
             };
             answers.push(answer);
         }
@@ -1063,16 +1078,51 @@ async fn write_segments(
     Ok(())
 }
 
-/// Applies one write inside the batch's transaction; what it found.
+/// What applying a batch's writes one by one needs beside them.
+struct Step<'a> {
+    retention: &'a Retention,
+    holds: &'a Holds,
+    /// The held generations the batch may no longer write to.
+    lost: &'a HashSet<String>,
+}
+
+async fn update(
+    tx: &deadpool_postgres::Transaction<'_>,
+    (id, status, object): Update<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    let update = tx
+        .prepare_cached("UPDATE responses SET status = $2, object = $3 WHERE id = $1")
+        .await?;
+    tx.execute(
+        &update,
+        &[&id, &status.as_str(), &object.map(Bytes::as_ref)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies one write inside the batch's transaction; what it found. An
+/// insert writes its record with the last of `updates` (the batch's later
+/// updates folded into it: see [`Folds`]).
 async fn apply_one(
     tx: &deadpool_postgres::Transaction<'_>,
-    retention: &Retention,
-    holds: &Holds,
+    step: &Step<'_>,
     segments: &mut Segments,
     write: &Write,
+    updates: &[Update<'_>],
 ) -> Result<Answer, tokio_postgres::Error> {
+    let Step {
+        retention,
+        holds,
+        lost,
+    } = step;
     Ok(match write {
         Write::Insert(r, _) => {
+            let (status, object) = updates
+                .last()
+                .map_or((r.status, r.object.as_ref()), |&(_, status, object)| {
+                    (status, object)
+                });
             let insert = tx
                 .prepare_cached(&format!(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \
@@ -1087,12 +1137,12 @@ async fn apply_one(
                     &[
                         &r.id,
                         &r.kind.as_str(),
-                        &r.status.as_str(),
+                        &status.as_str(),
                         &r.background,
                         &r.stored,
                         &r.key,
                         &r.request.as_ref(),
-                        &r.object.as_deref(),
+                        &object.map(Bytes::as_ref),
                         &(r.created_at as i64),
                         &(r.expires_at as i64),
                         &r.owner,
@@ -1112,19 +1162,21 @@ async fn apply_one(
                     Some(existing) => Some(existing),
                     None => get(tx, "id", &r.id).await?,
                 };
-                match existing {
+                let inserted = match existing {
                     Some(existing) => Inserted::Exists(Box::new(existing)),
                     None => Inserted::New,
+                };
+                // The record was there already: its updates apply to it
+                // as they would have unfolded.
+                for &folded in updates.iter().filter(|u| !lost.contains(u.0)) {
+                    update(tx, folded).await?;
                 }
+                inserted
             };
             Answer::Inserted(inserted)
         }
         Write::Update(id, status, object, _) => {
-            let update = tx
-                .prepare_cached("UPDATE responses SET status = $2, object = $3 WHERE id = $1")
-                .await?;
-            tx.execute(&update, &[id, &status.as_str(), &object.as_deref()])
-                .await?;
+            update(tx, (id, *status, object.as_ref())).await?;
             Answer::Done
         }
         Write::Append(id, first, events) => {

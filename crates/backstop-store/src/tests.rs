@@ -123,7 +123,7 @@ fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
 }
 
 /// Writes queued back to back share a batch (the writer gathers for a
-/// moment after the first), where SQLite folds a record's updates into its insert:
+/// moment after the first), where each store folds a record's updates into its insert:
 /// the outcome is the same as one write after the other.
 async fn a_record_inserted_and_updated_in_one_batch_ends_as_updated(backend: Backend) {
     let store = backend.open(Retention::default()).await;
