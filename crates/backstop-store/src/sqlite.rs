@@ -108,6 +108,8 @@ pub struct Sqlite {
     writer: std::thread::Thread,
     /// Event bytes appended and not yet committed.
     queued: Arc<AtomicUsize>,
+    /// When the writer runs.
+    priority: Arc<Priority>,
     /// Past it, an append says the store is behind.
     max_unwritten: usize,
     read: Arc<Mutex<Connection>>,
@@ -154,10 +156,12 @@ impl Sqlite {
         read.busy_timeout(std::time::Duration::from_secs(5))?;
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let priority = Arc::new(Priority::default());
         let writer = Writer {
             conn: write,
             retention,
             queued: queued.clone(),
+            priority: priority.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("backstop-store".into())
@@ -172,6 +176,7 @@ impl Sqlite {
             writes: tx,
             writer,
             queued,
+            priority,
             max_unwritten: MAX_UNWRITTEN,
             read: Arc::new(Mutex::new(read)),
             claimed: AtomicBool::new(false),
@@ -187,6 +192,10 @@ impl Sqlite {
 
     fn send(&self, write: Write) -> Result<(), StoreError> {
         let flush = matches!(write, Write::Flush(_));
+        if flush {
+            // Its waiter does not wait for idle time.
+            self.priority.urge();
+        }
         self.writes.send(write).map_err(|_| StoreError::Closed)?;
         if flush {
             self.writer.unpark();
@@ -396,11 +405,12 @@ struct Writer {
     conn: Connection,
     retention: Retention,
     queued: Arc<AtomicUsize>,
+    priority: Arc<Priority>,
 }
 
 impl Writer {
     fn run(mut self, writes: mpsc::Receiver<Write>) {
-        let mut priority = Priority::lower();
+        self.priority.lower();
         let mut batch = Vec::with_capacity(BATCH);
         while let Ok(first) = writes.recv() {
             if !matches!(first, Write::Flush(_)) {
@@ -414,7 +424,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            priority.keep_up(self.queued.load(Ordering::Relaxed) > BEHIND);
+            self.priority
+                .keep_up(self.queued.load(Ordering::Relaxed) > BEHIND);
             let appended: usize = batch.iter().map(Write::appended).sum();
             let result = self.apply(&batch);
             if let Err(e) = &result {
@@ -423,7 +434,12 @@ impl Writer {
             // A flush's waiter sees the bytes it waited for gone from the
             // count.
             self.queued.fetch_sub(appended, Ordering::Relaxed);
+            let flushes = batch
+                .iter()
+                .filter(|w| matches!(w, Write::Flush(_)))
+                .count();
             write::answer_all(std::mem::take(&mut batch), result);
+            self.priority.flushed(flushes);
         }
     }
 
