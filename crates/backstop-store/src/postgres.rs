@@ -940,22 +940,18 @@ impl Writer {
         let lost = self.fence(&tx, batch).await?;
         let mut segments = Segments::default();
         let folds = Folds::of(batch);
+        let step = Step {
+            retention: &self.retention,
+            holds: &self.holds,
+            lost: &lost,
+        };
         let mut answers = Vec::with_capacity(batch.len());
         for (at, write) in batch.iter().enumerate() {
             let answer = match write {
                 _ if folds.folded(at) => Answer::Done,
                 Write::Append(id, ..) | Write::Update(id, ..) if lost.contains(id) => Answer::Done,
                 write => {
-                    // Only an insert has updates folded into it.
-                    let updates = match write {
-                        Write::Insert(..) => folds.updates(batch, at),
-                        _ => Vec::new(),
-                    };
-                    let step = Step {
-                        retention: &self.retention,
-                        holds: &self.holds,
-                        lost: &lost,
-                    };
+                    let updates = folds.updates(batch, at);
                     apply_one(&tx, &step, &mut segments, write, &updates).await?
                 }
             };
@@ -1118,11 +1114,7 @@ async fn apply_one(
     } = step;
     Ok(match write {
         Write::Insert(r, _) => {
-            let (status, object) = updates
-                .last()
-                .map_or((r.status, r.object.as_ref()), |&(_, status, object)| {
-                    (status, object)
-                });
+            let (status, object) = write::last_state(r, updates);
             let insert = tx
                 .prepare_cached(&format!(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \

@@ -455,11 +455,7 @@ impl Writer {
                 if folds.folded(at) {
                     return Ok(Answer::Done);
                 }
-                // Only an insert has updates folded into it.
-                let updates = match write {
-                    Write::Insert(..) => folds.updates(batch, at),
-                    _ => Vec::new(),
-                };
+                let updates = folds.updates(batch, at);
                 apply_one(&tx, &self.retention, &mut segments, write, &updates)
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -510,11 +506,7 @@ fn apply_one(
 ) -> Result<Answer, StoreError> {
     Ok(match write {
         Write::Insert(r, _) => {
-            let (status, object) = updates
-                .last()
-                .map_or((r.status, r.object.as_ref()), |&(_, status, object)| {
-                    (status, object)
-                });
+            let (status, object) = write::last_state(r, updates);
             let added = tx
                 .prepare_cached(
                     "INSERT INTO responses (id, kind, status, background, stored, key, request, \

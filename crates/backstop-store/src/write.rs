@@ -147,8 +147,8 @@ impl Folds {
         self.folded.get(at).copied().unwrap_or(false)
     }
 
-    /// The updates folded into the insert at `at`, in order: the last
-    /// gives the record its status and object.
+    /// The updates folded into the write at `at` (only an insert has
+    /// any), in order: the last gives the record its status and object.
     pub(crate) fn updates<'a>(&self, batch: &'a [Write], at: usize) -> Vec<Update<'a>> {
         self.updates
             .get(&at)
@@ -162,6 +162,18 @@ impl Folds {
             })
             .collect()
     }
+}
+
+/// The status and object an insert writes its record with: the last of
+/// the updates folded into it, or else the record's own.
+pub(crate) fn last_state<'a>(
+    record: &'a Record,
+    updates: &[Update<'a>],
+) -> (Status, Option<&'a Bytes>) {
+    updates.last().map_or(
+        (record.status, record.object.as_ref()),
+        |&(_, status, object)| (status, object),
+    )
 }
 
 /// Answers a batch's writes: each with what applying it found, or all with
