@@ -1273,10 +1273,16 @@ fn millis(
 }
 
 fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
-    let mut local = LocalConfig::new(
-        raw.name.unwrap_or_else(|| DEFAULT_MODEL_NAME.into()),
-        raw.model.unwrap_or_else(|| DEFAULT_MODEL.into()),
-    );
+    let model = raw.model.unwrap_or_else(|| DEFAULT_MODEL.into());
+    // Unnamed, a model is called after its file: what clients see in
+    // `model` is what answered them.
+    let name = raw.name.unwrap_or_else(|| match model.file_stem() {
+        Some(stem) if model.file_name() != Path::new(DEFAULT_MODEL).file_name() => {
+            stem.to_string_lossy().into_owned()
+        }
+        _ => DEFAULT_MODEL_NAME.into(),
+    });
+    let mut local = LocalConfig::new(name, model);
     if let Some(target) = raw.target {
         if target.is_empty()
             || !target

@@ -116,10 +116,12 @@ fn no_key_means_offline_with_the_local_model() {
     assert!(config.is_offline());
     let local = config.local.clone().unwrap();
     assert_eq!(local.model, Path::new("/models/x.gguf"));
-    assert_eq!(local.name, DEFAULT_MODEL_NAME);
+    // Called after its file, as it was not named.
+    assert_eq!(local.name, "x");
     assert_eq!(chains(&config), vec![(ModelMatch::Any, vec!["local"])]);
-    let default = Config::from_env(|_| None).unwrap();
-    assert_eq!(default.local.unwrap().model, Path::new(DEFAULT_MODEL));
+    let default = Config::from_env(|_| None).unwrap().local.unwrap();
+    assert_eq!(default.model, Path::new(DEFAULT_MODEL));
+    assert_eq!(default.name, DEFAULT_MODEL_NAME);
 }
 
 #[test]
