@@ -12,8 +12,8 @@ copied from VOCAB_GGUF: llama.cpp's `models/ggml-vocab-llama-spm.gguf`, which
 the llama.cpp source tree ships (see `benches/local.sh`).
 
 Blocks are random bytes with their scales set to small normal f16 values, so
-every weight is finite and of a plausible size (|w| < 0.2); the answers are
-nonsense, the work per token is the real model's. Needs the `gguf` and
+every weight is finite, of a plausible size (|w| < 0.2) and averages zero;
+the answers are nonsense, the work per token is the real model's. Needs the `gguf` and
 `numpy` Python packages. The file is about 3.9 GB.
 """
 
@@ -36,8 +36,11 @@ def blocks(kind, count):
     raw = rng.integers(0, 256, size=(count, BLOCK[kind]), dtype=np.uint8)
     if kind == Q4_K:
         # d and dmin (f16) lead the block, then 12 bytes of 6-bit scales and
-        # mins, then 128 bytes of nibbles: w = d·sc·q − dmin·m.
-        scales = np.array([2e-4, 2e-4], dtype=np.float16).view(np.uint8)
+        # mins, then 128 bytes of nibbles: w = d·sc·q − dmin·m. With
+        # dmin = 7.5·d the weights average zero (q averages 7.5, and sc and m
+        # alike): weights all of one sign would add up layer after layer into
+        # activations past f16's range, which a GPU's q8_1 block sums hold.
+        scales = np.array([2e-4, 1.5e-3], dtype=np.float16).view(np.uint8)
         raw[:, 0:4] = scales
     else:
         # 128 bytes of low bits, 64 of high bits, 16 signed 8-bit scales, d
