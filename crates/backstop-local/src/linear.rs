@@ -11,18 +11,26 @@
 //! 1.39 against 1.47; from three rows on the tiles win (4 rows: 2.06 against
 //! 3.31).
 //!
+//! On a GPU, candle multiplies quantized weights with integer kernels that
+//! suit a decode step's few rows; from [`GPU_DENSE_ROWS`] rows on (a prompt)
+//! [`Linear`] dequantizes the weights to f16 instead and multiplies on the
+//! tensor cores through cuBLAS, as llama.cpp can.
+//!
 //! [`Parallel`] stacks matrices that multiply the same input (q/k/v,
 //! gate/up) into one product when they are Q4_1.
 
 use candle_core::quantized::k_quants::{self, BlockQ4K};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use crate::llama::Precision;
 use crate::q4_1::FastQ4_1;
 
 /// Rows up to which Q4_K products use the compact blocks.
 const COMPACT_ROWS: usize = 2;
+
+/// Rows from which a product on the GPU runs in f16 on the tensor cores.
+const GPU_DENSE_ROWS: usize = 32;
 
 /// One weight matrix, `[out, in]`.
 pub struct Linear(QMatMul);
@@ -39,10 +47,31 @@ impl Linear {
 
     /// `x · Wᵀ` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.q4k_rows(x)? {
-            Some(y) => Ok(y),
-            None => self.0.forward(x),
+        if let Some(y) = self.q4k_rows(x)? {
+            return Ok(y);
         }
+        if let Some(y) = self.gpu_dense(x)? {
+            return Ok(y);
+        }
+        self.0.forward(x)
+    }
+
+    /// Many rows against quantized weights on a GPU: the weights
+    /// dequantized to f16 for this product and multiplied by cuBLAS; `None`
+    /// for anything else.
+    fn gpu_dense(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let QMatMul::QTensor(w) = &self.0 else {
+            return Ok(None);
+        };
+        let (_, k) = w.shape().dims2()?;
+        if !x.device().is_cuda() || x.elem_count() / k < GPU_DENSE_ROWS {
+            return Ok(None);
+        }
+        let w = w.dequantize_f16(x.device())?;
+        x.to_dtype(DType::F16)?
+            .broadcast_matmul(&w.t()?)?
+            .to_dtype(DType::F32)
+            .map(Some)
     }
 
     /// A few rows against Q4_K weights on the CPU, through the compact
