@@ -1,7 +1,11 @@
 //! The local model's speed on this machine, for side-by-side comparison with
 //! llama.cpp's `llama-bench` on the same GGUF file (see `local.sh`).
 //!
-//! Usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
+//! Usage: bench-local [--agree] MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
+//!
+//! With `--agree`, first checks that a prompt run in one step (many-row
+//! products: on a GPU, the f16 tensor-core path) and the same prompt run
+//! token by token (one-row products) end with the same logits.
 //!
 //! Prints total prompt and decode tokens/s of 1, 2 and 4 concurrent
 //! sequences (PROMPT_TOKENS of prompt and DECODE_TOKENS of answer each, by
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use backstop_adapter::{Backend, Request};
-use backstop_local::{LocalBackend, LocalConfig};
+use backstop_local::{LoadedModel, LocalBackend, LocalConfig};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
@@ -131,13 +135,41 @@ async fn concurrent(
     ))
 }
 
+/// The logits after a `tokens`-token prompt run in one step against the
+/// same prompt run token by token: the largest difference over the largest
+/// logit, and whether the top token is the same.
+fn agreement(model: &std::path::Path, tokens: usize) -> anyhow::Result<(f32, bool)> {
+    let model = LoadedModel::load(&LocalConfig::new("agree", model))?;
+    let llama = &model.llama;
+    let prompt: Vec<u32> = (0..tokens).map(|i| 1000 + (i * 37 % 5000) as u32).collect();
+    let mut cache = llama.cache(tokens)?;
+    let whole = llama.forward(&prompt, &mut cache)?.to_vec1::<f32>()?;
+    let mut cache = llama.cache(tokens)?;
+    let mut last = None;
+    for token in &prompt {
+        last = Some(llama.forward(&[*token], &mut cache)?);
+    }
+    let single = last.context("an empty prompt")?.to_vec1::<f32>()?;
+    let largest = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = whole
+        .iter()
+        .zip(&single)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let top = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    Ok((diff / largest, top(&whole) == top(&single)))
+}
+
 fn main() -> anyhow::Result<()> {
     backstop_local::settle_thread_count();
-    let mut args = std::env::args().skip(1);
-    let model: PathBuf = args
-        .next()
-        .context("usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]")?
-        .into();
+    let usage = "usage: bench-local [--agree] MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]";
+    let mut args = std::env::args().skip(1).peekable();
+    let agree = args.next_if_eq("--agree").is_some();
+    let model: PathBuf = args.next().context(usage)?.into();
     let mut number = |default: usize| -> anyhow::Result<usize> {
         args.next()
             .map_or(Ok(default), |a| a.parse().context("a token count"))
@@ -147,14 +179,31 @@ fn main() -> anyhow::Result<()> {
         bail!("{} is missing: run models/fetch", model.display());
     }
     let model_bytes = std::fs::metadata(&model)?.len() as f64;
+    if agree {
+        let tokens = 96;
+        let (diff, same) = agreement(&model, tokens)?;
+        println!("a {tokens}-token prompt in one step against token by token: largest logit difference {:.2e} of the largest logit, top token {}",
+            diff, if same { "the same" } else { "DIFFERENT" });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let started = Instant::now();
         let backend = LocalBackend::start(LocalConfig::new("bench", &model));
-        while !backend.ready() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // A request queued now is answered with the reason if the model
+        // fails to load (on a GPU machine, say), where waiting for
+        // readiness alone would wait forever.
+        let probe = prompt_of(1, 1, 0)?;
+        tokio::select! {
+            () = async {
+                while !backend.ready() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } => {}
+            failed = timed_stream(&backend, &probe) => {
+                failed.context("the model did not load")?;
+            }
         }
         let ready = started.elapsed().as_secs_f64();
         // Warm up: the first pass pages every weight in.
