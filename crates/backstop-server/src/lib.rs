@@ -551,23 +551,26 @@ pub async fn run(
 }
 
 /// Reloads the configuration on each SIGHUP (Unix). Without a file, says
-/// so rather than ending the process, as SIGHUP otherwise would.
+/// so rather than ending the process, as SIGHUP otherwise would. The
+/// handler is in place when this returns, before the server says it
+/// listens: a SIGHUP sent as soon as it does must not end it.
 fn reload_on_signal(app: Arc<App>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hangups = signal(SignalKind::hangup());
+        tokio::spawn(async move {
+            let Ok(mut hangups) = hangups else {
                 return;
             };
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the configuration");
                 let _ = app.reload_in_background().await;
             }
-        }
-        #[cfg(not(unix))]
-        drop(app);
-    })
+        })
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move { drop(app) })
 }
 
 /// How often the configuration file is looked at for a change.
