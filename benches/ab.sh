@@ -2,8 +2,10 @@
 # Backstops of one build that differ only in their environment or store
 # setting, side by side: Responses streams through each, in front of the same
 # mock upstream, at a fixed rate and then flat out, in rounds whose order
-# rotates, with the median of each column. For an experiment kept behind an
-# environment variable until it has been measured.
+# rotates, with the median of each column (the CPU column: the Backstop
+# process's user and system time over the streams it served, from /proc).
+# For an experiment kept behind an environment variable until it has been
+# measured.
 #
 #   benches/ab.sh SECONDS ROUNDS VARIANT...
 #
@@ -28,7 +30,7 @@ command -v oha >/dev/null || { echo "oha is needed: cargo install oha --locked" 
 target/release/bench-mock $mock_addr >/dev/null &
 pids=($!)
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-names=() addrs=()
+names=() addrs=() servers=()
 port=18182
 for variant in "$@"; do
   IFS=: read -r name store env wrap <<<"$variant"
@@ -49,6 +51,7 @@ enabled = false"
   IFS=, read -r -a under <<<"${wrap:-}"
   env "${vars[@]}" BACKSTOP_LOG=warn "${under[@]}" target/release/backstop --config "$work/$name.toml" >/dev/null &
   pids+=($!)
+  servers+=($!)
   names+=("$name")
   addrs+=("$addr")
 done
@@ -66,24 +69,29 @@ load() { # url rate|max -> "p50_ms p99_ms req/s percent_200"
   oha --no-tui --output-format json -z "${secs}s" -c 32 "${q[@]}" -m POST \
     -H 'content-type: application/json' -d "$stream" "$1" | python3 benches/oha_summary.py
 }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, in clock ticks
+tick=$(getconf CLK_TCK)
 median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
 
 n=${#names[@]}
-echo "| rate (req/s) | variant | p50 (ms) | p99 (ms) | achieved (req/s) |"
-echo "|---|---|---|---|---|"
+echo "| rate (req/s) | variant | p50 (ms) | p99 (ms) | achieved (req/s) | Backstop's CPU a stream (µs) |"
+echo "|---|---|---|---|---|---|"
 for rate in 1000 max; do
-  declare -A p50=() p99=() rps=()
+  declare -A p50=() p99=() rps=() cpu=()
   for round in $(seq "$rounds"); do
     for k in $(seq 0 $((n - 1))); do
       i=$(((k + round) % n))
+      before=$(cpu_ticks "${servers[$i]}")
       read -r a b c ok <<<"$(load "http://${addrs[$i]}/v1/responses" "$rate")"
+      after=$(cpu_ticks "${servers[$i]}")
       [ "$ok" = 100.0 ] || echo "warning: ${names[$i]} at $rate: $ok% ok" >&2
       p50[$i]+=" $a" p99[$i]+=" $b" rps[$i]+=" $c"
+      cpu[$i]+=" $(python3 -c "print(($after - $before) / $tick * 1e6 / ($c * $secs))")"
     done
   done
   for i in $(seq 0 $((n - 1))); do
     # shellcheck disable=SC2086
-    echo "| $rate | ${names[$i]} | $(median ${p50[$i]}) | $(median ${p99[$i]}) | $(median ${rps[$i]}) |"
+    echo "| $rate | ${names[$i]} | $(median ${p50[$i]}) | $(median ${p99[$i]}) | $(median ${rps[$i]}) | $(median ${cpu[$i]}) |"
   done
-  unset p50 p99 rps
+  unset p50 p99 rps cpu
 done
