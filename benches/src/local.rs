@@ -3,9 +3,9 @@
 //!
 //! Usage: bench-local [--agree] MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
 //!
-//! With `--agree`, first checks that a prompt run in one step (many-row
-//! products: on a GPU, the f16 tensor-core path) and the same prompt run
-//! token by token (one-row products) end with the same logits.
+//! With `--agree`, first reports how far apart the logits are after a
+//! prompt run in one step (many-row products: on a GPU, the f16 tensor-core
+//! path) and after the same prompt run token by token (one-row products).
 //!
 //! Prints total prompt and decode tokens/s of 1, 2 and 4 concurrent
 //! sequences (PROMPT_TOKENS of prompt and DECODE_TOKENS of answer each, by
