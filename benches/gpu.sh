@@ -22,7 +22,8 @@
 #     --features backstop-local/cuda
 # LLAMA_CPP_DIR is llama.cpp's source (vendor/llama.cpp of the
 # llama-cpp-python==0.3.36 sdist: see benches/local.sh); its CUDA build goes
-# to build-cuda (about 3 minutes on 16 cores), and its gguf-py writes the
+# to build-cuda (under 3 minutes there, by ../shared/cuda/README.md; here it
+# ran while the binary served), and its gguf-py writes the
 # model (benches/make-llama7b.py, with numpy) unless GPU_MODEL names one.
 # HBM_GB_S is the GPU's memory bandwidth (default 4800, an H200's). The
 # binaries need the CUDA 13 runtime, cuBLAS and cuRAND on LD_LIBRARY_PATH
@@ -100,7 +101,9 @@ if [ -x "$build/bin/llama-batched-bench" ]; then
   gpu_peak timeout 300 "$build/bin/llama-batched-bench" -m "$model" -c 4096 -npp 512 -ntg 128 \
     -npl 1,2,4 -ngl 99 2>&1 | grep -E '^\||GPU memory|FAILED'
 fi
-echo "## Backstop (GPU 0): bench-local --agree MODEL 512 128 512"
-gpu_peak timeout 300 "$bins/bench-local" --agree "$model" 512 128 512
+echo "## Backstop (GPU 0): bench-local MODEL 512 128 512"
+gpu_peak timeout 300 "$bins/bench-local" "$model" 512 128 512
+echo "## Backstop (GPU 0): bench-local --agree MODEL"
+timeout 120 "$bins/bench-local" --agree "$model" || echo "FAILED ($?): bench-local --agree"
 bytes=$(stat -c %s "$model")
 python3 -c "print(f'HBM bound on decode: {$hbm * 1e9 / $bytes:.0f} tok/s ({$hbm} GB/s over {$bytes / 1e9:.2f} GB of weights)')"

@@ -1,11 +1,13 @@
 //! The local model's speed on this machine, for side-by-side comparison with
 //! llama.cpp's `llama-bench` on the same GGUF file (see `local.sh`).
 //!
-//! Usage: bench-local [--agree] MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
+//! Usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
+//!        bench-local --agree MODEL_GGUF
 //!
-//! With `--agree`, first reports how far apart the logits are after a
-//! prompt run in one step (many-row products: on a GPU, the f16 tensor-core
-//! path) and after the same prompt run token by token (one-row products).
+//! `--agree` only reports how far apart the logits are after a prompt run
+//! in one step (many-row products: on a GPU, the f16 tensor-core path) and
+//! after the same prompt run token by token (one-row products), in a
+//! process of its own so that its copy of the model is not in the timings.
 //!
 //! Prints total prompt and decode tokens/s of 1, 2 and 4 concurrent
 //! sequences (PROMPT_TOKENS of prompt and DECODE_TOKENS of answer each, by
@@ -166,7 +168,8 @@ fn agreement(model: &std::path::Path, tokens: usize) -> anyhow::Result<(f32, boo
 
 fn main() -> anyhow::Result<()> {
     backstop_local::settle_thread_count();
-    let usage = "usage: bench-local [--agree] MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]";
+    let usage = "usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS] \
+                 | bench-local --agree MODEL_GGUF";
     let mut args = std::env::args().skip(1).peekable();
     let agree = args.next_if_eq("--agree").is_some();
     let model: PathBuf = args.next().context(usage)?.into();
@@ -184,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         let (diff, same) = agreement(&model, tokens)?;
         println!("a {tokens}-token prompt in one step against token by token: largest logit difference {:.2e} of the largest logit, top token {}",
             diff, if same { "the same" } else { "DIFFERENT" });
+        return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
