@@ -2,8 +2,9 @@
 # Backstops of one build that differ only in their environment or store
 # setting, side by side: Responses streams through each, in front of the same
 # mock upstream, at a fixed rate and then flat out, in rounds whose order
-# rotates, with the median of each column (the CPU column: the Backstop
-# process's user and system time over the streams it served, from /proc).
+# rotates, with the median of each column (the CPU columns: the Backstop
+# process's user and system time over the streams it served, from /proc, and
+# the part of it its store's writer thread ran, from that thread's schedstat).
 # For an experiment kept behind an environment variable until it has been
 # measured.
 #
@@ -70,28 +71,36 @@ load() { # url rate|max -> "p50_ms p99_ms req/s percent_200"
     -H 'content-type: application/json' -d "$stream" "$1" | python3 benches/oha_summary.py
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, in clock ticks
+writer_ns() { # the store's writer thread's run time, in ns (0 without a store)
+  local t
+  for t in /proc/"$1"/task/*; do
+    [ "$(cat "$t/comm")" = backstop-store ] && { cut -d' ' -f1 "$t/schedstat"; return; }
+  done
+  echo 0
+}
 tick=$(getconf CLK_TCK)
 median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
 
 n=${#names[@]}
-echo "| rate (req/s) | variant | p50 (ms) | p99 (ms) | achieved (req/s) | Backstop's CPU a stream (µs) |"
-echo "|---|---|---|---|---|---|"
+echo "| rate (req/s) | variant | p50 (ms) | p99 (ms) | achieved (req/s) | Backstop's CPU a stream (µs) | of which its store's writer (µs) |"
+echo "|---|---|---|---|---|---|---|"
 for rate in 1000 max; do
-  declare -A p50=() p99=() rps=() cpu=()
+  declare -A p50=() p99=() rps=() cpu=() wcpu=()
   for round in $(seq "$rounds"); do
     for k in $(seq 0 $((n - 1))); do
       i=$(((k + round) % n))
-      before=$(cpu_ticks "${servers[$i]}")
+      before=$(cpu_ticks "${servers[$i]}") wbefore=$(writer_ns "${servers[$i]}")
       read -r a b c ok <<<"$(load "http://${addrs[$i]}/v1/responses" "$rate")"
-      after=$(cpu_ticks "${servers[$i]}")
+      after=$(cpu_ticks "${servers[$i]}") wafter=$(writer_ns "${servers[$i]}")
       [ "$ok" = 100.0 ] || echo "warning: ${names[$i]} at $rate: $ok% ok" >&2
       p50[$i]+=" $a" p99[$i]+=" $b" rps[$i]+=" $c"
       cpu[$i]+=" $(python3 -c "print(($after - $before) / $tick * 1e6 / ($c * $secs))")"
+      wcpu[$i]+=" $(python3 -c "print(($wafter - $wbefore) / 1e3 / ($c * $secs))")"
     done
   done
   for i in $(seq 0 $((n - 1))); do
     # shellcheck disable=SC2086
-    echo "| $rate | ${names[$i]} | $(median ${p50[$i]}) | $(median ${p99[$i]}) | $(median ${rps[$i]}) | $(median ${cpu[$i]}) |"
+    echo "| $rate | ${names[$i]} | $(median ${p50[$i]}) | $(median ${p99[$i]}) | $(median ${rps[$i]}) | $(median ${cpu[$i]}) | $(median ${wcpu[$i]}) |"
   done
-  unset p50 p99 rps cpu
+  unset p50 p99 rps cpu wcpu
 done
