@@ -7,6 +7,13 @@ use anyhow::Context;
 use backstop_server::{run, App, Config, ConfigSource};
 use clap::{Parser, Subcommand};
 
+/// jemalloc rather than glibc's malloc: a kept stream's buffers are made on
+/// the serving threads and freed on the store's writer, which glibc pays
+/// for in arena locks and consolidation (`benches/README.md`, "the
+/// allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// An OpenAI-compatible failover router for LLM completions.
 #[derive(Parser)]
 #[command(version, about)]
