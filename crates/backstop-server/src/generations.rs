@@ -98,6 +98,15 @@ impl Live {
             .unwrap_or_default()
     }
 
+    /// Events from index `from` on, as one frame of SSE events with their
+    /// `id:` lines, and how many: made under the lock, with no copy of the
+    /// list (every kept stream's follower reads each frame here).
+    fn frame_since(&self, from: usize) -> (Bytes, usize) {
+        let events = backstop_router::lock(&self.events);
+        let new = events.get(from..).unwrap_or_default();
+        (with_ids(from as u64, new), new.len())
+    }
+
     /// Asks the generation to stop.
     pub(crate) fn cancel(&self) {
         self.cancel.send_replace(true);
@@ -361,10 +370,9 @@ impl Generations {
                     loop {
                         let (made, done) = *progress.borrow_and_update();
                         if made as u64 > next {
-                            let events = live.since(next as usize);
-                            let n = events.len() as u64;
-                            let frame = Frame::data(with_ids(next, &events));
-                            return Some((Ok(frame), (live, progress, next + n)));
+                            let (frame, n) = live.frame_since(next as usize);
+                            let frame = Frame::data(frame);
+                            return Some((Ok(frame), (live, progress, next + n as u64)));
                         }
                         if done || progress.changed().await.is_err() {
                             return None;
