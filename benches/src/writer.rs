@@ -18,6 +18,11 @@ use backstop_store::{Kind, Record, Retention, Sqlite, Status, Store};
 use bytes::Bytes;
 use serde_json::json;
 
+/// The allocator the `backstop` binary uses: the writer frees what the
+/// streams allocated, and what that costs depends on it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// CPU time (user + system) of a thread of this process whose name is
 /// `comm`, or of the whole process for `None`, in microseconds.
 fn cpu_us(comm: Option<&str>) -> anyhow::Result<u64> {
