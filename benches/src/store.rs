@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use backstop_server::{run, App, Config};
 use backstop_testkit::{MockReply, MockUpstream};
+use serde_json::{json, Value};
+use tokio::time::Instant;
 
 /// The allocator the `backstop` binary uses, so the in-process server
 /// measured here is the one that ships.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use serde_json::{json, Value};
-use tokio::time::Instant;
 
 fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples.sort();

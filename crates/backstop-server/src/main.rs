@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 
 /// jemalloc rather than glibc's malloc: a kept stream's buffers are made on
 /// the serving threads and freed on the store's writer, which glibc pays
-/// for in arena locks and consolidation (`benches/README.md`, "the
-/// allocator").
+/// for in arena locks and consolidation (`benches/README.md`, "jemalloc,
+/// shipped").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
