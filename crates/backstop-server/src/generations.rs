@@ -36,7 +36,7 @@ const FOLLOW_FAILURES: u32 = 30;
 /// The store, the generations running now, and the bounds on background jobs.
 pub(crate) struct Generations {
     pub(crate) store: Arc<dyn Store>,
-    live: Mutex<HashMap<String, Arc<Live>>>,
+    live: Arc<Mutex<HashMap<String, Arc<Live>>>>,
     /// Background jobs generating at once.
     pub(crate) runners: Arc<Semaphore>,
     /// Places for background jobs accepted and not finished.
@@ -96,6 +96,11 @@ impl Live {
             .get(from..)
             .map(<[Bytes]>::to_vec)
             .unwrap_or_default()
+    }
+
+    /// How the generation ended, from its events so far (see [`outcome`]).
+    fn outcome(&self, kind: Kind, cancelled: bool) -> (Status, Option<Bytes>) {
+        outcome(kind, &backstop_router::lock(&self.events), cancelled)
     }
 
     /// Events from index `from` on, as one frame of SSE events with their
@@ -158,7 +163,7 @@ impl Generations {
         };
         Ok(Generations {
             store,
-            live: Mutex::new(HashMap::new()),
+            live: Arc::new(Mutex::new(HashMap::new())),
             runners: Arc::new(Semaphore::new(config.max_running)),
             places: Arc::new(Semaphore::new(config.max_running + config.max_queued)),
             retention,
@@ -340,16 +345,26 @@ impl Generations {
             // Dropping the frames stops the generation.
             drop(frames);
             // Its clients are done now; it stays live (in memory) until its
-            // end is committed, so no reader finds the log short.
+            // end is committed, so no reader finds the log short. The store
+            // says so itself: no task waits for the commit.
             live.finish();
-            if !lost {
-                let (status, object) = outcome(kind, &live.since(0), cancelled);
-                if let Err(e) = gens.store.update(&id, status, object).await {
+            let ended = (!lost).then(|| live.outcome(kind, cancelled));
+            let running = gens.live.clone();
+            let forget = move |id: &str| {
+                backstop_router::lock(&running).remove(id);
+                live.kept.send_replace(true);
+            };
+            let Some((status, object)) = ended else {
+                return forget(&id);
+            };
+            let at = id.clone();
+            let then = move |kept: Result<(), StoreError>| {
+                if let Err(e) = kept {
                     tracing::error!(id, "cannot keep a generation's end: {e}");
                 }
-            }
-            backstop_router::lock(&gens.live).remove(&id);
-            live.kept.send_replace(true);
+                forget(&id);
+            };
+            gens.store.end(&at, status, object, Box::new(then));
         })
     }
 
