@@ -56,11 +56,14 @@ async fn a_missing_model_is_not_ready_and_answers_cleanly() {
     let h = Harness::with_config(Vec::new(), toml).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(h.get("/readyz").await.status(), 503);
-    let resp = h.post("/v1/chat/completions", &question(false)).await;
-    assert!(resp.status().is_server_error());
-    let v: Value = resp.json().await.unwrap();
-    let message = v["error"]["message"].as_str().unwrap();
-    assert!(message.contains("not available"), "{message}");
+    // Every answer names the cause, also once the breaker has opened.
+    for _ in 0..4 {
+        let resp = h.post("/v1/chat/completions", &question(false)).await;
+        assert!(resp.status().is_server_error());
+        let v: Value = resp.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("not available"), "{message}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

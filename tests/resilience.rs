@@ -68,6 +68,12 @@ async fn when_every_breaker_is_open_the_client_gets_a_clean_503() {
     assert_eq!(resp.headers()["x-backstop-attempts"], "0");
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "circuit_open");
+    // The cause is told, not only that the breaker is open.
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("last failed with") && message.contains("bad gateway"),
+        "{message}"
+    );
     assert_eq!(h.mocks[0].requests().len(), 2);
 }
 

@@ -161,6 +161,8 @@ struct Stats {
     trips: u32,
     /// The latest failures that count, newest last.
     recent: VecDeque<(Instant, FailureKind)>,
+    /// What the latest of them said.
+    last_message: Option<String>,
 }
 
 /// One target's breaker.
@@ -217,6 +219,7 @@ impl CircuitBreaker {
                 window: Window::default(),
                 trips: 0,
                 recent: VecDeque::new(),
+                last_message: None,
             }),
             healthy: AtomicBool::new(true),
             probe_streak: std::sync::atomic::AtomicI32::new(0),
@@ -358,6 +361,12 @@ impl CircuitBreaker {
             .iter()
             .map(|(at, kind)| (*kind, now.saturating_duration_since(*at)))
             .collect()
+    }
+
+    /// What the latest failure that counts against it said: the cause a
+    /// client refused while it is open is told.
+    pub fn last_failure(&self) -> Option<String> {
+        crate::lock(&self.stats).last_message.clone()
     }
 
     /// Opens it again at once with its open period already over, so that
@@ -572,6 +581,20 @@ impl Attempt {
     pub fn record(mut self, outcome: Outcome) {
         self.settled = true;
         self.breaker.record(outcome);
+    }
+
+    /// Records that the call failed, and what it said.
+    pub fn fail(self, kind: FailureKind, message: &str) {
+        if kind.trips_breaker() {
+            /// A message is kept to this many characters.
+            const KEPT: usize = 300;
+            let kept = match message.char_indices().nth(KEPT) {
+                Some((end, _)) => format!("{}…", &message[..end]),
+                None => message.to_string(),
+            };
+            crate::lock(&self.breaker.stats).last_message = Some(kept);
+        }
+        self.record(Outcome::Failure(kind));
     }
 }
 

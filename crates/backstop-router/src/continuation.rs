@@ -181,7 +181,11 @@ impl State {
             };
             match &item {
                 Some(Ok(_)) => {}
-                Some(Err(e)) => self.settle(Outcome::Failure(e.kind)),
+                Some(Err(e)) => {
+                    if let Some(attempt) = self.attempt.take() {
+                        attempt.fail(e.kind, &e.message);
+                    }
+                }
                 None => self.settle(Outcome::Success),
             }
             match item {
@@ -382,7 +386,7 @@ impl State {
                 }
                 Err(e) => {
                     if let Some(attempt) = attempt {
-                        attempt.record(Outcome::Failure(e.kind));
+                        attempt.fail(e.kind, &e.message);
                     }
                     tracing::warn!(
                         to = next.backend.name(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use backstop_adapter::{BackendError, BoxFuture, FailureKind, Reply};
 use tokio::time::Instant;
 
-use crate::breaker::{Attempt, Outcome};
+use crate::breaker::Attempt;
 use crate::lock;
 use crate::retry::RetryPolicy;
 
@@ -148,7 +148,7 @@ pub(crate) async fn race<'r, T>(mut primary: Call<'r, T>, hedge: Option<Hedge<'r
             }
             () = sleep_until_some(slow_at) => {
                 if let Some(p) = primary.pending.take() {
-                    p.record(Outcome::Failure(FailureKind::FirstByteTimeout));
+                    p.fail(FailureKind::FirstByteTimeout, "its first byte was slower than the breaker's `slow_call_ms`");
                 }
             }
             () = sleep_until_some(hedge_due) => {

@@ -190,7 +190,7 @@ fn attempts(failed: &[(String, BackendError)]) -> u32 {
 /// Records a failed call on its breaker.
 fn settle(pending: Option<Attempt>, e: &BackendError) {
     if let Some(pending) = pending {
-        pending.record(Outcome::Failure(e.kind));
+        pending.fail(e.kind, &e.message);
     }
 }
 
@@ -563,9 +563,15 @@ impl Router {
                     if let Some(tx) = self.mirror.as_ref().and_then(|m| m.offer(name, req)) {
                         mirrored.push(tx);
                     }
+                    let cause = breaker
+                        .and_then(|b| b.last_failure())
+                        .map(|m| format!("; it last failed with: {m}"))
+                        .unwrap_or_default();
                     let e = BackendError::new(
                         FailureKind::Unavailable,
-                        format!("target `{name}` is unavailable: its circuit breaker is open"),
+                        format!(
+                            "target `{name}` is unavailable: its circuit breaker is open{cause}"
+                        ),
                     );
                     failed.push((name.to_string(), e));
                     continue 'targets;

@@ -155,6 +155,7 @@ pub(crate) async fn status(State(app): State<Arc<App>>) -> Response {
                     serde_json::json!({"kind": kind.as_str(), "ago_ms": ago.as_millis() as u64})
                 })
                 .collect();
+            v["last_failure"] = serde_json::json!(b.last_failure());
             v["admitted_fraction"] = serde_json::json!(b.admitted_fraction());
             v["shadow"] = serde_json::to_value(shadows.get(t)).unwrap_or_default();
             v
