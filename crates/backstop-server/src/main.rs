@@ -117,6 +117,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     .context("configuration")?;
+    if source.is_none() && config.local.is_none() {
+        // Configured from the environment, with a key: the local model
+        // would be the last resort, and its file is not where it is looked
+        // for (relative to the working directory).
+        tracing::warn!(
+            "no local model behind the upstream: {} is not in {} (run models/fetch there, or set \
+             BACKSTOP_MODEL); when the upstream fails, clients get its failure",
+            backstop_config::DEFAULT_MODEL,
+            std::env::current_dir().map_or_else(
+                |_| "the working directory".into(),
+                |d| d.display().to_string()
+            )
+        );
+    }
     if admin_listen.is_some()
         && !config.admin_listen.ip().is_loopback()
         && config.admin_token.is_none()

@@ -55,7 +55,14 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
 }
 
 /// Starts the binary and waits for it to say where it listens.
-fn listening(mut command: Command) -> (Child, String) {
+fn listening(command: Command) -> (Child, String) {
+    let (child, addr, _) = listening_with_log(command);
+    (child, addr)
+}
+
+/// Starts the binary and waits for it to say where it listens; what it
+/// logged until then.
+fn listening_with_log(mut command: Command) -> (Child, String, Vec<String>) {
     // Each run keeps its generations in a store of its own, unless told.
     if !command.get_envs().any(|(k, _)| k == "BACKSTOP_DATA") {
         let data = std::env::temp_dir().join(format!(
@@ -74,16 +81,42 @@ fn listening(mut command: Command) -> (Child, String) {
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut log = Vec::new();
     let addr = stdout
         .lines()
         .map_while(Result::ok)
         .find_map(|line| {
-            line.split("listening on http://")
+            let addr = line
+                .split("listening on http://")
                 .nth(1)
-                .map(|a| a.trim().to_string())
+                .map(|a| a.trim().to_string());
+            log.push(line);
+            addr
         })
         .expect("the binary says where it listens");
-    (child, addr)
+    (child, addr, log)
+}
+
+#[test]
+fn with_a_key_and_no_model_file_it_warns_that_nothing_is_behind_the_upstream() {
+    let elsewhere = std::env::temp_dir().join(format!("backstop-cli-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(&elsewhere)
+        .env("BACKSTOP_LISTEN", "127.0.0.1:0")
+        .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+        .env("OPENAI_API_KEY", "sk-test")
+        .env_remove("BACKSTOP_MODEL");
+    let (child, _, log) = listening_with_log(command);
+    drop(Stop(child));
+    let _ = std::fs::remove_dir_all(&elsewhere);
+    assert!(
+        log.iter()
+            .any(|l| l.contains("no local model behind the upstream") && l.contains("models/fetch")),
+        "{log:#?}"
+    );
 }
 
 #[test]
