@@ -36,7 +36,7 @@ const FOLLOW_FAILURES: u32 = 30;
 /// The store, the generations running now, and the bounds on background jobs.
 pub(crate) struct Generations {
     pub(crate) store: Arc<dyn Store>,
-    live: Arc<Mutex<HashMap<String, Arc<Live>>>>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
     /// Background jobs generating at once.
     pub(crate) runners: Arc<Semaphore>,
     /// Places for background jobs accepted and not finished.
@@ -98,7 +98,8 @@ impl Live {
             .unwrap_or_default()
     }
 
-    /// How the generation ended, from its events so far (see [`outcome`]).
+    /// How the generation ended, from its events so far (see [`outcome`]),
+    /// read under the lock rather than from a copy of the list.
     fn outcome(&self, kind: Kind, cancelled: bool) -> (Status, Option<Bytes>) {
         outcome(kind, &backstop_router::lock(&self.events), cancelled)
     }
@@ -163,7 +164,7 @@ impl Generations {
         };
         Ok(Generations {
             store,
-            live: Arc::new(Mutex::new(HashMap::new())),
+            live: Mutex::new(HashMap::new()),
             runners: Arc::new(Semaphore::new(config.max_running)),
             places: Arc::new(Semaphore::new(config.max_running + config.max_queued)),
             retention,
@@ -345,26 +346,16 @@ impl Generations {
             // Dropping the frames stops the generation.
             drop(frames);
             // Its clients are done now; it stays live (in memory) until its
-            // end is committed, so no reader finds the log short. The store
-            // says so itself: no task waits for the commit.
+            // end is committed, so no reader finds the log short.
             live.finish();
-            let ended = (!lost).then(|| live.outcome(kind, cancelled));
-            let running = gens.live.clone();
-            let forget = move |id: &str| {
-                backstop_router::lock(&running).remove(id);
-                live.kept.send_replace(true);
-            };
-            let Some((status, object)) = ended else {
-                return forget(&id);
-            };
-            let at = id.clone();
-            let then = move |kept: Result<(), StoreError>| {
-                if let Err(e) = kept {
+            if !lost {
+                let (status, object) = live.outcome(kind, cancelled);
+                if let Err(e) = gens.store.update(&id, status, object).await {
                     tracing::error!(id, "cannot keep a generation's end: {e}");
                 }
-                forget(&id);
-            };
-            gens.store.end(&at, status, object, Box::new(then));
+            }
+            backstop_router::lock(&gens.live).remove(&id);
+            live.kept.send_replace(true);
         })
     }
 

@@ -253,9 +253,6 @@ pub enum StoreError {
     Batch(String),
 }
 
-/// Told how a write went, on the store's writer: see [`Store::end`].
-pub type Then = Box<dyn FnOnce(Result<(), StoreError>) + Send + Sync>;
-
 /// Durable generations: the interface every store implements.
 ///
 /// Every write is queued when its method is called, and writes are applied
@@ -278,11 +275,6 @@ pub trait Store: Send + Sync {
         status: Status,
         object: Option<Bytes>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// Queues generation `id`'s end, as [`Store::update`] does, and calls
-    /// `then` with how it went once its batch is settled: on the store's
-    /// writer, with no task waiting for it, so `then` must be quick and
-    /// must not block.
-    fn end(&self, id: &str, status: Status, object: Option<Bytes>, then: Then);
     /// Appends `events`, numbered from `first` (the next one), to a
     /// record's log; whether the store has fallen behind, so that the
     /// caller should wait for a [`Store::flush`] before it makes more. A

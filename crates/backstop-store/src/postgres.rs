@@ -31,9 +31,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::segment::{self, Row, Segments};
 use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
-use crate::write::{self, Answer, Folds, Reply, Update, Write};
+use crate::write::{self, Answer, Folds, Update, Write};
 use crate::{
-    BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError, Then,
+    BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
 };
 
@@ -289,10 +289,10 @@ impl Postgres {
     /// Sends a write and waits for its answer.
     fn ask<T: Send + 'static>(
         &self,
-        write: impl FnOnce(Reply<T>) -> Write,
+        write: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.send(write(Reply::Wait(tx)));
+        let sent = self.send(write(tx));
         Box::pin(async move {
             sent?;
             rx.await.map_err(|_| StoreError::Closed)?
@@ -658,13 +658,6 @@ impl Store for Postgres {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let id = id.to_string();
         self.ask(move |tx| Write::Update(id, status, object, tx))
-    }
-
-    fn end(&self, id: &str, status: Status, object: Option<Bytes>, then: Then) {
-        let end = Write::Update(id.to_string(), status, object, Reply::Then(then));
-        if let Err(unsent) = self.writes.send(end) {
-            unsent.0.answer(Err(&StoreError::Closed));
-        }
     }
 
     fn append(&self, id: &str, first: u64, events: Vec<Bytes>) -> bool {

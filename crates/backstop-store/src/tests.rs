@@ -104,7 +104,6 @@ conformance!(
     segments_are_compressed,
     an_append_says_when_the_writer_has_fallen_behind,
     a_record_inserted_and_updated_in_one_batch_ends_as_updated,
-    an_end_is_told_once_it_is_committed,
 );
 
 fn record(id: &str, key: Option<&str>, created_at: u64) -> Record {
@@ -168,30 +167,6 @@ async fn a_record_inserted_and_updated_in_one_batch_ends_as_updated(backend: Bac
         store.get("a").await.unwrap().unwrap().status,
         Status::Failed
     );
-}
-
-/// `end` is an update whose issuer is called, not awaited: once the call
-/// comes, a read finds the end (the record and every event before it).
-async fn an_end_is_told_once_it_is_committed(backend: Backend) {
-    let store = backend.open(Retention::default()).await;
-    drop(store.insert(record("a", None, 1)));
-    store.append("a", 0, vec![Bytes::from_static(b"data: 1\n\n")]);
-    let (told, kept) = tokio::sync::oneshot::channel();
-    let object = Some(Bytes::from_static(br#"{"n":1}"#));
-    store.end(
-        "a",
-        Status::Completed,
-        object.clone(),
-        Box::new(move |result| drop(told.send(result))),
-    );
-    tokio::time::timeout(std::time::Duration::from_secs(10), kept)
-        .await
-        .expect("told within the batch's time")
-        .unwrap()
-        .unwrap();
-    let kept = store.get("a").await.unwrap().unwrap();
-    assert_eq!((kept.status, kept.object), (Status::Completed, object));
-    assert_eq!(store.events("a", None).await.unwrap().len(), 1);
 }
 
 async fn records_and_their_events_survive_a_reopen(backend: Backend) {

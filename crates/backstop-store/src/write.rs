@@ -10,25 +10,8 @@ use tokio::sync::oneshot;
 
 use crate::{Inserted, Record, Status, StoreError};
 
-/// Who hears how a write went, once its batch is settled.
-pub(crate) enum Reply<T> {
-    /// A waiter, on its channel.
-    Wait(oneshot::Sender<Result<T, StoreError>>),
-    /// A call made on the writer itself: for an issuer that must act on
-    /// the commit but has no task to wait for it (see [`crate::Then`]).
-    Then(Box<dyn FnOnce(Result<T, StoreError>) + Send + Sync>),
-}
-
-impl<T> Reply<T> {
-    fn send(self, result: Result<T, StoreError>) {
-        match self {
-            Reply::Wait(tx) => {
-                let _ = tx.send(result);
-            }
-            Reply::Then(then) => then(result),
-        }
-    }
-}
+/// Where a write's waiter hears how it went.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A write for a store's writer, with where to say it is done.
 pub(crate) enum Write {
@@ -75,7 +58,7 @@ impl Write {
     /// found, or the batch's failure.
     pub(crate) fn answer(self, answer: Result<Answer, &StoreError>) {
         fn send<T>(reply: Reply<T>, value: Option<T>, failed: Option<&StoreError>) {
-            reply.send(match (value, failed) {
+            let _ = reply.send(match (value, failed) {
                 (Some(value), None) => Ok(value),
                 (_, Some(e)) => Err(StoreError::Batch(e.to_string())),
                 (None, None) => Err(StoreError::Batch("no answer".into())),
@@ -231,11 +214,11 @@ mod tests {
             expires_at: 0,
             owner: None,
         };
-        Write::Insert(record, Reply::Wait(oneshot::channel().0))
+        Write::Insert(record, oneshot::channel().0)
     }
 
     fn update(id: &str, status: Status) -> Write {
-        Write::Update(id.into(), status, None, Reply::Wait(oneshot::channel().0))
+        Write::Update(id.into(), status, None, oneshot::channel().0)
     }
 
     #[test]
@@ -247,10 +230,10 @@ mod tests {
             insert("b"),
             update("a", Status::Completed),
             update("c", Status::Completed),
-            Write::Delete("x".into(), Reply::Wait(oneshot::channel().0)),
+            Write::Delete("x".into(), oneshot::channel().0),
             update("b", Status::Completed),
             insert("d"),
-            Write::Sweep(0, Reply::Wait(oneshot::channel().0)),
+            Write::Sweep(0, oneshot::channel().0),
             update("d", Status::Completed),
         ];
         let folds = Folds::of(&batch);
