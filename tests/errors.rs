@@ -39,11 +39,12 @@ async fn raw_post(h: &Harness, path: &str, body: &'static str) -> reqwest::Respo
 #[tokio::test]
 async fn bad_request_bodies_get_400s_that_name_the_parameter() {
     let h = Harness::start().await;
-    let cases: [(&str, &str, Option<&str>); 7] = [
+    let cases: [(&str, &str, Option<&str>); 8] = [
         ("/v1/chat/completions", "{\"model\": \"m\", \"messages\": [", None),
         ("/v1/chat/completions", "{\"model\": \"m\"}", Some("messages")),
         ("/v1/chat/completions", "{\"model\": \"m\", \"messages\": \"hi\"}", Some("messages")),
         ("/v1/chat/completions", "{\"model\": \"m\", \"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}", Some("messages[0].role")),
+        ("/v1/chat/completions", "{\"model\": \"m\", \"messages\": [{\"role\": \"user\"}]}", Some("messages[0].content")),
         ("/v1/chat/completions", "{\"model\": 5, \"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", Some("model")),
         ("/v1/chat/completions", "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"temperature\": \"hot\"}", Some("temperature")),
         ("/v1/completions", "{\"model\": \"m\"}", Some("prompt")),

@@ -86,6 +86,7 @@ impl Request {
         de.end()
             .map_err(|e| invalid(format!("invalid JSON: {e}"), None))?;
         validate(&chat)?;
+        validate_messages(&chat.messages)?;
         Ok(Request {
             chat,
             api: Api::Chat,
@@ -429,6 +430,34 @@ fn validate(chat: &ChatRequest) -> Result<(), InvalidRequest> {
     }
     if let Some(v) = extra("logit_bias") {
         validate_logit_bias(v)?;
+    }
+    Ok(())
+}
+
+/// What OpenAI requires of each chat message beyond its role: content on
+/// every turn but an assistant's that calls a tool, and the call a tool
+/// message answers. Without this a backend would see an empty turn, and the
+/// local model would answer a prompt the client never wrote.
+fn validate_messages(messages: &[Message]) -> Result<(), InvalidRequest> {
+    for (i, m) in messages.iter().enumerate() {
+        let calls = m.tool_calls.is_some() || m.extra.contains_key("function_call");
+        if m.content.is_none() && !(m.role == Role::Assistant && (calls || m.refusal.is_some())) {
+            let rule = if m.role == Role::Assistant {
+                " unless the message has `tool_calls`"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                format!("missing required parameter `messages[{i}].content`{rule}"),
+                Some(format!("messages[{i}].content")),
+            ));
+        }
+        if m.role == Role::Tool && m.tool_call_id.is_none() {
+            return Err(invalid(
+                format!("missing required parameter `messages[{i}].tool_call_id`"),
+                Some(format!("messages[{i}].tool_call_id")),
+            ));
+        }
     }
     Ok(())
 }

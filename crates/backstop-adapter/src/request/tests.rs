@@ -39,6 +39,23 @@ fn bad_bodies_name_the_parameter() {
     let e = err(r#"{"model":"m","messages":[{"role":"user","content":[{"text":"x"}]}]}"#);
     assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
 
+    let e = err(r#"{"model":"m","messages":[{"role":"user"}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+    let e = err(
+        r#"{"model":"m","messages":[{"role":"user","content":"x"},{"role":"system","content":null}]}"#,
+    );
+    assert_eq!(e.param.as_deref(), Some("messages[1].content"));
+    let e = err(r#"{"model":"m","messages":[{"role":"assistant"}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+    let e = err(r#"{"model":"m","messages":[{"role":"tool","content":"42"}]}"#);
+    assert_eq!(e.param.as_deref(), Some("messages[0].tool_call_id"));
+    // An assistant turn that only calls a tool has no content, rightly.
+    let calls = r#"{"model":"m","messages":[{"role":"user","content":"x"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",
+         "function":{"name":"f","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"42"}]}"#;
+    assert!(Request::parse_chat(calls.as_bytes()).is_ok());
+
     let e = err(r#"[1,2]"#);
     assert_eq!(e.param, None);
 
