@@ -108,9 +108,8 @@ mod tests {
     async fn unknown_names_and_other_sources_are_explained() {
         let e = fetch(&catalogue(), "gpt-5").await.unwrap_err().to_string();
         assert!(e.contains("smollm2-135m-instruct"), "{e}");
-        let dir = std::env::temp_dir().join(format!("backstop-catalogue-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("catalogue.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalogue.toml");
         std::fs::write(&path, "[m]\nfile = \"m.gguf\"\nsource = \"pypi\"\n").unwrap();
         let e = fetch(&path, "m").await.unwrap_err().to_string();
         assert!(e.contains("models/fetch m"), "{e}");

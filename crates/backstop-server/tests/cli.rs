@@ -20,9 +20,8 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 
 fn check(name: &str, toml: &str) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("backstop-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.toml"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, toml).unwrap();
     let out = Command::new(BIN)
         .arg("check-config")
@@ -61,19 +60,9 @@ fn listening(command: Command) -> (Child, String) {
 }
 
 /// Starts the binary and waits for it to say where it listens; what it
-/// logged until then.
+/// logged until then. (Each test gives it a store of its own: a temporary
+/// `BACKSTOP_DATA`, or a database.)
 fn listening_with_log(mut command: Command) -> (Child, String, Vec<String>) {
-    // Each run keeps its generations in a store of its own, unless told.
-    if !command.get_envs().any(|(k, _)| k == "BACKSTOP_DATA") {
-        let data = std::env::temp_dir().join(format!(
-            "backstop-cli-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        command.env("BACKSTOP_DATA", data);
-    }
     let mut child = command
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -99,11 +88,11 @@ fn listening_with_log(mut command: Command) -> (Child, String, Vec<String>) {
 
 #[test]
 fn with_a_key_and_no_model_file_it_warns_that_nothing_is_behind_the_upstream() {
-    let elsewhere = std::env::temp_dir().join(format!("backstop-cli-cwd-{}", std::process::id()));
-    std::fs::create_dir_all(&elsewhere).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
     let mut command = Command::new(BIN);
     command
-        .current_dir(&elsewhere)
+        .current_dir(elsewhere.path())
+        .env("BACKSTOP_DATA", elsewhere.path().join("data"))
         .env("BACKSTOP_LISTEN", "127.0.0.1:0")
         .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
         .env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
@@ -111,7 +100,6 @@ fn with_a_key_and_no_model_file_it_warns_that_nothing_is_behind_the_upstream() {
         .env_remove("BACKSTOP_MODEL");
     let (child, _, log) = listening_with_log(command);
     drop(Stop(child));
-    let _ = std::fs::remove_dir_all(&elsewhere);
     assert!(
         log.iter()
             .any(|l| l.contains("no local model behind the upstream") && l.contains("models/fetch")),
@@ -121,8 +109,10 @@ fn with_a_key_and_no_model_file_it_warns_that_nothing_is_behind_the_upstream() {
 
 #[test]
 fn runs_from_the_environment_and_exits_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
     let mut command = Command::new(BIN);
     command
+        .env("BACKSTOP_DATA", data.path())
         .env("BACKSTOP_LISTEN", "127.0.0.1:0")
         .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
         .env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
@@ -158,9 +148,11 @@ impl Drop for Stop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_mid_answer_is_finished_by_the_local_model_within_the_clients_deadline() {
     let up = MockUpstream::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
     let mut command = Command::new(BIN);
     command
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .env("BACKSTOP_DATA", data.path())
         .env("BACKSTOP_LISTEN", "127.0.0.1:0")
         .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
         .env("OPENAI_BASE_URL", up.url())
@@ -254,10 +246,10 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(40),
     });
-    let dir = std::env::temp_dir().join(format!("backstop-kill-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let data = dir.join("data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (child, addr) = backstop_in(&up, &data, &dir);
+    let (child, addr) = backstop_in(&up, &data, dir);
     let mut first = Stop(child);
     let http = reqwest::Client::new();
     let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi \
@@ -302,7 +294,7 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
     let _ = first.0.wait();
     drop(chat_stream);
 
-    let (child, addr) = backstop_in(&up, &data, &dir);
+    let (child, addr) = backstop_in(&up, &data, dir);
     let _second = Stop(child);
     // The chat stream goes on after the restart, as the same completion.
     let chat_events = resume_keyed_chat(&http, &addr, "restart-1", &chat, &chat_seen).await;
@@ -325,7 +317,6 @@ async fn background_jobs_survive_sigkill_and_a_restart() {
         .filter(|r| r.path == "/v1/chat/completions" && r.body.to_string().contains("cut off"))
         .count();
     assert!(continued > 0, "no job was continued after the restart");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Polls a response until it is final (bounded): its object.
@@ -523,11 +514,11 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(60),
     });
-    let dir = std::env::temp_dir().join(format!("backstop-replicas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (a, a_addr) = replica(&up, &url, &dir, "a");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (a, a_addr) = replica(&up, &url, dir, "a");
     let mut a = Stop(a);
-    let (b, b_addr) = replica(&up, &url, &dir, "b");
+    let (b, b_addr) = replica(&up, &url, dir, "b");
     let _b = Stop(b);
     let http = reqwest::Client::new();
     let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi \
@@ -659,7 +650,6 @@ async fn a_sigkilled_replicas_generations_are_taken_over_by_a_survivor() {
         .count();
     assert!(continued > 0, "nothing was continued from A's text");
     assert!(continued <= 5, "{continued} continuations of 5 streams");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A free port on loopback (bound, then let go).
@@ -910,13 +900,13 @@ async fn sigkill_behind(start: fn(&[&str], &std::path::Path) -> (Child, String),
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(50),
     });
-    let dir = std::env::temp_dir().join(format!("backstop-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (a, a_addr) = replica(&up, &url, &dir, "a");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (a, a_addr) = replica(&up, &url, dir, "a");
     let mut a = Stop(a);
-    let (b, b_addr) = replica(&up, &url, &dir, "b");
+    let (b, b_addr) = replica(&up, &url, dir, "b");
     let _b = Stop(b);
-    let (proxy, proxy_addr) = start(&[&a_addr, &b_addr], &dir);
+    let (proxy, proxy_addr) = start(&[&a_addr, &b_addr], dir);
     let _proxy = Stop(proxy);
     let http = reqwest::Client::new();
     // Envoy is up once a request passes through it to a ready replica.
@@ -991,5 +981,4 @@ async fn sigkill_behind(start: fn(&[&str], &std::path::Path) -> (Child, String),
         "no stream was cut by the kill: the test proved nothing"
     );
     assert!(whole_answers > 9);
-    let _ = std::fs::remove_dir_all(&dir);
 }

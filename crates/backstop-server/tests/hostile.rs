@@ -32,6 +32,8 @@ struct Backstop {
     addr: String,
     admin: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// Its config file's directory, removed when it stops.
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Backstop {
@@ -50,9 +52,8 @@ impl Backstop {
 
     /// [`Backstop::start`] with these arguments, logging at `log`.
     fn start_with(toml: &str, nofile: Option<u32>, args: &[&str], log: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("backstop-hostile-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.toml", rand_name()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backstop.toml");
         std::fs::write(&path, toml).unwrap();
         let mut command = match nofile {
             Some(n) => {
@@ -69,7 +70,7 @@ impl Backstop {
             .arg(&path)
             .args(args)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-            .env("BACKSTOP_DATA", dir.join(rand_name()))
+            .env("BACKSTOP_DATA", dir.path().join("data"))
             .env("BACKSTOP_LISTEN", "127.0.0.1:0")
             .env("BACKSTOP_ADMIN_LISTEN", "127.0.0.1:0")
             .env("TEST_KEY", KEY)
@@ -105,6 +106,7 @@ impl Backstop {
             addr,
             admin,
             log,
+            _dir: dir,
         }
     }
 
@@ -148,11 +150,6 @@ impl Backstop {
             .filter(|l| l.contains(needle))
             .count()
     }
-}
-
-fn rand_name() -> String {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    format!("c{}", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
 }
 
 /// A config with one target in front of `mock`, and these `[server]` lines.

@@ -320,7 +320,8 @@ fn a_missing_or_bad_ca_bundle_is_a_named_startup_error() {
     let e = Upstream::new(cfg.clone()).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
 
-    let path = std::env::temp_dir().join(format!("backstop-bad-ca-{}.pem", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad-ca.pem");
     std::fs::write(
         &path,
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
@@ -333,7 +334,8 @@ fn a_missing_or_bad_ca_bundle_is_a_named_startup_error() {
 #[tokio::test]
 async fn tls_upstreams_are_trusted_through_an_extra_ca_bundle_and_speak_http2() {
     let (mock, ca_pem) = MockUpstream::start_tls().await.unwrap();
-    let path = std::env::temp_dir().join(format!("backstop-ca-{}.pem", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
     std::fs::write(&path, ca_pem).unwrap();
 
     // Without the bundle the mock's private CA is unknown: a connect failure.
