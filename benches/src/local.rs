@@ -1,7 +1,7 @@
 //! The local model's speed on this machine, for side-by-side comparison with
 //! llama.cpp's `llama-bench` on the same GGUF file (see `local.sh`).
 //!
-//! Usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS]
+//! Usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS [SEQUENCES]]
 //!        bench-local --agree MODEL_GGUF
 //!
 //! `--agree` only reports how far apart the logits are after a prompt run
@@ -14,7 +14,9 @@
 //! default 64 and 128, as `llama-batched-bench -npp 64 -ntg 128 -npl 1,2,4`),
 //! time to first token for a TTFT_TOKENS prompt (default 512), time to a
 //! loaded model, peak RSS, and the memory-bandwidth bound on decode (read
-//! bandwidth of two threads over the model file's size).
+//! bandwidth of two threads over the model file's size). SEQUENCES, a
+//! comma-separated list, runs other counts than 1, 2 and 4 (`1` alone, to
+//! profile one sequence's decode).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -168,7 +170,8 @@ fn agreement(model: &std::path::Path, tokens: usize) -> anyhow::Result<(f32, boo
 
 fn main() -> anyhow::Result<()> {
     backstop_local::settle_thread_count();
-    let usage = "usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS] \
+    let usage =
+        "usage: bench-local MODEL_GGUF [PROMPT_TOKENS DECODE_TOKENS TTFT_TOKENS [SEQUENCES]] \
                  | bench-local --agree MODEL_GGUF";
     let mut args = std::env::args().skip(1).peekable();
     let agree = args.next_if_eq("--agree").is_some();
@@ -178,6 +181,13 @@ fn main() -> anyhow::Result<()> {
             .map_or(Ok(default), |a| a.parse().context("a token count"))
     };
     let (prompt, decode, ttft_tokens) = (number(64)?, number(128)?, number(512)?);
+    let sequences: Vec<usize> = match args.next() {
+        Some(list) => list
+            .split(',')
+            .map(|n| n.parse().context("a list of sequence counts, like 1,2,4"))
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![1, 2, 4],
+    };
     if !model.exists() {
         bail!("{} is missing: run models/fetch", model.display());
     }
@@ -219,7 +229,7 @@ fn main() -> anyhow::Result<()> {
 
         println!("| sequences | prompt tok/s (total) | decode tok/s (total) |");
         println!("|---|---|---|");
-        for n in [1, 2, 4] {
+        for &n in &sequences {
             let (pp, tg) = concurrent(&backend, n, prompt, decode).await?;
             println!("| {n} | {pp:.1} | {tg:.1} |");
         }

@@ -460,12 +460,14 @@ impl Sequence {
         Ok(())
     }
 
-    /// The answer's whole text, with any tokens not yet whole characters.
+    /// The answer's whole text, with the tokens not yet whole characters,
+    /// less a character they leave unfinished (an answer cut at its token
+    /// limit mid-character ends before it, not with U+FFFD).
     fn flush(&mut self, model: &LoadedModel) -> Result<(), Event> {
         let before = self.decode(model, &self.generated[self.prefix..self.read])?;
         let all = self.decode(model, &self.generated[self.prefix..])?;
         if let Some(rest) = all.get(before.len()..) {
-            self.text.push_str(rest);
+            self.text.push_str(rest.trim_end_matches('\u{FFFD}'));
         }
         self.read = self.generated.len();
         self.prefix = self.read;

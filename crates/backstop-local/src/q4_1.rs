@@ -5,11 +5,16 @@
 //! ggml's Q4_1 × Q8_1 product — activations quantized per block of 32 to
 //! 8-bit with one scale, weights' 4-bit values times the activations' 8-bit
 //! values summed in integers, then `d_w · d_x · Σ q_w q_x + m_w · d_x · Σ q_x` —
-//! with AVX-512 VNNI (`dpbusd` on 32 values a block, scales applied with FMA)
-//! or AVX2 (`maddubs`/`madd`) when the CPU has them, and a portable loop
-//! otherwise, over the columns in
-//! parallel on candle's own worker pool (a second pool would fight it for the
-//! cores).
+//! over weights repacked at load so that a vector register holds eight
+//! weight rows at once, one per 32-bit lane ([`Tile`]): a block's products
+//! for eight rows are eight `dpbusd` (AVX-512 VNNI) or `maddubs`/`madd`
+//! pairs (AVX2) against the activations' bytes broadcast, and its scales
+//! apply to all eight rows in one multiply and two FMAs, with no per-row
+//! broadcasts and no horizontal sums. ggml's own Q4_1 product takes one row
+//! at a time; this one does about a third of its instructions per block.
+//! A portable loop does the same sums where the CPU has neither. The columns
+//! run in parallel on candle's own worker pool (a second pool would fight it
+//! for the cores).
 //!
 //! It plugs into candle as a [`QuantizedType`]: a `QTensor` holding it is a
 //! drop-in weight for candle's `QMatMul`.
@@ -24,19 +29,34 @@ use half::f16;
 const QK: usize = 32;
 /// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 const BLOCK_BYTES: usize = 20;
-/// Output columns per parallel task.
-const COLUMNS_PER_TASK: usize = 32;
+/// Weight rows a [`Tile`] interleaves: one per 32-bit lane of a 256-bit
+/// register.
+const LANES: usize = 8;
+/// Tiles' worth of output columns per parallel task (32 columns).
+const GROUPS_PER_TASK: usize = 4;
 /// Activation rows a task takes at a time.
 const ROW_TILE: usize = 64;
 
-/// One Q4_1 block: value `i` is `d · q_i + m`, `q_i` the low nibbles of
-/// `qs` for `i < 16` and the high ones for the rest.
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
+/// One Q4_1 block as the file has it: value `i` is `d · q_i + m`, `q_i` the
+/// low nibbles of `qs` for `i < 16` and the high ones for the rest.
+#[derive(Debug, Clone, Copy, Default)]
 struct Block {
     d: f16,
     m: f16,
     qs: [u8; QK / 2],
+}
+
+/// Block `b` of eight consecutive weight rows, laid out for the vector
+/// registers: row `j`'s scale and minimum at `d[j]` and `m[j]`, and its
+/// block's bytes `4t..4t + 4` (values `4t..4t + 4` in the low nibbles,
+/// `16 + 4t..` in the high ones) at `qs[t][4j..4j + 4]`, so that one 32-bit
+/// lane of a register loaded from `qs[t]` follows one row.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct Tile {
+    d: [f16; LANES],
+    m: [f16; LANES],
+    qs: [[u8; 4 * LANES]; 4],
 }
 
 /// Activations of one block quantized to 8 bits, with the sum of the
@@ -47,8 +67,15 @@ struct Q8 {
     d: f32,
     sum: f32,
     qs: [i8; QK],
-    /// `qs` as four little-endian words, ready for a vector register.
-    packed: [i64; 4],
+}
+
+impl Q8 {
+    /// Values `4t..4t + 4` as one little-endian word, to broadcast.
+    #[inline(always)]
+    fn word(&self, t: usize) -> i32 {
+        let q = &self.qs[4 * t..4 * t + 4];
+        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+    }
 }
 
 fn quantize(xs: &[f32]) -> Q8 {
@@ -60,146 +87,150 @@ fn quantize(xs: &[f32]) -> Q8 {
         *o = (x * inv).round() as i8;
     }
     q.sum = d * q.qs.iter().map(|v| i32::from(*v)).sum::<i32>() as f32;
-    for (word, bytes) in q.packed.iter_mut().zip(q.qs.chunks_exact(8)) {
-        let mut b = [0u8; 8];
-        for (o, v) in b.iter_mut().zip(bytes) {
-            *o = *v as u8;
-        }
-        *word = i64::from_le_bytes(b);
-    }
     q
 }
 
-/// `Σ q_w · q_x` of one block, in integers (the portable path).
-#[inline(always)]
-fn dot_block(w: &Block, x: &Q8) -> i32 {
-    // Products fit in i16 (15 · 127), pairs of them in i32: the shape of
-    // AVX2's multiply-add of 16-bit lanes.
-    let mut acc = 0i32;
-    for j in 0..QK / 2 {
-        let b = w.qs[j];
-        let lo = i16::from(b & 0x0F) * i16::from(x.qs[j]);
-        let hi = i16::from(b >> 4) * i16::from(x.qs[j + QK / 2]);
-        acc += i32::from(lo) + i32::from(hi);
+/// Eight weight rows (a run of tiles) against activation rows `xs`:
+/// `out[i][j]` is row `j` of the tiles times activation row `i`. Each
+/// block's integer sums are exact; a row's floats are summed block after
+/// block, `acc = fma(Σ, d_w · d_x, acc)` and `mins = fma(m_w, s_x, mins)`,
+/// then `acc + mins`: the same operations, in the same order, on every path,
+/// so every path gives the same result to the bit.
+fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANES]; M] {
+    let mut acc = [[0f32; LANES]; M];
+    let mut mins = [[0f32; LANES]; M];
+    for (b, tile) in tiles.iter().enumerate() {
+        for i in 0..M {
+            let x = &xs[i][b];
+            for j in 0..LANES {
+                let mut sum = 0i32;
+                for t in 0..4 {
+                    for v in 0..4 {
+                        let byte = tile.qs[t][4 * j + v];
+                        sum += i32::from(byte & 0x0F) * i32::from(x.qs[4 * t + v])
+                            + i32::from(byte >> 4) * i32::from(x.qs[QK / 2 + 4 * t + v]);
+                    }
+                }
+                let scale = tile.d[j].to_f32() * x.d;
+                acc[i][j] = (sum as f32).mul_add(scale, acc[i][j]);
+                mins[i][j] = tile.m[j].to_f32().mul_add(x.sum, mins[i][j]);
+            }
+        }
     }
-    acc
+    let mut out = [[0f32; LANES]; M];
+    for i in 0..M {
+        for j in 0..LANES {
+            out[i][j] = acc[i][j] + mins[i][j];
+        }
+    }
+    out
 }
 
-/// One weight row against one quantized activation row (the portable path).
-#[inline]
-fn dot_row(w: &[Block], x: &[Q8]) -> f32 {
-    w.iter()
-        .zip(x)
-        .map(|(w, x)| w.d.to_f32() * x.d * dot_block(w, x) as f32 + w.m.to_f32() * x.sum)
-        .sum()
-}
-
-/// The x86-64 paths: the same arithmetic, 32 values a block in a few
-/// instructions, with AVX2 or with AVX-512 VNNI. Every intrinsic here is
-/// safe to call inside the functions, which enable the features they need;
-/// loads are built from plain arrays.
+/// The x86-64 paths: the same arithmetic as [`group_portable`], eight rows
+/// in the lanes of a register, with AVX2 or with AVX-512 VNNI. Every
+/// intrinsic here but the loads and the store is safe to call inside the
+/// functions, which enable the features they need.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Block, Q8};
+    use super::{Tile, LANES, Q8};
 
-    fn u64_at(b: &[u8], at: usize) -> i64 {
-        i64::from_le_bytes([
-            b[at],
-            b[at + 1],
-            b[at + 2],
-            b[at + 3],
-            b[at + 4],
-            b[at + 5],
-            b[at + 6],
-            b[at + 7],
-        ])
+    #[target_feature(enable = "avx2,fma")]
+    fn load_bytes(bytes: &[u8; 32]) -> __m256i {
+        // SAFETY: an unaligned load of the array's 32 bytes.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm256_loadu_si256(bytes.as_ptr().cast())
+        }
     }
 
-    /// A weight block's 32 values, 0..16 the low nibbles and 16..32 the
-    /// high ones, one per byte.
-    #[target_feature(enable = "avx2,fma")]
-    fn nibbles(w: &Block) -> __m256i {
-        let packed = _mm_set_epi64x(u64_at(&w.qs, 8), u64_at(&w.qs, 0));
-        let low = _mm_set1_epi8(0x0F);
-        _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16(packed, 4), low),
-            _mm_and_si128(packed, low),
-        )
+    /// Eight f16 values as eight f32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_f16(values: &[half::f16; 8]) -> __m256 {
+        // SAFETY: an unaligned load of the array's 16 bytes.
+        #[allow(unsafe_code)]
+        let halves = unsafe { _mm_loadu_si128(values.as_ptr().cast()) };
+        _mm256_cvtph_ps(halves)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn total(acc: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let half = _mm_hadd_ps(half, half);
-        let half = _mm_hadd_ps(half, half);
-        _mm_cvtss_f32(half)
+    fn lanes(v: __m256) -> [f32; LANES] {
+        let mut out = [0f32; LANES];
+        // SAFETY: an unaligned store into the array's 32 bytes.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), v)
+        };
+        out
     }
 
-    /// `Σ w·x` of a block's 32 unsigned and 32 signed bytes, as eight i32
-    /// lanes to add up: AVX2 multiplies pairs to i16 (at most 2 · 15 · 127)
-    /// and adds pairs of those to i32.
+    /// `acc` plus, in each 32-bit lane, the sum of the four products of
+    /// the lane's unsigned bytes `w` and signed bytes `x`. AVX2 multiplies
+    /// pairs to i16 (at most 2 · 15 · 127) and adds pairs of those to i32.
     #[target_feature(enable = "avx2,fma")]
-    fn block_avx2(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
-    /// The same sums in one AVX-512 VNNI instruction (four products to
-    /// i32 at once), on 256-bit registers.
+    /// The same in one AVX-512 VNNI instruction, on 256-bit registers.
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn block_vnni(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+    fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
     }
 
-    /// Weight rows `rows` against activation rows `xs`, `R × M` independent
-    /// accumulator chains: each weight block is unpacked once for all the
-    /// activation rows, and each activation block loaded once for all the
-    /// weight rows. `$block` sums a block's products.
-    macro_rules! dot_tile {
-        ($name:ident, $features:literal, $block:ident) => {
+    macro_rules! group {
+        ($name:ident, $features:literal, $dot:ident) => {
             #[target_feature(enable = $features)]
-            pub(in super::super) fn $name<const R: usize, const M: usize>(
-                rows: [&[Block]; R],
+            pub(in super::super) fn $name<const M: usize>(
+                tiles: &[Tile],
                 xs: [&[Q8]; M],
-            ) -> [[f32; R]; M] {
-                let mut acc = [[_mm256_setzero_ps(); R]; M];
-                let mut mins = [[0f32; R]; M];
-                let mut xv = [_mm256_setzero_si256(); M];
-                for b in 0..xs[0].len() {
-                    for i in 0..M {
-                        let p = &xs[i][b].packed;
-                        xv[i] = _mm256_set_epi64x(p[3], p[2], p[1], p[0]);
-                    }
-                    for r in 0..R {
-                        let w = &rows[r][b];
-                        let wv = nibbles(w);
-                        let (d, m) = (w.d.to_f32(), w.m.to_f32());
+            ) -> [[f32; LANES]; M] {
+                let low = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); M];
+                let mut mins = [_mm256_setzero_ps(); M];
+                for (b, tile) in tiles.iter().enumerate() {
+                    // Four independent sums a row (one per quarter of the
+                    // block), so the integer products do not wait on each
+                    // other.
+                    let mut sums = [[_mm256_setzero_si256(); 4]; M];
+                    for t in 0..4 {
+                        let w = load_bytes(&tile.qs[t]);
+                        let lo = _mm256_and_si256(w, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
                         for i in 0..M {
                             let x = &xs[i][b];
-                            let sums = $block(wv, xv[i]);
-                            let scale = _mm256_set1_ps(d * x.d);
-                            acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i][r]);
-                            mins[i][r] += m * x.sum;
+                            let s = $dot(sums[i][t], lo, _mm256_set1_epi32(x.word(t)));
+                            sums[i][t] = $dot(s, hi, _mm256_set1_epi32(x.word(t + 4)));
                         }
                     }
-                }
-                let mut out = [[0f32; R]; M];
-                for i in 0..M {
-                    for r in 0..R {
-                        out[i][r] = total(acc[i][r]) + mins[i][r];
+                    let d = load_f16(&tile.d);
+                    let m = load_f16(&tile.m);
+                    for i in 0..M {
+                        let x = &xs[i][b];
+                        let [s0, s1, s2, s3] = sums[i];
+                        let sum =
+                            _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d));
+                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[i]);
+                        mins[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.sum), mins[i]);
                     }
+                }
+                let mut out = [[0f32; LANES]; M];
+                for i in 0..M {
+                    out[i] = lanes(_mm256_add_ps(acc[i], mins[i]));
                 }
                 out
             }
         };
     }
 
-    /// A tile's product on each path an x86-64 CPU may have.
-    pub(super) mod tiles {
+    /// A group's product on each path an x86-64 CPU may have.
+    pub(super) mod groups {
         use super::*;
-        dot_tile!(avx2, "avx2,fma", block_avx2);
-        dot_tile!(vnni, "avx2,fma,avx512vnni,avx512vl", block_vnni);
+        group!(avx2, "avx2,fma,f16c", dot_avx2);
+        group!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_vnni);
     }
 }
 
@@ -208,10 +239,10 @@ mod x86 {
 enum Simd {
     /// Plain Rust.
     Portable,
-    /// AVX2 and FMA (x86-64-v3).
+    /// AVX2, FMA and F16C (x86-64-v3).
     Avx2,
     /// AVX2 with AVX-512 VNNI's byte dot products (Zen 4, Ice Lake and
-    /// later): one instruction a block where AVX2 takes two.
+    /// later): one instruction where AVX2 takes two.
     Vnni,
 }
 
@@ -219,7 +250,10 @@ impl Simd {
     /// The best path this CPU runs.
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
             {
                 Simd::Vnni
@@ -231,52 +265,116 @@ impl Simd {
     }
 }
 
-/// Weight rows against activation rows, on path `simd`:
-/// `out[i][r]` is row `r` of the weights times activation row `i`.
+/// Eight weight rows (a run of tiles) against activation rows, on path
+/// `simd`: `out[i][j]` is row `j` of the tiles times activation row `i`.
 #[inline]
-fn dot<const R: usize, const M: usize>(
-    rows: [&[Block]; R],
-    xs: [&[Q8]; M],
-    simd: Simd,
-) -> [[f32; R]; M] {
+fn group<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
     // SAFETY (both calls): `simd` names a path only when `Simd::detect`
     // found the CPU features its function enables; the functions read
-    // nothing but their slices, each as long as the first of `xs` (checked
-    // by the caller).
+    // nothing but their slices, each as long as `tiles` (checked by the
+    // caller).
     #[cfg(target_arch = "x86_64")]
     match simd {
         #[allow(unsafe_code)]
-        Simd::Vnni => return unsafe { x86::tiles::vnni(rows, xs) },
+        Simd::Vnni => return unsafe { x86::groups::vnni(tiles, xs) },
         #[allow(unsafe_code)]
-        Simd::Avx2 => return unsafe { x86::tiles::avx2(rows, xs) },
+        Simd::Avx2 => return unsafe { x86::groups::avx2(tiles, xs) },
         Simd::Portable => {}
     }
     let _ = simd;
-    xs.map(|x| rows.map(|w| dot_row(w, x)))
+    group_portable(tiles, xs)
+}
+
+/// The blocks of a GGUF Q4_1 tensor's raw bytes.
+fn blocks(bytes: &[u8]) -> Vec<Block> {
+    bytes
+        .chunks_exact(BLOCK_BYTES)
+        .map(|b| {
+            let mut qs = [0u8; QK / 2];
+            qs.copy_from_slice(&b[4..]);
+            Block {
+                d: f16::from_le_bytes([b[0], b[1]]),
+                m: f16::from_le_bytes([b[2], b[3]]),
+                qs,
+            }
+        })
+        .collect()
 }
 
 /// Q4_1 weights whose product with f32 activations is fast.
 #[derive(Debug, Clone)]
 pub struct FastQ4_1 {
-    blocks: Vec<Block>,
+    /// Weight rows (output columns).
+    rows: usize,
+    /// Blocks a row.
+    per_row: usize,
+    /// For each run of eight rows (the last padded with zero blocks), its
+    /// `per_row` tiles.
+    tiles: Vec<Tile>,
 }
 
 impl FastQ4_1 {
-    /// Takes a GGUF Q4_1 tensor's raw blocks.
-    fn from_bytes(bytes: &[u8]) -> Self {
-        let blocks = bytes
-            .chunks_exact(BLOCK_BYTES)
-            .map(|b| {
-                let mut qs = [0u8; QK / 2];
-                qs.copy_from_slice(&b[4..]);
-                Block {
-                    d: f16::from_le_bytes([b[0], b[1]]),
-                    m: f16::from_le_bytes([b[2], b[3]]),
-                    qs,
+    /// `rows` rows of `per_row` blocks each, row after row, repacked.
+    fn from_blocks(blocks: &[Block], rows: usize, per_row: usize) -> Result<Self> {
+        if blocks.len() != rows * per_row {
+            return Err(candle_core::Error::Msg(format!(
+                "FastQ4_1: {} blocks for {rows} rows of {per_row}",
+                blocks.len()
+            )));
+        }
+        let zero = Block::default();
+        let mut tiles = Vec::with_capacity(rows.div_ceil(LANES) * per_row);
+        for first in (0..rows).step_by(LANES) {
+            for b in 0..per_row {
+                let mut tile = Tile {
+                    d: [f16::ZERO; LANES],
+                    m: [f16::ZERO; LANES],
+                    qs: [[0; 4 * LANES]; 4],
+                };
+                for j in 0..LANES {
+                    let block = blocks
+                        .get((first + j) * per_row + b)
+                        .filter(|_| first + j < rows)
+                        .unwrap_or(&zero);
+                    tile.d[j] = block.d;
+                    tile.m[j] = block.m;
+                    for (t, qs) in tile.qs.iter_mut().enumerate() {
+                        qs[4 * j..4 * j + 4].copy_from_slice(&block.qs[4 * t..4 * t + 4]);
+                    }
                 }
-            })
-            .collect();
-        FastQ4_1 { blocks }
+                tiles.push(tile);
+            }
+        }
+        Ok(FastQ4_1 {
+            rows,
+            per_row,
+            tiles,
+        })
+    }
+
+    /// Takes a GGUF Q4_1 tensor's raw bytes, `rows` rows of `width` values.
+    fn from_bytes(bytes: &[u8], rows: usize, width: usize) -> Result<Self> {
+        Self::from_blocks(&blocks(bytes), rows, width / QK)
+    }
+
+    /// The blocks again, row after row, as the file had them.
+    fn blocks(&self) -> impl Iterator<Item = Block> + '_ {
+        (0..self.rows).flat_map(move |row| {
+            let (group, j) = (row / LANES, row % LANES);
+            self.tiles[group * self.per_row..(group + 1) * self.per_row]
+                .iter()
+                .map(move |tile| {
+                    let mut qs = [0u8; QK / 2];
+                    for (t, q) in tile.qs.iter().enumerate() {
+                        qs[4 * t..4 * t + 4].copy_from_slice(&q[4 * j..4 * j + 4]);
+                    }
+                    Block {
+                        d: tile.d[j],
+                        m: tile.m[j],
+                        qs,
+                    }
+                })
+        })
     }
 
     /// Q4_1 CPU matrices with the same input width, stacked into one (their
@@ -299,11 +397,11 @@ impl FastQ4_1 {
         let Some(width) = width else {
             return Ok(None);
         };
-        let mut blocks = Vec::new();
+        let mut all = Vec::new();
         for t in tensors {
-            blocks.extend(FastQ4_1::from_bytes(&t.data()?).blocks);
+            all.extend(blocks(&t.data()?));
         }
-        let fast = FastQ4_1 { blocks };
+        let fast = FastQ4_1::from_blocks(&all, rows, width / QK)?;
         QTensor::new(QStorage::Cpu(Box::new(fast)), (rows, width)).map(Some)
     }
 
@@ -312,7 +410,8 @@ impl FastQ4_1 {
         if tensor.dtype() != GgmlDType::Q4_1 || !matches!(tensor.device(), Device::Cpu) {
             return Ok(tensor);
         }
-        let fast = FastQ4_1::from_bytes(&tensor.data()?);
+        let (rows, width) = tensor.shape().dims2()?;
+        let fast = FastQ4_1::from_bytes(&tensor.data()?, rows, width)?;
         QTensor::new(QStorage::Cpu(Box::new(fast)), tensor.shape().clone())
     }
 
@@ -324,22 +423,23 @@ impl FastQ4_1 {
         dst: &mut [f32],
         simd: Simd,
     ) -> Result<()> {
-        if k % QK != 0 || lhs.len() != m * k || dst.len() < m * n || self.blocks.len() != n * k / QK
-        {
+        let per_row = self.per_row;
+        if k != per_row * QK || n != self.rows || lhs.len() != m * k || dst.len() < m * n {
             return Err(candle_core::Error::Msg(format!(
-                "FastQ4_1 matmul: bad shapes ({m},{k},{n}) for {} blocks",
-                self.blocks.len()
+                "FastQ4_1 matmul: bad shapes ({m},{k},{n}) for {} rows of {per_row} blocks",
+                self.rows
             )));
         }
-        let per_row = k / QK;
         let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
-        // One task per run of output columns, for every activation row: the
-        // weights of four columns are read from memory once and stay in the
-        // first-level cache while each row is multiplied by them, so rows
-        // (a prompt's tokens, or a batch's sequences) share the weight reads.
-        // A task writes its columns of every row into its own part of
-        // `out`, behind its own (never contended) lock, which is `dst`
-        // itself for a single row, and laid out per task otherwise.
+        let groups = n.div_ceil(LANES);
+        let columns_per_task = GROUPS_PER_TASK * LANES;
+        // One task per run of output columns, for every activation row: a
+        // run of eight weight rows is read from memory once and stays in
+        // the first-level cache while each activation row is multiplied by
+        // it, so rows (a prompt's tokens, or a batch's sequences) share the
+        // weight reads. A task writes its columns of every row into its own
+        // part of `out`, behind its own (never contended) lock, which is
+        // `dst` itself for a single row, and laid out per task otherwise.
         let mut scratch = Vec::new();
         let out: &mut [f32] = if m == 1 {
             &mut dst[..n]
@@ -348,44 +448,35 @@ impl FastQ4_1 {
             &mut scratch
         };
         let tasks: Vec<Mutex<&mut [f32]>> = out
-            .chunks_mut(m * COLUMNS_PER_TASK)
+            .chunks_mut(m * columns_per_task)
             .map(Mutex::new)
             .collect();
         candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
             for task in range {
-                let first = task * COLUMNS_PER_TASK;
-                let cols = COLUMNS_PER_TASK.min(n - first);
+                let first = task * GROUPS_PER_TASK;
+                let cols = columns_per_task.min(n - first * LANES);
                 let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
-                let column = |col: usize| &self.blocks[col * per_row..(col + 1) * per_row];
                 let x = |row: usize| &x[row * per_row..(row + 1) * per_row];
-                // Four weight columns at a time against two activation rows
-                // at a time, then the rows and columns left over; the rows
-                // in tiles, so that a long prompt's activations stay in the
-                // second-level cache while the task's columns pass over them.
+                // Two activation rows at a time, then the row left over;
+                // the rows in tiles, so that a long prompt's activations
+                // stay in the second-level cache while the task's weights
+                // pass over them.
                 for tile in (0..m).step_by(ROW_TILE) {
                     let rows = tile..m.min(tile + ROW_TILE);
-                    let mut quad = 0;
-                    while quad < cols {
-                        let c = first + quad;
-                        if quad + 4 <= cols {
-                            let weights = [column(c), column(c + 1), column(c + 2), column(c + 3)];
-                            let mut row = rows.start;
-                            while row + 2 <= rows.end {
-                                let [a, b] = dot(weights, [x(row), x(row + 1)], simd);
-                                out[row * cols + quad..][..4].copy_from_slice(&a);
-                                out[(row + 1) * cols + quad..][..4].copy_from_slice(&b);
-                                row += 2;
-                            }
-                            if row < rows.end {
-                                let [a] = dot(weights, [x(row)], simd);
-                                out[row * cols + quad..][..4].copy_from_slice(&a);
-                            }
-                            quad += 4;
-                        } else {
-                            for row in rows.clone() {
-                                [[out[row * cols + quad]]] = dot([column(c)], [x(row)], simd);
-                            }
-                            quad += 1;
+                    for g in first..groups.min(first + GROUPS_PER_TASK) {
+                        let tiles = &self.tiles[g * per_row..(g + 1) * per_row];
+                        let at = (g - first) * LANES;
+                        let width = LANES.min(cols - at);
+                        let mut row = rows.start;
+                        while row + 2 <= rows.end {
+                            let [a, b] = group(tiles, [x(row), x(row + 1)], simd);
+                            out[row * cols + at..][..width].copy_from_slice(&a[..width]);
+                            out[(row + 1) * cols + at..][..width].copy_from_slice(&b[..width]);
+                            row += 2;
+                        }
+                        if row < rows.end {
+                            let [a] = group(tiles, [x(row)], simd);
+                            out[row * cols + at..][..width].copy_from_slice(&a[..width]);
                         }
                     }
                 }
@@ -394,8 +485,8 @@ impl FastQ4_1 {
         drop(tasks);
         if m > 1 {
             // From per-task runs of `[row][column]` to `[row][n]`.
-            for (task, run) in scratch.chunks(m * COLUMNS_PER_TASK).enumerate() {
-                let first = task * COLUMNS_PER_TASK;
+            for (task, run) in scratch.chunks(m * columns_per_task).enumerate() {
+                let first = task * columns_per_task;
                 let cols = run.len() / m;
                 for (row, values) in run.chunks_exact(cols).enumerate() {
                     dst[row * n + first..row * n + first + cols].copy_from_slice(values);
@@ -406,8 +497,8 @@ impl FastQ4_1 {
     }
 
     fn dequantized(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.blocks.len() * QK);
-        for b in &self.blocks {
+        let mut out = Vec::with_capacity(self.rows * self.per_row * QK);
+        for b in self.blocks() {
             let (d, m) = (b.d.to_f32(), b.m.to_f32());
             out.extend(b.qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
             out.extend(b.qs.iter().map(|q| d * f32::from(q >> 4) + m));
@@ -460,11 +551,11 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn storage_size_in_bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<Block>()
+        self.tiles.len() * std::mem::size_of::<Tile>()
     }
 
     fn as_ptr(&self) -> *const u8 {
-        self.blocks.as_ptr().cast()
+        self.tiles.as_ptr().cast()
     }
 
     fn block_size(&self) -> usize {
@@ -472,17 +563,29 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn from_float(&mut self, xs: &[f32]) {
-        for (block, xs) in self.blocks.iter_mut().zip(xs.chunks_exact(QK)) {
-            let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
-            let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let d = (max - min) / 15.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let q = |x: f32| ((x - min) * inv).round().clamp(0.0, 15.0) as u8;
-            for j in 0..QK / 2 {
-                block.qs[j] = q(xs[j]) | (q(xs[j + QK / 2]) << 4);
-            }
-            block.d = f16::from_f32(d);
-            block.m = f16::from_f32(min);
+        let quantized: Vec<Block> = xs
+            .chunks_exact(QK)
+            .take(self.rows * self.per_row)
+            .map(|xs| {
+                let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let q = |x: f32| ((x - min) * inv).round().clamp(0.0, 15.0) as u8;
+                let mut qs = [0u8; QK / 2];
+                for (j, q_j) in qs.iter_mut().enumerate() {
+                    *q_j = q(xs[j]) | (q(xs[j + QK / 2]) << 4);
+                }
+                Block {
+                    d: f16::from_f32(d),
+                    m: f16::from_f32(min),
+                    qs,
+                }
+            })
+            .collect();
+        // A slice too short for every row leaves the tensor as it was.
+        if let Ok(fast) = FastQ4_1::from_blocks(&quantized, self.rows, self.per_row) {
+            *self = fast;
         }
     }
 
@@ -492,7 +595,7 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn size(&self) -> usize {
-        self.blocks.len() * BLOCK_BYTES
+        self.rows * self.per_row * BLOCK_BYTES
     }
 }
 
@@ -558,9 +661,52 @@ mod tests {
     }
 
     #[test]
+    fn the_product_is_that_of_the_quantized_activations_to_float_rounding() {
+        // Against the same sums in f64, over the dequantized weights and
+        // the 8-bit activations: only the f32 rounding may differ, so a
+        // value paired with the wrong weight shows, where against f32
+        // activations the quantization's own error would hide it.
+        let (m, k, n) = (3, 1536, 75);
+        let w = Tensor::from_vec(values(n * k, 13), (n, k), &Device::Cpu).unwrap();
+        let fast = FastQ4_1::from_bytes(
+            &QTensor::quantize(&w, GgmlDType::Q4_1)
+                .unwrap()
+                .data()
+                .unwrap(),
+            n,
+            k,
+        )
+        .unwrap();
+        let weights = fast.dequantized();
+        let x = values(m * k, 17);
+        let q: Vec<Q8> = x.chunks_exact(QK).map(quantize).collect();
+        let xq: Vec<f64> = q
+            .iter()
+            .flat_map(|b| b.qs.iter().map(move |v| f64::from(b.d) * f64::from(*v)))
+            .collect();
+        let mut got = vec![0f32; m * n];
+        fast.product((m, k, n), &x, &mut got, Simd::detect())
+            .unwrap();
+        for row in 0..m {
+            for col in 0..n {
+                let terms = (0..k).map(|i| f64::from(weights[col * k + i]) * xq[row * k + i]);
+                let exact: f64 = terms.clone().sum();
+                // f32's rounding, a few steps deep, of terms this large.
+                let bound = 1e-6 * terms.map(f64::abs).sum::<f64>();
+                let g = f64::from(got[row * n + col]);
+                assert!(
+                    (g - exact).abs() <= bound,
+                    "row {row} column {col}: {g} against {exact} (within {bound})"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn every_path_this_cpu_has_gives_the_same_product() {
-        // Shapes that take every branch: 4-column quads and single columns,
-        // pairs of rows and a row left over, more than one row tile.
+        // Shapes that take every branch: whole tiles of eight rows and a
+        // padded one, tasks of four tiles and a shorter one, pairs of
+        // activation rows and a row left over, more than one row tile.
         let (k, n) = (256, 70);
         let w = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap();
         let fast = FastQ4_1::from_bytes(
@@ -568,7 +714,10 @@ mod tests {
                 .unwrap()
                 .data()
                 .unwrap(),
-        );
+            n,
+            k,
+        )
+        .unwrap();
         let best = Simd::detect();
         for m in [1, 2, 3, 67] {
             let x = values(m * k, 9);
@@ -577,22 +726,12 @@ mod tests {
                 fast.product((m, k, n), &x, &mut dst, simd).unwrap();
                 dst
             };
-            let portable = product(Simd::Portable);
-            let mut simd_paths = [Simd::Avx2, Simd::Vnni].into_iter().filter(|s| *s <= best);
-            let Some(first) = simd_paths.next() else {
-                continue;
-            };
-            let want = product(first);
-            // The integer sums are exact on every path, so the x86 ones
-            // agree to the bit; the portable one sums in another order.
-            for simd in simd_paths {
+            // The integer sums are exact on every path, and the floats
+            // go through the same operations in the same order: every path
+            // agrees to the bit.
+            let want = product(Simd::Portable);
+            for simd in [Simd::Avx2, Simd::Vnni].into_iter().filter(|s| *s <= best) {
                 assert_eq!(product(simd), want, "{simd:?}, {m} rows");
-            }
-            for (a, b) in portable.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                    "{m} rows: {a} against {b}"
-                );
             }
         }
     }
@@ -603,7 +742,7 @@ mod tests {
         let w = Tensor::from_vec(values(64 * 32, 3), (64, 32), &dev).unwrap();
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         assert_eq!(FastQ4_1::adopt(q8).unwrap().dtype(), GgmlDType::Q8_0);
-        let fast = FastQ4_1::from_bytes(&[0u8; BLOCK_BYTES * 2]);
+        let fast = FastQ4_1::from_bytes(&[0u8; BLOCK_BYTES * 2], 2, 32).unwrap();
         let mut dst = [0f32; 2];
         assert!(fast.matmul_t((1, 32, 2), &[0.0; 16], &mut dst).is_err());
         assert!(fast.matmul_t((1, 32, 2), &[1.0; 32], &mut dst).is_ok());
