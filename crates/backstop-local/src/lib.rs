@@ -27,7 +27,11 @@ mod model;
 #[cfg(feature = "engine")]
 mod q4_1;
 #[cfg(feature = "engine")]
+mod q4k;
+#[cfg(feature = "engine")]
 pub mod template;
+#[cfg(feature = "engine")]
+mod tiled;
 #[cfg(feature = "engine")]
 pub mod tokenizer;
 

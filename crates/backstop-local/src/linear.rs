@@ -1,15 +1,13 @@
-//! The model's weight matrices: candle's quantized products, with a faster
-//! path where candle's choice is slow.
+//! The model's weight matrices: candle's quantized products, with faster
+//! ones where candle's are slow.
 //!
-//! On AVX2 CPUs, candle 0.11 multiplies Q4_K weights (LLaMA-2-7B's Q4_K_M
-//! file) through tiles it repacks them into on first use: good for many rows
-//! at once (a prompt, a batch of four), but a third bigger than the file's
-//! blocks, and a decode step of one or two sequences reads all of that. For
-//! up to [`COMPACT_ROWS`] rows, [`Linear`] runs candle's kernel over the
-//! compact blocks instead, with the same result. On a 4096 x 11008 matrix
-//! here: one row 0.70 ms against 1.18 (at the memory bandwidth), two rows
-//! 1.39 against 1.47; from three rows on the tiles win (4 rows: 2.06 against
-//! 3.31).
+//! On the CPU, Q4_1 weights (the default SmolLM2 file) multiply through
+//! [`FastQ4_1`] and Q4_K weights (LLaMA-2-7B's Q4_K_M file) through
+//! [`FastQ4K`]: weights repacked eight rows to a register, one copy, read
+//! once per step for every row of it (see [`crate::tiled`]). candle's own
+//! Q4_K product reads every weight again for a second row, and from three
+//! rows on repacks the weights into tiles a third bigger, kept beside the
+//! file's blocks.
 //!
 //! On a GPU, candle multiplies quantized weights with integer kernels that
 //! suit a decode step's few rows; from [`GPU_DENSE_ROWS`] rows on (a prompt)
@@ -18,49 +16,66 @@
 //!
 //! [`Parallel`] stacks matrices that multiply the same input (q/k/v,
 //! gate/up) into one product when they are Q4_1.
+//!
+//! The fast weights are not candle `QuantizedType`s: candle's CPU product
+//! picks its path from the dtype a weight reports, and for Q4_K (or Q8_0)
+//! reads the weight's bytes as its own blocks.
 
-use candle_core::quantized::k_quants::{self, BlockQ4K};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 
 use crate::llama::Precision;
 use crate::q4_1::FastQ4_1;
-
-/// Rows up to which Q4_K products use the compact blocks.
-const COMPACT_ROWS: usize = 2;
+use crate::q4k::FastQ4K;
+use crate::tiled::{Simd, Tiled};
 
 /// Rows from which a product on the GPU runs in f16 on the tensor cores.
 const GPU_DENSE_ROWS: usize = 32;
 
 /// One weight matrix, `[out, in]`.
-pub struct Linear(QMatMul);
+pub enum Linear {
+    /// Through candle: other formats, the GPU, the f32 reference.
+    Candle(QMatMul),
+    /// Q4_1 on the CPU.
+    Q4_1(FastQ4_1),
+    /// Q4_K on the CPU.
+    Q4K(FastQ4K),
+}
 
 impl Linear {
     /// The matrix from a file's tensor: quantized as it is (Q4_1 through
-    /// [`FastQ4_1`]), or dequantized to f32 for the reference.
+    /// [`FastQ4_1`], Q4_K through [`FastQ4K`]), or dequantized to f32 for
+    /// the reference.
     pub fn new(tensor: QTensor, device: &Device, precision: Precision) -> Result<Self> {
-        Ok(Linear(match precision {
-            Precision::Quantized => QMatMul::from_qtensor(FastQ4_1::adopt(tensor)?)?,
-            Precision::F32 => QMatMul::Tensor(tensor.dequantize(device)?),
-        }))
+        if precision == Precision::F32 {
+            return Ok(Linear::Candle(QMatMul::Tensor(tensor.dequantize(device)?)));
+        }
+        if let Some(fast) = FastQ4_1::new(std::slice::from_ref(&tensor))? {
+            return Ok(Linear::Q4_1(fast));
+        }
+        if let Some(fast) = FastQ4K::new(&tensor)? {
+            return Ok(Linear::Q4K(fast));
+        }
+        QMatMul::from_qtensor(tensor).map(Linear::Candle)
     }
 
     /// `x · Wᵀ` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.q4k_rows(x)? {
-            return Ok(y);
+        match self {
+            Linear::Candle(q) => match self.gpu_dense(x)? {
+                Some(y) => Ok(y),
+                None => q.forward(x),
+            },
+            Linear::Q4_1(w) => tiled_forward(w, x),
+            Linear::Q4K(w) => tiled_forward(w, x),
         }
-        if let Some(y) = self.gpu_dense(x)? {
-            return Ok(y);
-        }
-        self.0.forward(x)
     }
 
     /// Many rows against quantized weights on a GPU: the weights
     /// dequantized to f16 for this product and multiplied by cuBLAS; `None`
     /// for anything else.
     fn gpu_dense(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let QMatMul::QTensor(w) = &self.0 else {
+        let Linear::Candle(QMatMul::QTensor(w)) = self else {
             return Ok(None);
         };
         let (_, k) = w.shape().dims2()?;
@@ -73,56 +88,35 @@ impl Linear {
             .to_dtype(DType::F32)
             .map(Some)
     }
-
-    /// A few rows against Q4_K weights on the CPU, through the compact
-    /// blocks; `None` for anything else.
-    fn q4k_rows(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let QMatMul::QTensor(w) = &self.0 else {
-            return Ok(None);
-        };
-        let (n, k) = w.shape().dims2()?;
-        let m = x.elem_count() / k;
-        if w.dtype() != GgmlDType::Q4K
-            || !x.device().is_cpu()
-            || x.dims().last() != Some(&k)
-            || m > COMPACT_ROWS
-        {
-            return Ok(None);
-        }
-        let bytes = w.data()?;
-        let blocks = q4k_blocks(&bytes)?;
-        let rows = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; m * n];
-        k_quants::matmul::<BlockQ4K>((m, k, n), &rows, blocks, &mut out)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Tensor::from_vec(out, dims, x.device()).map(Some)
-    }
 }
 
-/// candle's Q4_K blocks, seen in the bytes of a CPU `QTensor` that holds
-/// them (`QTensor::data` borrows candle's own `Vec<BlockQ4K>`).
-fn q4k_blocks(bytes: &[u8]) -> Result<&[BlockQ4K]> {
-    let size = std::mem::size_of::<BlockQ4K>();
-    if !bytes.len().is_multiple_of(size)
-        || bytes
-            .as_ptr()
-            .align_offset(std::mem::align_of::<BlockQ4K>())
-            != 0
+/// `x · Wᵀ` for weights repacked eight rows to a register, `x` f32 on the
+/// CPU.
+fn tiled_forward<W: Tiled>(w: &W, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = dims.last().copied().unwrap_or(0);
+    let (m, n) = (x.elem_count() / k.max(1), w.rows());
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; m * n];
     {
-        return Err(candle_core::Error::Msg(
-            "Q4_K weights are not whole, aligned blocks".into(),
-        ));
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(candle_core::Error::Msg(
+                "a repacked weight multiplies on the CPU only".into(),
+            ));
+        };
+        let lhs = cpu
+            .as_slice::<f32>()?
+            .get(layout.start_offset()..layout.start_offset() + m * k)
+            .ok_or_else(|| {
+                candle_core::Error::Msg("activations shorter than their shape".into())
+            })?;
+        crate::tiled::product(w, (m, k, n), lhs, &mut out, Simd::detect())?;
     }
-    // SAFETY: `BlockQ4K` is candle's `#[repr(C)]` block of plain numbers
-    // (two f16 and two byte arrays), so any bytes are a valid value; the
-    // length and alignment are checked above, and the slice borrows `bytes`,
-    // which candle's `Vec<BlockQ4K>` backs for as long as the tensor lives.
-    #[allow(unsafe_code)]
-    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size) };
-    Ok(blocks)
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, x.device())
 }
 
 /// Matrices that multiply the same input (a layer's query, key and value
@@ -140,15 +134,12 @@ impl Parallel {
     /// The matrices from a file's tensors, as [`Linear::new`] takes them.
     pub fn new(tensors: Vec<QTensor>, device: &Device, precision: Precision) -> Result<Self> {
         if precision == Precision::Quantized {
-            if let Some(stacked) = FastQ4_1::stack(&tensors)? {
+            if let Some(stacked) = FastQ4_1::new(&tensors)? {
                 let widths = tensors
                     .iter()
                     .map(|t| t.shape().dims2().map(|(n, _)| n))
                     .collect::<Result<_>>()?;
-                return Ok(Parallel::Stacked(
-                    Linear(QMatMul::from_qtensor(stacked)?),
-                    widths,
-                ));
+                return Ok(Parallel::Stacked(Linear::Q4_1(stacked), widths));
             }
         }
         tensors
@@ -181,40 +172,7 @@ impl Parallel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_few_q4k_rows_get_candles_product_and_more_go_through_candle() {
-        let dev = Device::Cpu;
-        let (k, n) = (512, 64);
-        let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
-        let linear = Linear::new(
-            QTensor::quantize(&w, GgmlDType::Q4K).unwrap(),
-            &dev,
-            Precision::Quantized,
-        )
-        .unwrap();
-        let candle = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
-        for rows in [1, 2, 3] {
-            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
-            let compact = linear.q4k_rows(&x).unwrap().is_some();
-            assert_eq!(compact, rows <= COMPACT_ROWS);
-            let got = linear.forward(&x).unwrap();
-            let want = candle.forward(&x).unwrap();
-            assert_eq!(got.dims(), &[1, rows, n]);
-            let worst = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(worst < 1e-4, "{rows} rows: off by {worst}");
-        }
-        assert!(q4k_blocks(&[0u8; 7]).is_err());
-    }
+    use candle_core::quantized::GgmlDType;
 
     #[test]
     fn stacked_q4_1_matrices_give_what_each_gives_apart() {

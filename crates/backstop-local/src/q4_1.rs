@@ -5,37 +5,22 @@
 //! ggml's Q4_1 × Q8_1 product — activations quantized per block of 32 to
 //! 8-bit with one scale, weights' 4-bit values times the activations' 8-bit
 //! values summed in integers, then `d_w · d_x · Σ q_w q_x + m_w · d_x · Σ q_x` —
-//! over weights repacked at load so that a vector register holds eight
-//! weight rows at once, one per 32-bit lane ([`Tile`]): a block's products
-//! for eight rows are eight `dpbusd` (AVX-512 VNNI) or `maddubs`/`madd`
-//! pairs (AVX2) against the activations' bytes broadcast, and its scales
-//! apply to all eight rows in one multiply and two FMAs, with no per-row
-//! broadcasts and no horizontal sums. ggml's own Q4_1 product takes one row
-//! at a time; this one does about a third of its instructions per block.
-//! A portable loop does the same sums where the CPU has neither. The columns
-//! run in parallel on candle's own worker pool (a second pool would fight it
-//! for the cores).
+//! over weights repacked eight rows to a register ([`Tile`], and
+//! [`crate::tiled`] for why), with AVX-512 VNNI or AVX2 when the CPU has
+//! them and a portable loop otherwise.
 //!
-//! It plugs into candle as a [`QuantizedType`]: a `QTensor` holding it is a
-//! drop-in weight for candle's `QMatMul`.
+//! [`crate::linear::Linear`] calls it directly: as a candle `QuantizedType`
+//! of dtype Q4_1, candle could take its repacked bytes for its own blocks.
 
-use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
-use candle_core::{CpuStorage, Device, Result};
-use std::sync::{Mutex, PoisonError};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Result};
 
 use half::f16;
 
-/// Values per block.
-const QK: usize = 32;
+use crate::tiled::{Simd, Tiled, LANES, Q8, QK};
+
 /// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 const BLOCK_BYTES: usize = 20;
-/// Weight rows a [`Tile`] interleaves: one per 32-bit lane of a 256-bit
-/// register.
-const LANES: usize = 8;
-/// Tiles' worth of output columns per parallel task (32 columns).
-const GROUPS_PER_TASK: usize = 4;
-/// Activation rows a task takes at a time.
-const ROW_TILE: usize = 64;
 
 /// One Q4_1 block as the file has it: value `i` is `d · q_i + m`, `q_i` the
 /// low nibbles of `qs` for `i < 16` and the high ones for the rest.
@@ -53,41 +38,10 @@ struct Block {
 /// lane of a register loaded from `qs[t]` follows one row.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
-struct Tile {
+pub(crate) struct Tile {
     d: [f16; LANES],
     m: [f16; LANES],
     qs: [[u8; 4 * LANES]; 4],
-}
-
-/// Activations of one block quantized to 8 bits, with the sum of the
-/// quantized values (so the product is exactly that of the quantized
-/// activations, as in ggml's Q8_1).
-#[derive(Debug, Clone, Copy, Default)]
-struct Q8 {
-    d: f32,
-    sum: f32,
-    qs: [i8; QK],
-}
-
-impl Q8 {
-    /// Values `4t..4t + 4` as one little-endian word, to broadcast.
-    #[inline(always)]
-    fn word(&self, t: usize) -> i32 {
-        let q = &self.qs[4 * t..4 * t + 4];
-        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
-    }
-}
-
-fn quantize(xs: &[f32]) -> Q8 {
-    let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut q = Q8 { d, ..Q8::default() };
-    for (o, x) in q.qs.iter_mut().zip(xs) {
-        *o = (x * inv).round() as i8;
-    }
-    q.sum = d * q.qs.iter().map(|v| i32::from(*v)).sum::<i32>() as f32;
-    q
 }
 
 /// Eight weight rows (a run of tiles) against activation rows `xs`:
@@ -127,58 +81,14 @@ fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANE
 }
 
 /// The x86-64 paths: the same arithmetic as [`group_portable`], eight rows
-/// in the lanes of a register, with AVX2 or with AVX-512 VNNI. Every
-/// intrinsic here but the loads and the store is safe to call inside the
-/// functions, which enable the features they need.
+/// in the lanes of a register, with AVX2 or with AVX-512 VNNI.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, LANES, Q8};
-
-    #[target_feature(enable = "avx2,fma")]
-    fn load_bytes(bytes: &[u8; 32]) -> __m256i {
-        // SAFETY: an unaligned load of the array's 32 bytes.
-        #[allow(unsafe_code)]
-        unsafe {
-            _mm256_loadu_si256(bytes.as_ptr().cast())
-        }
-    }
-
-    /// Eight f16 values as eight f32 lanes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_f16(values: &[half::f16; 8]) -> __m256 {
-        // SAFETY: an unaligned load of the array's 16 bytes.
-        #[allow(unsafe_code)]
-        let halves = unsafe { _mm_loadu_si128(values.as_ptr().cast()) };
-        _mm256_cvtph_ps(halves)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn lanes(v: __m256) -> [f32; LANES] {
-        let mut out = [0f32; LANES];
-        // SAFETY: an unaligned store into the array's 32 bytes.
-        #[allow(unsafe_code)]
-        unsafe {
-            _mm256_storeu_ps(out.as_mut_ptr(), v)
-        };
-        out
-    }
-
-    /// `acc` plus, in each 32-bit lane, the sum of the four products of
-    /// the lane's unsigned bytes `w` and signed bytes `x`. AVX2 multiplies
-    /// pairs to i16 (at most 2 · 15 · 127) and adds pairs of those to i32.
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(w, x);
-        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// The same in one AVX-512 VNNI instruction, on 256-bit registers.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, x)
-    }
+    use super::Tile;
+    use crate::tiled::x86::{dot_avx2, dot_vnni, lanes, load_bytes, load_f16};
+    use crate::tiled::{LANES, Q8};
 
     macro_rules! group {
         ($name:ident, $features:literal, $dot:ident) => {
@@ -232,57 +142,6 @@ mod x86 {
         group!(avx2, "avx2,fma,f16c", dot_avx2);
         group!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_vnni);
     }
-}
-
-/// The instructions a product runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Simd {
-    /// Plain Rust.
-    Portable,
-    /// AVX2, FMA and F16C (x86-64-v3).
-    Avx2,
-    /// AVX2 with AVX-512 VNNI's byte dot products (Zen 4, Ice Lake and
-    /// later): one instruction where AVX2 takes two.
-    Vnni,
-}
-
-impl Simd {
-    /// The best path this CPU runs.
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
-            {
-                Simd::Vnni
-            } else {
-                Simd::Avx2
-            };
-        }
-        Simd::Portable
-    }
-}
-
-/// Eight weight rows (a run of tiles) against activation rows, on path
-/// `simd`: `out[i][j]` is row `j` of the tiles times activation row `i`.
-#[inline]
-fn group<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
-    // SAFETY (both calls): `simd` names a path only when `Simd::detect`
-    // found the CPU features its function enables; the functions read
-    // nothing but their slices, each as long as `tiles` (checked by the
-    // caller).
-    #[cfg(target_arch = "x86_64")]
-    match simd {
-        #[allow(unsafe_code)]
-        Simd::Vnni => return unsafe { x86::groups::vnni(tiles, xs) },
-        #[allow(unsafe_code)]
-        Simd::Avx2 => return unsafe { x86::groups::avx2(tiles, xs) },
-        Simd::Portable => {}
-    }
-    let _ = simd;
-    group_portable(tiles, xs)
 }
 
 /// The blocks of a GGUF Q4_1 tensor's raw bytes.
@@ -353,11 +212,13 @@ impl FastQ4_1 {
     }
 
     /// Takes a GGUF Q4_1 tensor's raw bytes, `rows` rows of `width` values.
+    #[cfg(test)]
     fn from_bytes(bytes: &[u8], rows: usize, width: usize) -> Result<Self> {
         Self::from_blocks(&blocks(bytes), rows, width / QK)
     }
 
     /// The blocks again, row after row, as the file had them.
+    #[cfg(test)]
     fn blocks(&self) -> impl Iterator<Item = Block> + '_ {
         (0..self.rows).flat_map(move |row| {
             let (group, j) = (row / LANES, row % LANES);
@@ -377,10 +238,10 @@ impl FastQ4_1 {
         })
     }
 
-    /// Q4_1 CPU matrices with the same input width, stacked into one (their
-    /// rows one after the other) with the fast product; `None` when they
-    /// are not all such.
-    pub fn stack(tensors: &[QTensor]) -> Result<Option<QTensor>> {
+    /// Q4_1 CPU matrices with the same input width (one, or a layer's
+    /// q/k/v), stacked into one, their rows one after the other; `None`
+    /// when they are not all such.
+    pub fn new(tensors: &[QTensor]) -> Result<Option<Self>> {
         let mut rows = 0;
         let mut width = None;
         for t in tensors {
@@ -401,101 +262,10 @@ impl FastQ4_1 {
         for t in tensors {
             all.extend(blocks(&t.data()?));
         }
-        let fast = FastQ4_1::from_blocks(&all, rows, width / QK)?;
-        QTensor::new(QStorage::Cpu(Box::new(fast)), (rows, width)).map(Some)
+        FastQ4_1::from_blocks(&all, rows, width / QK).map(Some)
     }
 
-    /// A Q4_1 CPU tensor with the fast product; other tensors as they are.
-    pub fn adopt(tensor: QTensor) -> Result<QTensor> {
-        if tensor.dtype() != GgmlDType::Q4_1 || !matches!(tensor.device(), Device::Cpu) {
-            return Ok(tensor);
-        }
-        let (rows, width) = tensor.shape().dims2()?;
-        let fast = FastQ4_1::from_bytes(&tensor.data()?, rows, width)?;
-        QTensor::new(QStorage::Cpu(Box::new(fast)), tensor.shape().clone())
-    }
-
-    /// `lhs · selfᵀ` into `dst` on path `simd`.
-    fn product(
-        &self,
-        (m, k, n): (usize, usize, usize),
-        lhs: &[f32],
-        dst: &mut [f32],
-        simd: Simd,
-    ) -> Result<()> {
-        let per_row = self.per_row;
-        if k != per_row * QK || n != self.rows || lhs.len() != m * k || dst.len() < m * n {
-            return Err(candle_core::Error::Msg(format!(
-                "FastQ4_1 matmul: bad shapes ({m},{k},{n}) for {} rows of {per_row} blocks",
-                self.rows
-            )));
-        }
-        let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
-        let groups = n.div_ceil(LANES);
-        let columns_per_task = GROUPS_PER_TASK * LANES;
-        // One task per run of output columns, for every activation row: a
-        // run of eight weight rows is read from memory once and stays in
-        // the first-level cache while each activation row is multiplied by
-        // it, so rows (a prompt's tokens, or a batch's sequences) share the
-        // weight reads. A task writes its columns of every row into its own
-        // part of `out`, behind its own (never contended) lock, which is
-        // `dst` itself for a single row, and laid out per task otherwise.
-        let mut scratch = Vec::new();
-        let out: &mut [f32] = if m == 1 {
-            &mut dst[..n]
-        } else {
-            scratch.resize(m * n, 0.0);
-            &mut scratch
-        };
-        let tasks: Vec<Mutex<&mut [f32]>> = out
-            .chunks_mut(m * columns_per_task)
-            .map(Mutex::new)
-            .collect();
-        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
-            for task in range {
-                let first = task * GROUPS_PER_TASK;
-                let cols = columns_per_task.min(n - first * LANES);
-                let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
-                let x = |row: usize| &x[row * per_row..(row + 1) * per_row];
-                // Two activation rows at a time, then the row left over;
-                // the rows in tiles, so that a long prompt's activations
-                // stay in the second-level cache while the task's weights
-                // pass over them.
-                for tile in (0..m).step_by(ROW_TILE) {
-                    let rows = tile..m.min(tile + ROW_TILE);
-                    for g in first..groups.min(first + GROUPS_PER_TASK) {
-                        let tiles = &self.tiles[g * per_row..(g + 1) * per_row];
-                        let at = (g - first) * LANES;
-                        let width = LANES.min(cols - at);
-                        let mut row = rows.start;
-                        while row + 2 <= rows.end {
-                            let [a, b] = group(tiles, [x(row), x(row + 1)], simd);
-                            out[row * cols + at..][..width].copy_from_slice(&a[..width]);
-                            out[(row + 1) * cols + at..][..width].copy_from_slice(&b[..width]);
-                            row += 2;
-                        }
-                        if row < rows.end {
-                            let [a] = group(tiles, [x(row)], simd);
-                            out[row * cols + at..][..width].copy_from_slice(&a[..width]);
-                        }
-                    }
-                }
-            }
-        });
-        drop(tasks);
-        if m > 1 {
-            // From per-task runs of `[row][column]` to `[row][n]`.
-            for (task, run) in scratch.chunks(m * columns_per_task).enumerate() {
-                let first = task * columns_per_task;
-                let cols = run.len() / m;
-                for (row, values) in run.chunks_exact(cols).enumerate() {
-                    dst[row * n + first..row * n + first + cols].copy_from_slice(values);
-                }
-            }
-        }
-        Ok(())
-    }
-
+    #[cfg(test)]
     fn dequantized(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.per_row * QK);
         for b in self.blocks() {
@@ -507,95 +277,38 @@ impl FastQ4_1 {
     }
 }
 
-fn unsupported(what: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!("FastQ4_1 does not support {what}"))
-}
+impl Tiled for FastQ4_1 {
+    type Tile = Tile;
+    const SPAN: usize = 1;
 
-impl QuantizedType for FastQ4_1 {
-    fn dtype(&self) -> GgmlDType {
-        GgmlDType::Q4_1
+    fn rows(&self) -> usize {
+        self.rows
     }
 
-    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        self.product(mkn, lhs, dst, Simd::detect())
+    fn width(&self) -> usize {
+        self.per_row * QK
     }
 
-    fn matmul_t_f16(
-        &self,
-        _: (usize, usize, usize),
-        _: &[half::f16],
-        _: &mut [half::f16],
-    ) -> Result<()> {
-        Err(unsupported("f16 activations"))
+    fn tiles(&self) -> &[Tile] {
+        &self.tiles
     }
 
-    fn embedding(&self, ids: &[u32], rows: usize, hidden: usize) -> Result<CpuStorage> {
-        let all = self.dequantized();
-        let mut out = Vec::with_capacity(ids.len() * hidden);
-        for &id in ids {
-            let id = id as usize;
-            if id >= rows {
-                return Err(candle_core::Error::Msg(format!(
-                    "token id {id} out of {rows}"
-                )));
-            }
-            out.extend_from_slice(&all[id * hidden..(id + 1) * hidden]);
+    #[inline]
+    fn group<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
+        // SAFETY (both calls): `simd` names a path only when `Simd::detect`
+        // found the CPU features its function enables; the functions read
+        // nothing but their slices, each as long as `tiles` (checked by
+        // `tiled::product`).
+        #[cfg(target_arch = "x86_64")]
+        match simd {
+            #[allow(unsafe_code)]
+            Simd::Vnni => return unsafe { x86::groups::vnni(tiles, xs) },
+            #[allow(unsafe_code)]
+            Simd::Avx2 => return unsafe { x86::groups::avx2(tiles, xs) },
+            Simd::Portable => {}
         }
-        Ok(CpuStorage::F32(out))
-    }
-
-    fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
-        let mut all = self.dequantized();
-        all.truncate(elem_count);
-        Ok(CpuStorage::F32(all))
-    }
-
-    fn storage_size_in_bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>()
-    }
-
-    fn as_ptr(&self) -> *const u8 {
-        self.tiles.as_ptr().cast()
-    }
-
-    fn block_size(&self) -> usize {
-        QK
-    }
-
-    fn from_float(&mut self, xs: &[f32]) {
-        let quantized: Vec<Block> = xs
-            .chunks_exact(QK)
-            .take(self.rows * self.per_row)
-            .map(|xs| {
-                let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
-                let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let d = (max - min) / 15.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let q = |x: f32| ((x - min) * inv).round().clamp(0.0, 15.0) as u8;
-                let mut qs = [0u8; QK / 2];
-                for (j, q_j) in qs.iter_mut().enumerate() {
-                    *q_j = q(xs[j]) | (q(xs[j + QK / 2]) << 4);
-                }
-                Block {
-                    d: f16::from_f32(d),
-                    m: f16::from_f32(min),
-                    qs,
-                }
-            })
-            .collect();
-        // A slice too short for every row leaves the tensor as it was.
-        if let Ok(fast) = FastQ4_1::from_blocks(&quantized, self.rows, self.per_row) {
-            *self = fast;
-        }
-    }
-
-    /// Importance weights are not used: the same as [`Self::from_float`].
-    fn from_float_imatrix(&mut self, xs: &[f32], _: &[f32], _: usize) {
-        self.from_float(xs);
-    }
-
-    fn size(&self) -> usize {
-        self.rows * self.per_row * BLOCK_BYTES
+        let _ = simd;
+        group_portable(tiles, xs)
     }
 }
 
@@ -604,6 +317,12 @@ mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Module, Tensor};
+
+    fn fast(w: &Tensor) -> FastQ4_1 {
+        FastQ4_1::new(&[QTensor::quantize(w, GgmlDType::Q4_1).unwrap()])
+            .unwrap()
+            .unwrap()
+    }
 
     /// Deterministic values in -1..1.
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -625,13 +344,16 @@ mod tests {
         let w = Tensor::from_vec(values(n * k, 7), (n, k), &dev).unwrap();
         let x = Tensor::from_vec(values(m * k, 11), (m, k), &dev).unwrap();
         let reference = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let fast = FastQ4_1::adopt(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let fast = fast(&w);
         let want = QMatMul::from_qtensor(reference)
             .unwrap()
             .forward(&x)
             .unwrap();
-        let dq = fast.dequantize(&dev).unwrap();
-        let got = QMatMul::from_qtensor(fast).unwrap().forward(&x).unwrap();
+        let dq = Tensor::from_vec(fast.dequantized(), (n, k), &dev).unwrap();
+        let mut got = vec![0f32; m * n];
+        let lhs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        crate::tiled::product(&fast, (m, k, n), &lhs, &mut got, Simd::detect()).unwrap();
+        let got = Tensor::from_vec(got, (m, n), &dev).unwrap();
         // The exact product of the same quantized weights, in f32.
         let exact = x.matmul(&dq.t().unwrap()).unwrap();
         let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -668,25 +390,16 @@ mod tests {
         // activations the quantization's own error would hide it.
         let (m, k, n) = (3, 1536, 75);
         let w = Tensor::from_vec(values(n * k, 13), (n, k), &Device::Cpu).unwrap();
-        let fast = FastQ4_1::from_bytes(
-            &QTensor::quantize(&w, GgmlDType::Q4_1)
-                .unwrap()
-                .data()
-                .unwrap(),
-            n,
-            k,
-        )
-        .unwrap();
+        let fast = fast(&w);
         let weights = fast.dequantized();
         let x = values(m * k, 17);
-        let q: Vec<Q8> = x.chunks_exact(QK).map(quantize).collect();
+        let q: Vec<Q8> = x.chunks_exact(QK).map(crate::tiled::quantize).collect();
         let xq: Vec<f64> = q
             .iter()
             .flat_map(|b| b.qs.iter().map(move |v| f64::from(b.d) * f64::from(*v)))
             .collect();
         let mut got = vec![0f32; m * n];
-        fast.product((m, k, n), &x, &mut got, Simd::detect())
-            .unwrap();
+        crate::tiled::product(&fast, (m, k, n), &x, &mut got, Simd::detect()).unwrap();
         for row in 0..m {
             for col in 0..n {
                 let terms = (0..k).map(|i| f64::from(weights[col * k + i]) * xq[row * k + i]);
@@ -709,21 +422,13 @@ mod tests {
         // activation rows and a row left over, more than one row tile.
         let (k, n) = (256, 70);
         let w = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap();
-        let fast = FastQ4_1::from_bytes(
-            &QTensor::quantize(&w, GgmlDType::Q4_1)
-                .unwrap()
-                .data()
-                .unwrap(),
-            n,
-            k,
-        )
-        .unwrap();
+        let fast = fast(&w);
         let best = Simd::detect();
         for m in [1, 2, 3, 67] {
             let x = values(m * k, 9);
             let product = |simd| {
                 let mut dst = vec![0f32; m * n];
-                fast.product((m, k, n), &x, &mut dst, simd).unwrap();
+                crate::tiled::product(&fast, (m, k, n), &x, &mut dst, simd).unwrap();
                 dst
             };
             // The integer sums are exact on every path, and the floats
@@ -741,10 +446,13 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::from_vec(values(64 * 32, 3), (64, 32), &dev).unwrap();
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        assert_eq!(FastQ4_1::adopt(q8).unwrap().dtype(), GgmlDType::Q8_0);
+        assert!(FastQ4_1::new(&[q8]).unwrap().is_none());
         let fast = FastQ4_1::from_bytes(&[0u8; BLOCK_BYTES * 2], 2, 32).unwrap();
         let mut dst = [0f32; 2];
-        assert!(fast.matmul_t((1, 32, 2), &[0.0; 16], &mut dst).is_err());
-        assert!(fast.matmul_t((1, 32, 2), &[1.0; 32], &mut dst).is_ok());
+        let product = |lhs: &[f32], dst: &mut [f32]| {
+            crate::tiled::product(&fast, (1, 32, 2), lhs, dst, Simd::detect())
+        };
+        assert!(product(&[0.0; 16], &mut dst).is_err());
+        assert!(product(&[1.0; 32], &mut dst).is_ok());
     }
 }

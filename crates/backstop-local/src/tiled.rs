@@ -1,0 +1,265 @@
+//! Matrix products over quantized weights repacked eight rows to a vector
+//! register: the part every such format shares.
+//!
+//! A format (Q4_1 in [`crate::q4_1`], Q4_K in [`crate::q4k`]) keeps its
+//! weights in runs of tiles, each run eight consecutive weight rows, laid out
+//! so that one 32-bit lane of a 256-bit register follows one row. A block's
+//! products for eight rows are then eight `dpbusd` (AVX-512 VNNI) or
+//! `maddubs`/`madd` pairs (AVX2) against the activations' bytes broadcast,
+//! and its scales apply to all eight rows in one multiply and two FMAs, with
+//! no per-row broadcasts and no horizontal sums. ggml's and candle's
+//! products take one weight row at a time.
+//!
+//! Here: the activations quantized per block of 32 to 8 bits ([`Q8`], as
+//! ggml's Q8_1), the instruction set a product runs on ([`Simd`]), the
+//! shared x86 pieces, and [`product`], which runs a format's eight-row
+//! kernel over the output columns in parallel on candle's own worker pool
+//! (a second pool would fight it for the cores).
+
+use candle_core::Result;
+use std::sync::{Mutex, PoisonError};
+
+/// Values per activation block.
+pub(crate) const QK: usize = 32;
+/// Weight rows a run of tiles interleaves: one per 32-bit lane.
+pub(crate) const LANES: usize = 8;
+/// Runs of eight rows per parallel task (32 output columns).
+const GROUPS_PER_TASK: usize = 4;
+/// Activation rows a task takes at a time.
+const ROW_TILE: usize = 64;
+
+/// Activations of one block quantized to 8 bits, with the sum of the
+/// quantized values times the scale (so the product is exactly that of
+/// the quantized activations, as in ggml's Q8_1).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Q8 {
+    pub(crate) d: f32,
+    pub(crate) sum: f32,
+    pub(crate) qs: [i8; QK],
+}
+
+impl Q8 {
+    /// Values `4t..4t + 4` as one little-endian word, to broadcast.
+    #[inline(always)]
+    pub(crate) fn word(&self, t: usize) -> i32 {
+        let q = &self.qs[4 * t..4 * t + 4];
+        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+    }
+}
+
+pub(crate) fn quantize(xs: &[f32]) -> Q8 {
+    let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = Q8 { d, ..Q8::default() };
+    for (o, x) in q.qs.iter_mut().zip(xs) {
+        *o = (x * inv).round() as i8;
+    }
+    q.sum = d * q.qs.iter().map(|v| i32::from(*v)).sum::<i32>() as f32;
+    q
+}
+
+/// The instructions a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    /// Plain Rust.
+    Portable,
+    /// AVX2, FMA and F16C (x86-64-v3).
+    Avx2,
+    /// AVX2 with AVX-512 VNNI's byte dot products (Zen 4, Ice Lake and
+    /// later): one instruction where AVX2 takes two.
+    Vnni,
+}
+
+impl Simd {
+    /// The best path this CPU runs.
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+            {
+                Simd::Vnni
+            } else {
+                Simd::Avx2
+            };
+        }
+        Simd::Portable
+    }
+}
+
+/// What the formats' x86 kernels share. Every intrinsic here but the loads
+/// and the store is safe to call inside the functions, which enable the
+/// features they need.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn load_bytes(bytes: &[u8; 32]) -> __m256i {
+        // SAFETY: an unaligned load of the array's 32 bytes.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm256_loadu_si256(bytes.as_ptr().cast())
+        }
+    }
+
+    /// Eight f16 values as eight f32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn load_f16(values: &[half::f16; LANES]) -> __m256 {
+        // SAFETY: an unaligned load of the array's 16 bytes.
+        #[allow(unsafe_code)]
+        let halves = unsafe { _mm_loadu_si128(values.as_ptr().cast()) };
+        _mm256_cvtph_ps(halves)
+    }
+
+    /// Eight bytes as eight f32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn load_u8(values: &[u8; LANES]) -> __m256 {
+        let word = _mm_set_epi64x(0, i64::from_le_bytes(*values));
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(word))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn lanes(v: __m256) -> [f32; LANES] {
+        let mut out = [0f32; LANES];
+        // SAFETY: an unaligned store into the array's 32 bytes.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), v)
+        };
+        out
+    }
+
+    /// `acc` plus, in each 32-bit lane, the sum of the four products of
+    /// the lane's unsigned bytes `w` and signed bytes `x`. AVX2 multiplies
+    /// pairs to i16 (at most 2 · 15 · 127) and adds pairs of those to i32.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// The same in one AVX-512 VNNI instruction, on 256-bit registers.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(crate) fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
+/// Weights repacked for [`product`].
+pub(crate) trait Tiled: Sync {
+    /// The tile of one block of eight rows.
+    type Tile: Sync;
+    /// Activation blocks of 32 values a tile spans.
+    const SPAN: usize;
+
+    /// Weight rows (output columns).
+    fn rows(&self) -> usize;
+
+    /// Values a row (the input's width).
+    fn width(&self) -> usize;
+
+    /// Every run of eight rows' tiles, one run after the other (the last
+    /// run padded with zero rows).
+    fn tiles(&self) -> &[Self::Tile];
+
+    /// Eight weight rows (a run of tiles) against activation rows `xs`, on
+    /// path `simd`: `out[i][j]` is row `j` of the run times activation row
+    /// `i`. Every path gives the same result to the bit.
+    fn group<const M: usize>(tiles: &[Self::Tile], xs: [&[Q8]; M], simd: Simd)
+        -> [[f32; LANES]; M];
+}
+
+/// `lhs · wᵀ` into `dst` on path `simd`, `lhs` being `m` rows of `k`.
+pub(crate) fn product<W: Tiled>(
+    w: &W,
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+    simd: Simd,
+) -> Result<()> {
+    let blocks = k / QK;
+    let per_group = blocks / W::SPAN;
+    let groups = n.div_ceil(LANES);
+    if k != w.width()
+        || !k.is_multiple_of(QK * W::SPAN)
+        || n != w.rows()
+        || w.tiles().len() != groups * per_group
+        || lhs.len() != m * k
+        || dst.len() < m * n
+    {
+        return Err(candle_core::Error::Msg(format!(
+            "quantized matmul: bad shapes ({m},{k},{n}) for {} rows of {} in {} tiles",
+            w.rows(),
+            w.width(),
+            w.tiles().len()
+        )));
+    }
+    let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
+    let columns_per_task = GROUPS_PER_TASK * LANES;
+    // One task per run of output columns, for every activation row: a run
+    // of eight weight rows is read from memory once and stays in the cache
+    // while each activation row is multiplied by it, so rows (a prompt's
+    // tokens, or a batch's sequences) share the weight reads. A task writes
+    // its columns of every row into its own part of `out`, behind its own
+    // (never contended) lock, which is `dst` itself for a single row, and
+    // laid out per task otherwise.
+    let mut scratch = Vec::new();
+    let out: &mut [f32] = if m == 1 {
+        &mut dst[..n]
+    } else {
+        scratch.resize(m * n, 0.0);
+        &mut scratch
+    };
+    let tasks: Vec<Mutex<&mut [f32]>> = out
+        .chunks_mut(m * columns_per_task)
+        .map(Mutex::new)
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        for task in range {
+            let first = task * GROUPS_PER_TASK;
+            let cols = columns_per_task.min(n - first * LANES);
+            let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
+            let x = |row: usize| &x[row * blocks..(row + 1) * blocks];
+            // Two activation rows at a time, then the row left over; the
+            // rows in tiles, so that a long prompt's activations stay in the
+            // second-level cache while the task's weights pass over them.
+            for tile in (0..m).step_by(ROW_TILE) {
+                let rows = tile..m.min(tile + ROW_TILE);
+                for g in first..groups.min(first + GROUPS_PER_TASK) {
+                    let tiles = &w.tiles()[g * per_group..(g + 1) * per_group];
+                    let at = (g - first) * LANES;
+                    let width = LANES.min(cols - at);
+                    let mut row = rows.start;
+                    while row + 2 <= rows.end {
+                        let [a, b] = W::group(tiles, [x(row), x(row + 1)], simd);
+                        out[row * cols + at..][..width].copy_from_slice(&a[..width]);
+                        out[(row + 1) * cols + at..][..width].copy_from_slice(&b[..width]);
+                        row += 2;
+                    }
+                    if row < rows.end {
+                        let [a] = W::group(tiles, [x(row)], simd);
+                        out[row * cols + at..][..width].copy_from_slice(&a[..width]);
+                    }
+                }
+            }
+        }
+    });
+    drop(tasks);
+    if m > 1 {
+        // From per-task runs of `[row][column]` to `[row][n]`.
+        for (task, run) in scratch.chunks(m * columns_per_task).enumerate() {
+            let first = task * columns_per_task;
+            let cols = run.len() / m;
+            for (row, values) in run.chunks_exact(cols).enumerate() {
+                dst[row * n + first..row * n + first + cols].copy_from_slice(values);
+            }
+        }
+    }
+    Ok(())
+}
