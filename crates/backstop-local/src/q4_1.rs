@@ -17,6 +17,8 @@ use candle_core::{Device, Result};
 
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+use crate::tiled::FeatureGroup;
 use crate::tiled::{Simd, Tiled, LANES, Q8, QK};
 
 /// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
@@ -295,20 +297,14 @@ impl Tiled for FastQ4_1 {
 
     #[inline]
     fn group<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
-        // SAFETY (both calls): `simd` names a path only when `Simd::detect`
-        // found the CPU features its function enables; the functions read
-        // nothing but their slices, each as long as `tiles` (checked by
-        // `tiled::product`).
         #[cfg(target_arch = "x86_64")]
-        match simd {
-            #[allow(unsafe_code)]
-            Simd::Vnni => return unsafe { x86::groups::vnni(tiles, xs) },
-            #[allow(unsafe_code)]
-            Simd::Avx2 => return unsafe { x86::groups::avx2(tiles, xs) },
-            Simd::Portable => {}
-        }
-        let _ = simd;
-        group_portable(tiles, xs)
+        let (avx2, vnni) = (
+            x86::groups::avx2::<M> as FeatureGroup<Tile, M>,
+            x86::groups::vnni::<M> as FeatureGroup<Tile, M>,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (avx2, vnni) = (group_portable::<M>, group_portable::<M>);
+        crate::tiled::on(simd, tiles, xs, group_portable, avx2, vnni)
     }
 }
 

@@ -151,6 +151,39 @@ pub(crate) mod x86 {
     }
 }
 
+/// A run of eight rows' product with `M` activation rows.
+pub(crate) type Group<T, const M: usize> = fn(&[T], [&[Q8]; M]) -> [[f32; LANES]; M];
+/// The same, on a path that needs CPU features.
+pub(crate) type FeatureGroup<T, const M: usize> = unsafe fn(&[T], [&[Q8]; M]) -> [[f32; LANES]; M];
+
+/// A format's kernel on path `simd`: `avx2` and `vnni` (the x86 kernels,
+/// `#[target_feature]` functions) where the CPU has them, `portable`
+/// otherwise.
+#[inline]
+pub(crate) fn on<T, const M: usize>(
+    simd: Simd,
+    tiles: &[T],
+    xs: [&[Q8]; M],
+    portable: Group<T, M>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] avx2: FeatureGroup<T, M>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] vnni: FeatureGroup<T, M>,
+) -> [[f32; LANES]; M] {
+    // SAFETY (both calls): `simd` names a path only when `Simd::detect`
+    // found the CPU features its kernel enables; the kernels read nothing
+    // but their slices, each `SPAN` activation blocks a tile (checked by
+    // `product`).
+    #[cfg(target_arch = "x86_64")]
+    match simd {
+        #[allow(unsafe_code)]
+        Simd::Vnni => return unsafe { vnni(tiles, xs) },
+        #[allow(unsafe_code)]
+        Simd::Avx2 => return unsafe { avx2(tiles, xs) },
+        Simd::Portable => {}
+    }
+    let _ = simd;
+    portable(tiles, xs)
+}
+
 /// Weights repacked for [`product`].
 pub(crate) trait Tiled: Sync {
     /// The tile of one block of eight rows.
