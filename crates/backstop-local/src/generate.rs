@@ -5,11 +5,11 @@ use crate::llama::{Cache, Segment};
 use backstop_adapter::continuation::ends_a_thought;
 use backstop_adapter::{BackendError, FailureKind};
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::utils::apply_repeat_penalty;
 use tokio::sync::mpsc;
 
 use crate::model::LoadedModel;
+use crate::sampler::Sampler;
 use crate::template::Turn;
 
 /// Tokens looked back over for the repetition penalty.
@@ -197,22 +197,11 @@ fn too_long(tokens: usize, context: usize) -> Event {
     Event::Failed(e)
 }
 
-fn sampler(params: &Params) -> LogitsProcessor {
-    let temperature = params.temperature;
-    let sampling = if temperature <= 1e-7 {
-        Sampling::ArgMax
-    } else {
-        // Below f32's range a mass keeps nothing; any mass under the most likely
-        // token's probability (at least 1/vocabulary) keeps just that token.
-        let top_p = (params.top_p < 1.0).then_some(params.top_p.max(1e-6));
-        match (params.top_k, top_p) {
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (None, None) => Sampling::All { temperature },
-        }
-    };
-    LogitsProcessor::from_sampling(params.seed, sampling)
+fn sampler(params: &Params) -> Sampler {
+    // Below f32's range a mass keeps nothing; any mass under the most likely
+    // token's probability (at least 1/vocabulary) keeps just that token.
+    let top_p = (params.top_p < 1.0).then_some(params.top_p.max(1e-6));
+    Sampler::new(params.seed, params.temperature, top_p, params.top_k)
 }
 
 /// Whether every logit is a finite number.
@@ -270,7 +259,7 @@ enum Step {
 pub struct Sequence {
     events: mpsc::UnboundedSender<Event>,
     params: Params,
-    sampler: LogitsProcessor,
+    sampler: Sampler,
     /// Prefill tokens, counted as answer rather than prompt.
     answered: usize,
     prompt: Vec<u32>,
