@@ -7,7 +7,7 @@
 //! allocations; with SmolLM2's 49,152 tokens that came to 5–6% of a decode
 //! step once the step got fast (`benches/README.md`). [`Sampler`] draws it
 //! with one pass for the maximum and one that takes the `exp` only of the
-//! tokens within [`CUTOFF`] of it, into a buffer it keeps. Greedy decoding,
+//! tokens within [`CUTOFF`] temperatures of it, into a buffer it keeps. Greedy decoding,
 //! `top_p` and `top_k` stay with candle's.
 
 use candle_core::{DType, Result, Tensor};
