@@ -89,7 +89,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Tile;
-    use crate::tiled::x86::{dot_avx2, dot_vnni, lanes, load_bytes, load_f16};
+    use crate::tiled::x86::{dot_avx2, dot_vnni, lanes, load_bytes, load_f16, prefetch};
     use crate::tiled::{LANES, Q8};
 
     macro_rules! group {
@@ -103,9 +103,12 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); M];
                 let mut mins = [_mm256_setzero_ps(); M];
                 for (b, tile) in tiles.iter().enumerate() {
+                    prefetch(tile);
                     // Four independent sums a row (one per quarter of the
-                    // block), so the integer products do not wait on each
-                    // other.
+                    // block) for one or two rows, so the integer products
+                    // do not wait on each other; two for four rows (eight
+                    // chains), which then fit the registers.
+                    let split = if M >= 4 { 2 } else { 4 };
                     let mut sums = [[_mm256_setzero_si256(); 4]; M];
                     for t in 0..4 {
                         let w = load_bytes(&tile.qs[t]);
@@ -113,8 +116,9 @@ mod x86 {
                         let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
                         for i in 0..M {
                             let x = &xs[i][b];
-                            let s = $dot(sums[i][t], lo, _mm256_set1_epi32(x.word(t)));
-                            sums[i][t] = $dot(s, hi, _mm256_set1_epi32(x.word(t + 4)));
+                            let k = t % split;
+                            let s = $dot(sums[i][k], lo, _mm256_set1_epi32(x.word(t)));
+                            sums[i][k] = $dot(s, hi, _mm256_set1_epi32(x.word(t + 4)));
                         }
                     }
                     let d = load_f16(&tile.d);

@@ -138,7 +138,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Tile, SUBS};
-    use crate::tiled::x86::{dot_avx2, dot_vnni, lanes, load_bytes, load_f16, load_u8};
+    use crate::tiled::x86::{dot_avx2, dot_vnni, lanes, load_bytes, load_f16, load_u8, prefetch};
     use crate::tiled::{LANES, Q8};
 
     macro_rules! group {
@@ -152,11 +152,15 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); M];
                 let mut mins = [_mm256_setzero_ps(); M];
                 for (b, tile) in tiles.iter().enumerate() {
+                    prefetch(tile);
                     let d = load_f16(&tile.d);
                     let dmin = load_f16(&tile.dmin);
                     for c in 0..4 {
                         // Sub-blocks 2c (low nibbles) and 2c + 1 (high), two
-                        // independent sums each a row.
+                        // independent sums each a row for one or two rows,
+                        // so that the byte products do not wait on each
+                        // other; four rows are eight chains already.
+                        let split = if M >= 4 { 1 } else { 2 };
                         let mut sums = [[[_mm256_setzero_si256(); 2]; 2]; M];
                         for t in 0..8 {
                             let w = load_bytes(&tile.qs[c][t]);
@@ -166,8 +170,9 @@ mod x86 {
                                 let (xl, xh) =
                                     (&xs[i][SUBS * b + 2 * c], &xs[i][SUBS * b + 2 * c + 1]);
                                 let [l, h] = &mut sums[i];
-                                l[t & 1] = $dot(l[t & 1], lo, _mm256_set1_epi32(xl.word(t)));
-                                h[t & 1] = $dot(h[t & 1], hi, _mm256_set1_epi32(xh.word(t)));
+                                let k = t % split;
+                                l[k] = $dot(l[k], lo, _mm256_set1_epi32(xl.word(t)));
+                                h[k] = $dot(h[k], hi, _mm256_set1_epi32(xh.word(t)));
                             }
                         }
                         for half in 0..2 {

@@ -99,6 +99,16 @@ pub(crate) mod x86 {
 
     use super::LANES;
 
+    /// How far ahead of the tile being multiplied [`prefetch`] reaches.
+    /// The hardware prefetcher alone leaves the kernel waiting on memory
+    /// while it streams the weights (perf: the samples pile up on the
+    /// instructions after the weights' loads). Four Q4_K tiles (4.6 KB)
+    /// ahead measured best among 0, 1, 2, 4, 6 and 8 tiles on a Zen 4: a
+    /// 16,384 × 4,096 product (38 MB, past the last-level cache) took 0.69
+    /// ms with it against 0.79 to 1.07 without for one activation row, and
+    /// 1.38 against 1.95 to 2.36 for four.
+    const PREFETCH: usize = 4 * 1184;
+
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn load_bytes(bytes: &[u8; 32]) -> __m256i {
         // SAFETY: an unaligned load of the array's 32 bytes.
@@ -122,6 +132,18 @@ pub(crate) mod x86 {
     pub(crate) fn load_u8(values: &[u8; LANES]) -> __m256 {
         let word = _mm_set_epi64x(0, i64::from_le_bytes(*values));
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(word))
+    }
+
+    /// Asks for the cache lines of the weights [`PREFETCH`] bytes past the
+    /// start of `tile`, so that they are in the first-level cache when the
+    /// kernel gets there. Past the last tile it asks for lines that may
+    /// not be mapped, which a prefetch ignores (it never faults).
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn prefetch<T>(tile: &T) {
+        let ahead = (tile as *const T).cast::<i8>().wrapping_add(PREFETCH);
+        for line in (0..size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -259,7 +281,8 @@ pub(crate) fn product<W: Tiled>(
             let cols = columns_per_task.min(n - first * LANES);
             let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
             let x = |row: usize| &x[row * blocks..(row + 1) * blocks];
-            // Two activation rows at a time, then the row left over; the
+            // Four activation rows at a time (each tile unpacked once for
+            // the four), then two, then the row left over; the
             // rows in tiles, so that a long prompt's activations stay in the
             // second-level cache while the task's weights pass over them.
             for tile in (0..m).step_by(ROW_TILE) {
@@ -268,16 +291,26 @@ pub(crate) fn product<W: Tiled>(
                     let tiles = &w.tiles()[g * per_group..(g + 1) * per_group];
                     let at = (g - first) * LANES;
                     let width = LANES.min(cols - at);
+                    let mut put = |row: usize, values: &[f32; LANES]| {
+                        out[row * cols + at..][..width].copy_from_slice(&values[..width]);
+                    };
                     let mut row = rows.start;
-                    while row + 2 <= rows.end {
+                    while row + 4 <= rows.end {
+                        let xs = [x(row), x(row + 1), x(row + 2), x(row + 3)];
+                        for (i, values) in W::group(tiles, xs, simd).iter().enumerate() {
+                            put(row + i, values);
+                        }
+                        row += 4;
+                    }
+                    if row + 2 <= rows.end {
                         let [a, b] = W::group(tiles, [x(row), x(row + 1)], simd);
-                        out[row * cols + at..][..width].copy_from_slice(&a[..width]);
-                        out[(row + 1) * cols + at..][..width].copy_from_slice(&b[..width]);
+                        put(row, &a);
+                        put(row + 1, &b);
                         row += 2;
                     }
                     if row < rows.end {
                         let [a] = W::group(tiles, [x(row)], simd);
-                        out[row * cols + at..][..width].copy_from_slice(&a[..width]);
+                        put(row, &a);
                     }
                 }
             }
