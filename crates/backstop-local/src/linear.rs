@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use crate::llama::Precision;
 use crate::q4_1::FastQ4_1;
 use crate::q4k::FastQ4K;
-use crate::tiled::{Simd, Tiled};
+use crate::tiled::{Kernel, Simd, Tiled};
 
 /// Rows from which a product on the GPU runs in f16 on the tensor cores.
 const GPU_DENSE_ROWS: usize = 32;
@@ -92,7 +92,7 @@ impl Linear {
 
 /// `x · Wᵀ` for weights repacked eight rows to a register, `x` f32 on the
 /// CPU.
-fn tiled_forward<W: Tiled>(w: &W, x: &Tensor) -> Result<Tensor> {
+fn tiled_forward<T: Kernel>(w: &Tiled<T>, x: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let k = dims.last().copied().unwrap_or(0);
     let (m, n) = (x.elem_count() / k.max(1), w.rows());
@@ -111,7 +111,7 @@ fn tiled_forward<W: Tiled>(w: &W, x: &Tensor) -> Result<Tensor> {
             .ok_or_else(|| {
                 candle_core::Error::Msg("activations shorter than their shape".into())
             })?;
-        crate::tiled::product(w, (m, k, n), lhs, &mut out, Simd::detect())?;
+        w.product((m, k, n), lhs, &mut out, Simd::detect())?;
     }
     if let Some(last) = dims.last_mut() {
         *last = n;

@@ -19,7 +19,7 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use crate::tiled::FeatureGroup;
-use crate::tiled::{Simd, Tiled, LANES, Q8, QK};
+use crate::tiled::{Kernel, Tiled, LANES, Q8, QK};
 
 /// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 const BLOCK_BYTES: usize = 20;
@@ -167,18 +167,9 @@ fn blocks(bytes: &[u8]) -> Vec<Block> {
 }
 
 /// Q4_1 weights whose product with f32 activations is fast.
-#[derive(Debug, Clone)]
-pub struct FastQ4_1 {
-    /// Weight rows (output columns).
-    rows: usize,
-    /// Blocks a row.
-    per_row: usize,
-    /// For each run of eight rows (the last padded with zero blocks), its
-    /// `per_row` tiles.
-    tiles: Vec<Tile>,
-}
+pub type FastQ4_1 = Tiled<Tile>;
 
-impl FastQ4_1 {
+impl Tiled<Tile> {
     /// `rows` rows of `per_row` blocks each, row after row, repacked.
     fn from_blocks(blocks: &[Block], rows: usize, per_row: usize) -> Result<Self> {
         if blocks.len() != rows * per_row {
@@ -188,33 +179,25 @@ impl FastQ4_1 {
             )));
         }
         let zero = Block::default();
-        let mut tiles = Vec::with_capacity(rows.div_ceil(LANES) * per_row);
-        for first in (0..rows).step_by(LANES) {
-            for b in 0..per_row {
-                let mut tile = Tile {
-                    d: [f16::ZERO; LANES],
-                    m: [f16::ZERO; LANES],
-                    qs: [[0; 4 * LANES]; 4],
-                };
-                for j in 0..LANES {
-                    let block = blocks
-                        .get((first + j) * per_row + b)
-                        .filter(|_| first + j < rows)
-                        .unwrap_or(&zero);
-                    tile.d[j] = block.d;
-                    tile.m[j] = block.m;
-                    for (t, qs) in tile.qs.iter_mut().enumerate() {
-                        qs[4 * j..4 * j + 4].copy_from_slice(&block.qs[4 * t..4 * t + 4]);
-                    }
+        Ok(Tiled::build(rows, per_row, |first, b| {
+            let mut tile = Tile {
+                d: [f16::ZERO; LANES],
+                m: [f16::ZERO; LANES],
+                qs: [[0; 4 * LANES]; 4],
+            };
+            for j in 0..LANES {
+                let block = blocks
+                    .get((first + j) * per_row + b)
+                    .filter(|_| first + j < rows)
+                    .unwrap_or(&zero);
+                tile.d[j] = block.d;
+                tile.m[j] = block.m;
+                for (t, qs) in tile.qs.iter_mut().enumerate() {
+                    qs[4 * j..4 * j + 4].copy_from_slice(&block.qs[4 * t..4 * t + 4]);
                 }
-                tiles.push(tile);
             }
-        }
-        Ok(FastQ4_1 {
-            rows,
-            per_row,
-            tiles,
-        })
+            tile
+        }))
     }
 
     /// Takes a GGUF Q4_1 tensor's raw bytes, `rows` rows of `width` values.
@@ -226,21 +209,19 @@ impl FastQ4_1 {
     /// The blocks again, row after row, as the file had them.
     #[cfg(test)]
     fn blocks(&self) -> impl Iterator<Item = Block> + '_ {
-        (0..self.rows).flat_map(move |row| {
-            let (group, j) = (row / LANES, row % LANES);
-            self.tiles[group * self.per_row..(group + 1) * self.per_row]
-                .iter()
-                .map(move |tile| {
-                    let mut qs = [0u8; QK / 2];
-                    for (t, q) in tile.qs.iter().enumerate() {
-                        qs[4 * t..4 * t + 4].copy_from_slice(&q[4 * j..4 * j + 4]);
-                    }
-                    Block {
-                        d: tile.d[j],
-                        m: tile.m[j],
-                        qs,
-                    }
-                })
+        (0..self.rows()).flat_map(move |row| {
+            let (tiles, j) = self.row(row);
+            tiles.iter().map(move |tile| {
+                let mut qs = [0u8; QK / 2];
+                for (t, q) in tile.qs.iter().enumerate() {
+                    qs[4 * t..4 * t + 4].copy_from_slice(&q[4 * j..4 * j + 4]);
+                }
+                Block {
+                    d: tile.d[j],
+                    m: tile.m[j],
+                    qs,
+                }
+            })
         })
     }
 
@@ -273,7 +254,7 @@ impl FastQ4_1 {
 
     #[cfg(test)]
     fn dequantized(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.rows * self.per_row * QK);
+        let mut out = Vec::with_capacity(self.rows() * self.width());
         for b in self.blocks() {
             let (d, m) = (b.d.to_f32(), b.m.to_f32());
             out.extend(b.qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
@@ -283,38 +264,23 @@ impl FastQ4_1 {
     }
 }
 
-impl Tiled for FastQ4_1 {
-    type Tile = Tile;
+impl Kernel for Tile {
     const SPAN: usize = 1;
 
-    fn rows(&self) -> usize {
-        self.rows
+    fn portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANES]; M] {
+        group_portable(tiles, xs)
     }
 
-    fn width(&self) -> usize {
-        self.per_row * QK
-    }
-
-    fn tiles(&self) -> &[Tile] {
-        &self.tiles
-    }
-
-    #[inline]
-    fn group<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
-        #[cfg(target_arch = "x86_64")]
-        let (avx2, vnni) = (
-            x86::groups::avx2::<M> as FeatureGroup<Tile, M>,
-            x86::groups::vnni::<M> as FeatureGroup<Tile, M>,
-        );
-        #[cfg(not(target_arch = "x86_64"))]
-        let (avx2, vnni) = (group_portable::<M>, group_portable::<M>);
-        crate::tiled::on(simd, tiles, xs, group_portable, avx2, vnni)
+    #[cfg(target_arch = "x86_64")]
+    fn x86<const M: usize>() -> [FeatureGroup<Tile, M>; 2] {
+        [x86::groups::avx2::<M>, x86::groups::vnni::<M>]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiled::Simd;
     use candle_core::quantized::QMatMul;
     use candle_core::{Module, Tensor};
 
@@ -352,7 +318,8 @@ mod tests {
         let dq = Tensor::from_vec(fast.dequantized(), (n, k), &dev).unwrap();
         let mut got = vec![0f32; m * n];
         let lhs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        crate::tiled::product(&fast, (m, k, n), &lhs, &mut got, Simd::detect()).unwrap();
+        fast.product((m, k, n), &lhs, &mut got, Simd::detect())
+            .unwrap();
         let got = Tensor::from_vec(got, (m, n), &dev).unwrap();
         // The exact product of the same quantized weights, in f32.
         let exact = x.matmul(&dq.t().unwrap()).unwrap();
@@ -399,7 +366,8 @@ mod tests {
             .flat_map(|b| b.qs.iter().map(move |v| f64::from(b.d) * f64::from(*v)))
             .collect();
         let mut got = vec![0f32; m * n];
-        crate::tiled::product(&fast, (m, k, n), &x, &mut got, Simd::detect()).unwrap();
+        fast.product((m, k, n), &x, &mut got, Simd::detect())
+            .unwrap();
         for row in 0..m {
             for col in 0..n {
                 let terms = (0..k).map(|i| f64::from(weights[col * k + i]) * xq[row * k + i]);
@@ -428,7 +396,7 @@ mod tests {
             let x = values(m * k, 9);
             let product = |simd| {
                 let mut dst = vec![0f32; m * n];
-                crate::tiled::product(&fast, (m, k, n), &x, &mut dst, simd).unwrap();
+                fast.product((m, k, n), &x, &mut dst, simd).unwrap();
                 dst
             };
             // The integer sums are exact on every path, and the floats
@@ -449,9 +417,8 @@ mod tests {
         assert!(FastQ4_1::new(&[q8]).unwrap().is_none());
         let fast = FastQ4_1::from_bytes(&[0u8; BLOCK_BYTES * 2], 2, 32).unwrap();
         let mut dst = [0f32; 2];
-        let product = |lhs: &[f32], dst: &mut [f32]| {
-            crate::tiled::product(&fast, (1, 32, 2), lhs, dst, Simd::detect())
-        };
+        let product =
+            |lhs: &[f32], dst: &mut [f32]| fast.product((1, 32, 2), lhs, dst, Simd::detect());
         assert!(product(&[0.0; 16], &mut dst).is_err());
         assert!(product(&[1.0; 32], &mut dst).is_ok());
     }

@@ -25,7 +25,7 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use crate::tiled::FeatureGroup;
-use crate::tiled::{Simd, Tiled, LANES, Q8, QK};
+use crate::tiled::{Kernel, Tiled, LANES, Q8, QK};
 
 /// Values per block (a super-block of eight sub-blocks of 32).
 const QK_K: usize = 256;
@@ -208,18 +208,9 @@ mod x86 {
 }
 
 /// Q4_K weights whose product with f32 activations is fast.
-#[derive(Debug, Clone)]
-pub struct FastQ4K {
-    /// Weight rows (output columns).
-    rows: usize,
-    /// Blocks a row.
-    per_row: usize,
-    /// For each run of eight rows (the last padded with zero rows), its
-    /// `per_row` tiles.
-    tiles: Vec<Tile>,
-}
+pub type FastQ4K = Tiled<Tile>;
 
-impl FastQ4K {
+impl Tiled<Tile> {
     /// `rows` rows of `width` values from a GGUF Q4_K tensor's raw bytes,
     /// repacked.
     fn from_bytes(bytes: &[u8], rows: usize, width: usize) -> Result<Self> {
@@ -234,43 +225,35 @@ impl FastQ4K {
             let at = (row * per_row + b) * BLOCK_BYTES;
             Block::parse(&bytes[at..at + BLOCK_BYTES])
         };
-        let mut tiles = Vec::with_capacity(rows.div_ceil(LANES) * per_row);
-        for first in (0..rows).step_by(LANES) {
-            for b in 0..per_row {
-                let mut tile = Tile {
-                    d: [f16::ZERO; LANES],
-                    dmin: [f16::ZERO; LANES],
-                    scales: [[0; LANES]; SUBS],
-                    mins: [[0; LANES]; SUBS],
-                    qs: [[[0; 4 * LANES]; 8]; 4],
+        Ok(Tiled::build(rows, per_row, |first, b| {
+            let mut tile = Tile {
+                d: [f16::ZERO; LANES],
+                dmin: [f16::ZERO; LANES],
+                scales: [[0; LANES]; SUBS],
+                mins: [[0; LANES]; SUBS],
+                qs: [[[0; 4 * LANES]; 8]; 4],
+            };
+            for j in 0..LANES {
+                let block = if first + j < rows {
+                    block(first + j, b)
+                } else {
+                    Block::ZERO
                 };
-                for j in 0..LANES {
-                    let block = if first + j < rows {
-                        block(first + j, b)
-                    } else {
-                        Block::ZERO
-                    };
-                    tile.d[j] = block.d;
-                    tile.dmin[j] = block.dmin;
-                    for s in 0..SUBS {
-                        tile.scales[s][j] = block.scales[s];
-                        tile.mins[s][j] = block.mins[s];
-                    }
-                    for (c, chunk) in tile.qs.iter_mut().enumerate() {
-                        for (t, qs) in chunk.iter_mut().enumerate() {
-                            let at = 32 * c + 4 * t;
-                            qs[4 * j..4 * j + 4].copy_from_slice(&block.qs[at..at + 4]);
-                        }
+                tile.d[j] = block.d;
+                tile.dmin[j] = block.dmin;
+                for s in 0..SUBS {
+                    tile.scales[s][j] = block.scales[s];
+                    tile.mins[s][j] = block.mins[s];
+                }
+                for (c, chunk) in tile.qs.iter_mut().enumerate() {
+                    for (t, qs) in chunk.iter_mut().enumerate() {
+                        let at = 32 * c + 4 * t;
+                        qs[4 * j..4 * j + 4].copy_from_slice(&block.qs[at..at + 4]);
                     }
                 }
-                tiles.push(tile);
             }
-        }
-        Ok(FastQ4K {
-            rows,
-            per_row,
-            tiles,
-        })
+            tile
+        }))
     }
 
     /// A Q4_K CPU matrix, repacked; `None` for any other.
@@ -284,9 +267,9 @@ impl FastQ4K {
 
     /// Row `row`'s values, as candle dequantizes them.
     #[cfg(test)]
-    fn row(&self, row: usize, out: &mut Vec<f32>) {
-        let (group, j) = (row / LANES, row % LANES);
-        for tile in &self.tiles[group * self.per_row..(group + 1) * self.per_row] {
+    fn values(&self, row: usize, out: &mut Vec<f32>) {
+        let (tiles, j) = self.row(row);
+        for tile in tiles {
             for s in 0..SUBS {
                 let scale = tile.d[j].to_f32() * f32::from(tile.scales[s][j]);
                 let min = tile.dmin[j].to_f32() * f32::from(tile.mins[s][j]);
@@ -300,38 +283,23 @@ impl FastQ4K {
     }
 }
 
-impl Tiled for FastQ4K {
-    type Tile = Tile;
+impl Kernel for Tile {
     const SPAN: usize = SUBS;
 
-    fn rows(&self) -> usize {
-        self.rows
+    fn portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANES]; M] {
+        group_portable(tiles, xs)
     }
 
-    fn width(&self) -> usize {
-        self.per_row * QK_K
-    }
-
-    fn tiles(&self) -> &[Tile] {
-        &self.tiles
-    }
-
-    #[inline]
-    fn group<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
-        #[cfg(target_arch = "x86_64")]
-        let (avx2, vnni) = (
-            x86::groups::avx2::<M> as FeatureGroup<Tile, M>,
-            x86::groups::vnni::<M> as FeatureGroup<Tile, M>,
-        );
-        #[cfg(not(target_arch = "x86_64"))]
-        let (avx2, vnni) = (group_portable::<M>, group_portable::<M>);
-        crate::tiled::on(simd, tiles, xs, group_portable, avx2, vnni)
+    #[cfg(target_arch = "x86_64")]
+    fn x86<const M: usize>() -> [FeatureGroup<Tile, M>; 2] {
+        [x86::groups::avx2::<M>, x86::groups::vnni::<M>]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiled::Simd;
     use candle_core::quantized::QMatMul;
     use candle_core::{Module, Tensor};
 
@@ -361,7 +329,7 @@ mod tests {
         let theirs = q.dequantize(&Device::Cpu).unwrap();
         let mut ours = Vec::new();
         for row in 0..24 {
-            fast.row(row, &mut ours);
+            fast.values(row, &mut ours);
         }
         assert_eq!(
             ours,
@@ -378,7 +346,7 @@ mod tests {
         let (_, fast) = weights(n, k, 13);
         let mut w = Vec::new();
         for row in 0..n {
-            fast.row(row, &mut w);
+            fast.values(row, &mut w);
         }
         let x = values(m * k, 17);
         let xq: Vec<f64> = x
@@ -387,7 +355,8 @@ mod tests {
             .flat_map(|b| b.qs.map(|v| f64::from(b.d) * f64::from(v)))
             .collect();
         let mut got = vec![0f32; m * n];
-        crate::tiled::product(&fast, (m, k, n), &x, &mut got, Simd::detect()).unwrap();
+        fast.product((m, k, n), &x, &mut got, Simd::detect())
+            .unwrap();
         for row in 0..m {
             for col in 0..n {
                 let terms = (0..k).map(|i| f64::from(w[col * k + i]) * xq[row * k + i]);
@@ -413,7 +382,7 @@ mod tests {
             let x = values(m * k, 9);
             let product = |simd| {
                 let mut dst = vec![0f32; m * n];
-                crate::tiled::product(&fast, (m, k, n), &x, &mut dst, simd).unwrap();
+                fast.product((m, k, n), &x, &mut dst, simd).unwrap();
                 dst
             };
             let want = product(Simd::Portable);
@@ -455,9 +424,8 @@ mod tests {
         assert!(FastQ4K::from_bytes(&[0u8; 7], 1, 256).is_err());
         let (_, fast) = weights(8, 256, 1);
         let mut dst = [0f32; 8];
-        let product = |lhs: &[f32], dst: &mut [f32]| {
-            crate::tiled::product(&fast, (1, 256, 8), lhs, dst, Simd::detect())
-        };
+        let product =
+            |lhs: &[f32], dst: &mut [f32]| fast.product((1, 256, 8), lhs, dst, Simd::detect());
         assert!(product(&[0.0; 255], &mut dst).is_err());
         assert!(product(&[1.0; 256], &mut dst).is_ok());
     }

@@ -12,7 +12,7 @@
 //!
 //! Here: the activations quantized per block of 32 to 8 bits ([`Q8`], as
 //! ggml's Q8_1), the instruction set a product runs on ([`Simd`]), the
-//! shared x86 pieces, and [`product`], which runs a format's eight-row
+//! shared x86 pieces, and [`Tiled::product`], which runs a format's eight-row
 //! kernel over the output columns in parallel on candle's own worker pool
 //! (a second pool would fight it for the cores).
 
@@ -173,159 +173,199 @@ pub(crate) mod x86 {
     }
 }
 
-/// A run of eight rows' product with `M` activation rows.
-pub(crate) type Group<T, const M: usize> = fn(&[T], [&[Q8]; M]) -> [[f32; LANES]; M];
-/// The same, on a path that needs CPU features.
+/// A run of eight rows' product with `M` activation rows, on a path that
+/// needs CPU features.
 pub(crate) type FeatureGroup<T, const M: usize> = unsafe fn(&[T], [&[Q8]; M]) -> [[f32; LANES]; M];
 
-/// A format's kernel on path `simd`: `avx2` and `vnni` (the x86 kernels,
-/// `#[target_feature]` functions) where the CPU has them, `portable`
-/// otherwise.
-#[inline]
-pub(crate) fn on<T, const M: usize>(
-    simd: Simd,
-    tiles: &[T],
-    xs: [&[Q8]; M],
-    portable: Group<T, M>,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] avx2: FeatureGroup<T, M>,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] vnni: FeatureGroup<T, M>,
-) -> [[f32; LANES]; M] {
-    // SAFETY (both calls): `simd` names a path only when `Simd::detect`
-    // found the CPU features its kernel enables; the kernels read nothing
-    // but their slices, each `SPAN` activation blocks a tile (checked by
-    // `product`).
-    #[cfg(target_arch = "x86_64")]
-    match simd {
-        #[allow(unsafe_code)]
-        Simd::Vnni => return unsafe { vnni(tiles, xs) },
-        #[allow(unsafe_code)]
-        Simd::Avx2 => return unsafe { avx2(tiles, xs) },
-        Simd::Portable => {}
-    }
-    let _ = simd;
-    portable(tiles, xs)
-}
-
-/// Weights repacked for [`product`].
-pub(crate) trait Tiled: Sync {
-    /// The tile of one block of eight rows.
-    type Tile: Sync;
+/// A format's tile (block `b` of eight consecutive weight rows) and the
+/// kernels that multiply a run of them.
+pub(crate) trait Kernel: Sync + Sized {
     /// Activation blocks of 32 values a tile spans.
     const SPAN: usize;
 
-    /// Weight rows (output columns).
-    fn rows(&self) -> usize;
+    /// The plain-Rust kernel: the arithmetic of the x86 ones, operation
+    /// for operation.
+    fn portable<const M: usize>(tiles: &[Self], xs: [&[Q8]; M]) -> [[f32; LANES]; M];
 
-    /// Values a row (the input's width).
-    fn width(&self) -> usize;
-
-    /// Every run of eight rows' tiles, one run after the other (the last
-    /// run padded with zero rows).
-    fn tiles(&self) -> &[Self::Tile];
+    /// The x86 kernels, AVX2 and AVX-512 VNNI (`#[target_feature]`
+    /// functions).
+    #[cfg(target_arch = "x86_64")]
+    fn x86<const M: usize>() -> [FeatureGroup<Self, M>; 2];
 
     /// Eight weight rows (a run of tiles) against activation rows `xs`, on
     /// path `simd`: `out[i][j]` is row `j` of the run times activation row
     /// `i`. Every path gives the same result to the bit.
-    fn group<const M: usize>(tiles: &[Self::Tile], xs: [&[Q8]; M], simd: Simd)
-        -> [[f32; LANES]; M];
+    #[inline]
+    fn group<const M: usize>(tiles: &[Self], xs: [&[Q8]; M], simd: Simd) -> [[f32; LANES]; M] {
+        // SAFETY (both calls): `simd` names a path only when
+        // `Simd::detect` found the CPU features its kernel enables; the
+        // kernels read nothing but their slices, each `SPAN` activation
+        // blocks a tile (checked by `product`).
+        #[cfg(target_arch = "x86_64")]
+        {
+            let [avx2, vnni] = Self::x86::<M>();
+            match simd {
+                #[allow(unsafe_code)]
+                Simd::Vnni => return unsafe { vnni(tiles, xs) },
+                #[allow(unsafe_code)]
+                Simd::Avx2 => return unsafe { avx2(tiles, xs) },
+                Simd::Portable => {}
+            }
+        }
+        let _ = simd;
+        Self::portable(tiles, xs)
+    }
 }
 
-/// `lhs · wᵀ` into `dst` on path `simd`, `lhs` being `m` rows of `k`.
-pub(crate) fn product<W: Tiled>(
-    w: &W,
-    (m, k, n): (usize, usize, usize),
-    lhs: &[f32],
-    dst: &mut [f32],
-    simd: Simd,
-) -> Result<()> {
-    let blocks = k / QK;
-    let per_group = blocks / W::SPAN;
-    let groups = n.div_ceil(LANES);
-    if k != w.width()
-        || !k.is_multiple_of(QK * W::SPAN)
-        || n != w.rows()
-        || w.tiles().len() != groups * per_group
-        || lhs.len() != m * k
-        || dst.len() < m * n
-    {
-        return Err(candle_core::Error::Msg(format!(
-            "quantized matmul: bad shapes ({m},{k},{n}) for {} rows of {} in {} tiles",
-            w.rows(),
-            w.width(),
-            w.tiles().len()
-        )));
+/// Weights repacked for [`Tiled::product`]: for each run of eight rows (the
+/// last padded with zero rows), its tiles.
+#[derive(Debug, Clone)]
+pub struct Tiled<T> {
+    /// Weight rows (output columns).
+    rows: usize,
+    /// Tiles a run of eight rows.
+    per_run: usize,
+    tiles: Vec<T>,
+}
+
+impl<T: Kernel> Tiled<T> {
+    /// `rows` rows of `per_run` tiles, `tile(first, b)` being tile `b` of
+    /// rows `first..first + 8` (rows past `rows` are padding).
+    pub(crate) fn build(
+        rows: usize,
+        per_run: usize,
+        mut tile: impl FnMut(usize, usize) -> T,
+    ) -> Self {
+        let mut tiles = Vec::with_capacity(rows.div_ceil(LANES) * per_run);
+        for first in (0..rows).step_by(LANES) {
+            for b in 0..per_run {
+                tiles.push(tile(first, b));
+            }
+        }
+        Tiled {
+            rows,
+            per_run,
+            tiles,
+        }
     }
-    let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
-    let columns_per_task = GROUPS_PER_TASK * LANES;
-    // One task per run of output columns, for every activation row: a run
-    // of eight weight rows is read from memory once and stays in the cache
-    // while each activation row is multiplied by it, so rows (a prompt's
-    // tokens, or a batch's sequences) share the weight reads. A task writes
-    // its columns of every row into its own part of `out`, behind its own
-    // (never contended) lock, which is `dst` itself for a single row, and
-    // laid out per task otherwise.
-    let mut scratch = Vec::new();
-    let out: &mut [f32] = if m == 1 {
-        &mut dst[..n]
-    } else {
-        scratch.resize(m * n, 0.0);
-        &mut scratch
-    };
-    let tasks: Vec<Mutex<&mut [f32]>> = out
-        .chunks_mut(m * columns_per_task)
-        .map(Mutex::new)
-        .collect();
-    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
-        for task in range {
-            let first = task * GROUPS_PER_TASK;
-            let cols = columns_per_task.min(n - first * LANES);
-            let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
-            let x = |row: usize| &x[row * blocks..(row + 1) * blocks];
-            // Four activation rows at a time (each tile unpacked once for
-            // the four), then two, then the row left over; the
-            // rows in tiles, so that a long prompt's activations stay in the
-            // second-level cache while the task's weights pass over them.
-            for tile in (0..m).step_by(ROW_TILE) {
-                let rows = tile..m.min(tile + ROW_TILE);
-                for g in first..groups.min(first + GROUPS_PER_TASK) {
-                    let tiles = &w.tiles()[g * per_group..(g + 1) * per_group];
-                    let at = (g - first) * LANES;
-                    let width = LANES.min(cols - at);
-                    let mut put = |row: usize, values: &[f32; LANES]| {
-                        out[row * cols + at..][..width].copy_from_slice(&values[..width]);
-                    };
-                    let mut row = rows.start;
-                    while row + 4 <= rows.end {
-                        let xs = [x(row), x(row + 1), x(row + 2), x(row + 3)];
-                        for (i, values) in W::group(tiles, xs, simd).iter().enumerate() {
-                            put(row + i, values);
+
+    /// Weight rows (output columns).
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values a row (the input's width).
+    pub(crate) fn width(&self) -> usize {
+        self.per_run * T::SPAN * QK
+    }
+
+    /// The tiles that hold row `row`, and its lane in them.
+    #[cfg(test)]
+    pub(crate) fn row(&self, row: usize) -> (&[T], usize) {
+        let run = row / LANES;
+        (
+            &self.tiles[run * self.per_run..(run + 1) * self.per_run],
+            row % LANES,
+        )
+    }
+
+    /// `lhs · wᵀ` into `dst` on path `simd`, `lhs` being `m` rows of `k`.
+    pub(crate) fn product(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        lhs: &[f32],
+        dst: &mut [f32],
+        simd: Simd,
+    ) -> Result<()> {
+        let blocks = k / QK;
+        let per_group = blocks / T::SPAN;
+        let groups = n.div_ceil(LANES);
+        if k != self.width()
+            || !k.is_multiple_of(QK * T::SPAN)
+            || n != self.rows
+            || self.tiles.len() != groups * per_group
+            || lhs.len() != m * k
+            || dst.len() < m * n
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "quantized matmul: bad shapes ({m},{k},{n}) for {} rows of {} in {} tiles",
+                self.rows,
+                self.width(),
+                self.tiles.len()
+            )));
+        }
+        let x: Vec<Q8> = lhs.chunks_exact(QK).map(quantize).collect();
+        let columns_per_task = GROUPS_PER_TASK * LANES;
+        // One task per run of output columns, for every activation row: a run
+        // of eight weight rows is read from memory once and stays in the cache
+        // while each activation row is multiplied by it, so rows (a prompt's
+        // tokens, or a batch's sequences) share the weight reads. A task writes
+        // its columns of every row into its own part of `out`, behind its own
+        // (never contended) lock, which is `dst` itself for a single row, and
+        // laid out per task otherwise.
+        let mut scratch = Vec::new();
+        let out: &mut [f32] = if m == 1 {
+            &mut dst[..n]
+        } else {
+            scratch.resize(m * n, 0.0);
+            &mut scratch
+        };
+        let tasks: Vec<Mutex<&mut [f32]>> = out
+            .chunks_mut(m * columns_per_task)
+            .map(Mutex::new)
+            .collect();
+        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+            for task in range {
+                let first = task * GROUPS_PER_TASK;
+                let cols = columns_per_task.min(n - first * LANES);
+                let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
+                let x = |row: usize| &x[row * blocks..(row + 1) * blocks];
+                // Four activation rows at a time (each tile unpacked once for
+                // the four), then two, then the row left over; the
+                // rows in tiles, so that a long prompt's activations stay in the
+                // second-level cache while the task's weights pass over them.
+                for tile in (0..m).step_by(ROW_TILE) {
+                    let rows = tile..m.min(tile + ROW_TILE);
+                    for g in first..groups.min(first + GROUPS_PER_TASK) {
+                        let tiles = &self.tiles[g * per_group..(g + 1) * per_group];
+                        let at = (g - first) * LANES;
+                        let width = LANES.min(cols - at);
+                        let mut put = |row: usize, values: &[f32; LANES]| {
+                            out[row * cols + at..][..width].copy_from_slice(&values[..width]);
+                        };
+                        let mut row = rows.start;
+                        while row + 4 <= rows.end {
+                            let xs = [x(row), x(row + 1), x(row + 2), x(row + 3)];
+                            for (i, values) in T::group(tiles, xs, simd).iter().enumerate() {
+                                put(row + i, values);
+                            }
+                            row += 4;
                         }
-                        row += 4;
-                    }
-                    if row + 2 <= rows.end {
-                        let [a, b] = W::group(tiles, [x(row), x(row + 1)], simd);
-                        put(row, &a);
-                        put(row + 1, &b);
-                        row += 2;
-                    }
-                    if row < rows.end {
-                        let [a] = W::group(tiles, [x(row)], simd);
-                        put(row, &a);
+                        if row + 2 <= rows.end {
+                            let [a, b] = T::group(tiles, [x(row), x(row + 1)], simd);
+                            put(row, &a);
+                            put(row + 1, &b);
+                            row += 2;
+                        }
+                        if row < rows.end {
+                            let [a] = T::group(tiles, [x(row)], simd);
+                            put(row, &a);
+                        }
                     }
                 }
             }
-        }
-    });
-    drop(tasks);
-    if m > 1 {
-        // From per-task runs of `[row][column]` to `[row][n]`.
-        for (task, run) in scratch.chunks(m * columns_per_task).enumerate() {
-            let first = task * columns_per_task;
-            let cols = run.len() / m;
-            for (row, values) in run.chunks_exact(cols).enumerate() {
-                dst[row * n + first..row * n + first + cols].copy_from_slice(values);
+        });
+        drop(tasks);
+        if m > 1 {
+            // From per-task runs of `[row][column]` to `[row][n]`.
+            for (task, run) in scratch.chunks(m * columns_per_task).enumerate() {
+                let first = task * columns_per_task;
+                let cols = run.len() / m;
+                for (row, values) in run.chunks_exact(cols).enumerate() {
+                    dst[row * n + first..row * n + first + cols].copy_from_slice(values);
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
