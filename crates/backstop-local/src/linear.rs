@@ -2,12 +2,13 @@
 //! ones where candle's are slow.
 //!
 //! On the CPU, Q4_1 weights (the default SmolLM2 file) multiply through
-//! [`FastQ4_1`] and Q4_K weights (LLaMA-2-7B's Q4_K_M file) through
-//! [`FastQ4K`]: weights repacked eight rows to a register, one copy, read
+//! [`FastQ4_1`], Q4_K weights (LLaMA-2-7B's Q4_K_M file) through
+//! [`FastQ4K`] and Q8_0 (SmolLM2's output projection) through
+//! [`FastQ8_0`]: weights repacked eight rows to a register, one copy, read
 //! once per step for every row of it (see [`crate::tiled`]). candle's own
-//! Q4_K product reads every weight again for a second row, and from three
-//! rows on repacks the weights into tiles a third bigger, kept beside the
-//! file's blocks.
+//! products read every weight again for a second row, and for Q4_K from
+//! three rows on repack the weights into tiles a third bigger, kept beside
+//! the file's blocks.
 //!
 //! On a GPU, candle multiplies quantized weights with integer kernels that
 //! suit a decode step's few rows; from [`GPU_DENSE_ROWS`] rows on (a prompt)
@@ -27,6 +28,7 @@ use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use crate::llama::Precision;
 use crate::q4_1::FastQ4_1;
 use crate::q4k::FastQ4K;
+use crate::q8_0::FastQ8_0;
 use crate::tiled::{Kernel, Simd, Tiled};
 
 /// Rows from which a product on the GPU runs in f16 on the tensor cores.
@@ -40,12 +42,13 @@ pub enum Linear {
     Q4_1(FastQ4_1),
     /// Q4_K on the CPU.
     Q4K(FastQ4K),
+    /// Q8_0 on the CPU.
+    Q8_0(FastQ8_0),
 }
 
 impl Linear {
-    /// The matrix from a file's tensor: quantized as it is (Q4_1 through
-    /// [`FastQ4_1`], Q4_K through [`FastQ4K`]), or dequantized to f32 for
-    /// the reference.
+    /// The matrix from a file's tensor: quantized as it is (Q4_1, Q4_K and
+    /// Q8_0 on the CPU repacked), or dequantized to f32 for the reference.
     pub fn new(tensor: QTensor, device: &Device, precision: Precision) -> Result<Self> {
         if precision == Precision::F32 {
             return Ok(Linear::Candle(QMatMul::Tensor(tensor.dequantize(device)?)));
@@ -55,6 +58,9 @@ impl Linear {
         }
         if let Some(fast) = FastQ4K::new(&tensor)? {
             return Ok(Linear::Q4K(fast));
+        }
+        if let Some(fast) = FastQ8_0::new(&tensor)? {
+            return Ok(Linear::Q8_0(fast));
         }
         QMatMul::from_qtensor(tensor).map(Linear::Candle)
     }
@@ -68,6 +74,7 @@ impl Linear {
             },
             Linear::Q4_1(w) => tiled_forward(w, x),
             Linear::Q4K(w) => tiled_forward(w, x),
+            Linear::Q8_0(w) => tiled_forward(w, x),
         }
     }
 

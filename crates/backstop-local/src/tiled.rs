@@ -29,12 +29,13 @@ const GROUPS_PER_TASK: usize = 4;
 const ROW_TILE: usize = 64;
 
 /// Activations of one block quantized to 8 bits, with the sum of the
-/// quantized values times the scale (so the product is exactly that of
-/// the quantized activations, as in ggml's Q8_1).
+/// quantized values, as it is and times the scale (so the product is
+/// exactly that of the quantized activations, as in ggml's Q8_1).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Q8 {
     pub(crate) d: f32,
     pub(crate) sum: f32,
+    pub(crate) isum: i32,
     pub(crate) qs: [i8; QK],
 }
 
@@ -55,7 +56,8 @@ pub(crate) fn quantize(xs: &[f32]) -> Q8 {
     for (o, x) in q.qs.iter_mut().zip(xs) {
         *o = (x * inv).round() as i8;
     }
-    q.sum = d * q.qs.iter().map(|v| i32::from(*v)).sum::<i32>() as f32;
+    q.isum = q.qs.iter().map(|v| i32::from(*v)).sum();
+    q.sum = d * q.isum as f32;
     q
 }
 
