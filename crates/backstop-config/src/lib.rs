@@ -14,7 +14,7 @@ pub mod limits;
 pub use auth::{AuthConfig, IdentityConfig, JwtConfig, Scopes};
 pub use limits::Limits;
 
-use backstop_local::LocalConfig;
+use backstop_local::{KvCache, LocalConfig};
 use backstop_router::breaker::BreakerConfig;
 use backstop_router::group::{Group, Member, Policy};
 use backstop_router::health::{HealthConfig, Probe};
@@ -221,6 +221,7 @@ struct RawLocal {
     max_tokens: Option<usize>,
     continuation_tokens: Option<usize>,
     max_temperature: Option<f64>,
+    kv_cache: Option<String>,
     retry: Option<RawRetry>,
     breaker: Option<RawBreaker>,
 }
@@ -1316,6 +1317,11 @@ fn validate_local(raw: RawLocal) -> Result<LocalConfig, ConfigError> {
         Some(t) => local.max_temperature = t,
         None => {}
     }
+    local.kv_cache = match raw.kv_cache.as_deref() {
+        None | Some("f16") => KvCache::F16,
+        Some("f32") => KvCache::F32,
+        Some(_) => return Err(invalid("local.kv_cache", "must be \"f16\" or \"f32\"")),
+    };
     Ok(local)
 }
 

@@ -131,7 +131,12 @@ fn a_local_section_joins_the_chain_last_and_is_checked() {
     let config = Config::parse(text, env).unwrap();
     let local = config.local.as_ref().unwrap();
     assert_eq!((local.batch, local.queue, local.context), (2, 4, Some(512)));
+    assert_eq!(local.kv_cache, backstop_local::KvCache::F16);
     assert_eq!(chains(&config)[0].1, vec!["a", "local"]);
+    let f32 = Config::parse("[local]\nkv_cache = \"f32\"\n", env).unwrap();
+    assert_eq!(f32.local.unwrap().kv_cache, backstop_local::KvCache::F32);
+    let e = parse_err("[local]\nkv_cache = \"q8\"\n");
+    assert!(e.starts_with("local.kv_cache:"), "{e}");
     let e = parse_err("[local]\nqueue = 0\n");
     assert!(e.starts_with("local.queue:"), "{e}");
     let e = parse_err("[local]\nmodell = \"x\"\n");

@@ -94,6 +94,21 @@ pub struct LocalConfig {
     /// Highest sampling temperature used, whatever the client asked: a
     /// small fallback model must not be sampled as hot as a large one.
     pub max_temperature: f64,
+    /// How each sequence's keys and values are kept.
+    pub kv_cache: KvCache,
+}
+
+/// How the attention keys and values of a sequence are kept on the CPU
+/// (on a GPU they stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCache {
+    /// Half precision: half the memory a sequence holds and a decode step
+    /// reads, as llama.cpp's default; the logits stay as close to the f32
+    /// reference as the quantized weights leave them.
+    #[default]
+    F16,
+    /// Single precision.
+    F32,
 }
 
 impl LocalConfig {
@@ -110,6 +125,7 @@ impl LocalConfig {
             max_tokens: 512,
             continuation_tokens: 256,
             max_temperature: 0.5,
+            kv_cache: KvCache::default(),
         }
     }
 }

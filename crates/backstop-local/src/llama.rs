@@ -15,8 +15,11 @@
 //!   per sequence over its own cache;
 //! - a single token's attention (a decode step) is one fused pass over its
 //!   cache instead of about ten candle operations;
-//! - weights multiply through [`crate::linear::Linear`] (Q4_1 through
-//!   [`crate::q4_1::FastQ4_1`], a few rows of Q4_K through compact blocks);
+//! - weights multiply through [`crate::linear::Linear`] (Q4_1, Q4_K and
+//!   Q8_0 repacked for the CPU);
+//! - keys and values are kept in f16 on the CPU by default
+//!   ([`crate::KvCache`]): half the memory a sequence holds and a decode
+//!   step reads;
 //! - the output projection reuses the token embeddings when the file has no
 //!   `output.weight` (tied embeddings).
 
@@ -27,8 +30,12 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::{DType, Device, Layout, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 use crate::linear::{Linear, Parallel};
+use crate::KvCache;
 
 /// The model's shape, from the GGUF metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +76,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// The cache's element type.
+    kv: DType,
 }
 
 /// One sequence's keys and values for every layer, preallocated for `len`
@@ -215,14 +224,46 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            kv: DType::F32,
         })
+    }
+
+    /// Keeps the caches made from now on as `kv` says, on the CPU (f32 on
+    /// any other device).
+    pub fn keep_kv(&mut self, kv: KvCache) {
+        self.kv = match kv {
+            KvCache::F16 if self.device.is_cpu() => DType::F16,
+            _ => DType::F32,
+        };
+    }
+
+    /// Bytes of cache a sequence holds for each position.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let Shape {
+            layers,
+            kv_heads,
+            head_dim,
+            ..
+        } = self.shape;
+        2 * layers * kv_heads * head_dim * self.kv.size_in_bytes()
     }
 
     /// An empty cache for one sequence of up to `len` positions.
     pub fn cache(&self, len: usize) -> Result<Cache> {
         let len = len.min(self.shape.context);
         let dims = (1, self.shape.kv_heads, len, self.shape.head_dim);
-        let zeros = || Tensor::zeros(dims, DType::F32, &self.device);
+        let zeros = || match self.kv {
+            // Zeroed by the allocator (pages the kernel maps in as they are
+            // first written), not written here: a 7B sequence's f16 cache is
+            // half a megabyte a position. candle fills an f16 tensor's
+            // zeros value by value.
+            DType::F16 if self.device.is_cpu() => {
+                let zeros: Vec<f16> =
+                    vec![0u16; dims.0 * dims.1 * dims.2 * dims.3].reinterpret_into();
+                Tensor::from_vec(zeros, dims, &self.device)
+            }
+            kv => Tensor::zeros(dims, kv, &self.device),
+        };
         Ok(Cache {
             keys: (0..self.shape.layers)
                 .map(|_| zeros())
@@ -303,7 +344,7 @@ impl Llama {
                 let (seq, at) = (tokens.len(), cache.filled);
                 // This sequence's rows of the step (a view when it is the
                 // only one).
-                let rows = |t: &Tensor| t.narrow(2, from, seq)?.contiguous();
+                let rows = |t: &Tensor| t.narrow(2, from, seq)?.to_dtype(self.kv)?.contiguous();
                 cache.keys[l].slice_set(&rows(&k)?, 2, at)?;
                 cache.values[l].slice_set(&rows(&v)?, 2, at)?;
                 from += seq;
@@ -395,24 +436,31 @@ impl Llama {
         let caches = guards
             .iter()
             .map(|((ks, kl), (vs, vl), capacity)| {
-                Ok((cpu_f32(ks, kl)?, cpu_f32(vs, vl)?, *capacity))
+                Ok((Rows::of(ks, kl)?, Rows::of(vs, vl)?, *capacity))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut y = vec![0f32; singles.len() * shape.hidden];
         // Task `s · heads + h` writes head `h` of single `s`.
         let tasks: Vec<Mutex<&mut [f32]>> = y.chunks_mut(head_dim).map(Mutex::new).collect();
         candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
-            let mut scores = Vec::new();
+            let (mut scores, mut buf) = (Vec::new(), vec![0f32; KEYS * head_dim]);
             for task in range {
                 let (s, h) = (task / heads, task % heads);
                 let (_, row, len) = singles[s];
-                let (keys, values, capacity) = caches[s];
-                let at = (h / group) * capacity * head_dim;
-                let keys = &keys[at..at + len * head_dim];
-                let values = &values[at..at + len * head_dim];
+                let (keys, values, capacity) = &caches[s];
+                // This head's keys and values start at row `first`.
+                let first = (h / group) * capacity;
                 let q = &q[(h * total + row) * head_dim..][..head_dim];
                 scores.clear();
-                scores.extend(keys.chunks_exact(head_dim).map(|k| dot(q, k) * scale));
+                for i in (0..len).step_by(KEYS) {
+                    let n = KEYS.min(len - i);
+                    score(
+                        q,
+                        keys.rows(first + i, n, head_dim, &mut buf),
+                        scale,
+                        &mut scores,
+                    );
+                }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for p in scores.iter_mut() {
@@ -421,10 +469,13 @@ impl Llama {
                 }
                 let mut out = tasks[task].lock().unwrap_or_else(PoisonError::into_inner);
                 out.fill(0.0);
-                for (p, v) in scores.iter().zip(values.chunks_exact(head_dim)) {
-                    let p = p / sum;
-                    for (o, v) in out.iter_mut().zip(v) {
-                        *o = v.mul_add(p, *o);
+                for (i, ps) in scores.chunks(KEYS).enumerate() {
+                    let vs = values.rows(first + KEYS * i, ps.len(), head_dim, &mut buf);
+                    for (p, v) in ps.iter().zip(vs.chunks_exact(head_dim)) {
+                        let p = p / sum;
+                        for (o, v) in out.iter_mut().zip(v) {
+                            *o = v.mul_add(p, *o);
+                        }
                     }
                 }
             }
@@ -454,7 +505,8 @@ impl Llama {
         let (seq, cache) = (segment.tokens.len(), &segment.cache);
         let len = cache.filled + seq;
         let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-        let (k, v) = (keys.narrow(2, 0, len)?, values.narrow(2, 0, len)?);
+        let f32 = |t: &Tensor| t.narrow(2, 0, len)?.to_dtype(DType::F32);
+        let (k, v) = (f32(keys)?, f32(values)?);
         // Each KV head serves `group` query heads: stack their rows.
         let group = heads / kv_heads;
         let q =
@@ -477,6 +529,37 @@ impl Llama {
     }
 }
 
+/// A cache's values on the CPU, from its first, in its element type.
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Rows<'a> {
+    fn of(storage: &'a Storage, layout: &Layout) -> Result<Self> {
+        match storage {
+            Storage::Cpu(candle_core::CpuStorage::F16(v)) if layout.is_contiguous() => {
+                Ok(Rows::F16(&v[layout.start_offset()..]))
+            }
+            _ => cpu_f32(storage, layout).map(Rows::F32),
+        }
+    }
+
+    /// Rows `i..i + n` of rows of `width` values, as f32: converted into
+    /// `buf` (wide enough) when the cache is f16.
+    fn rows<'b>(&'b self, i: usize, n: usize, width: usize, buf: &'b mut [f32]) -> &'b [f32] {
+        let range = i * width..(i + n) * width;
+        match self {
+            Rows::F32(v) => &v[range],
+            Rows::F16(v) => {
+                let buf = &mut buf[..n * width];
+                v[range].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
 /// The f32 values of a contiguous CPU tensor, from its first.
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     match storage {
@@ -486,6 +569,33 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
         _ => Err(candle_core::Error::Msg(
             "fused attention needs contiguous CPU tensors".into(),
         )),
+    }
+}
+
+/// Keys a decode step's attention scores at a time.
+const KEYS: usize = 8;
+
+/// `q · k · scale` for each key `k` of `keys` (rows as long as `q`), onto
+/// `out`: [`KEYS`] keys at a time, whose sums do not wait on each other,
+/// where one key's sum alone waits on each multiply-add before it (perf: a
+/// quarter of a four-sequence SmolLM2 decode step, at 200 positions, was
+/// attention, most of it waiting in [`dot`]). The same sums, in the same
+/// order, as [`dot`].
+fn score(q: &[f32], keys: &[f32], scale: f32, out: &mut Vec<f32>) {
+    let d = q.len();
+    if d.is_multiple_of(8) && keys.len() == KEYS * d {
+        let mut lanes = [[0f32; 8]; KEYS];
+        for (c, q) in q.chunks_exact(8).enumerate() {
+            for (k, lanes) in lanes.iter_mut().enumerate() {
+                let key = &keys[k * d + 8 * c..][..8];
+                for i in 0..8 {
+                    lanes[i] = key[i].mul_add(q[i], lanes[i]);
+                }
+            }
+        }
+        out.extend(lanes.iter().map(|l| l.iter().sum::<f32>() * scale));
+    } else {
+        out.extend(keys.chunks_exact(d).map(|k| dot(q, k) * scale));
     }
 }
 

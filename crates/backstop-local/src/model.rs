@@ -77,8 +77,9 @@ impl LoadedModel {
             context = context.min(cap);
         }
         let device = device();
-        let llama = Llama::from_gguf(&content, &mut file, &device, Precision::Quantized)
+        let mut llama = Llama::from_gguf(&content, &mut file, &device, Precision::Quantized)
             .map_err(model_err)?;
+        llama.keep_kv(config.kv_cache);
         Ok(LoadedModel {
             llama,
             tokenizer,

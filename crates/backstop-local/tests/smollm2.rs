@@ -468,9 +468,10 @@ async fn a_prefill_is_continued_counted_as_answer_and_taken_from_max_tokens() {
     assert!(!text.starts_with(prefill), "{text:?}");
 }
 
-/// Our quantized forward pass and candle-transformers' quantized llama,
-/// each against a plain f32 reference (the same weights dequantized, no
-/// activation quantization), on a prompt and then greedy decode steps.
+/// Our quantized forward pass (with its f16 keys and values) and
+/// candle-transformers' quantized llama, each against a plain f32
+/// reference (the same weights dequantized, no activation quantization, an
+/// f32 cache), on a prompt and then greedy decode steps.
 #[test]
 fn our_forward_pass_stays_as_close_to_f32_as_candles() {
     use backstop_local::llama::{Llama, Precision};
@@ -481,7 +482,9 @@ fn our_forward_pass_stays_as_close_to_f32_as_candles() {
     let dev = Device::Cpu;
     let mut file = std::fs::File::open(model_path()).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
-    let ours = Llama::from_gguf(&content, &mut file, &dev, Precision::Quantized).unwrap();
+    // As served: quantized weights, keys and values kept in f16.
+    let mut ours = Llama::from_gguf(&content, &mut file, &dev, Precision::Quantized).unwrap();
+    ours.keep_kv(backstop_local::KvCache::F16);
     let exact = Llama::from_gguf(&content, &mut file, &dev, Precision::F32).unwrap();
     let mut candle = ModelWeights::from_gguf(content, &mut file, &dev).unwrap();
     let (mut ours_cache, mut exact_cache) = (ours.cache(256).unwrap(), exact.cache(256).unwrap());
