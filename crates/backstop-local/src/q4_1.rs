@@ -206,25 +206,6 @@ impl Tiled<Tile> {
         Self::from_blocks(&blocks(bytes), rows, width / QK)
     }
 
-    /// The blocks again, row after row, as the file had them.
-    #[cfg(test)]
-    fn blocks(&self) -> impl Iterator<Item = Block> + '_ {
-        (0..self.rows()).flat_map(move |row| {
-            let (tiles, j) = self.row(row);
-            tiles.iter().map(move |tile| {
-                let mut qs = [0u8; QK / 2];
-                for (t, q) in tile.qs.iter().enumerate() {
-                    qs[4 * t..4 * t + 4].copy_from_slice(&q[4 * j..4 * j + 4]);
-                }
-                Block {
-                    d: tile.d[j],
-                    m: tile.m[j],
-                    qs,
-                }
-            })
-        })
-    }
-
     /// Q4_1 CPU matrices with the same input width (one, or a layer's
     /// q/k/v), stacked into one, their rows one after the other; `None`
     /// when they are not all such.
@@ -251,17 +232,6 @@ impl Tiled<Tile> {
         }
         FastQ4_1::from_blocks(&all, rows, width / QK).map(Some)
     }
-
-    #[cfg(test)]
-    fn dequantized(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.rows() * self.width());
-        for b in self.blocks() {
-            let (d, m) = (b.d.to_f32(), b.m.to_f32());
-            out.extend(b.qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
-            out.extend(b.qs.iter().map(|q| d * f32::from(q >> 4) + m));
-        }
-        out
-    }
 }
 
 impl Kernel for Tile {
@@ -275,11 +245,22 @@ impl Kernel for Tile {
     fn x86<const M: usize>() -> [FeatureGroup<Tile, M>; 2] {
         [x86::groups::avx2::<M>, x86::groups::vnni::<M>]
     }
+
+    #[cfg(test)]
+    fn values(tiles: &[Tile], j: usize, out: &mut Vec<f32>) {
+        for tile in tiles {
+            let (d, m) = (tile.d[j].to_f32(), tile.m[j].to_f32());
+            let bytes = || tile.qs.iter().flat_map(|q| &q[4 * j..4 * j + 4]);
+            out.extend(bytes().map(|q| d * f32::from(q & 0x0F) + m));
+            out.extend(bytes().map(|q| d * f32::from(q >> 4) + m));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiled::testing::{self, values};
     use crate::tiled::Simd;
     use candle_core::quantized::QMatMul;
     use candle_core::{Module, Tensor};
@@ -288,19 +269,6 @@ mod tests {
         FastQ4_1::new(&[QTensor::quantize(w, GgmlDType::Q4_1).unwrap()])
             .unwrap()
             .unwrap()
-    }
-
-    /// Deterministic values in -1..1.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]
@@ -351,62 +319,15 @@ mod tests {
 
     #[test]
     fn the_product_is_that_of_the_quantized_activations_to_float_rounding() {
-        // Against the same sums in f64, over the dequantized weights and
-        // the 8-bit activations: only the f32 rounding may differ, so a
-        // value paired with the wrong weight shows, where against f32
-        // activations the quantization's own error would hide it.
-        let (m, k, n) = (3, 1536, 75);
-        let w = Tensor::from_vec(values(n * k, 13), (n, k), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(values(75 * 1536, 13), (75, 1536), &Device::Cpu).unwrap();
         let fast = fast(&w);
-        let weights = fast.dequantized();
-        let x = values(m * k, 17);
-        let q: Vec<Q8> = x.chunks_exact(QK).map(crate::tiled::quantize).collect();
-        let xq: Vec<f64> = q
-            .iter()
-            .flat_map(|b| b.qs.iter().map(move |v| f64::from(b.d) * f64::from(*v)))
-            .collect();
-        let mut got = vec![0f32; m * n];
-        fast.product((m, k, n), &x, &mut got, Simd::detect())
-            .unwrap();
-        for row in 0..m {
-            for col in 0..n {
-                let terms = (0..k).map(|i| f64::from(weights[col * k + i]) * xq[row * k + i]);
-                let exact: f64 = terms.clone().sum();
-                // f32's rounding, a few steps deep, of terms this large.
-                let bound = 1e-6 * terms.map(f64::abs).sum::<f64>();
-                let g = f64::from(got[row * n + col]);
-                assert!(
-                    (g - exact).abs() <= bound,
-                    "row {row} column {col}: {g} against {exact} (within {bound})"
-                );
-            }
-        }
+        testing::product_is_exact(&fast, 3);
     }
 
     #[test]
     fn every_path_this_cpu_has_gives_the_same_product() {
-        // Shapes that take every branch: whole tiles of eight rows and a
-        // padded one, tasks of four tiles and a shorter one, pairs of
-        // activation rows and a row left over, more than one row tile.
-        let (k, n) = (256, 70);
-        let w = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap();
-        let fast = fast(&w);
-        let best = Simd::detect();
-        for m in [1, 2, 3, 67] {
-            let x = values(m * k, 9);
-            let product = |simd| {
-                let mut dst = vec![0f32; m * n];
-                fast.product((m, k, n), &x, &mut dst, simd).unwrap();
-                dst
-            };
-            // The integer sums are exact on every path, and the floats
-            // go through the same operations in the same order: every path
-            // agrees to the bit.
-            let want = product(Simd::Portable);
-            for simd in [Simd::Avx2, Simd::Vnni].into_iter().filter(|s| *s <= best) {
-                assert_eq!(product(simd), want, "{simd:?}, {m} rows");
-            }
-        }
+        let w = Tensor::from_vec(values(70 * 256, 5), (70, 256), &Device::Cpu).unwrap();
+        testing::every_path_agrees(&fast(&w));
     }
 
     #[test]

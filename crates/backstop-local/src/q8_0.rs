@@ -175,19 +175,6 @@ impl Tiled<Tile> {
         let (rows, width) = tensor.shape().dims2()?;
         FastQ8_0::from_bytes(&tensor.data()?, rows, width).map(Some)
     }
-
-    /// Row `row`'s values, as candle dequantizes them.
-    #[cfg(test)]
-    fn values(&self, row: usize, out: &mut Vec<f32>) {
-        let (tiles, j) = self.row(row);
-        for tile in tiles {
-            let d = tile.d[j].to_f32();
-            for i in 0..QK {
-                let q = (tile.qs[i / 4][4 * j + i % 4] ^ 0x80) as i8;
-                out.push(d * f32::from(q));
-            }
-        }
-    }
 }
 
 impl Kernel for Tile {
@@ -201,30 +188,27 @@ impl Kernel for Tile {
     fn x86<const M: usize>() -> [FeatureGroup<Tile, M>; 2] {
         [x86::groups::avx2::<M>, x86::groups::vnni::<M>]
     }
+
+    #[cfg(test)]
+    fn values(tiles: &[Tile], j: usize, out: &mut Vec<f32>) {
+        for tile in tiles {
+            let d = tile.d[j].to_f32();
+            for i in 0..QK {
+                let q = (tile.qs[i / 4][4 * j + i % 4] ^ 0x80) as i8;
+                out.push(d * f32::from(q));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiled::testing;
     use crate::tiled::Simd;
-    use candle_core::quantized::QMatMul;
-    use candle_core::{Module, Tensor};
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1);
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
-    }
 
     fn weights(n: usize, k: usize, seed: u64) -> (QTensor, FastQ8_0) {
-        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let q = testing::quantized(n, k, seed, GgmlDType::Q8_0);
         let fast = FastQ8_0::new(&q).unwrap().unwrap();
         (q, fast)
     }
@@ -232,97 +216,26 @@ mod tests {
     #[test]
     fn the_weights_are_the_files_bit_for_bit() {
         let (q, fast) = weights(24, 96, 3);
-        let theirs = q.dequantize(&Device::Cpu).unwrap();
-        let mut ours = Vec::new();
-        for row in 0..24 {
-            fast.values(row, &mut ours);
-        }
-        assert_eq!(
-            ours,
-            theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        testing::weights_are_the_files(&q, &fast);
     }
 
     #[test]
     fn the_product_is_that_of_the_quantized_activations_to_float_rounding() {
-        let (m, k, n) = (5, 576, 75);
-        let (_, fast) = weights(n, k, 13);
-        let mut w = Vec::new();
-        for row in 0..n {
-            fast.values(row, &mut w);
-        }
-        let x = values(m * k, 17);
-        let xq: Vec<f64> = x
-            .chunks_exact(QK)
-            .map(crate::tiled::quantize)
-            .flat_map(|b| b.qs.map(|v| f64::from(b.d) * f64::from(v)))
-            .collect();
-        let mut got = vec![0f32; m * n];
-        fast.product((m, k, n), &x, &mut got, Simd::detect())
-            .unwrap();
-        for row in 0..m {
-            for col in 0..n {
-                let terms = (0..k).map(|i| f64::from(w[col * k + i]) * xq[row * k + i]);
-                let exact: f64 = terms.clone().sum();
-                let bound = 1e-6 * terms.map(f64::abs).sum::<f64>();
-                let g = f64::from(got[row * n + col]);
-                assert!(
-                    (g - exact).abs() <= bound,
-                    "row {row} column {col}: {g} against {exact} (within {bound})"
-                );
-            }
-        }
+        testing::product_is_exact(&weights(75, 576, 13).1, 5);
     }
 
     #[test]
     fn every_path_this_cpu_has_gives_the_same_product() {
-        // Whole runs of eight rows and a padded one, tasks of four runs and
-        // a shorter one, fours, pairs and single activation rows.
-        let (k, n) = (128, 70);
-        let (_, fast) = weights(n, k, 5);
-        let best = Simd::detect();
-        for m in [1, 2, 3, 4, 7, 67] {
-            let x = values(m * k, 9);
-            let product = |simd| {
-                let mut dst = vec![0f32; m * n];
-                fast.product((m, k, n), &x, &mut dst, simd).unwrap();
-                dst
-            };
-            let want = product(Simd::Portable);
-            for simd in [Simd::Avx2, Simd::Vnni].into_iter().filter(|s| *s <= best) {
-                assert_eq!(product(simd), want, "{simd:?}, {m} rows");
-            }
-        }
+        testing::every_path_agrees(&weights(70, 128, 5).1);
     }
 
     #[test]
     fn it_is_as_close_to_the_exact_product_as_candles_and_bad_shapes_are_errors() {
-        let (m, k, n) = (2, 1024, 48);
-        let (q, fast) = weights(n, k, 21);
-        let x = Tensor::from_vec(values(m * k, 23), (m, k), &Device::Cpu).unwrap();
-        let exact = x
-            .matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap())
-            .unwrap();
-        let theirs = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
-        let ours = crate::linear::Linear::Q8_0(fast).forward(&x).unwrap();
-        let off = |t: &Tensor| {
-            (t - &exact)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let (q, fast) = weights(48, 1024, 21);
+        let (ours, theirs) = testing::mean_errors(q, crate::linear::Linear::Q8_0(fast), 2);
         // Both quantize the activations per 32 values to 8 bits: the same
         // error but for the order of the sums.
-        assert!(
-            off(&ours) <= off(&theirs) * 1.1,
-            "{} against {}",
-            off(&ours),
-            off(&theirs)
-        );
+        assert!(ours <= theirs * 1.1, "{ours} against {theirs}");
 
         assert!(FastQ8_0::from_bytes(&[0u8; 7], 1, 32).is_err());
         let (_, fast) = weights(8, 64, 1);

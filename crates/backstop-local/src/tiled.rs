@@ -194,6 +194,11 @@ pub(crate) trait Kernel: Sync + Sized {
     #[cfg(target_arch = "x86_64")]
     fn x86<const M: usize>() -> [FeatureGroup<Self, M>; 2];
 
+    /// The values of the row in lane `lane` of a run of tiles, as candle
+    /// dequantizes the file's.
+    #[cfg(test)]
+    fn values(tiles: &[Self], lane: usize, out: &mut Vec<f32>);
+
     /// Eight weight rows (a run of tiles) against activation rows `xs`, on
     /// path `simd`: `out[i][j]` is row `j` of the run times activation row
     /// `i`. Every path gives the same result to the bit.
@@ -269,6 +274,17 @@ impl<T: Kernel> Tiled<T> {
             &self.tiles[run * self.per_run..(run + 1) * self.per_run],
             row % LANES,
         )
+    }
+
+    /// Every row's values, row after row.
+    #[cfg(test)]
+    pub(crate) fn dequantized(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.width());
+        for row in 0..self.rows {
+            let (tiles, lane) = self.row(row);
+            T::values(tiles, lane, &mut out);
+        }
+        out
     }
 
     /// `lhs · wᵀ` into `dst` on path `simd`, `lhs` being `m` rows of `k`.
@@ -369,5 +385,118 @@ impl<T: Kernel> Tiled<T> {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks every format's product passes.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{quantize, Kernel, Simd, Tiled, QK};
+    use crate::linear::Linear;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    /// An `n × k` matrix of [`values`], quantized to `dtype`.
+    pub(crate) fn quantized(n: usize, k: usize, seed: u64, dtype: GgmlDType) -> QTensor {
+        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, dtype).unwrap()
+    }
+
+    /// The mean distance of `ours` (made from `q`) and of candle's own
+    /// product over `q` from the exact product of `m` rows of f32
+    /// activations with `q`'s values.
+    pub(crate) fn mean_errors(q: QTensor, ours: Linear, m: usize) -> (f32, f32) {
+        let (_, k) = q.shape().dims2().unwrap();
+        let x = Tensor::from_vec(values(m * k, 23), (m, k), &Device::Cpu).unwrap();
+        let exact = x
+            .matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap())
+            .unwrap();
+        let off = |t: Tensor| {
+            (t - &exact)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let theirs = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+        (off(ours.forward(&x).unwrap()), off(theirs))
+    }
+
+    /// `w` holds `q`'s values, bit for bit.
+    pub(crate) fn weights_are_the_files<T: Kernel>(q: &QTensor, w: &Tiled<T>) {
+        let theirs = q.dequantize(&Device::Cpu).unwrap();
+        let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(w.dequantized(), theirs);
+    }
+
+    /// Deterministic values in -1..1.
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 20_001) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `w`'s product with `m` rows against the same sums in f64, over its
+    /// weights (`dequantized`, row after row) and the 8-bit activations:
+    /// only f32's rounding may differ, so a value paired with the wrong
+    /// weight or scale shows, where the quantization's own error would hide
+    /// it.
+    pub(crate) fn product_is_exact<T: Kernel>(w: &Tiled<T>, m: usize) {
+        let (k, n) = (w.width(), w.rows());
+        let dequantized = w.dequantized();
+        let x = values(m * k, 17);
+        let xq: Vec<f64> = x
+            .chunks_exact(QK)
+            .map(quantize)
+            .flat_map(|b| b.qs.map(|v| f64::from(b.d) * f64::from(v)))
+            .collect();
+        let mut got = vec![0f32; m * n];
+        w.product((m, k, n), &x, &mut got, Simd::detect()).unwrap();
+        for row in 0..m {
+            for col in 0..n {
+                let terms = (0..k).map(|i| f64::from(dequantized[col * k + i]) * xq[row * k + i]);
+                let exact: f64 = terms.clone().sum();
+                // f32's rounding, a few steps deep, of terms this large.
+                let bound = 1e-6 * terms.map(f64::abs).sum::<f64>();
+                let g = f64::from(got[row * n + col]);
+                assert!(
+                    (g - exact).abs() <= bound,
+                    "row {row} column {col}: {g} against {exact} (within {bound})"
+                );
+            }
+        }
+    }
+
+    /// Every path this CPU has gives the portable path's product to the
+    /// bit: the integer sums are exact on every path, and the floats go
+    /// through the same operations in the same order. With 70 weight rows
+    /// (whole runs of eight and a padded one, tasks of four runs and a
+    /// shorter one) and activation rows by fours, pairs and one, in more
+    /// than one row tile.
+    pub(crate) fn every_path_agrees<T: Kernel>(w: &Tiled<T>) {
+        let (k, n) = (w.width(), w.rows());
+        assert_eq!(n, 70);
+        let best = Simd::detect();
+        for m in [1, 2, 3, 4, 7, 67] {
+            let x = values(m * k, 9);
+            let product = |simd| {
+                let mut dst = vec![0f32; m * n];
+                w.product((m, k, n), &x, &mut dst, simd).unwrap();
+                dst
+            };
+            let want = product(Simd::Portable);
+            for simd in [Simd::Avx2, Simd::Vnni].into_iter().filter(|s| *s <= best) {
+                assert_eq!(product(simd), want, "{simd:?}, {m} rows");
+            }
+        }
     }
 }
