@@ -237,27 +237,16 @@ impl Llama {
         };
     }
 
-    /// Bytes of cache a sequence holds for each position.
-    pub fn kv_bytes_per_position(&self) -> usize {
-        let Shape {
-            layers,
-            kv_heads,
-            head_dim,
-            ..
-        } = self.shape;
-        2 * layers * kv_heads * head_dim * self.kv.size_in_bytes()
-    }
-
     /// An empty cache for one sequence of up to `len` positions.
     pub fn cache(&self, len: usize) -> Result<Cache> {
         let len = len.min(self.shape.context);
         let dims = (1, self.shape.kv_heads, len, self.shape.head_dim);
         let zeros = || match self.kv {
-            // Zeroed by the allocator (pages the kernel maps in as they are
-            // first written), not written here: a 7B sequence's f16 cache is
-            // half a megabyte a position. candle fills an f16 tensor's
-            // zeros value by value.
-            DType::F16 if self.device.is_cpu() => {
+            // Zeroed by the allocator, as candle's f32 zeros are, not
+            // written here: candle fills an f16 tensor's zeros value by
+            // value, and a 7B sequence's f16 cache is half a megabyte a
+            // position. (f16 is kept on the CPU only.)
+            DType::F16 => {
                 let zeros: Vec<f16> =
                     vec![0u16; dims.0 * dims.1 * dims.2 * dims.3].reinterpret_into();
                 Tensor::from_vec(zeros, dims, &self.device)
@@ -646,4 +635,24 @@ fn rotary(head_dim: usize, context: usize, base: f32, device: &Device) -> Result
         .reshape((context, 1))?;
     let angles = positions.broadcast_mul(&theta.reshape((1, ()))?)?;
     Ok((angles.cos()?, angles.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scoring_keys_eight_at_a_time_gives_what_one_at_a_time_gives() {
+        // A head of 64 over a full run of keys and a short one, and a width
+        // that is no multiple of eight (one key at a time throughout).
+        for (d, n) in [(64, KEYS), (64, 3), (12, KEYS)] {
+            let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+            let q: Vec<f32> = (0..d).map(value).collect();
+            let keys: Vec<f32> = (0..n * d).map(|i| value(i + 7)).collect();
+            let mut got = Vec::new();
+            score(&q, &keys, 0.125, &mut got);
+            let want: Vec<f32> = keys.chunks_exact(d).map(|k| dot(&q, k) * 0.125).collect();
+            assert_eq!(got, want, "width {d}, {n} keys");
+        }
+    }
 }
