@@ -29,6 +29,8 @@ mod q4_1;
 #[cfg(feature = "engine")]
 mod q4k;
 #[cfg(feature = "engine")]
+mod q6k;
+#[cfg(feature = "engine")]
 mod q8_0;
 #[cfg(feature = "engine")]
 mod sampler;

@@ -3,8 +3,8 @@
 //!
 //! On the CPU, Q4_1 weights (the default SmolLM2 file) multiply through
 //! [`FastQ4_1`], Q4_K weights (LLaMA-2-7B's Q4_K_M file) through
-//! [`FastQ4K`] and Q8_0 (SmolLM2's output projection) through
-//! [`FastQ8_0`]: weights repacked eight rows to a register, one copy, read
+//! [`FastQ4K`], Q6_K (the rest of that file) through [`FastQ6K`] and Q8_0
+//! (SmolLM2's output projection) through [`FastQ8_0`]: weights repacked eight rows to a register, one copy, read
 //! once per step for every row of it (see [`crate::tiled`]). candle's own
 //! products read every weight again for a second row, and for Q4_K from
 //! three rows on repack the weights into tiles a third bigger, kept beside
@@ -19,7 +19,7 @@
 //! gate/up) into one product when they are Q4_1.
 //!
 //! The fast weights are not candle `QuantizedType`s: candle's CPU product
-//! picks its path from the dtype a weight reports, and for Q4_K (or Q8_0)
+//! picks its path from the dtype a weight reports, and for Q4_K (Q6_K, Q8_0)
 //! reads the weight's bytes as its own blocks.
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -28,6 +28,7 @@ use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use crate::llama::Precision;
 use crate::q4_1::FastQ4_1;
 use crate::q4k::FastQ4K;
+use crate::q6k::FastQ6K;
 use crate::q8_0::FastQ8_0;
 use crate::tiled::{Kernel, Simd, Tiled};
 
@@ -42,13 +43,16 @@ pub enum Linear {
     Q4_1(FastQ4_1),
     /// Q4_K on the CPU.
     Q4K(FastQ4K),
+    /// Q6_K on the CPU.
+    Q6K(FastQ6K),
     /// Q8_0 on the CPU.
     Q8_0(FastQ8_0),
 }
 
 impl Linear {
-    /// The matrix from a file's tensor: quantized as it is (Q4_1, Q4_K and
-    /// Q8_0 on the CPU repacked), or dequantized to f32 for the reference.
+    /// The matrix from a file's tensor: quantized as it is (Q4_1, Q4_K, Q6_K
+    /// and Q8_0 on the CPU repacked), or dequantized to f32 for the
+    /// reference.
     pub fn new(tensor: QTensor, device: &Device, precision: Precision) -> Result<Self> {
         if precision == Precision::F32 {
             return Ok(Linear::Candle(QMatMul::Tensor(tensor.dequantize(device)?)));
@@ -58,6 +62,9 @@ impl Linear {
         }
         if let Some(fast) = FastQ4K::new(&tensor)? {
             return Ok(Linear::Q4K(fast));
+        }
+        if let Some(fast) = FastQ6K::new(&tensor)? {
+            return Ok(Linear::Q6K(fast));
         }
         if let Some(fast) = FastQ8_0::new(&tensor)? {
             return Ok(Linear::Q8_0(fast));
@@ -74,6 +81,7 @@ impl Linear {
             },
             Linear::Q4_1(w) => tiled_forward(w, x),
             Linear::Q4K(w) => tiled_forward(w, x),
+            Linear::Q6K(w) => tiled_forward(w, x),
             Linear::Q8_0(w) => tiled_forward(w, x),
         }
     }

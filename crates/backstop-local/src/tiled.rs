@@ -1,7 +1,8 @@
 //! Matrix products over quantized weights repacked eight rows to a vector
 //! register: the part every such format shares.
 //!
-//! A format (Q4_1 in [`crate::q4_1`], Q4_K in [`crate::q4k`]) keeps its
+//! A format (Q4_1 in [`crate::q4_1`], Q4_K in [`crate::q4k`], Q6_K in
+//! [`crate::q6k`], Q8_0 in [`crate::q8_0`]) keeps its
 //! weights in runs of tiles, each run eight consecutive weight rows, laid out
 //! so that one 32-bit lane of a 256-bit register follows one row. A block's
 //! products for eight rows are then eight `dpbusd` (AVX-512 VNNI) or
@@ -30,12 +31,14 @@ const ROW_TILE: usize = 64;
 
 /// Activations of one block quantized to 8 bits, with the sum of the
 /// quantized values, as it is and times the scale (so the product is
-/// exactly that of the quantized activations, as in ggml's Q8_1).
+/// exactly that of the quantized activations, as in ggml's Q8_1), and the
+/// same times the scale for each half (for formats scaled per 16 values).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Q8 {
     pub(crate) d: f32,
     pub(crate) sum: f32,
     pub(crate) isum: i32,
+    pub(crate) halves: [f32; 2],
     pub(crate) qs: [i8; QK],
 }
 
@@ -56,7 +59,10 @@ pub(crate) fn quantize(xs: &[f32]) -> Q8 {
     for (o, x) in q.qs.iter_mut().zip(xs) {
         *o = (x * inv).round() as i8;
     }
-    q.isum = q.qs.iter().map(|v| i32::from(*v)).sum();
+    let [first, second] =
+        [&q.qs[..QK / 2], &q.qs[QK / 2..]].map(|h| h.iter().map(|v| i32::from(*v)).sum::<i32>());
+    q.isum = first + second;
+    q.halves = [d * first as f32, d * second as f32];
     q.sum = d * q.isum as f32;
     q
 }
@@ -134,6 +140,13 @@ pub(crate) mod x86 {
     pub(crate) fn load_u8(values: &[u8; LANES]) -> __m256 {
         let word = _mm_set_epi64x(0, i64::from_le_bytes(*values));
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(word))
+    }
+
+    /// Eight signed bytes as eight f32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn load_i8(values: &[i8; LANES]) -> __m256 {
+        let word = _mm_set_epi64x(0, i64::from_le_bytes(values.map(|v| v as u8)));
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(word))
     }
 
     /// Asks for the cache lines of the weights [`PREFETCH`] bytes past the
