@@ -110,12 +110,16 @@ pub(crate) mod x86 {
     /// How far ahead of the tile being multiplied [`prefetch`] reaches.
     /// The hardware prefetcher alone leaves the kernel waiting on memory
     /// while it streams the weights (perf: the samples pile up on the
-    /// instructions after the weights' loads). Four Q4_K tiles (4.6 KB)
-    /// ahead measured best among 0, 1, 2, 4, 6 and 8 tiles on a Zen 4: a
-    /// 16,384 × 4,096 product (38 MB, past the last-level cache) took 0.69
-    /// ms with it against 0.79 to 1.07 without for one activation row, and
-    /// 1.38 against 1.95 to 2.36 for four.
-    const PREFETCH: usize = 4 * 1184;
+    /// instructions after the weights' loads). Asking for the lines 14 KB
+    /// ahead, into the second-level cache, measured best on a Zen 4 among
+    /// 4.6 to 28 KB ahead into either cache: a 16,384 × 4,096 product (38
+    /// MB in Q4_K, 55 in Q6_K, past the last-level cache) with one, two and
+    /// four activation rows took 0.53-0.70, 0.69-0.86 and 1.10-1.27 ms in
+    /// Q4_K and 1.01-1.44, 1.20-1.39 and 2.20-2.55 in Q6_K, against 0.65-
+    /// 0.83, 0.74-1.04 and 1.20-1.59, and 1.47-1.85, 1.86-2.15 and 2.65-2.94,
+    /// 4.6 KB ahead into the first-level cache; and without prefetching,
+    /// Q4_K took 0.79-1.07 ms for one row and 1.95-2.36 for four.
+    const PREFETCH: usize = 12 * 1184;
 
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn load_bytes(bytes: &[u8; 32]) -> __m256i {
@@ -150,14 +154,14 @@ pub(crate) mod x86 {
     }
 
     /// Asks for the cache lines of the weights [`PREFETCH`] bytes past the
-    /// start of `tile`, so that they are in the first-level cache when the
+    /// start of `tile`, so that they are in the second-level cache when the
     /// kernel gets there. Past the last tile it asks for lines that may
     /// not be mapped, which a prefetch ignores (it never faults).
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn prefetch<T>(tile: &T) {
         let ahead = (tile as *const T).cast::<i8>().wrapping_add(PREFETCH);
         for line in (0..size_of::<T>()).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line));
         }
     }
 
