@@ -37,14 +37,13 @@ const SUBS: usize = QK_K / 16;
 /// Block `b` of eight consecutive weight rows, laid out for the vector
 /// registers with one 32-bit lane per row, in the order the kernel reads
 /// them: row `j`'s scales at `d[j]` and `scales[s][j]` (sub-block `s` being
-/// values `16s..16s + 16`), and, for half `h` of the block (values
-/// `128h..`), the file's bytes `ql[64h + 4t..][..4]`,
-/// `ql[64h + 32 + 4t..][..4]` and `qh[32h + 4t..][..4]` at
-/// `qs[h][t][p][4j..4j + 4]` for `p` = 0, 1 and 2. Byte `l = 4t + v` of
-/// those holds four values of the half, `32c + l` for `c` in 0..4: the low
-/// nibble of part 0 for `c = 0`, of part 1 for 1, their high nibbles for 2
-/// and 3, and bits `2c..2c + 2` of part 2 above each. 1,680 bytes, as the
-/// file's 8 · 210.
+/// values `16s..16s + 16`), and the four values `128h + 32c + l` (`c` in
+/// 0..4, `l = 4t + v`) in the three bytes `qs[h][t][p][4j + v]`: bits 0..6
+/// of parts 0, 1 and 2 hold `c` = 0, 1 and 3, and their top two bits hold
+/// `c = 2`'s bits 0..2, 2..4 and 4..6. Those unpack in nine operations a
+/// register (three masks, three shifts, a mask and two masked merges)
+/// where the file's nibbles and bit pairs take thirteen. 1,680 bytes, as
+/// the file's 8 · 210.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub(crate) struct Tile {
@@ -56,10 +55,13 @@ pub(crate) struct Tile {
 impl Tile {
     /// The six bits of value `128h + 32c + 4t + v` of the row in lane `j`.
     fn q(&self, h: usize, c: usize, t: usize, j: usize, v: usize) -> u8 {
-        let [l0, l1, high] = &self.qs[h][t];
-        let low = [l0, l1][c % 2][4 * j + v] >> (4 * (c / 2));
-        let high = high[4 * j + v] >> (2 * c);
-        (low & 0x0F) | ((high & 3) << 4)
+        let [a, b, d] = self.qs[h][t].map(|part| part[4 * j + v]);
+        match c {
+            0 => a & 0x3F,
+            1 => b & 0x3F,
+            2 => (a >> 6) | ((b >> 6) << 2) | ((d >> 6) << 4),
+            _ => d & 0x3F,
+        }
     }
 
     /// `d · sc` of sub-block `s` of the row in lane `j`.
@@ -69,8 +71,8 @@ impl Tile {
 }
 
 /// The portable path: the arithmetic of the x86 ones, operation for
-/// operation (sub-blocks in the same order), so that every path gives the
-/// same result to the bit.
+/// operation (sub-blocks in the same order, the offset's 32 applied once at
+/// the end), so that every path gives the same result to the bit.
 fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANES]; M] {
     let mut acc = [[0f32; LANES]; M];
     let mut mins = [[0f32; LANES]; M];
@@ -91,7 +93,7 @@ fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANE
                             }
                             let scale = tile.scale(2 * s + k, j);
                             acc[i][j] = (sum as f32).mul_add(scale * x.d, acc[i][j]);
-                            mins[i][j] = (scale * 32.0).mul_add(x.halves[k], mins[i][j]);
+                            mins[i][j] = scale.mul_add(x.halves[k], mins[i][j]);
                         }
                     }
                 }
@@ -101,7 +103,7 @@ fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANE
     let mut out = [[0f32; LANES]; M];
     for i in 0..M {
         for j in 0..LANES {
-            out[i][j] = acc[i][j] - mins[i][j];
+            out[i][j] = (-32f32).mul_add(mins[i][j], acc[i][j]);
         }
     }
     out
@@ -117,6 +119,12 @@ mod x86 {
     use crate::tiled::x86::{dot_avx2, dot_vnni, lanes, load_bytes, load_f16, load_i8, prefetch};
     use crate::tiled::{LANES, Q8};
 
+    /// `acc` with the bits of `v` under `mask` set (`acc` has none there).
+    #[target_feature(enable = "avx2,fma")]
+    fn or_masked(acc: __m256i, v: __m256i, mask: __m256i) -> __m256i {
+        _mm256_or_si256(acc, _mm256_and_si256(v, mask))
+    }
+
     macro_rules! group {
         ($name:ident, $features:literal, $dot:ident) => {
             #[target_feature(enable = $features)]
@@ -124,8 +132,10 @@ mod x86 {
                 tiles: &[Tile],
                 xs: [&[Q8]; M],
             ) -> [[f32; LANES]; M] {
-                let nibble = _mm256_set1_epi8(0x0F);
-                let high = _mm256_set1_epi8(0x30);
+                let six = _mm256_set1_epi8(0x3F);
+                let low2 = _mm256_set1_epi8(0x03);
+                let mid2 = _mm256_set1_epi8(0x0C);
+                let high2 = _mm256_set1_epi8(0x30);
                 let mut acc = [_mm256_setzero_ps(); M];
                 let mut mins = [_mm256_setzero_ps(); M];
                 for (b, tile) in tiles.iter().enumerate() {
@@ -137,27 +147,18 @@ mod x86 {
                         for k in 0..2 {
                             let mut sums = [[_mm256_setzero_si256(); 4]; M];
                             for t in 4 * k..4 * k + 4 {
-                                let [l0, l1, hi] = &tile.qs[h][t];
-                                let (l0, l1, hi) = (load_bytes(l0), load_bytes(l1), load_bytes(hi));
+                                let [p0, p1, p2] = &tile.qs[h][t];
+                                let (p0, p1, p2) = (load_bytes(p0), load_bytes(p1), load_bytes(p2));
                                 // Sixteen-bit shifts: the masks drop what
                                 // crosses from the next byte.
+                                let two = _mm256_and_si256(_mm256_srli_epi16(p0, 6), low2);
+                                let two = or_masked(two, _mm256_srli_epi16(p1, 4), mid2);
+                                let two = or_masked(two, _mm256_srli_epi16(p2, 2), high2);
                                 let q = [
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(l0, nibble),
-                                        _mm256_and_si256(_mm256_slli_epi16(hi, 4), high),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(l1, nibble),
-                                        _mm256_and_si256(_mm256_slli_epi16(hi, 2), high),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), nibble),
-                                        _mm256_and_si256(hi, high),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), nibble),
-                                        _mm256_and_si256(_mm256_srli_epi16(hi, 2), high),
-                                    ),
+                                    _mm256_and_si256(p0, six),
+                                    _mm256_and_si256(p1, six),
+                                    two,
+                                    _mm256_and_si256(p2, six),
                                 ];
                                 for i in 0..M {
                                     for c in 0..4 {
@@ -170,14 +171,13 @@ mod x86 {
                             for c in 0..4 {
                                 let s = 4 * h + c;
                                 let scale = _mm256_mul_ps(d, load_i8(&tile.scales[2 * s + k]));
-                                let min = _mm256_mul_ps(scale, _mm256_set1_ps(32.0));
                                 for i in 0..M {
                                     let x = &xs[i][SPAN * b + s];
                                     let sum = _mm256_cvtepi32_ps(sums[i][c]);
-                                    let scale = _mm256_mul_ps(scale, _mm256_set1_ps(x.d));
-                                    acc[i] = _mm256_fmadd_ps(sum, scale, acc[i]);
+                                    let times_x = _mm256_mul_ps(scale, _mm256_set1_ps(x.d));
+                                    acc[i] = _mm256_fmadd_ps(sum, times_x, acc[i]);
                                     let half = _mm256_set1_ps(x.halves[k]);
-                                    mins[i] = _mm256_fmadd_ps(min, half, mins[i]);
+                                    mins[i] = _mm256_fmadd_ps(scale, half, mins[i]);
                                 }
                             }
                         }
@@ -185,7 +185,8 @@ mod x86 {
                 }
                 let mut out = [[0f32; LANES]; M];
                 for i in 0..M {
-                    out[i] = lanes(_mm256_sub_ps(acc[i], mins[i]));
+                    let offset = _mm256_set1_ps(-32.0);
+                    out[i] = lanes(_mm256_fmadd_ps(offset, mins[i], acc[i]));
                 }
                 out
             }
@@ -231,13 +232,22 @@ impl Tiled<Tile> {
                 for (s, scale) in scales.iter().enumerate() {
                     tile.scales[s][j] = *scale as i8;
                 }
+                // Value `128h + 32c + l`, as the file keeps it: the low
+                // nibbles of `ql[64h + l]` (c = 0, 2) and `ql[64h + 32 + l]`
+                // (c = 1, 3), and bits `2c..2c + 2` of `qh[32h + l]`.
+                let q = |h: usize, c: usize, l: usize| {
+                    let low = ql[64 * h + 32 * (c % 2) + l] >> (4 * (c / 2));
+                    (low & 0x0F) | (((qh[32 * h + l] >> (2 * c)) & 3) << 4)
+                };
                 for (h, half) in tile.qs.iter_mut().enumerate() {
-                    for (t, [l0, l1, high]) in half.iter_mut().enumerate() {
-                        let at = 64 * h + 4 * t;
-                        l0[4 * j..4 * j + 4].copy_from_slice(&ql[at..at + 4]);
-                        l1[4 * j..4 * j + 4].copy_from_slice(&ql[at + 32..at + 36]);
-                        let at = 32 * h + 4 * t;
-                        high[4 * j..4 * j + 4].copy_from_slice(&qh[at..at + 4]);
+                    for (t, [a, b, d3]) in half.iter_mut().enumerate() {
+                        for v in 0..4 {
+                            let l = 4 * t + v;
+                            let two = q(h, 2, l);
+                            a[4 * j + v] = q(h, 0, l) | (two << 6);
+                            b[4 * j + v] = q(h, 1, l) | ((two >> 2) << 6);
+                            d3[4 * j + v] = q(h, 3, l) | ((two >> 4) << 6);
+                        }
                     }
                 }
             }

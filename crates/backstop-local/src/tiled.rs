@@ -149,7 +149,9 @@ pub(crate) mod x86 {
     /// Eight signed bytes as eight f32 lanes.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn load_i8(values: &[i8; LANES]) -> __m256 {
-        let word = _mm_set_epi64x(0, i64::from_le_bytes(values.map(|v| v as u8)));
+        // SAFETY: an unaligned load of the array's 8 bytes.
+        #[allow(unsafe_code)]
+        let word = unsafe { _mm_loadl_epi64(values.as_ptr().cast()) };
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(word))
     }
 
