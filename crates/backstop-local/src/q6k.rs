@@ -71,19 +71,18 @@ impl Tile {
 }
 
 /// The portable path: the arithmetic of the x86 ones, operation for
-/// operation (sub-blocks in the same order, the offset's 32 applied once at
-/// the end), so that every path gives the same result to the bit.
+/// operation (sub-blocks in the same order), so that every path gives the
+/// same result to the bit.
 fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANES]; M] {
     let mut acc = [[0f32; LANES]; M];
-    let mut mins = [[0f32; LANES]; M];
     for (b, tile) in tiles.iter().enumerate() {
         for h in 0..2 {
             for k in 0..2 {
                 for c in 0..4 {
                     let s = 4 * h + c;
-                    for i in 0..M {
-                        let x = &xs[i][SPAN * b + s];
-                        for j in 0..LANES {
+                    for (acc, xs) in acc.iter_mut().zip(xs) {
+                        let x = &xs[SPAN * b + s];
+                        for (j, acc) in acc.iter_mut().enumerate() {
                             let mut sum = 0i32;
                             for t in 4 * k..4 * k + 4 {
                                 for v in 0..4 {
@@ -92,21 +91,15 @@ fn group_portable<const M: usize>(tiles: &[Tile], xs: [&[Q8]; M]) -> [[f32; LANE
                                 }
                             }
                             let scale = tile.scale(2 * s + k, j);
-                            acc[i][j] = (sum as f32).mul_add(scale * x.d, acc[i][j]);
-                            mins[i][j] = scale.mul_add(x.halves[k], mins[i][j]);
+                            *acc = (sum as f32).mul_add(scale * x.d, *acc);
+                            *acc = (-(scale * 32.0)).mul_add(x.halves[k], *acc);
                         }
                     }
                 }
             }
         }
     }
-    let mut out = [[0f32; LANES]; M];
-    for i in 0..M {
-        for j in 0..LANES {
-            out[i][j] = (-32f32).mul_add(mins[i][j], acc[i][j]);
-        }
-    }
-    out
+    acc
 }
 
 /// The x86-64 paths: eight rows in the lanes of a register, with AVX2 or
@@ -137,7 +130,6 @@ mod x86 {
                 let mid2 = _mm256_set1_epi8(0x0C);
                 let high2 = _mm256_set1_epi8(0x30);
                 let mut acc = [_mm256_setzero_ps(); M];
-                let mut mins = [_mm256_setzero_ps(); M];
                 for (b, tile) in tiles.iter().enumerate() {
                     prefetch(tile);
                     let d = load_f16(&tile.d);
@@ -171,13 +163,14 @@ mod x86 {
                             for c in 0..4 {
                                 let s = 4 * h + c;
                                 let scale = _mm256_mul_ps(d, load_i8(&tile.scales[2 * s + k]));
+                                let offset = _mm256_mul_ps(scale, _mm256_set1_ps(32.0));
                                 for i in 0..M {
                                     let x = &xs[i][SPAN * b + s];
                                     let sum = _mm256_cvtepi32_ps(sums[i][c]);
                                     let times_x = _mm256_mul_ps(scale, _mm256_set1_ps(x.d));
                                     acc[i] = _mm256_fmadd_ps(sum, times_x, acc[i]);
                                     let half = _mm256_set1_ps(x.halves[k]);
-                                    mins[i] = _mm256_fmadd_ps(scale, half, mins[i]);
+                                    acc[i] = _mm256_fnmadd_ps(offset, half, acc[i]);
                                 }
                             }
                         }
@@ -185,8 +178,7 @@ mod x86 {
                 }
                 let mut out = [[0f32; LANES]; M];
                 for i in 0..M {
-                    let offset = _mm256_set1_ps(-32.0);
-                    out[i] = lanes(_mm256_fmadd_ps(offset, mins[i], acc[i]));
+                    out[i] = lanes(acc[i]);
                 }
                 out
             }
