@@ -287,45 +287,14 @@ impl Kernel for Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiled::testing;
-    use crate::tiled::Simd;
 
-    fn weights(n: usize, k: usize, seed: u64) -> (QTensor, FastQ6K) {
-        let q = testing::quantized(n, k, seed, GgmlDType::Q6K);
-        let fast = FastQ6K::new(&q).unwrap().unwrap();
-        (q, fast)
-    }
-
-    #[test]
-    fn the_weights_are_the_files_bit_for_bit() {
-        let (q, fast) = weights(24, 512, 3);
-        testing::weights_are_the_files(&q, &fast);
-    }
-
-    #[test]
-    fn the_product_is_that_of_the_quantized_activations_to_float_rounding() {
-        testing::product_is_exact(&weights(75, 768, 13).1, 3);
-    }
-
-    #[test]
-    fn every_path_this_cpu_has_gives_the_same_product() {
-        testing::every_path_agrees(&weights(70, 512, 5).1);
-    }
-
-    #[test]
-    fn it_is_as_close_to_the_exact_product_as_candles_and_bad_shapes_are_errors() {
-        let (q, fast) = weights(48, 1024, 21);
-        let (ours, theirs) = testing::mean_errors(q, crate::linear::Linear::Q6K(fast), 2);
-        // Activations quantized per 32 values, not per 256: closer on
-        // average.
-        assert!(ours <= theirs, "{ours} against {theirs}");
-
-        assert!(FastQ6K::from_bytes(&[0u8; 7], 1, 256).is_err());
-        let (_, fast) = weights(8, 256, 1);
-        let mut dst = [0f32; 8];
-        let product =
-            |lhs: &[f32], dst: &mut [f32]| fast.product((1, 256, 8), lhs, dst, Simd::detect());
-        assert!(product(&[0.0; 255], &mut dst).is_err());
-        assert!(product(&[1.0; 256], &mut dst).is_ok());
-    }
+    // Activations quantized per 32 values, not per 256 as candle's: closer
+    // on average.
+    crate::tiled::testing::format_tests!(
+        GgmlDType::Q6K,
+        FastQ6K,
+        crate::linear::Linear::Q6K,
+        QK_K,
+        1.0
+    );
 }

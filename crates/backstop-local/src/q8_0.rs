@@ -204,45 +204,14 @@ impl Kernel for Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiled::testing;
-    use crate::tiled::Simd;
 
-    fn weights(n: usize, k: usize, seed: u64) -> (QTensor, FastQ8_0) {
-        let q = testing::quantized(n, k, seed, GgmlDType::Q8_0);
-        let fast = FastQ8_0::new(&q).unwrap().unwrap();
-        (q, fast)
-    }
-
-    #[test]
-    fn the_weights_are_the_files_bit_for_bit() {
-        let (q, fast) = weights(24, 96, 3);
-        testing::weights_are_the_files(&q, &fast);
-    }
-
-    #[test]
-    fn the_product_is_that_of_the_quantized_activations_to_float_rounding() {
-        testing::product_is_exact(&weights(75, 576, 13).1, 5);
-    }
-
-    #[test]
-    fn every_path_this_cpu_has_gives_the_same_product() {
-        testing::every_path_agrees(&weights(70, 128, 5).1);
-    }
-
-    #[test]
-    fn it_is_as_close_to_the_exact_product_as_candles_and_bad_shapes_are_errors() {
-        let (q, fast) = weights(48, 1024, 21);
-        let (ours, theirs) = testing::mean_errors(q, crate::linear::Linear::Q8_0(fast), 2);
-        // Both quantize the activations per 32 values to 8 bits: the same
-        // error but for the order of the sums.
-        assert!(ours <= theirs * 1.1, "{ours} against {theirs}");
-
-        assert!(FastQ8_0::from_bytes(&[0u8; 7], 1, 32).is_err());
-        let (_, fast) = weights(8, 64, 1);
-        let mut dst = [0f32; 8];
-        let product =
-            |lhs: &[f32], dst: &mut [f32]| fast.product((1, 64, 8), lhs, dst, Simd::detect());
-        assert!(product(&[0.0; 63], &mut dst).is_err());
-        assert!(product(&[1.0; 64], &mut dst).is_ok());
-    }
+    // Both quantize the activations per 32 values to 8 bits: the same error
+    // but for the order of the sums.
+    crate::tiled::testing::format_tests!(
+        GgmlDType::Q8_0,
+        FastQ8_0,
+        crate::linear::Linear::Q8_0,
+        QK,
+        1.1
+    );
 }

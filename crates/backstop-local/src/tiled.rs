@@ -518,4 +518,55 @@ pub(crate) mod testing {
             }
         }
     }
+
+    /// A repacked format's tests: its weights are the file's values bit
+    /// for bit, its product is that of the quantized activations, every
+    /// path gives the same product, and its mean error is at most `$within`
+    /// times candle's own product's, with bad shapes refused. `$fast` is
+    /// the format's `Tiled` with `new` and `from_bytes`, `$linear` its
+    /// `Linear` variant, `$block` its block's width.
+    macro_rules! format_tests {
+        ($dtype:expr, $fast:ty, $linear:path, $block:expr, $within:expr) => {
+            fn weights(n: usize, k: usize, seed: u64) -> (QTensor, $fast) {
+                let q = $crate::tiled::testing::quantized(n, k, seed, $dtype);
+                let fast = <$fast>::new(&q).unwrap().unwrap();
+                (q, fast)
+            }
+
+            #[test]
+            fn the_weights_are_the_files_bit_for_bit() {
+                // 24 rows: a multiple of eight, which candle's own product
+                // repacks.
+                let (q, fast) = weights(24, 512, 3);
+                $crate::tiled::testing::weights_are_the_files(&q, &fast);
+            }
+
+            #[test]
+            fn the_product_is_that_of_the_quantized_activations_to_float_rounding() {
+                $crate::tiled::testing::product_is_exact(&weights(75, 768, 13).1, 3);
+            }
+
+            #[test]
+            fn every_path_this_cpu_has_gives_the_same_product() {
+                $crate::tiled::testing::every_path_agrees(&weights(70, 512, 5).1);
+            }
+
+            #[test]
+            fn it_is_as_close_to_the_exact_product_as_candles_and_bad_shapes_are_errors() {
+                let (q, fast) = weights(48, 1024, 21);
+                let (ours, theirs) = $crate::tiled::testing::mean_errors(q, $linear(fast), 2);
+                assert!(ours <= theirs * $within, "{ours} against {theirs}");
+
+                assert!(<$fast>::from_bytes(&[0u8; 7], 1, $block).is_err());
+                let (_, fast) = weights(8, $block, 1);
+                let mut dst = [0f32; 8];
+                let simd = $crate::tiled::Simd::detect();
+                let product =
+                    |lhs: &[f32], dst: &mut [f32]| fast.product((1, $block, 8), lhs, dst, simd);
+                assert!(product(&[0.0; $block - 1], &mut dst).is_err());
+                assert!(product(&[1.0; $block], &mut dst).is_ok());
+            }
+        };
+    }
+    pub(crate) use format_tests;
 }
