@@ -20,7 +20,7 @@
 //! (`repack_x86`), which would read garbage.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Result};
+use candle_core::Result;
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
@@ -214,13 +214,8 @@ impl Tiled<Tile> {
     /// `rows` rows of `width` values from a GGUF Q4_K tensor's raw bytes,
     /// repacked.
     fn from_bytes(bytes: &[u8], rows: usize, width: usize) -> Result<Self> {
-        let per_row = width / QK_K;
-        if !width.is_multiple_of(QK_K) || bytes.len() != rows * per_row * BLOCK_BYTES {
-            return Err(candle_core::Error::Msg(format!(
-                "FastQ4K: {} bytes for {rows} rows of {width}",
-                bytes.len()
-            )));
-        }
+        let per_row =
+            Self::blocks_per_row(bytes, (rows, width), GgmlDType::Q4K, (QK_K, BLOCK_BYTES))?;
         let block = |row: usize, b: usize| {
             let at = (row * per_row + b) * BLOCK_BYTES;
             Block::parse(&bytes[at..at + BLOCK_BYTES])
@@ -258,11 +253,7 @@ impl Tiled<Tile> {
 
     /// A Q4_K CPU matrix, repacked; `None` for any other.
     pub fn new(tensor: &QTensor) -> Result<Option<Self>> {
-        if tensor.dtype() != GgmlDType::Q4K || !matches!(tensor.device(), Device::Cpu) {
-            return Ok(None);
-        }
-        let (rows, width) = tensor.shape().dims2()?;
-        FastQ4K::from_bytes(&tensor.data()?, rows, width).map(Some)
+        Self::of(tensor, GgmlDType::Q4K, Self::from_bytes)
     }
 }
 

@@ -17,7 +17,7 @@
 //! for its minimum and `q` itself the unsigned side of the byte products.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Result};
+use candle_core::Result;
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
@@ -200,13 +200,8 @@ impl Tiled<Tile> {
     /// `rows` rows of `width` values from a GGUF Q6_K tensor's raw bytes,
     /// repacked.
     fn from_bytes(bytes: &[u8], rows: usize, width: usize) -> Result<Self> {
-        let per_row = width / QK_K;
-        if !width.is_multiple_of(QK_K) || bytes.len() != rows * per_row * BLOCK_BYTES {
-            return Err(candle_core::Error::Msg(format!(
-                "FastQ6K: {} bytes for {rows} rows of {width}",
-                bytes.len()
-            )));
-        }
+        let per_row =
+            Self::blocks_per_row(bytes, (rows, width), GgmlDType::Q6K, (QK_K, BLOCK_BYTES))?;
         Ok(Tiled::build(rows, per_row, |first, b| {
             // Padding rows are zero: scale 0.
             let mut tile = Tile {
@@ -249,11 +244,7 @@ impl Tiled<Tile> {
 
     /// A Q6_K CPU matrix, repacked; `None` for any other.
     pub fn new(tensor: &QTensor) -> Result<Option<Self>> {
-        if tensor.dtype() != GgmlDType::Q6K || !matches!(tensor.device(), Device::Cpu) {
-            return Ok(None);
-        }
-        let (rows, width) = tensor.shape().dims2()?;
-        FastQ6K::from_bytes(&tensor.data()?, rows, width).map(Some)
+        Self::of(tensor, GgmlDType::Q6K, Self::from_bytes)
     }
 }
 

@@ -16,7 +16,7 @@
 //! `|q|` against `q_x` with `q`'s sign, as ggml's does: the same integer.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Result};
+use candle_core::Result;
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
@@ -140,13 +140,8 @@ impl Tiled<Tile> {
     /// `rows` rows of `width` values from a GGUF Q8_0 tensor's raw bytes,
     /// repacked.
     fn from_bytes(bytes: &[u8], rows: usize, width: usize) -> Result<Self> {
-        let per_row = width / QK;
-        if !width.is_multiple_of(QK) || bytes.len() != rows * per_row * BLOCK_BYTES {
-            return Err(candle_core::Error::Msg(format!(
-                "FastQ8_0: {} bytes for {rows} rows of {width}",
-                bytes.len()
-            )));
-        }
+        let per_row =
+            Self::blocks_per_row(bytes, (rows, width), GgmlDType::Q8_0, (QK, BLOCK_BYTES))?;
         Ok(Tiled::build(rows, per_row, |first, b| {
             let mut tile = Tile {
                 d: [f16::ZERO; LANES],
@@ -169,11 +164,7 @@ impl Tiled<Tile> {
 
     /// A Q8_0 CPU matrix, repacked; `None` for any other.
     pub fn new(tensor: &QTensor) -> Result<Option<Self>> {
-        if tensor.dtype() != GgmlDType::Q8_0 || !matches!(tensor.device(), Device::Cpu) {
-            return Ok(None);
-        }
-        let (rows, width) = tensor.shape().dims2()?;
-        FastQ8_0::from_bytes(&tensor.data()?, rows, width).map(Some)
+        Self::of(tensor, GgmlDType::Q8_0, Self::from_bytes)
     }
 }
 

@@ -17,7 +17,8 @@
 //! kernel over the output columns in parallel on candle's own worker pool
 //! (a second pool would fight it for the cores).
 
-use candle_core::Result;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Result};
 use std::sync::{Mutex, PoisonError};
 
 /// Values per activation block.
@@ -273,6 +274,39 @@ impl<T: Kernel> Tiled<T> {
             per_run,
             tiles,
         }
+    }
+
+    /// `tensor` repacked by `from_bytes` (its bytes, rows and width) if it
+    /// is a CPU matrix of GGUF type `dtype`; `None` for any other.
+    pub(crate) fn of(
+        tensor: &QTensor,
+        dtype: GgmlDType,
+        from_bytes: impl FnOnce(&[u8], usize, usize) -> Result<Self>,
+    ) -> Result<Option<Self>> {
+        if tensor.dtype() != dtype || !matches!(tensor.device(), Device::Cpu) {
+            return Ok(None);
+        }
+        let (rows, width) = tensor.shape().dims2()?;
+        from_bytes(&tensor.data()?, rows, width).map(Some)
+    }
+
+    /// Blocks a row, when `bytes` are `rows` rows of `width` values in
+    /// `dtype`'s blocks of `values` values in `block_bytes` bytes; an error
+    /// otherwise.
+    pub(crate) fn blocks_per_row(
+        bytes: &[u8],
+        (rows, width): (usize, usize),
+        dtype: GgmlDType,
+        (values, block_bytes): (usize, usize),
+    ) -> Result<usize> {
+        let per_row = width / values;
+        if !width.is_multiple_of(values) || bytes.len() != rows * per_row * block_bytes {
+            return Err(candle_core::Error::Msg(format!(
+                "{dtype:?}: {} bytes for {rows} rows of {width}",
+                bytes.len()
+            )));
+        }
+        Ok(per_row)
     }
 
     /// Weight rows (output columns).
