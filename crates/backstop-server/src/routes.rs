@@ -14,7 +14,11 @@ use axum::routing::{get, post};
 use axum::Extension;
 use axum::Router;
 use backstop_adapter::{Headers, ModelList};
-use http::HeaderName;
+use http::{HeaderName, StatusCode};
+use tower_http::classify::{
+    ClassifiedResponse, ClassifyResponse, MakeClassifier, NeverClassifyEos, ServerErrorsAsFailures,
+    ServerErrorsFailureClass,
+};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -62,7 +66,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), header_bound))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        .layer(TraceLayer::new(Failures).make_span_with(|req: &Request| {
             let id = req
                 .headers()
                 .get(REQUEST_ID_HEADER)
@@ -72,6 +76,52 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         }))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(app)
+}
+
+/// Which responses the trace layer logs as failures (at ERROR): every 5xx
+/// but the readiness probe's 503, which answers the probe's question (no
+/// target can serve yet: the local model loading, every breaker open, the
+/// shared store out of reach) rather than failing it. The probe's answer is
+/// still traced, at DEBUG, as every response is.
+#[derive(Debug, Clone, Copy)]
+struct Failures;
+
+impl MakeClassifier for Failures {
+    type Classifier = Classify;
+    type FailureClass = ServerErrorsFailureClass;
+    type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+
+    fn make_classifier<B>(&self, req: &http::Request<B>) -> Classify {
+        Classify {
+            probe: req.uri().path() == "/readyz",
+        }
+    }
+}
+
+/// [`Failures`]' judgement of one request's response.
+#[derive(Debug, Clone, Copy)]
+struct Classify {
+    /// The request is the readiness probe.
+    probe: bool,
+}
+
+impl ClassifyResponse for Classify {
+    type FailureClass = ServerErrorsFailureClass;
+    type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+
+    fn classify_response<B>(
+        self,
+        res: &http::Response<B>,
+    ) -> ClassifiedResponse<ServerErrorsFailureClass, Self::ClassifyEos> {
+        if self.probe && res.status() == StatusCode::SERVICE_UNAVAILABLE {
+            return ClassifiedResponse::Ready(Ok(()));
+        }
+        ServerErrorsAsFailures::new().classify_response(res)
+    }
+
+    fn classify_error<E: std::fmt::Display + 'static>(self, error: &E) -> ServerErrorsFailureClass {
+        ServerErrorsAsFailures::new().classify_error(error)
+    }
 }
 
 /// Refuses a request whose headers are past `max_header_bytes` (HTTP/2's
@@ -166,4 +216,29 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         Served::NONE,
         &Headers::new(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the trace layer would log `status` for `path` as a failure.
+    fn failure(path: &str, status: u16) -> bool {
+        let req = http::Request::get(path).body(()).unwrap();
+        let res = http::Response::builder().status(status).body(()).unwrap();
+        match Failures.make_classifier(&req).classify_response(&res) {
+            ClassifiedResponse::Ready(outcome) => outcome.is_err(),
+            ClassifiedResponse::RequiresEos(_) => unreachable!("never waits for the end"),
+        }
+    }
+
+    #[test]
+    fn a_not_ready_probe_is_no_failure_and_every_other_5xx_is() {
+        assert!(!failure("/readyz", 503));
+        assert!(failure("/readyz", 500));
+        assert!(failure("/v1/chat/completions", 503));
+        assert!(failure("/healthz", 503));
+        assert!(!failure("/v1/chat/completions", 429));
+        assert!(!failure("/readyz", 200));
+    }
 }
