@@ -14,7 +14,8 @@
 //! `d · sc · d_x · Σ q q_x − 32 · d · sc · s_x`, `s_x` being `d_x` times the
 //! sum of the sub-block's half of the quantized activations
 //! ([`Q8::halves`]): the arithmetic of the Q4_K product, with `32 · d · sc`
-//! for its minimum and `q` itself the unsigned side of the byte products.
+//! for its minimum (taken off in the product's own accumulator) and `q`
+//! itself the unsigned side of the byte products.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
