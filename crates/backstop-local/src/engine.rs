@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use backstop_adapter::{BackendError, FailureKind};
 
-use crate::generate::{self, Event, Job, Sequence, PREFILL_CHUNK};
+use crate::generate::{self, Event, Job, Sequence};
 use crate::llama::{Cache, Segment};
 use crate::model::LoadedModel;
 use crate::LocalConfig;
@@ -94,6 +94,7 @@ impl Engine {
 fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
     let mut active: Vec<Sequence> = Vec::with_capacity(batch);
     let mut free: Vec<Cache> = Vec::new();
+    let chunk = model.llama.prefill_chunk();
     loop {
         while active.len() < batch {
             let job = if active.is_empty() {
@@ -127,11 +128,7 @@ fn serve(model: &LoadedModel, jobs: &Receiver<Job>, batch: usize) {
         if active.is_empty() {
             continue;
         }
-        let limit = if active.len() > 1 {
-            PREFILL_CHUNK
-        } else {
-            usize::MAX
-        };
+        let limit = if active.len() > 1 { chunk } else { usize::MAX };
         let mut segments: Vec<Segment<'_>> = active.iter_mut().map(|s| s.segment(limit)).collect();
         let started = tokio::time::Instant::now();
         let logits = model.llama.forward_batch(&mut segments);

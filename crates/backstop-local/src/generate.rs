@@ -238,11 +238,6 @@ fn sendable(text: &str, stops: &[String]) -> (usize, bool) {
     (end, false)
 }
 
-/// Prompt tokens a sequence runs in one step while other sequences are
-/// decoding, so that a long prompt holds their next tokens back for one
-/// chunk's time at most. A sequence alone runs its whole prompt at once.
-pub const PREFILL_CHUNK: usize = 64;
-
 /// What one token did to a sequence.
 enum Step {
     /// It goes on.

@@ -237,6 +237,22 @@ impl Llama {
         };
     }
 
+    /// Prompt tokens a sequence runs in one step while other sequences
+    /// run too, so that a long prompt holds their next tokens back for one
+    /// chunk's time at most (a sequence alone runs its whole prompt at
+    /// once). 64 on the CPU. 512 on a GPU: there a step of 512 rows took
+    /// about 55 ms on the 7B file (`benches/README.md`, "On a GPU"), no
+    /// longer than a CPU's chunk of 64 on the small model, while chunks of
+    /// 64 cost several sequences' prompts eight steps each, reading every
+    /// weight each time (0.40-0.66x llama.cpp's prompt rate at 2 and 4).
+    pub fn prefill_chunk(&self) -> usize {
+        if self.device.is_cpu() {
+            64
+        } else {
+            512
+        }
+    }
+
     /// An empty cache for one sequence of up to `len` positions.
     pub fn cache(&self, len: usize) -> Result<Cache> {
         let len = len.min(self.shape.context);
