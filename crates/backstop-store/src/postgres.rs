@@ -9,9 +9,9 @@
 //! it written once (see `Folds`). A batch that fails because the
 //! database went away (a restart, a dropped connection) is applied again
 //! once it is back, for up to [`OUTAGE`]; until then its writes wait, and
-//! appends say the store is behind once [`MAX_UNWRITTEN`] bytes wait, so
-//! streams pause instead of losing events. Reads take their own pooled
-//! connections.
+//! appends say the store is behind once
+//! [`MAX_UNWRITTEN`](crate::write::MAX_UNWRITTEN) bytes wait, so streams
+//! pause instead of losing events. Reads take their own pooled connections.
 //!
 //! Each batch tells the other replicas which generations it changed, with
 //! one `NOTIFY` that PostgreSQL delivers when the batch commits; each
@@ -30,8 +30,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::segment::{self, Row, Segments};
-use crate::sqlite::{BATCH, LINGER, MAX_UNWRITTEN};
-use crate::write::{self, Answer, Folds, Update, Write};
+use crate::write::{self, Answer, Channel, Folds, Queue, Update, Write, BATCH, LINGER};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
@@ -147,13 +146,7 @@ pub struct Postgres {
     reachable: Arc<AtomicBool>,
     /// The tasks that listen for changes and renew the leases.
     tasks: [tokio::task::JoinHandle<()>; 2],
-    writes: mpsc::UnboundedSender<Write>,
-    /// Wakes the writer for a flush.
-    wake: Arc<Notify>,
-    /// Event bytes appended and not yet committed.
-    queued: Arc<AtomicUsize>,
-    /// Past it, an append says the store is behind.
-    max_unwritten: usize,
+    writes: Queue<ToWriter>,
 }
 
 /// A database error as the store reports it: the connection's loss (or a
@@ -263,45 +256,37 @@ impl Postgres {
             holds,
             reachable,
             tasks: [listener, renewer],
-            writes: tx,
-            wake,
-            queued,
-            max_unwritten: MAX_UNWRITTEN,
+            writes: Queue::new(ToWriter { writes: tx, wake }, queued),
         })
     }
 
     /// Sets how many event bytes may wait for the database before an
     /// append says the store is behind (64 MiB unless set).
     pub fn max_unwritten(mut self, bytes: usize) -> Self {
-        self.max_unwritten = bytes;
+        self.writes.max_unwritten = bytes;
         self
-    }
-
-    fn send(&self, write: Write) -> Result<(), StoreError> {
-        let flush = matches!(write, Write::Flush(_));
-        self.writes.send(write).map_err(|_| StoreError::Closed)?;
-        if flush {
-            self.wake.notify_one();
-        }
-        Ok(())
-    }
-
-    /// Sends a write and waits for its answer.
-    fn ask<T: Send + 'static>(
-        &self,
-        write: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
-    ) -> BoxFuture<'_, Result<T, StoreError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.send(write(tx));
-        Box::pin(async move {
-            sent?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
     }
 
     async fn record_where(&self, column: &str, value: &str) -> Result<Option<Record>, StoreError> {
         let client = self.pool.get().await?;
         Ok(get(&client, column, value).await?)
+    }
+}
+
+/// The writer task's queue, and what wakes it for a flush.
+struct ToWriter {
+    writes: mpsc::UnboundedSender<Write>,
+    wake: Arc<Notify>,
+}
+
+impl Channel for ToWriter {
+    fn send(&self, write: Write) -> bool {
+        let flush = matches!(write, Write::Flush(_));
+        let sent = self.writes.send(write).is_ok();
+        if flush {
+            self.wake.notify_one();
+        }
+        sent
     }
 }
 
@@ -647,7 +632,7 @@ fn sql_seq(seq: u64) -> i64 {
 
 impl Store for Postgres {
     fn insert(&self, record: Record) -> BoxFuture<'_, Result<Inserted, StoreError>> {
-        self.ask(|tx| Write::Insert(record, tx))
+        self.writes.ask(|tx| Write::Insert(record, tx))
     }
 
     fn update(
@@ -657,23 +642,12 @@ impl Store for Postgres {
         object: Option<Bytes>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let id = id.to_string();
-        self.ask(move |tx| Write::Update(id, status, object, tx))
+        self.writes
+            .ask(move |tx| Write::Update(id, status, object, tx))
     }
 
     fn append(&self, id: &str, first: u64, events: Vec<Bytes>) -> bool {
-        let len = events.iter().map(Bytes::len).sum();
-        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
-        if self
-            .send(Write::Append(id.to_string(), first, events))
-            .is_err()
-        {
-            tracing::error!(
-                id,
-                first,
-                "the store's writer has stopped: events are not kept"
-            );
-        }
-        queued > self.max_unwritten
+        self.writes.append(id, first, events)
     }
 
     fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
@@ -721,7 +695,7 @@ impl Store for Postgres {
 
     fn delete(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
         let id = id.to_string();
-        self.ask(move |tx| Write::Delete(id, tx))
+        self.writes.ask(move |tx| Write::Delete(id, tx))
     }
 
     fn claim(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
@@ -824,11 +798,11 @@ impl Store for Postgres {
     }
 
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.ask(move |tx| Write::Sweep(now, tx))
+        self.writes.ask(move |tx| Write::Sweep(now, tx))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.ask(Write::Flush)
+        self.writes.ask(Write::Flush)
     }
 
     fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -21,29 +21,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::oneshot;
 
 use crate::priority::Priority;
 use crate::segment::{self, Row, Segments};
-use crate::write::{self, Answer, Folds, Update, Write};
+use crate::write::{self, Answer, Channel, Folds, Queue, Update, Write, BATCH, LINGER};
 use crate::{
     BoxFuture, Budget, Inserted, Kind, Record, Retention, Shared, Status, Store, StoreError,
     Verification, Verifier,
 };
 
-/// Most writes committed in one transaction.
-pub(crate) const BATCH: usize = 4096;
-/// How long the writer gathers writes before committing them. A commit
-/// writes every page it touched in full (the tables' and indexes' last
-/// pages, however little was added to them), so fewer, larger ones cost
-/// far less than one a write; only a flush commits sooner. (50 ms took a
-/// fifth off the writer's CPU time a stream, `bench-writer`, but its longer
-/// bursts added to the streams' p99 at 1,000 a second: 10 ms it stays.)
-pub(crate) const LINGER: Duration = Duration::from_millis(10);
-/// Event bytes queued for the writer past which an append asks its stream
-/// to wait for the writer, unless set otherwise: what a writer that falls
-/// behind (an overloaded machine, a slow disk) may hold in memory.
-pub(crate) const MAX_UNWRITTEN: usize = 64 << 20;
 /// Event bytes queued for the writer past which it is behind, and runs as
 /// an ordinary thread rather than in idle time only (see `priority`):
 /// about a fifth of a second of streams at 1,000 a second.
@@ -103,15 +89,7 @@ const COLUMNS: &str =
 
 /// The embedded SQLite store.
 pub struct Sqlite {
-    writes: mpsc::Sender<Write>,
-    /// The writer thread, woken by a flush.
-    writer: std::thread::Thread,
-    /// Event bytes appended and not yet committed.
-    queued: Arc<AtomicUsize>,
-    /// When the writer runs.
-    priority: Arc<Priority>,
-    /// Past it, an append says the store is behind.
-    max_unwritten: usize,
+    writes: Queue<ToWriter>,
     read: Arc<Mutex<Connection>>,
     /// Whether what the last run left has been claimed.
     claimed: AtomicBool,
@@ -172,12 +150,13 @@ impl Sqlite {
             })?
             .thread()
             .clone();
-        Ok(Sqlite {
+        let to_writer = ToWriter {
             writes: tx,
             writer,
-            queued,
             priority,
-            max_unwritten: MAX_UNWRITTEN,
+        };
+        Ok(Sqlite {
+            writes: Queue::new(to_writer, queued),
             read: Arc::new(Mutex::new(read)),
             claimed: AtomicBool::new(false),
         })
@@ -186,34 +165,8 @@ impl Sqlite {
     /// Sets how many event bytes may wait for the disk before an append
     /// says the store is behind (64 MiB unless set).
     pub fn max_unwritten(mut self, bytes: usize) -> Self {
-        self.max_unwritten = bytes;
+        self.writes.max_unwritten = bytes;
         self
-    }
-
-    fn send(&self, write: Write) -> Result<(), StoreError> {
-        let flush = matches!(write, Write::Flush(_));
-        if flush {
-            // Its waiter does not wait for idle time.
-            self.priority.urge();
-        }
-        self.writes.send(write).map_err(|_| StoreError::Closed)?;
-        if flush {
-            self.writer.unpark();
-        }
-        Ok(())
-    }
-
-    /// Sends a write and waits for its answer.
-    fn ask<T: Send + 'static>(
-        &self,
-        write: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
-    ) -> BoxFuture<'_, Result<T, StoreError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.send(write(tx));
-        Box::pin(async move {
-            sent?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
     }
 
     /// Runs a read on the blocking pool.
@@ -229,6 +182,29 @@ impl Sqlite {
             });
             read.await.map_err(|_| StoreError::Closed)?
         })
+    }
+}
+
+/// The writer thread's queue, and how a flush wakes it.
+struct ToWriter {
+    writes: mpsc::Sender<Write>,
+    writer: std::thread::Thread,
+    priority: Arc<Priority>,
+}
+
+impl Channel for ToWriter {
+    fn send(&self, write: Write) -> bool {
+        let flush = matches!(write, Write::Flush(_));
+        if flush {
+            // Its waiter does not wait for idle time (raised before the
+            // writer can take it, so that its end lowers it again).
+            self.priority.urge();
+        }
+        let sent = self.writes.send(write).is_ok();
+        if flush {
+            self.writer.unpark();
+        }
+        sent
     }
 }
 
@@ -260,7 +236,7 @@ fn get(conn: &Connection, column: &str, value: &str) -> rusqlite::Result<Option<
 
 impl Store for Sqlite {
     fn insert(&self, record: Record) -> BoxFuture<'_, Result<Inserted, StoreError>> {
-        self.ask(|tx| Write::Insert(record, tx))
+        self.writes.ask(|tx| Write::Insert(record, tx))
     }
 
     fn update(
@@ -270,23 +246,12 @@ impl Store for Sqlite {
         object: Option<Bytes>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let id = id.to_string();
-        self.ask(move |tx| Write::Update(id, status, object, tx))
+        self.writes
+            .ask(move |tx| Write::Update(id, status, object, tx))
     }
 
     fn append(&self, id: &str, first: u64, events: Vec<Bytes>) -> bool {
-        let len = events.iter().map(Bytes::len).sum();
-        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
-        if self
-            .send(Write::Append(id.to_string(), first, events))
-            .is_err()
-        {
-            tracing::error!(
-                id,
-                first,
-                "the store's writer has stopped: events are not kept"
-            );
-        }
-        queued > self.max_unwritten
+        self.writes.append(id, first, events)
     }
 
     fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
@@ -331,7 +296,7 @@ impl Store for Sqlite {
 
     fn delete(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
         let id = id.to_string();
-        self.ask(move |tx| Write::Delete(id, tx))
+        self.writes.ask(move |tx| Write::Delete(id, tx))
     }
 
     fn claim(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
@@ -351,11 +316,11 @@ impl Store for Sqlite {
     }
 
     fn sweep(&self, now: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.ask(move |tx| Write::Sweep(now, tx))
+        self.writes.ask(move |tx| Write::Sweep(now, tx))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.ask(Write::Flush)
+        self.writes.ask(Write::Flush)
     }
 
     fn size(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
