@@ -33,6 +33,8 @@ mod q6k;
 #[cfg(feature = "engine")]
 mod q8_0;
 #[cfg(feature = "engine")]
+mod rows;
+#[cfg(feature = "engine")]
 mod sampler;
 #[cfg(feature = "engine")]
 pub mod template;

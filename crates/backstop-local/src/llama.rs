@@ -28,13 +28,13 @@ use std::io::{Read, Seek};
 use candle_core::quantized::gguf_file;
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{DType, Device, Layout, Module, Result, Storage, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 
 use crate::linear::{Linear, Parallel};
+use crate::rows::{self, RmsNorm};
 use crate::KvCache;
 
 /// The model's shape, from the GGUF metadata.
@@ -186,9 +186,7 @@ impl Llama {
         } else {
             matmul(reader, "token_embd.weight")?
         };
-        let norm = |reader: &mut _, name: &str| {
-            RmsNorm::from_qtensor(ct.tensor(reader, name, device)?, eps)
-        };
+        let norm = |reader: &mut _, name: &str| RmsNorm::new(ct.tensor(reader, name, device)?, eps);
         let mut layers = Vec::with_capacity(shape.layers);
         for i in 0..shape.layers {
             let p = format!("blk.{i}");
@@ -342,8 +340,8 @@ impl Llama {
             let q = heads_of(q, heads)?;
             let k = heads_of(k, kv_heads)?;
             let v = heads_of(v, kv_heads)?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            let q = rows::rope_i(&q, &cos, &sin)?;
+            let k = rows::rope_i(&k, &cos, &sin)?;
             let mut from = 0;
             for Segment { tokens, cache } in batch.iter() {
                 let (seq, at) = (tokens.len(), cache.filled);
