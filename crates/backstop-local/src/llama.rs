@@ -15,6 +15,8 @@
 //!   per sequence over its own cache;
 //! - a single token's attention (a decode step) is one fused pass over its
 //!   cache instead of about ten candle operations;
+//! - RMS norms and rotary embeddings run on this thread or candle's barrier
+//!   pool ([`crate::rows`]), never waiting on rayon's;
 //! - weights multiply through [`crate::linear::Linear`] (Q4_1, Q4_K and
 //!   Q8_0 repacked for the CPU);
 //! - keys and values are kept in f16 on the CPU by default
