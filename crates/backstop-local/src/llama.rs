@@ -567,14 +567,9 @@ impl<'a> Rows<'a> {
 
 /// The f32 values of a contiguous CPU tensor, from its first.
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) if layout.is_contiguous() => {
-            Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..])
-        }
-        _ => Err(candle_core::Error::Msg(
-            "fused attention needs contiguous CPU tensors".into(),
-        )),
-    }
+    rows::values(storage, layout).ok_or_else(|| {
+        candle_core::Error::Msg("fused attention needs contiguous f32 CPU tensors".into())
+    })
 }
 
 /// Keys a decode step's attention scores at a time.

@@ -6,8 +6,9 @@
 //! of four sequences made about 120 such calls (two norms and two rotations
 //! a layer), each a sleep and a wake-up of the engine's thread, with
 //! rayon's two threads spinning for work against the barrier pool's between
-//! them (`strace -f -c` on `bench-local MODEL 16 64 8 4`: 27,704 futex calls
-//! and 7,862 `sched_yield`s for about 100 steps). Off the CPU, candle's run.
+//! them (`strace -f -c` on `bench-local MODEL 16 64 8 4`: 25,245 futex calls
+//! and 6,492 `sched_yield`s for about 100 steps, against 8,765 and 1,100
+//! with these). Off the CPU, candle's run.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -35,8 +36,8 @@ fn each_row(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync)
     });
 }
 
-/// A contiguous f32 CPU tensor's values.
-fn values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+/// A contiguous f32 CPU tensor's values; `None` for any other.
+pub(crate) fn values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
     match storage {
         Storage::Cpu(cpu) if layout.is_contiguous() => cpu
             .as_slice::<f32>()
