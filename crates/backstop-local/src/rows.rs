@@ -12,7 +12,8 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{Device, Layout, Module, Result, Storage, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{Layout, Result, Storage, Tensor};
 
 /// Values at or above which a pass goes to the pool: below it, handing the
 /// work over costs more than it saves.
@@ -49,36 +50,35 @@ pub(crate) fn values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f
 
 /// RMS normalization over the last dimension, times a weight.
 pub(crate) struct RmsNorm {
-    weight: Vec<f32>,
+    /// `[dim]`, f32, on the model's device.
+    weight: Tensor,
     eps: f32,
-    /// candle's, for tensors off the CPU.
-    candle: candle_transformers::quantized_nn::RmsNorm,
 }
 
 impl RmsNorm {
     /// The norm with the file's weight (`[dim]`).
-    pub(crate) fn new(weight: candle_core::quantized::QTensor, eps: f64) -> Result<Self> {
-        let values = weight.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
+    pub(crate) fn new(weight: QTensor, eps: f64) -> Result<Self> {
+        let device = weight.device();
         Ok(RmsNorm {
-            weight: values,
+            weight: weight.dequantize(&device)?,
             eps: eps as f32,
-            candle: candle_transformers::quantized_nn::RmsNorm::from_qtensor(weight, eps)?,
         })
     }
 
     /// `x / rms(x) · weight`, row by row.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let width = self.weight.len();
+        let width = self.weight.elem_count();
         let out = {
             let (storage, layout) = x.storage_and_layout();
-            match values(&storage, layout) {
-                Some(xs) if x.dims().last() == Some(&width) => {
+            let (w_storage, w_layout) = self.weight.storage_and_layout();
+            match (values(&storage, layout), values(&w_storage, w_layout)) {
+                (Some(xs), Some(weight)) if x.dims().last() == Some(&width) => {
                     let mut out = vec![0f32; xs.len()];
                     each_row(&mut out, width, |i, row| {
                         let xs = &xs[i * width..][..width];
                         let sum: f32 = xs.iter().map(|v| v * v).sum();
                         let scale = 1.0 / (sum / width as f32 + self.eps).sqrt();
-                        for ((o, v), w) in row.iter_mut().zip(xs).zip(&self.weight) {
+                        for ((o, v), w) in row.iter_mut().zip(xs).zip(weight) {
                             *o = v * scale * w;
                         }
                     });
@@ -89,7 +89,7 @@ impl RmsNorm {
         };
         match out {
             Some(out) => Tensor::from_vec(out, x.shape(), x.device()),
-            None => self.candle.forward(x),
+            None => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps),
         }
     }
 }
@@ -134,7 +134,8 @@ pub(crate) fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
